@@ -1,0 +1,201 @@
+"""The configuration: one TOML file, every key overridable from the environment.
+
+`FIELDGATE_<SECTION>__<KEY>` beats the file, so a systemd drop-in or a CI job can
+change one value without editing the file the operator owns. A bad value fails at
+start with one line that names the key (see `ConfigError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("config/fieldgate.toml")
+ENV_PREFIX = "FIELDGATE_"
+
+DEFAULT_CRITICAL_FIELDS: dict[str, list[str]] = {
+    "work_order": ["status", "assigned_to", "priority"],
+    "task": ["status", "assigned_to", "due_at"],
+    "asset": ["status", "location"],
+    "attendance": ["check_in", "check_out", "status"],
+}
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message is one line naming the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttConfig(Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    topic_root: Annotated[str, Field(pattern=r"^[^#+$/][^#+]*[^#+/]$|^[^#+$/]$")] = "fieldgate"
+    client_id: Annotated[str, Field(min_length=1, max_length=64)] = "fieldgate-1"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Field(ge=60)] = 7 * 86400
+    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 2000
+    max_outgoing_inflight: Annotated[int, Field(ge=1, le=65535)] = 1000
+    shared_group: str | None = None
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class DatabaseConfig(Section):
+    url: str = "sqlite+aiosqlite:///var/fieldgate.db"
+    auto_upgrade: bool = True
+    echo: bool = False
+    pool_size: Annotated[int, Field(ge=1)] = 5
+
+
+class RedisConfig(Section):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+
+
+class AdminConfig(Section):
+    token: SecretStr | None = None
+
+
+class LimitsConfig(Section):
+    max_payload_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    max_ops_per_batch: Annotated[int, Field(ge=1, le=10_000)] = 500
+    max_clock_skew_s: Annotated[float, Field(ge=0)] = 300.0
+    max_device_meta_bytes: Annotated[int, Field(ge=0)] = 4096
+    device_rate: Annotated[float, Field(ge=0)] = 0.0
+    device_burst: Annotated[int, Field(ge=1)] = 1000
+
+
+class WriterConfig(Section):
+    """Group commit: a batch closes at `max_messages` or `max_wait_ms`, whichever first."""
+
+    max_messages: Annotated[int, Field(ge=1, le=20_000)] = 1000
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
+    max_in_process: Annotated[int, Field(ge=100)] = 20_000
+
+
+class SyncConfig(Section):
+    entity_types: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: list(DEFAULT_CRITICAL_FIELDS)
+    )
+
+
+class HealthConfig(Section):
+    interval_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class MetricsConfig(Section):
+    listen: str = ""
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Sections mirror the TOML tables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    instance: Annotated[str, Field(min_length=1, max_length=64)] = "fieldgate-1"
+    mqtt: MqttConfig = MqttConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    redis: RedisConfig = RedisConfig()
+    admin: AdminConfig = AdminConfig()
+    limits: LimitsConfig = LimitsConfig()
+    writer: WriterConfig = WriterConfig()
+    sync: SyncConfig = SyncConfig()
+    health: HealthConfig = HealthConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file, which arrives as init kwargs.
+        return (env_settings, init_settings)
+
+
+def _describe(error: Any) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    msg = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def load(path: Path | None = None) -> Settings:
+    """Read the file (if it exists) and apply the environment on top.
+
+    A missing file is only an error when it was named explicitly: the defaults
+    are a working embedded setup, and a container may configure by environment alone.
+    """
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config {path}: cannot read: {exc.strerror}") from None
+    elif explicit:
+        raise ConfigError(f"config {path}: no such file")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"config {path}: {_describe(first)}{more}") from None
+
+
+def hide_url_password(url: Any) -> Any:
+    """`scheme://user:***@host/db`: a URL is worth showing, its password is not."""
+    if isinstance(url, SecretStr):
+        url = url.get_secret_value()
+    if not isinstance(url, str):
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The running config as JSON-able data, every secret replaced by `***`."""
+    return _redact(settings.model_dump(mode="python"))
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "***"
+    if isinstance(value, dict):
+        return {k: hide_url_password(v) if k == "url" else _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,50 @@
+"""Prometheus series. One registry per daemon, so tests can run several in a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages_received = Counter(
+            "fieldgate_messages_received", "MQTT messages received", ["kind"], registry=r
+        )
+        self.ops = Counter(
+            "fieldgate_sync_ops", "Sync operations by outcome", ["status"], registry=r
+        )
+        self.rejected = Counter(
+            "fieldgate_rejected",
+            "Rejected payloads and operations by error code",
+            ["code"],
+            registry=r,
+        )
+        self.commit_batch = Histogram(
+            "fieldgate_commit_batch_messages",
+            "Messages per committed transaction",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "fieldgate_commit_seconds",
+            "Time to commit one batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ack_seconds = Histogram(
+            "fieldgate_ack_seconds",
+            "From receipt of a message to its PUBACK",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "fieldgate_in_flight_messages",
+            "Messages received and not yet acknowledged",
+            registry=r,
+        )
+        self.reconnects = Counter("fieldgate_mqtt_reconnects", "MQTT reconnections", registry=r)

@@ -1,0 +1,375 @@
+"""The MQTT session: the one module that knows what lies under aiomqtt.
+
+aiomqtt owns the connection (connect, TLS, will, subscribe, awaited publishes).
+Three things it does not offer are done here, on the paho client beneath it:
+
+- manual acknowledgement: a QoS 1 message is acked only once the gateway says
+  it is committed (`ack`); aiomqtt would ack on arrival, losing a crash's worth;
+- connection epochs: a message remembers the connection it came on, and an ack
+  for an older connection is dropped (after a reconnect the broker reuses packet
+  ids; acking the old id would confirm a different, uncommitted message);
+- intake without aiomqtt's iterator (a task per message) and read pausing: the
+  broker does not honour ReceiveMaximum past the first window, so the gateway
+  bounds its own memory by not reading the socket while too much is in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.config import MqttConfig
+
+log = structlog.get_logger("fieldgate.mqtt")
+
+
+class Inbound:
+    """One received message and what is needed to answer and acknowledge it."""
+
+    __slots__ = (
+        "correlation",
+        "epoch",
+        "mid",
+        "payload",
+        "qos",
+        "received_at_us",
+        "response_topic",
+        "retain",
+        "topic",
+    )
+
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        mid: int = 0,
+        qos: int = 0,
+        epoch: int = 0,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        received_at_us: int | None = None,
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.mid = mid
+        self.qos = qos
+        self.epoch = epoch
+        self.retain = retain
+        self.response_topic = response_topic
+        self.correlation = correlation
+        self.received_at_us = time.time_ns() // 1000 if received_at_us is None else received_at_us
+
+
+class Outbound:
+    """A message to publish; `correlation` is echoed as v5 CorrelationData."""
+
+    __slots__ = ("correlation", "payload", "qos", "retain", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation: bytes | None = None,
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.correlation = correlation
+
+
+MessageCallback = Callable[[Inbound], None]
+ConnectedCallback = Callable[["aiomqtt.Client"], Any]
+
+
+class MqttSession:
+    """A persistent MQTT v5 session that reconnects by itself until `stop()`.
+
+    `on_message` is called on the event loop for every message, in arrival order;
+    `on_connected` (awaited) runs after each (re)subscribe, before the session
+    is considered up. Publishing and acking are synchronous and never block.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        subscriptions: list[str],
+        on_message: MessageCallback,
+        *,
+        will: Outbound | None = None,
+        on_connected: ConnectedCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.subscriptions = subscriptions
+        self.on_message = on_message
+        self.will = will
+        self.on_connected = on_connected
+        self.epoch = 0
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self.last_error: str | None = None
+        self._client: aiomqtt.Client | None = None
+        self._paho: paho.Client | None = None
+        self._paused = False
+        self._stopping = asyncio.Event()
+        self._reader_fd: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, subscribe, and stay connected until `stop()`; reconnect with backoff."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                attempt = 0
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc) or type(exc).__name__
+            finally:
+                self._detach()
+            if self._stopping.is_set():
+                break
+            attempt += 1
+            self.reconnects += 1
+            delay = self._backoff(attempt)
+            log.warning("mqtt disconnected, reconnecting", reason=self.last_error, retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: instances restarted together do not reconnect together."""
+        cap = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2 ** (attempt - 1))
+        return round(random.uniform(self.config.reconnect_min_s, max(cap, 0.001)), 3)
+
+    async def _session(self) -> None:
+        client = self._make_client()
+        async with client:
+            self._client = client
+            await client.subscribe(
+                [(topic, SubscribeOptions(qos=1)) for topic in self.subscriptions]
+            )
+            if self.on_connected is not None:
+                await self.on_connected(client)
+            self.connected.set()
+            self.last_error = None
+            log.info(
+                "mqtt connected", host=self.config.host, port=self.config.port, epoch=self.epoch
+            )
+            disconnected = client._disconnected
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            if disconnected.done():
+                disconnected.result()
+                raise aiomqtt.MqttError("broker closed the connection")
+
+    def _make_client(self) -> aiomqtt.Client:
+        cfg = self.config
+        connect = Properties(PacketTypes.CONNECT)
+        connect.SessionExpiryInterval = cfg.session_expiry_s
+        connect.ReceiveMaximum = cfg.receive_maximum
+        will = None
+        if self.will is not None:
+            will = aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
+        tls = None
+        if cfg.tls_ca is not None:
+            tls = aiomqtt.TLSParameters(ca_certs=str(cfg.tls_ca), cert_reqs=ssl.CERT_REQUIRED)
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            identifier=cfg.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=connect,
+            keepalive=cfg.keepalive_s,
+            will=will,
+            tls_params=tls,
+            max_inflight_messages=cfg.max_outgoing_inflight,
+            timeout=10,
+        )
+        client.pending_calls_threshold = 10_000
+        inner: paho.Client = client._client
+        inner.manual_ack_set(True)
+        inner.on_message = self._receive
+        aiomqtt_on_connect = inner.on_connect
+        inner.on_socket_open = self._wrap_socket_open(inner.on_socket_open)
+
+        def on_connect(*args: Any) -> None:
+            # Bump the epoch before paho hands over the first message of this
+            # connection: it may sit in the same read as the CONNACK.
+            self.epoch += 1
+            if aiomqtt_on_connect is not None:
+                aiomqtt_on_connect(*args)
+
+        inner.on_connect = on_connect
+        self._paho = inner
+        return client
+
+    def _wrap_socket_open(self, original: Any) -> Any:
+        def on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+            original(client, userdata, sock)
+            self._reader_fd = sock.fileno()
+
+        return on_socket_open
+
+    def _detach(self) -> None:
+        self.connected.clear()
+        self._client = None
+        self._paho = None
+        self._paused = False
+        self._reader_fd = None
+
+    async def stop(self, last_words: Outbound | None = None) -> None:
+        """Publish `last_words` (awaited), then disconnect cleanly and end `run()`."""
+        client = self._client
+        if client is not None and last_words is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(
+                    last_words.topic,
+                    last_words.payload,
+                    qos=1,
+                    retain=last_words.retain,
+                    timeout=5,
+                )
+        self._stopping.set()
+
+    # -- intake --------------------------------------------------------------
+
+    def _receive(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        self.on_message(
+            Inbound(
+                message.topic,
+                message.payload,
+                mid=message.mid,
+                qos=message.qos,
+                epoch=self.epoch,
+                retain=bool(message.retain),
+                response_topic=response_topic or None,
+                correlation=correlation,
+            )
+        )
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket: TCP pushes back on the broker, which queues."""
+        if self._paused or self._reader_fd is None:
+            return
+        asyncio.get_running_loop().remove_reader(self._reader_fd)
+        self._paused = True
+        log.debug("intake paused")
+
+    def resume_reading(self) -> None:
+        if not self._paused or self._reader_fd is None or self._paho is None:
+            self._paused = False
+            return
+        inner = self._paho
+        client = self._client
+
+        def read() -> None:
+            try:
+                inner.loop_read()
+                sock: Any = inner.socket()
+                while hasattr(sock, "pending") and sock.pending() > 0:
+                    inner.loop_read()
+            except Exception as exc:  # noqa: BLE001 - any read failure is a lost connection
+                if client is not None and not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        asyncio.get_running_loop().add_reader(self._reader_fd, read)
+        self._paused = False
+        log.debug("intake resumed")
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- answers -------------------------------------------------------------
+
+    def ack(self, messages: Iterable[Inbound]) -> int:
+        """PUBACK `messages` in the order given; returns how many were acked.
+
+        Messages of an older connection are skipped: the broker redelivers them
+        on this one, and the gateway will answer them as duplicates.
+        """
+        inner = self._paho
+        if inner is None or not self.connected.is_set():
+            return 0
+        epoch = self.epoch
+        acked = 0
+        for message in messages:
+            if message.qos > 0 and message.epoch == epoch:
+                inner.ack(message.mid, message.qos)
+                acked += 1
+        return acked
+
+    def publish(self, message: Outbound) -> bool:
+        """Hand a message to paho without waiting for its PUBACK.
+
+        For answers whose loss the sender recovers from by retrying: a device
+        that misses its ack resends, and gets `duplicate`. Returns False when
+        the message could not even be queued (not connected, queue full).
+        """
+        inner = self._paho
+        if inner is None:
+            return False
+        properties = None
+        if message.correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = message.correlation
+        info = inner.publish(
+            message.topic, message.payload, message.qos, message.retain, properties
+        )
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
+            return False
+        return True
+
+    async def publish_confirmed(self, message: Outbound, wait_s: float = 10.0) -> bool:
+        """Publish and wait for the broker's PUBACK; False if it did not come."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        properties = None
+        if message.correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = message.correlation
+        try:
+            await client.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                properties=properties,
+                timeout=wait_s,
+            )
+        except aiomqtt.MqttError as exc:
+            log.warning("confirmed publish failed", topic=message.topic, reason=str(exc))
+            return False
+        return True
+
+    def outgoing_pending(self) -> int:
+        inner = self._paho
+        return len(inner._out_messages) if inner is not None else 0

@@ -1,0 +1,63 @@
+"""The typed errors of PROTOCOL.md, as values: a rejection is data, not an exception."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+
+class Code(StrEnum):
+    MALFORMED = "malformed"
+    SCHEMA = "schema"
+    UNKNOWN_ENTITY_TYPE = "unknown_entity_type"
+    DEVICE_MISMATCH = "device_mismatch"
+    TOO_LARGE = "too_large"
+    TOO_MANY_OPS = "too_many_ops"
+    EDITED_AT_IN_FUTURE = "edited_at_in_future"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_COMMAND = "unknown_command"
+    INVALID_ARGS = "invalid_args"
+    UNAVAILABLE = "unavailable"
+
+
+class Error(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`{"code", "message", "path"}`; `path` only where it points somewhere."""
+
+    code: Code
+    message: str
+    path: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        if self.path is not None:
+            out["path"] = self.path
+        return out
+
+
+def join_path(prefix: str | None, path: str | None) -> str | None:
+    """`ops[3]` + `changes.status` -> `ops[3].changes.status`."""
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
+
+
+def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str | None) -> Error:
+    """Turn msgspec's `Expected ... - at `$.ops[3].x`` into a typed error with a path.
+
+    msgspec reports the JSON path at the end of its message; the protocol's paths
+    drop the leading `$.`.
+    """
+    text = str(exc)
+    path: str | None = None
+    if " - at `$" in text:
+        text, _, raw_path = text.rpartition(" - at `$")
+        raw_path = raw_path.rstrip("`").lstrip(".")
+        path = raw_path or None
+    if isinstance(exc, msgspec.ValidationError):
+        return Error(Code.SCHEMA, text, join_path(prefix, path))
+    return Error(Code.MALFORMED, f"not valid JSON: {text}", prefix)

@@ -1,0 +1,1 @@
+"""Conflict prediction: features, training, the online scorer, the model registry."""

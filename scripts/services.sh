@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Make sure the services fieldgate needs are installed and running on this machine.
+#   scripts/services.sh          Mosquitto and Redis (for `make run`)
+#   scripts/services.sh --test   the same, plus PostgreSQL's server binaries (for `make test`)
+# Installs from the distribution's packages (Debian/Ubuntu) when missing; needs root or sudo
+# only then. A service already listening on its port is used as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_pg=0
+[ "${1:-}" = "--test" ] && want_pg=1
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+missing=()
+command -v mosquitto >/dev/null || missing+=(mosquitto)
+command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+command -v redis-server >/dev/null || missing+=(redis-server)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ "$want_pg" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "services: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+dropin=/etc/mosquitto/conf.d/fieldgate.conf
+if [ -d /etc/mosquitto/conf.d ] && ! cmp -s config/mosquitto-fieldgate.conf "$dropin"; then
+  echo "services: installing $dropin (raises Mosquitto's queue limits)"
+  $SUDO cp config/mosquitto-fieldgate.conf "$dropin"
+  if listening 1883 && command -v systemctl >/dev/null && systemctl is-active -q mosquitto; then
+    $SUDO systemctl restart mosquitto
+  fi
+fi
+
+if ! listening 1883; then
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ] && [ -d /etc/mosquitto/conf.d ]; then
+    $SUDO systemctl start mosquitto
+  else
+    mkdir -p var/mosquitto
+    mosquitto -d -c config/mosquitto.conf
+  fi
+  for _ in $(seq 50); do listening 1883 && break; sleep 0.1; done
+  echo "services: mosquitto started on 127.0.0.1:1883"
+elif [ ! -f "$dropin" ]; then
+  echo "services: a Mosquitto of unknown config is on 1883; make sure it has the settings" \
+       "of config/mosquitto-fieldgate.conf (docs/broker.md), or it may drop queued messages"
+fi
+
+if ! listening 6379; then
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    $SUDO systemctl start redis-server || true
+  fi
+  if ! listening 6379; then
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      --dir /tmp --logfile /tmp/fieldgate-redis.log
+  fi
+  for _ in $(seq 50); do listening 6379 && break; sleep 0.1; done
+  echo "services: redis started on 127.0.0.1:6379"
+fi

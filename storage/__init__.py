@@ -1,0 +1,1 @@
+"""The database side: schema, migrations, the batching writer and the quarantine."""

@@ -1,0 +1,1 @@
+"""Alembic migrations; run them with `fieldgate db upgrade` (or `run`, by default)."""

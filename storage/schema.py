@@ -1,0 +1,80 @@
+"""The tables. Times are integer microseconds since the epoch (UTC).
+
+Integers keep time arithmetic exact and identical on SQLite and PostgreSQL (the
+conflict window is compared to the microsecond), and cost nothing to bind on the
+hot path. JSON columns hold compact text written by msgspec for the same reason.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid).
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+sync_log = Table(
+    "sync_log",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("op_id", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("entity_type", String(64), nullable=False),
+    Column("entity_id", String(128), nullable=False),
+    Column("operation", String(8), nullable=False),
+    Column("changes", Text, nullable=False),
+    Column("edited_at", BigInteger, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("stored_at", BigInteger, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("base_version", BigInteger, nullable=True),
+    Column("session_id", String(128), nullable=True),
+    Column("batch_id", String(64), nullable=True),
+    Column("device_meta", Text, nullable=True),
+    UniqueConstraint("op_id"),
+    UniqueConstraint("entity_type", "entity_id", "version"),
+    Index(None, "entity_type", "entity_id", "edited_at"),
+)
+
+entities = Table(
+    "entities",
+    metadata,
+    Column("entity_type", String(64), primary_key=True),
+    Column("entity_id", String(128), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("received_at", BigInteger, nullable=False),
+    Column("topic", String(512), nullable=False),
+    Column("device_id", String(64), nullable=True),
+    Column("kind", String(16), nullable=False),
+    Column("code", String(32), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("path", String(256), nullable=True),
+    Column("payload", LargeBinary, nullable=False),
+    Column("payload_bytes", Integer, nullable=False),
+)

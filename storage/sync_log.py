@@ -1,0 +1,142 @@
+"""Storing sync operations: exactly once, each with its entity's next version.
+
+Every step is one statement per batch, not per row (the `await` per statement is
+what costs in async SQLAlchemy): look up known op_ids, bump every touched entity's
+version in one upsert, insert the new rows in one executemany.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from storage.records import OpRecord
+from storage.schema import entities, sync_log
+
+CHUNK = 900
+"""Rows per IN list: under SQLite's and PostgreSQL's bound-parameter limits."""
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: int) -> None:
+    """Store `records` in the open transaction; set each one's status and version.
+
+    A record whose op_id is already stored, or appeared earlier in this batch,
+    becomes a `duplicate` with the stored version. Versions come from an atomic
+    increment of the entity row, which also serializes writers of one entity
+    across connections and instances: no version is handed out twice.
+    """
+    if not records:
+        return
+    known = await _stored_versions(conn, {record.op_id for record in records})
+    first: dict[str, OpRecord] = {}
+    new: list[OpRecord] = []
+    for record in records:
+        if record.op_id in known:
+            record.status, record.version = "duplicate", known[record.op_id]
+        elif record.op_id in first:
+            record.status = "duplicate"
+        else:
+            first[record.op_id] = record
+            new.append(record)
+    if new:
+        await _assign_versions(conn, new, now_us)
+        await conn.execute(sync_log.insert(), [_row(record, now_us) for record in new])
+        for record in new:
+            record.status = "stored"
+    for record in records:
+        if record.status == "duplicate" and record.version is None:
+            record.version = first[record.op_id].version
+
+
+async def _stored_versions(conn: AsyncConnection, op_ids: Iterable[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for part in chunks(sorted(op_ids)):
+        result = await conn.execute(
+            select(sync_log.c.op_id, sync_log.c.version).where(sync_log.c.op_id.in_(part))
+        )
+        found.update({op_id: version for op_id, version in result.tuples()})
+    return found
+
+
+async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: int) -> None:
+    """One upsert per chunk of entities: `version = version + k`, returning the result.
+
+    Entities are locked in sorted order so two instances writing overlapping sets
+    cannot deadlock; the ops of one entity take the k versions below the result,
+    in arrival order.
+    """
+    per_entity: dict[tuple[str, str], list[OpRecord]] = {}
+    for record in new:
+        per_entity.setdefault((record.entity_type, record.entity_id), []).append(record)
+    keys = sorted(per_entity)
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    for part in chunks(keys):
+        stmt = insert(entities)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[entities.c.entity_type, entities.c.entity_id],
+            set_={
+                "version": entities.c.version + stmt.excluded.version,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        ).returning(
+            entities.c.entity_type,
+            entities.c.entity_id,
+            entities.c.version,
+            sort_by_parameter_order=True,
+        )
+        rows = [
+            {
+                "entity_type": key[0],
+                "entity_id": key[1],
+                "version": len(per_entity[key]),
+                "updated_at": now_us,
+            }
+            for key in part
+        ]
+        result = await conn.execute(stmt, rows)
+        for entity_type, entity_id, version in result.tuples():
+            ops = per_entity[(entity_type, entity_id)]
+            for offset, record in enumerate(ops):
+                record.version = version - len(ops) + 1 + offset
+
+
+def _row(record: OpRecord, now_us: int) -> dict[str, Any]:
+    return {
+        "op_id": record.op_id,
+        "device_id": record.device_id,
+        "user_id": record.user_id,
+        "entity_type": record.entity_type,
+        "entity_id": record.entity_id,
+        "operation": record.operation,
+        "changes": record.changes_json,
+        "edited_at": record.edited_at_us,
+        "received_at": record.received_at_us,
+        "stored_at": now_us,
+        "version": record.version,
+        "base_version": record.base_version,
+        "session_id": record.session_id,
+        "batch_id": record.batch_id,
+        "device_meta": record.device_meta,
+    }
+
+
+async def history(
+    conn: AsyncConnection, entity_type: str, entity_id: str, limit: int
+) -> list[dict[str, Any]]:
+    """An entity's operations, newest version first."""
+    result = await conn.execute(
+        select(sync_log)
+        .where(sync_log.c.entity_type == entity_type, sync_log.c.entity_id == entity_id)
+        .order_by(sync_log.c.version.desc())
+        .limit(limit)
+    )
+    return [dict(row) for row in result.mappings()]

@@ -1,0 +1,429 @@
+"""Real parts for tests: a Mosquitto per test session (or per test), a PostgreSQL
+database per test, the daemon as a real process, and a small MQTT client.
+
+Nothing here mocks: a broker is the `mosquitto` binary on a free port, the
+daemon is `python -m gateway run` with its config in the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll until `predicate()` is truthy; return its value or fail with a timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class Mosquitto:
+    """A test-owned broker with fieldgate's settings; persistence on by default."""
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra: str = "", persistence: bool = True
+    ) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra = extra
+        self.persistence = persistence
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            f"persistence {'true' if self.persistence else 'false'}\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 1000000\n"
+            "max_queued_bytes 0\n"
+            "max_inflight_messages 1000\n"
+            "message_size_limit 16777216\n"
+            f"{self.extra}\n"
+        )
+        log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        """A clean stop: Mosquitto saves its persistence file."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    correlation: bytes | None
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Client:
+    """A paho client on a background thread, collecting what it receives."""
+
+    port: int
+    client_id: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}")
+    v5: bool = True
+    username: str | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        protocol = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
+        self.paho = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol
+        )
+        if self.username:
+            self.paho.username_pw_set(self.username, self.password)
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self.all: list[Received] = []
+        self._lock = threading.Lock()
+        self.paho.on_message = self._on_message
+        self.connected = threading.Event()
+        self.paho.on_connect = lambda *a: self.connected.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        received = Received(
+            msg.topic, msg.payload, bool(msg.retain), getattr(props, "CorrelationData", None)
+        )
+        with self._lock:
+            self.all.append(received)
+        self.messages.put(received)
+
+    def connect(self) -> Client:
+        if self.v5:
+            self.paho.connect("127.0.0.1", self.port, clean_start=True)
+        else:
+            self.paho.connect("127.0.0.1", self.port)
+        self.paho.loop_start()
+        if not self.connected.wait(10):
+            raise TimeoutError("test client did not connect")
+        return self
+
+    def subscribe(self, *topics: str) -> Client:
+        for topic in topics:
+            info = self.paho.subscribe(topic, qos=1)
+            assert info[0] == mqtt.MQTT_ERR_SUCCESS
+        time.sleep(0.2)
+        return self
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str | dict[str, Any] | list[Any],
+        *,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        qos: int = 1,
+        retain: bool = False,
+        wait: bool = True,
+    ) -> mqtt.MQTTMessageInfo:
+        if isinstance(payload, dict | list):
+            payload = json.dumps(payload)
+        props = None
+        if response_topic or correlation:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+        info = self.paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if wait:
+            info.wait_for_publish(10)
+        return info
+
+    def expect(self, count: int = 1, timeout: float = 15.0) -> list[Received]:
+        out: list[Received] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"got {len(out)} of {count} messages: {out!r}")
+            with contextlib.suppress(queue.Empty):
+                out.append(self.messages.get(timeout=remaining))
+        return out
+
+    def quiet(self, seconds: float = 0.5) -> list[Received]:
+        """Whatever arrives within `seconds` (to assert that nothing more came)."""
+        out: list[Received] = []
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                out.append(self.messages.get(timeout=remaining))
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.paho.disconnect()
+        self.paho.loop_stop()
+
+
+class Daemon:
+    """`fieldgate run` as a child process, configured by environment only."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], config_text: str = "") -> None:
+        self.workdir = workdir
+        self.env = env
+        self.config_path = workdir / "fieldgate.toml"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "daemon.log"
+        self.starts = 0
+
+    @property
+    def root(self) -> str:
+        return self.env["FIELDGATE_MQTT__TOPIC_ROOT"]
+
+    @property
+    def db_url(self) -> str:
+        return self.env["FIELDGATE_DATABASE__URL"]
+
+    def start(self, wait_ready: bool = True, extra_env: dict[str, str] | None = None) -> Daemon:
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        if "NOTIFY_SOCKET" not in (extra_env or {}):
+            env.pop("NOTIFY_SOCKET", None)
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.starts += 1
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        starts = self.starts
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return self.log().count('"event": "ready"') >= starts
+
+        wait_for(ready, timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.terminate()
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        self.proc = None
+
+
+def daemon_env(
+    workdir: Path, broker_port: int, db_url: str | None = None, **overrides: str
+) -> dict[str, str]:
+    """Environment for a daemon isolated from every other test: own root, id, database."""
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "FIELDGATE_MQTT__HOST": "127.0.0.1",
+        "FIELDGATE_MQTT__PORT": str(broker_port),
+        "FIELDGATE_MQTT__TOPIC_ROOT": f"fg{tag}",
+        "FIELDGATE_MQTT__CLIENT_ID": f"fieldgate-{tag}",
+        "FIELDGATE_MQTT__RECONNECT_MAX_S": "1",
+        "FIELDGATE_DATABASE__URL": db_url or f"sqlite+aiosqlite:///{workdir}/fieldgate.db",
+        "FIELDGATE_INSTANCE": f"test-{tag}",
+        "FIELDGATE_LOG__FORMAT": "json",
+        "FIELDGATE_LOG__LEVEL": "info",
+    }
+    env.update(
+        {k if k.startswith("FIELDGATE_") else f"FIELDGATE_{k}": v for k, v in overrides.items()}
+    )
+    return env
+
+
+def pg_admin_url() -> str:
+    return os.environ.get("FIELDGATE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(pg_admin_url(), connect_timeout=2):
+            return True
+    except Exception:
+        return False
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster, for machines without a shared one."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def binaries() -> Path | None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        return found[-1].parent if found else None
+
+    def start(self) -> str:
+        bindir = self.binaries()
+        assert bindir is not None
+        data = self.workdir / "pgdata"
+        user: list[str] = []
+        if os.geteuid() == 0:
+            # initdb refuses to run as root; hand the directory to the postgres user.
+            shutil.chown(self.workdir, "postgres")
+            user = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [*user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+        )
+        self.proc = subprocess.Popen(
+            [
+                *user,
+                str(bindir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.workdir),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, 30)
+        time.sleep(0.5)
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(20)
+
+
+@contextlib.contextmanager
+def pg_database(admin_url: str) -> Iterator[str]:
+    """A fresh database for one test; dropped after. Yields a SQLAlchemy async URL."""
+    import psycopg
+
+    name = f"fg_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0]
+    try:
+        yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def sync_op(
+    op_id: str,
+    *,
+    entity_id: str = "t1",
+    entity_type: str = "task",
+    operation: str = "update",
+    changes: dict[str, Any] | None = None,
+    user_id: str = "u1",
+    edited_at: str = "2026-11-29T12:00:00Z",
+    **extra: Any,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "op_id": op_id,
+        "user_id": user_id,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "operation": operation,
+        "changes": {"status": {"old": "open", "new": "done"}} if changes is None else changes,
+        "edited_at": edited_at,
+    }
+    op.update(extra)
+    return op
