@@ -35,14 +35,15 @@ def sync_answers(root: str, batch: Sequence[tuple[Inbound, str, Decoded]]) -> li
     per_device: dict[str, list[Decoded]] = {}
     for message, device_id, decoded in batch:
         if message.response_topic:
-            body = {"batch_id": decoded.batch_id, "results": _results(decoded)}
+            answer = {"batch_id": decoded.batch_id, "results": _results(decoded)}
             out.append(
-                Outbound(message.response_topic, _encode(body), correlation=message.correlation)
+                Outbound(message.response_topic, _encode(answer), correlation=message.correlation)
             )
         else:
             per_device.setdefault(device_id, []).append(decoded)
     for device_id, payloads in per_device.items():
         topic = f"{root}/devices/{device_id}/sync/ack"
+        body: dict[str, Any]
         if len(payloads) == 1:
             body = {"batch_id": payloads[0].batch_id, "results": _results(payloads[0])}
         else:

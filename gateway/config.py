@@ -186,7 +186,8 @@ def hide_url_password(url: Any) -> Any:
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """The running config as JSON-able data, every secret replaced by `***`."""
-    return _redact(settings.model_dump(mode="python"))
+    redacted: dict[str, Any] = _redact(settings.model_dump(mode="python"))
+    return redacted
 
 
 def _redact(value: Any) -> Any:

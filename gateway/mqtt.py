@@ -35,6 +35,10 @@ from gateway.config import MqttConfig
 log = structlog.get_logger("fieldgate.mqtt")
 
 
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
 class Inbound:
     """One received message and what is needed to answer and acknowledge it."""
 
@@ -174,8 +178,9 @@ class MqttSession:
             )
             disconnected = client._disconnected
             stopping = asyncio.ensure_future(self._stopping.wait())
+            either: set[asyncio.Future[Any]] = {disconnected, stopping}
             try:
-                await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopping.cancel()
             if disconnected.done():
@@ -184,7 +189,7 @@ class MqttSession:
 
     def _make_client(self) -> aiomqtt.Client:
         cfg = self.config
-        connect = Properties(PacketTypes.CONNECT)
+        connect = _properties(PacketTypes.CONNECT)
         connect.SessionExpiryInterval = cfg.session_expiry_s
         connect.ReceiveMaximum = cfg.receive_maximum
         will = None
@@ -260,10 +265,11 @@ class MqttSession:
         props = getattr(message, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        payload = message.payload
         self.on_message(
             Inbound(
                 message.topic,
-                message.payload,
+                payload if isinstance(payload, bytes) else bytes(payload),
                 mid=message.mid,
                 qos=message.qos,
                 epoch=self.epoch,
@@ -337,7 +343,7 @@ class MqttSession:
             return False
         properties = None
         if message.correlation is not None:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = _properties(PacketTypes.PUBLISH)
             properties.CorrelationData = message.correlation
         info = inner.publish(
             message.topic, message.payload, message.qos, message.retain, properties
@@ -354,7 +360,7 @@ class MqttSession:
             return False
         properties = None
         if message.correlation is not None:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = _properties(PacketTypes.PUBLISH)
             properties.CorrelationData = message.correlation
         try:
             await client.publish(

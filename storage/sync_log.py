@@ -80,12 +80,12 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
     keys = sorted(per_entity)
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     for part in chunks(keys):
-        stmt = insert(entities)
-        stmt = stmt.on_conflict_do_update(
+        base = insert(entities)
+        stmt = base.on_conflict_do_update(
             index_elements=[entities.c.entity_type, entities.c.entity_id],
             set_={
-                "version": entities.c.version + stmt.excluded.version,
-                "updated_at": stmt.excluded.updated_at,
+                "version": entities.c.version + base.excluded.version,
+                "updated_at": base.excluded.updated_at,
             },
         ).returning(
             entities.c.entity_type,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -129,7 +130,7 @@ class Client:
     def __post_init__(self) -> None:
         protocol = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
         self.paho = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol
         )
         if self.username:
             self.paho.username_pw_set(self.username, self.password)
@@ -143,7 +144,7 @@ class Client:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         received = Received(
-            msg.topic, msg.payload, bool(msg.retain), getattr(props, "CorrelationData", None)
+            msg.topic, bytes(msg.payload), bool(msg.retain), getattr(props, "CorrelationData", None)
         )
         with self._lock:
             self.all.append(received)
@@ -181,7 +182,7 @@ class Client:
             payload = json.dumps(payload)
         props = None
         if response_topic or correlation:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if response_topic:
                 props.ResponseTopic = response_topic
             if correlation:

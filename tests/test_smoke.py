@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
-from tests.support import Client, Mosquitto, sync_op
+from tests.support import Client, Daemon, Mosquitto, sync_op
 
 
-def test_operation_is_stored_and_acked(broker: Mosquitto, make_daemon, client: Client) -> None:
+def test_operation_is_stored_and_acked(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
     daemon = make_daemon(broker.port)
     root = daemon.root
     client.subscribe(f"{root}/devices/d1/sync/ack")
