@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,18 @@ from typing import Any
 import aiomqtt
 import msgspec
 import structlog
+from prometheus_client import start_http_server
+from redis.asyncio import Redis
 
-from gateway import __version__, config, logs, systemd
+from gateway import __version__, config, health, logs, systemd
+from gateway.admin import AdminServer
+from gateway.commands import TABLE
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, MqttSession, Outbound
+from gateway.outbox import OutboxPublisher
 from gateway.router import Route, Router
+from gateway.services import Services
 from handlers.ratelimit import DeviceRateLimiter
 from handlers.sync import Limits, SyncHandler
 from storage import migrate
@@ -28,6 +35,9 @@ from storage.writer import Writer
 log = structlog.get_logger("fieldgate.daemon")
 
 _encode = msgspec.json.Encoder().encode
+
+WEDGED_AFTER_S = 30.0
+"""A writer loop that has not beaten for this long is wedged: stop the watchdog pings."""
 
 
 def sync_limits(settings: config.Settings) -> Limits:
@@ -39,6 +49,10 @@ def sync_limits(settings: config.Settings) -> Limits:
         max_device_meta_bytes=lim.max_device_meta_bytes,
         entity_types=frozenset(settings.sync.entity_types),
     )
+
+
+def iso_now(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 class Daemon:
@@ -60,7 +74,13 @@ class Daemon:
             settings.limits.device_rate, settings.limits.device_burst
         )
         self.sync = SyncHandler(sync_limits(settings), self.rate_limiter)
-        self.router = Router(self.root, [Route("devices/{device_id}/sync", self._sync)])
+        self.router = Router(
+            self.root,
+            [
+                Route("devices/{device_id}/sync", self._sync),
+                Route("admin/request/{command:path}", self._admin),
+            ],
+        )
         self.session = MqttSession(
             settings.mqtt,
             self.router.subscriptions(settings.mqtt.shared_group),
@@ -68,11 +88,34 @@ class Daemon:
             will=Outbound(self.status_topic, _encode({"state": "offline"}), retain=True),
             on_connected=self._birth,
         )
+        self.outbox = OutboxPublisher(self.engine, self.session)
         self.ingest = Ingest(
-            self.root, self.session, self.writer, self.sync, settings.writer, self.metrics
+            self.root,
+            self.session,
+            self.writer,
+            self.sync,
+            settings.writer,
+            self.metrics,
+            on_outbox=self.outbox.poke,
         )
+        self.services = Services(
+            settings=settings,
+            config_path=config_path,
+            started_at=self.started_at,
+            engine=self.engine,
+            metrics=self.metrics,
+            session=self.session,
+            writer=self.writer,
+            ingest=self.ingest,
+            outbox=self.outbox,
+            redis=Redis.from_url(
+                settings.redis.url.get_secret_value(), socket_connect_timeout=2, socket_timeout=2
+            ),
+            reload=self.reload,
+        )
+        self.admin = AdminServer(self.services, TABLE, self.ingest.hold, self.ingest.release)
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._helper_failed = False
 
     @property
     def status_topic(self) -> str:
@@ -83,7 +126,7 @@ class Daemon:
             "state": state,
             "version": __version__,
             "instance": self.settings.instance,
-            "started_at": self.started_at.isoformat().replace("+00:00", "Z"),
+            "started_at": iso_now(self.started_at),
         }
 
     # -- routing -------------------------------------------------------------
@@ -101,6 +144,9 @@ class Daemon:
     def _sync(self, message: Inbound, params: dict[str, str]) -> None:
         self.ingest.sync_message(message, params)
 
+    def _admin(self, message: Inbound, params: dict[str, str]) -> None:
+        self.admin.request(message, params)
+
     async def _birth(self, client: aiomqtt.Client) -> None:
         if self.session.epoch > 1:
             self.metrics.reconnects.inc()
@@ -112,9 +158,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
         if self.settings.database.auto_upgrade:
             await migrate.upgrade_async(self.settings.database.url)
+        self._serve_metrics()
         log.info(
             "starting",
             version=__version__,
@@ -122,25 +169,68 @@ class Daemon:
             database=config.hide_url_password(self.settings.database.url),
             broker=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}",
         )
-        session_task = asyncio.create_task(self.session.run(), name="mqtt")
-        ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
-        self._tasks = [session_task, ingest_task]
-        ready = asyncio.create_task(self._ready_when_connected(), name="ready")
-        stop = asyncio.create_task(self._stop.wait(), name="stop")
-        done, _ = await asyncio.wait(
-            {stop, session_task, ingest_task}, return_when=asyncio.FIRST_COMPLETED
-        )
-        ready.cancel()
-        crashed = [t for t in done if t is not stop and t.exception() is not None]
-        for task in crashed:
-            log.error("task failed", task=task.get_name(), exc_info=task.exception())
+        session_task = self._task(self.session.run(), "mqtt")
+        ingest_task = self._task(self.ingest.run(), "ingest")
+        helpers = {
+            self._task(self.outbox.run(), "outbox"),
+            self._task(self._ready_when_connected(), "ready"),
+            self._task(self._publish_health(), "health"),
+            self._task(self._watchdog(), "watchdog"),
+        }
+        stop = self._task(self._stop.wait(), "stop")
+        core = {session_task, ingest_task}
+        done, _ = await asyncio.wait(core | {stop}, return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stop and not t.cancelled() and t.exception()]
+        for task in helpers:
+            task.cancel()
         await self._shutdown(session_task, ingest_task)
-        return 1 if crashed else 0
+        return 1 if crashed or self._helper_failed else 0
+
+    def _task(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_ended)
+        return task
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """A task that dies with an error is logged and stops the daemon: systemd restarts it."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("task failed", task=task.get_name(), exc_info=task.exception())
+        self._helper_failed = True
+        self.request_stop()
+
+    def _serve_metrics(self) -> None:
+        listen = self.settings.metrics.listen
+        if not listen:
+            return
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.metrics.registry)
+        log.info("metrics endpoint", listen=listen)
 
     async def _ready_when_connected(self) -> None:
         await self.session.connected.wait()
         systemd.notify(f"READY=1\nSTATUS=serving on {self.settings.mqtt.host}")
         log.info("ready")
+
+    async def _publish_health(self) -> None:
+        topic = f"{self.root}/health"
+        while True:
+            await self.session.connected.wait()
+            data = {**await health.health(self.services), **await health.stats(self.services)}
+            self.session.publish(Outbound(topic, _encode(data), retain=True))
+            await asyncio.sleep(self.settings.health.interval_s)
+
+    async def _watchdog(self) -> None:
+        """Ping systemd while the loop runs and the writer loop is not wedged."""
+        interval = systemd.watchdog_interval_s()
+        if interval is None:
+            return
+        while True:
+            if time.monotonic() - self.ingest.last_beat < WEDGED_AFTER_S:
+                systemd.notify("WATCHDOG=1")
+            else:
+                log.error("writer wedged: withholding watchdog pings")
+            await asyncio.sleep(interval)
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -153,27 +243,35 @@ class Daemon:
     ) -> None:
         started = time.monotonic()
         self.session.pause_reading()
+        await self.admin.close()
         await self.ingest.drain()
         if not ingest_task.done():
             try:
                 await asyncio.wait_for(ingest_task, timeout=20)
             except TimeoutError:
                 log.error("drain timed out; unacked messages will be redelivered")
-        await self.session.stop(
-            Outbound(self.status_topic, _encode(self.status("offline")), retain=True)
-        )
+        offline = Outbound(self.status_topic, _encode(self.status("offline")), retain=True)
+        await self.session.stop(offline)
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(session_task, timeout=10)
+        await self.services.redis.aclose()
         await self.engine.dispose()
         log.info("stopped", drain_s=round(time.monotonic() - started, 3))
 
-    def reload(self) -> None:
-        """Apply what can change safely at run time; name what needs a restart."""
+    def _reload_signal(self) -> None:
+        with contextlib.suppress(config.ConfigError):
+            self.reload()
+
+    def reload(self) -> list[str]:
+        """Apply what can change safely at run time; return what needs a restart.
+
+        Raises ConfigError (and changes nothing) when the new file is bad.
+        """
         try:
             fresh = config.load(self.config_path)
         except config.ConfigError as exc:
             log.error("reload refused", reason=str(exc))
-            return
+            raise
         logs.set_level(fresh.log.level)
         self.sync.limits = sync_limits(fresh)
         self.rate_limiter.rate = fresh.limits.device_rate
@@ -183,7 +281,8 @@ class Daemon:
             for name in ("mqtt", "database", "redis", "writer", "metrics", "instance")
             if getattr(fresh, name) != getattr(self.settings, name)
         ]
-        self.settings = fresh.model_copy(
-            update={name: getattr(self.settings, name) for name in restart}
-        )
+        kept = {name: getattr(self.settings, name) for name in restart}
+        self.settings = fresh.model_copy(update=kept)
+        self.services.settings = self.settings
         log.info("config reloaded", needs_restart=restart or None)
+        return restart

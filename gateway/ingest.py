@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import msgspec
 import structlog
@@ -41,6 +42,7 @@ class Ingest:
         sync: SyncHandler,
         config: WriterConfig,
         metrics: Metrics,
+        on_outbox: Callable[[], None] | None = None,
     ) -> None:
         self.root = root
         self.session = session
@@ -48,6 +50,7 @@ class Ingest:
         self.sync = sync
         self.config = config
         self.metrics = metrics
+        self.on_outbox = on_outbox
         self.acks = AckSequencer(session.ack)
         self._pending: list[Pending] = []
         self._arrived = asyncio.Event()
@@ -131,6 +134,8 @@ class Ingest:
             await self.writer.commit(writes)
         finally:
             self.in_commit = False
+        if writes.outbox and self.on_outbox is not None:
+            self.on_outbox()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
         for record in writes.ops:

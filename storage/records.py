@@ -44,3 +44,15 @@ class QuarantineRecord(msgspec.Struct, kw_only=True, frozen=True):
     path: str | None
     payload: bytes
     payload_bytes: int
+
+
+class OutboxRecord(msgspec.Struct, kw_only=True, frozen=True):
+    """Something to publish (channel `mqtt`) or deliver as an event (channel `webhook`),
+    written in the same transaction as its cause and sent after the commit."""
+
+    channel: Literal["mqtt", "webhook"]
+    payload: bytes
+    topic: str | None = None
+    event_type: str | None = None
+    qos: int = 1
+    retain: bool = False

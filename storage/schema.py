@@ -78,3 +78,20 @@ quarantine = Table(
     Column("payload", LargeBinary, nullable=False),
     Column("payload_bytes", Integer, nullable=False),
 )
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("channel", String(16), nullable=False),
+    Column("topic", String(512), nullable=True),
+    Column("event_type", String(64), nullable=True),
+    Column("payload", LargeBinary, nullable=False),
+    Column("qos", Integer, nullable=False),
+    Column("retain", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("claimed_until", BigInteger, nullable=True),
+    Column("sent_at", BigInteger, nullable=True),
+    Index(None, "channel", "sent_at", "id"),
+)

@@ -17,8 +17,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from storage import quarantine, sync_log
-from storage.records import OpRecord, QuarantineRecord
+from storage import outbox, quarantine, sync_log
+from storage.records import OpRecord, OutboxRecord, QuarantineRecord
 
 log = structlog.get_logger("fieldgate.writer")
 
@@ -28,9 +28,7 @@ class WriteSet(msgspec.Struct):
 
     ops: list[OpRecord] = msgspec.field(default_factory=list)
     quarantine: list[QuarantineRecord] = msgspec.field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ops) + len(self.quarantine)
+    outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
 
 
 class Writer:
@@ -62,6 +60,7 @@ class Writer:
         async with self.engine.begin() as conn:
             await sync_log.store_ops(conn, batch.ops, now_us)
             await quarantine.store(conn, batch.quarantine)
+            await outbox.add(conn, batch.outbox, now_us)
 
     def _failed(self, state: RetryCallState, ops: int) -> None:
         self.healthy = False

@@ -1,0 +1,54 @@
+"""Admin requests: `{"transaction", "token", ...arguments}` to a typed request or an error.
+
+The token is compared in constant time and never leaves this module: the
+request that the rest of the gateway sees carries only whether it was valid.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any, TypeVar
+
+import msgspec
+
+from handlers.errors import Code, Error, from_msgspec
+
+T = TypeVar("T")
+
+
+class AdminRequest(msgspec.Struct, frozen=True):
+    command: str
+    transaction: Any
+    args: dict[str, Any]
+
+
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def parse(
+    command: str, payload: bytes, token: str | None, max_bytes: int
+) -> tuple[AdminRequest | None, Any, Error | None]:
+    """(request, transaction, error): exactly one of request and error is set."""
+    if len(payload) > max_bytes:
+        return None, None, Error(Code.TOO_LARGE, f"request is over {max_bytes} bytes")
+    try:
+        body = _decode(payload) if payload.strip() else {}
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        error = from_msgspec(exc, None)
+        return None, None, Error(Code.MALFORMED, error.message.replace("not valid JSON: ", ""))
+    transaction = body.pop("transaction", None)
+    given = body.pop("token", None)
+    if token is not None and not (
+        isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode())
+    ):
+        return None, transaction, Error(Code.UNAUTHORIZED, "a valid admin token is required")
+    return AdminRequest(command, transaction, body), transaction, None
+
+
+def convert_args(args: dict[str, Any], kind: type[T]) -> T | Error:
+    """Arguments into the command's typed Struct; unknown keys are refused (typos)."""
+    try:
+        return msgspec.convert(args, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        error = from_msgspec(exc, None)
+        return Error(Code.INVALID_ARGS, error.message, error.path)

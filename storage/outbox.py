@@ -1,0 +1,94 @@
+"""The transactional outbox: written with its cause, sent after, marked on PUBACK.
+
+A broker outage or a restart delays a notice and never loses it: the row stays
+unsent until the broker acknowledged it. Rows are leased (`claimed_until`) so
+that instances sharing a database do not all publish the same row, and a lease
+that lapses (its instance died) lets another instance take the row over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from storage.records import OutboxRecord
+from storage.schema import outbox
+
+
+async def add(conn: AsyncConnection, records: Sequence[OutboxRecord], now_us: int) -> None:
+    if not records:
+        return
+    await conn.execute(
+        outbox.insert(),
+        [
+            {
+                "channel": r.channel,
+                "topic": r.topic,
+                "event_type": r.event_type,
+                "payload": r.payload,
+                "qos": r.qos,
+                "retain": int(r.retain),
+                "created_at": now_us,
+                "attempts": 0,
+                "claimed_until": None,
+                "sent_at": None,
+            }
+            for r in records
+        ],
+    )
+
+
+async def claim(
+    engine: AsyncEngine, channel: str, limit: int, now_us: int, lease_us: int
+) -> list[dict[str, Any]]:
+    """Lease up to `limit` unsent rows, oldest first, and return them."""
+    async with engine.begin() as conn:
+        due = (
+            select(outbox.c.id)
+            .where(
+                outbox.c.channel == channel,
+                outbox.c.sent_at.is_(None),
+                or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now_us),
+            )
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        if conn.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        ids = [row for (row,) in (await conn.execute(due)).tuples()]
+        if not ids:
+            return []
+        await conn.execute(
+            update(outbox)
+            .where(outbox.c.id.in_(ids))
+            .values(claimed_until=now_us + lease_us, attempts=outbox.c.attempts + 1)
+        )
+        rows = await conn.execute(select(outbox).where(outbox.c.id.in_(ids)).order_by(outbox.c.id))
+        return [dict(row) for row in rows.mappings()]
+
+
+async def mark_sent(engine: AsyncEngine, ids: Sequence[int], now_us: int) -> None:
+    if not ids:
+        return
+    async with engine.begin() as conn:
+        await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(sent_at=now_us))
+
+
+async def release(engine: AsyncEngine, ids: Sequence[int]) -> None:
+    """Give rows back at once (a failed publish), so the next round retries them."""
+    if not ids:
+        return
+    async with engine.begin() as conn:
+        await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(claimed_until=None))
+
+
+async def depth(conn: AsyncConnection, channel: str) -> int:
+    result = await conn.execute(
+        select(func.count())
+        .select_from(outbox)
+        .where(and_(outbox.c.channel == channel, outbox.c.sent_at.is_(None)))
+    )
+    return int(result.scalar_one())
