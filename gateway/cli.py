@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from gateway import config, logs
+from gateway import cli_admin, config, logs
 
 app = typer.Typer(
     name="fieldgate",
@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.command()(cli_admin.admin)
+app.command()(cli_admin.status)
 
 ConfigOption = Annotated[
     Path | None,
@@ -98,6 +100,54 @@ def db_current(config_path: ConfigOption = None) -> None:
     typer.echo(f"current: {current or 'empty'}\nhead:    {head}")
     if current != head:
         raise typer.Exit(1)
+
+
+@app.command()
+def simulate(
+    config_path: ConfigOption = None,
+    devices: Annotated[int, typer.Option(min=1, max=10_000, help="Simulated devices.")] = 10,
+    rate: Annotated[float, typer.Option(min=0, help="Operations/s in all; 0 = max.")] = 100.0,
+    count: Annotated[int, typer.Option(min=1, help="Stop after this many operations.")] = 10_000,
+    duration: Annotated[float, typer.Option(min=0, help="...or after this many seconds.")] = 60.0,
+    batch_share: Annotated[float, typer.Option(min=0, max=1)] = 0.2,
+    max_batch: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    conflict_share: Annotated[float, typer.Option(min=0, max=1)] = 0.1,
+    malformed_share: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    duplicate_share: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    entities: Annotated[int, typer.Option(min=1)] = 1000,
+    hot_share: Annotated[float, typer.Option(min=0, max=1)] = 0.05,
+    device_meta_share: Annotated[float, typer.Option(min=0, max=1)] = 0.5,
+    seed: Annotated[int | None, typer.Option(help="[default: random]")] = None,
+    inflight: Annotated[int, typer.Option(min=1, max=60_000, help="Per client.")] = 100,
+    ack_wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for acks.")] = 10.0,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON.")] = False,
+) -> None:
+    """Simulate field devices publishing sync operations; count the gateway's answers."""
+    from gateway import simulate as sim
+
+    settings = load_settings(config_path)
+    gen = sim.GeneratorOptions(
+        devices=devices,
+        entities=entities,
+        hot_share=hot_share,
+        batch_share=batch_share,
+        max_batch=max_batch,
+        conflict_share=conflict_share,
+        malformed_share=malformed_share,
+        duplicate_share=duplicate_share,
+        device_meta_share=device_meta_share,
+        seed=sim.random_seed() if seed is None else seed,
+    )
+    run = sim.RunOptions(
+        rate=rate,
+        count=count,
+        duration_s=duration,
+        inflight=inflight,
+        ack_wait_s=ack_wait,
+        allow_remote=allow_remote,
+    )
+    raise typer.Exit(sim.cli_simulate(settings, gen, run, as_json))
 
 
 def main() -> None:

@@ -91,6 +91,8 @@ class SyncConfig(Section):
 
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(gt=0)] = 60.0
+    wedged_after_s: Annotated[float, Field(gt=0)] = 30.0
+    """A transaction attempt (or an idle writer loop) silent this long stops the watchdog."""
 
 
 class MetricsConfig(Section):

@@ -36,9 +36,6 @@ log = structlog.get_logger("fieldgate.daemon")
 
 _encode = msgspec.json.Encoder().encode
 
-WEDGED_AFTER_S = 30.0
-"""A writer loop that has not beaten for this long is wedged: stop the watchdog pings."""
-
 
 def sync_limits(settings: config.Settings) -> Limits:
     lim = settings.limits
@@ -226,11 +223,20 @@ class Daemon:
         if interval is None:
             return
         while True:
-            if time.monotonic() - self.ingest.last_beat < WEDGED_AFTER_S:
+            if self._writer_alive():
                 systemd.notify("WATCHDOG=1")
             else:
                 log.error("writer wedged: withholding watchdog pings")
             await asyncio.sleep(interval)
+
+    def _writer_alive(self) -> bool:
+        """In a transaction: is the attempt young? Idle: did the loop beat lately?
+
+        A database outage is not a wedge: each retry starts a new attempt. A
+        statement that never returns is: systemd restarts the daemon.
+        """
+        since = self.writer.attempt_started or self.ingest.last_beat
+        return time.monotonic() - since < self.settings.health.wedged_after_s
 
     def request_stop(self) -> None:
         if not self._stop.is_set():

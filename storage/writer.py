@@ -39,6 +39,8 @@ class Writer:
         self.healthy = True
         self.last_error: str | None = None
         self.commits = 0
+        self.attempt_started: float | None = None
+        """Monotonic start of the transaction attempt under way; None when idle."""
 
     async def commit(self, batch: WriteSet) -> None:
         retrying = AsyncRetrying(
@@ -49,8 +51,10 @@ class Writer:
         )
         async for attempt in retrying:
             with attempt:
+                self.attempt_started = time.monotonic()
                 _reset(batch.ops)
                 await self._transaction(batch)
+        self.attempt_started = None
         self.healthy = True
         self.last_error = None
         self.commits += 1
