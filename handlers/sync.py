@@ -7,6 +7,7 @@ as an envelope of raw operations first, so one bad operation rejects itself alon
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,14 +21,8 @@ from storage.records import OpRecord, QuarantineRecord
 
 Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
 DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-FieldName = Annotated[str, Meta(min_length=1, max_length=128)]
 Version = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 AwareTime = Annotated[datetime, Meta(tz=True)]
-
-
-class Change(msgspec.Struct, forbid_unknown_fields=True):
-    new: Any
-    old: Any = None
 
 
 class Op(msgspec.Struct):
@@ -37,11 +32,12 @@ class Op(msgspec.Struct):
     entity_id: Annotated[str, Meta(min_length=1, max_length=128)]
     operation: Literal["create", "update", "delete"]
     edited_at: AwareTime
-    changes: dict[FieldName, Change] | UnsetType = UNSET
+    changes: dict[str, Any] | UnsetType = UNSET
     device_id: DeviceId | UnsetType = UNSET
     base_version: Version | None = None
     session_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
-    device: Raw | None = None
+    device: Raw = Raw(b"")
+    """Kept raw: stored as sent, and its size is known without encoding it again."""
 
 
 class Envelope(msgspec.Struct):
@@ -78,6 +74,10 @@ class Decoded(msgspec.Struct):
         return [item for item in self.items if isinstance(item, OpRecord)]
 
 
+_DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_FIELD_CHARS = 128
+MAX_TOPIC_CHARS = 512
+"""The quarantine keeps this much of a topic (MQTT allows 65535 bytes)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _op_decoder = msgspec.json.Decoder(Op)
@@ -116,13 +116,13 @@ class _Payload:
         self.quarantine.append(
             QuarantineRecord(
                 received_at_us=self.received_at_us,
-                topic=self.topic,
-                device_id=self.device_id,
+                topic=self.topic[:MAX_TOPIC_CHARS],
+                device_id=self.device_id[:64],
                 kind="sync",
                 code=error.code.value,
                 message=error.message,
                 path=error.path,
-                payload=bytes(raw[: self.limits.max_payload_bytes]),
+                payload=bytes(raw)[: self.limits.max_payload_bytes],
                 payload_bytes=len(raw),
             )
         )
@@ -148,6 +148,10 @@ class SyncHandler:
 
     def decode(self, topic: str, device_id: str, payload: bytes, received_at_us: int) -> Decoded:
         ctx = _Payload(self.limits, topic, device_id, payload, received_at_us)
+        if not _DEVICE_ID.fullmatch(device_id):
+            return ctx.reject_whole(
+                Error(Code.SCHEMA, "the device id in the topic is not [A-Za-z0-9_.-]{1,64}")
+            )
         size = len(payload)
         if size > self.limits.max_payload_bytes:
             return ctx.reject_whole(
@@ -163,6 +167,8 @@ class SyncHandler:
                     ctx.batch_id = envelope.batch_id
                     return self._batch(ctx, envelope.ops)
             op = _op_decoder.decode(payload)
+        except RecursionError:
+            return ctx.reject_whole(Error(Code.MALFORMED, "the JSON is nested too deeply"))
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             error = _whole_payload_error(exc)
             if error.code is Code.SCHEMA and error.path != "ops":
@@ -191,6 +197,9 @@ class SyncHandler:
                 op = _op_decoder.decode(raw)
             except msgspec.ValidationError as exc:
                 ctx.reject(_lenient_op_id(raw), from_msgspec(exc, prefix), raw)
+            except RecursionError:
+                error = Error(Code.SCHEMA, "the JSON is nested too deeply", prefix)
+                ctx.reject(_lenient_op_id(raw), error, raw)
             else:
                 self._check(ctx, op, raw, prefix)
         return self._limit_rate(ctx)
@@ -232,15 +241,16 @@ class SyncHandler:
             return reject(
                 Code.UNKNOWN_ENTITY_TYPE, f"unknown entity type {op.entity_type!r}", "entity_type"
             )
-        changes: dict[str, Change] = {} if isinstance(op.changes, UnsetType) else op.changes
         if isinstance(op.changes, UnsetType) and op.operation != "delete":
             return reject(Code.SCHEMA, f"changes is required for {op.operation}", "changes")
-        if op.operation == "update" and not changes:
+        plain: dict[str, dict[str, Any]] = {}
+        for name, change in ({} if isinstance(op.changes, UnsetType) else op.changes).items():
+            problem = _change_problem(op.operation, name, change)
+            if problem is not None:
+                return reject(Code.SCHEMA, *problem)
+            plain[name] = {"old": change.get("old"), "new": change["new"]}
+        if op.operation == "update" and not plain:
             return reject(Code.SCHEMA, "an update changes at least one field", "changes")
-        if op.operation == "create":
-            for name, change in changes.items():
-                if change.old is not None:
-                    return reject(Code.SCHEMA, "a create has no old value", f"changes.{name}.old")
         edited_at_us = _to_us(op.edited_at)
         if edited_at_us > ctx.now_us + self.limits.max_clock_skew_us:
             return reject(
@@ -250,9 +260,9 @@ class SyncHandler:
                 "edited_at",
             )
         device_meta: str | None = None
-        if op.device is not None:
-            meta = bytes(op.device)
-            if not meta.lstrip().startswith(b"{"):
+        meta = bytes(op.device).strip()
+        if meta and meta != b"null":
+            if not meta.startswith(b"{"):
                 return reject(Code.SCHEMA, "Expected `object`", "device")
             if len(meta) > self.limits.max_device_meta_bytes:
                 return reject(
@@ -261,7 +271,6 @@ class SyncHandler:
                     "device",
                 )
             device_meta = meta.decode()
-        plain = {name: {"old": c.old, "new": c.new} for name, c in changes.items()}
         ctx.accept(
             OpRecord(
                 op_id=op.op_id,
@@ -284,6 +293,23 @@ class SyncHandler:
         return None
 
 
+def _change_problem(operation: str, name: str, change: Any) -> tuple[str, str] | None:
+    """(message, path) of what is wrong with one entry of `changes`, if anything."""
+    where = f"changes.{name}"
+    if not 0 < len(name) <= MAX_FIELD_CHARS:
+        return f"a field name is 1 to {MAX_FIELD_CHARS} characters", "changes"
+    if not isinstance(change, dict):
+        return f"Expected `object`, got `{type(change).__name__}`", where
+    if "new" not in change:
+        return "Object missing required field `new`", f"{where}.new"
+    unknown = sorted(set(change) - {"old", "new"})
+    if unknown:
+        return f"Object contains unknown field `{unknown[0]}`", f"{where}.{unknown[0]}"
+    if operation == "create" and change.get("old") is not None:
+        return "a create has no old value", f"{where}.old"
+    return None
+
+
 def _whole_payload_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Error:
     error = from_msgspec(exc, None)
     if error.code is Code.SCHEMA and error.path is None and "Expected `object`" in error.message:
@@ -297,7 +323,7 @@ def _lenient_op_id(raw: bytes | Raw) -> str | None:
     """The op_id of an operation that failed validation, if it has a usable one."""
     try:
         op_id = _op_id_decoder.decode(raw).op_id
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     return op_id if isinstance(op_id, str) and 0 < len(op_id) <= 64 else None
 

@@ -27,26 +27,6 @@ NOW = datetime.now(UTC)
 DROP = object()
 """A mutation value meaning: remove the field."""
 
-MISSING_PATH = pytest.mark.xfail(
-    reason="bug: a missing field's error has no path", raises=AssertionError, strict=True
-)
-CHANGE_PATH = pytest.mark.xfail(
-    reason="bug: a change's error path is msgspec's `changes[...]`",
-    raises=AssertionError,
-    strict=True,
-)
-DEVICE_OBJECT = pytest.mark.xfail(
-    reason="bug: `device: Raw | None` refuses every object", raises=AssertionError, strict=True
-)
-BATCH_ITEM = pytest.mark.xfail(
-    reason="bug: quarantining a rejected batch item raises TypeError",
-    raises=TypeError,
-    strict=True,
-)
-DEEP = pytest.mark.xfail(
-    reason="bug: RecursionError escapes decode", raises=RecursionError, strict=True
-)
-
 
 def limits() -> Limits:
     """The defaults, built as `gateway.daemon.sync_limits` builds them from the config."""
@@ -149,7 +129,6 @@ FIELD_CASES: list[Any] = [
         {"op_id": DROP},
         ("schema", "op_id", None),
         id="op_id-missing",
-        marks=MISSING_PATH,
     ),
     pytest.param({"op_id": ""}, ("schema", "op_id", None), id="op_id-empty"),
     pytest.param({"op_id": "x" * 65}, ("schema", "op_id", None), id="op_id-65-chars"),
@@ -160,7 +139,6 @@ FIELD_CASES: list[Any] = [
         {"user_id": DROP},
         ("schema", "user_id", "a1"),
         id="user_id-missing",
-        marks=MISSING_PATH,
     ),
     pytest.param({"user_id": ""}, ("schema", "user_id", "a1"), id="user_id-empty"),
     pytest.param({"user_id": "u" * 65}, ("schema", "user_id", "a1"), id="user_id-65-chars"),
@@ -212,13 +190,11 @@ FIELD_CASES: list[Any] = [
         {"changes": {"status": {"old": "open"}}},
         ("schema", "changes.status.new", "a1"),
         id="changes-without-new",
-        marks=CHANGE_PATH,
     ),
     pytest.param(
         {"changes": {"status": "done"}},
         ("schema", "changes.status", "a1"),
         id="changes-value-not-object",
-        marks=CHANGE_PATH,
     ),
     pytest.param({"changes": ["status"]}, ("schema", "changes", "a1"), id="changes-not-object"),
     pytest.param(
@@ -241,7 +217,6 @@ FIELD_CASES: list[Any] = [
         {"edited_at": DROP},
         ("schema", "edited_at", "a1"),
         id="edited_at-missing",
-        marks=MISSING_PATH,
     ),
     pytest.param(
         {"edited_at": iso(NOW + timedelta(hours=1))},
@@ -270,13 +245,11 @@ FIELD_CASES: list[Any] = [
         {"device": {"platform": "android", "app_version": "3.2.1", "network": "cellular"}},
         STORED,
         id="device-object",
-        marks=DEVICE_OBJECT,
     ),
     pytest.param(
         {"device": {"platform": "ios", "notes": "n" * 3900}},
         STORED,
         id="device-under-4KiB",
-        marks=DEVICE_OBJECT,
     ),
     pytest.param({"device": None}, STORED, id="device-null"),
     pytest.param({"device": "android"}, ("schema", "device", "a1"), id="device-not-object"),
@@ -353,7 +326,6 @@ def test_device_comes_from_the_topic_not_the_payload() -> None:
     assert record.device_id == "van-7.north_2"
 
 
-@DEVICE_OBJECT
 def test_device_metadata_is_kept() -> None:
     meta = {"platform": "android", "app_version": "3.2.1", "network": "wifi", "model": "X2"}
     decoded = decode(encode(make_op(device=meta)))
@@ -449,7 +421,6 @@ BAD_OP_CASES: list[Any] = [
 ]
 
 
-@BATCH_ITEM
 @pytest.mark.parametrize(("bad", "op_id", "code", "path"), BAD_OP_CASES)
 def test_one_bad_op_in_a_batch_rejects_itself_alone(
     bad: Any, op_id: str | None, code: str, path: str
@@ -468,7 +439,6 @@ def test_one_bad_op_in_a_batch_rejects_itself_alone(
     assert record.payload_bytes == len(raws[1])
 
 
-@BATCH_ITEM
 def test_every_bad_op_of_a_batch_is_quarantined_once() -> None:
     ops: list[Any] = [make_op(op_id=f"o{i}") for i in range(6)]
     ops[0] = make_op(op_id="o0", user_id="")
@@ -551,32 +521,26 @@ DEEP_CASES: list[Any] = [
     pytest.param(
         _deep_object(),
         id="whole-payload-objects",
-        marks=DEEP,
     ),
     pytest.param(
         _in_change(_deep_array()),
         id="change-value-arrays",
-        marks=DEEP,
     ),
     pytest.param(
         _in_change(_deep_object()),
         id="change-value-objects",
-        marks=DEEP,
     ),
     pytest.param(
         b'{"batch_id": "b", "ops": [' + _deep_array() + b"]}",
         id="batch-item",
-        marks=DEEP,
     ),
     pytest.param(
         b'{"batch_id": "b", "ops": [' + _in_change(_deep_array()) + b"]}",
         id="batch-change-value",
-        marks=DEEP,
     ),
     pytest.param(
         encode(make_op()).replace(b'"u1"', _deep_array()),
         id="user-id",
-        marks=DEEP,
     ),
 ]
 
