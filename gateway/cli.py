@@ -113,6 +113,9 @@ def simulate(
     max_batch: Annotated[int, typer.Option(min=1, max=500)] = 20,
     conflict_share: Annotated[float, typer.Option(min=0, max=1)] = 0.1,
     malformed_share: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    malformed_batches: Annotated[
+        bool, typer.Option(help="Malformed payloads may be batches with one bad op.")
+    ] = True,
     duplicate_share: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
     entities: Annotated[int, typer.Option(min=1)] = 1000,
     hot_share: Annotated[float, typer.Option(min=0, max=1)] = 0.05,
@@ -135,6 +138,7 @@ def simulate(
         max_batch=max_batch,
         conflict_share=conflict_share,
         malformed_share=malformed_share,
+        malformed_batches=malformed_batches,
         duplicate_share=duplicate_share,
         device_meta_share=device_meta_share,
         seed=sim.random_seed() if seed is None else seed,

@@ -154,6 +154,8 @@ class GeneratorOptions:
     conflict_share: float = 0.1
     """Share of steps that are a deliberately concurrent pair of edits."""
     malformed_share: float = 0.01
+    malformed_batches: bool = True
+    """Whether a malformed payload may be a batch with one bad operation in it."""
     duplicate_share: float = 0.0
     """Share of good payloads that the device sends again a little later."""
     seed: int = 0
@@ -490,6 +492,7 @@ class Generator:
         roll = rng.random()
         if roll < opts.malformed_share:
             is_batch = rng.random() < opts.batch_share and opts.max_batch > 1
+            is_batch = is_batch and opts.malformed_batches
             out = [self._malformed_batch(device) if is_batch else self._malformed(device)]
         elif roll < opts.malformed_share + opts.conflict_share and opts.devices > 1:
             out = self._concurrent(device)
