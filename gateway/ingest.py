@@ -51,12 +51,13 @@ class Ingest:
         self.config = config
         self.metrics = metrics
         self.on_outbox = on_outbox
+        self._received_sync = metrics.messages_received.labels("sync")
+        metrics.in_flight.set_function(lambda: len(self.acks))
         self.acks = AckSequencer(session.ack)
         self._pending: list[Pending] = []
         self._arrived = asyncio.Event()
         self._closed = False
         self.last_beat = time.monotonic()
-        self.in_commit = False
 
     # -- intake (called on the event loop by the router) ----------------------
 
@@ -65,7 +66,6 @@ class Ingest:
         if self._closed:
             return None
         ticket = self.acks.hold(message)
-        self.metrics.in_flight.set(len(self.acks))
         if len(self.acks) >= self.config.max_in_process:
             self.session.pause_reading()
         return ticket
@@ -73,9 +73,7 @@ class Ingest:
     def release(self, tickets: list[Ticket]) -> None:
         """The work of these messages is done: PUBACK what is now in order."""
         self.acks.done(tickets)
-        held = len(self.acks)
-        self.metrics.in_flight.set(held)
-        if self.session.paused and held < self.config.max_in_process // 2:
+        if self.session.paused and len(self.acks) < self.config.max_in_process // 2:
             self.session.resume_reading()
 
     def sync_message(self, message: Inbound, params: dict[str, str]) -> None:
@@ -83,7 +81,7 @@ class Ingest:
         if ticket is None:
             return
         device_id = params["device_id"]
-        self.metrics.messages_received.labels("sync").inc()
+        self._received_sync.inc()
         decoded = self.sync.decode(
             message.topic, device_id, message.payload, message.received_at_us
         )
@@ -129,17 +127,14 @@ class Ingest:
             writes.ops.extend(pending.decoded.records)
             writes.quarantine.extend(pending.decoded.quarantine)
         started = time.perf_counter()
-        self.in_commit = True
-        try:
-            await self.writer.commit(writes)
-        finally:
-            self.in_commit = False
+        await self.writer.commit(writes)
         if writes.outbox and self.on_outbox is not None:
             self.on_outbox()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
-        for record in writes.ops:
-            self.metrics.ops.labels(record.status).inc()
+        stored = sum(1 for record in writes.ops if record.status == "stored")
+        self.metrics.ops.labels("stored").inc(stored)
+        self.metrics.ops.labels("duplicate").inc(len(writes.ops) - stored)
         for outbound in sync_answers(
             self.root, [(p.message, p.device_id, p.decoded) for p in batch]
         ):
