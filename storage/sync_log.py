@@ -91,7 +91,6 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
             entities.c.entity_type,
             entities.c.entity_id,
             entities.c.version,
-            sort_by_parameter_order=True,
         )
         rows = [
             {
