@@ -84,6 +84,7 @@ class Mosquitto:
             "max_queued_bytes 0\n"
             "max_inflight_messages 1000\n"
             "message_size_limit 16777216\n"
+            f"{self._stay_root()}\n"
             f"{self.extra}\n"
         )
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
@@ -92,6 +93,13 @@ class Mosquitto:
         )
         wait_port(self.port)
         return self
+
+    def _stay_root(self) -> str:
+        """As root, Mosquitto drops to the `mosquitto` user, which cannot write its
+        persistence file in a test's directory: persistence would be off, unseen.
+        (An `extra` that names a user itself wins.)"""
+        names_user = any(line.split()[:1] == ["user"] for line in self.extra.splitlines())
+        return "user root" if os.geteuid() == 0 and not names_user else ""
 
     def stop(self) -> None:
         """A clean stop: Mosquitto saves its persistence file."""
@@ -428,3 +436,183 @@ def sync_op(
     }
     op.update(extra)
     return op
+
+
+# -- helpers for the ingest, crash and restart tests ---------------------------
+
+
+def db_rows(url: str, query: str) -> list[tuple[Any, ...]]:
+    """Rows of `query` read straight from a daemon's database (SQLite file or PostgreSQL)."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        path = url.split("///", 1)[1]
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+            return conn.execute(query).fetchall()
+    import psycopg
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(dsn) as conn:
+        return [tuple(row) for row in conn.execute(query).fetchall()]
+
+
+def ack_results(messages: list[Received]) -> list[dict[str, Any]]:
+    """The results of sync acks, in order, whether one payload's or several coalesced.
+
+    Checks the shape of each ack message on the way: `{"batch_id", "results"}` for
+    one payload, `{"batch_ids", "results"}` for several committed together.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        body = message.json()
+        assert set(body) in ({"batch_id", "results"}, {"batch_ids", "results"}), body
+        assert isinstance(body["results"], list)
+        assert body["results"], body
+        out.extend(body["results"])
+    return out
+
+
+def expect_results(client: Client, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Wait for `count` sync results on whatever ack messages carry them."""
+    messages: list[Received] = []
+    deadline = time.monotonic() + timeout
+    while len(ack_results(messages)) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"got {ack_results(messages)!r}, expected {count} results")
+        with contextlib.suppress(queue.Empty):
+            messages.append(client.messages.get(timeout=remaining))
+    return ack_results(messages)
+
+
+class AckRecorder:
+    """Subscribes to every device's sync acks under `root` and keeps every result."""
+
+    def __init__(self, port: int, root: str) -> None:
+        self.client = Client(port)
+        self.client.paho.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.topic = f"{root}/devices/+/sync/ack"
+        self.client.paho.on_connect = self._on_connect
+
+    def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
+        client.subscribe(self.topic, qos=1)
+        self.client.connected.set()
+
+    def start(self) -> AckRecorder:
+        self.client.connect()
+        time.sleep(0.2)
+        return self
+
+    def results(self) -> list[dict[str, Any]]:
+        with self.client._lock:
+            messages = list(self.client.all)
+        return ack_results(messages)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _pubacked(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged it.
+
+    A QoS 1 publish made while disconnected reports `MQTT_ERR_NO_CONN` (and
+    `is_published()` raises), yet paho keeps it and sends it on reconnect; its
+    PUBACK is then recorded all the same.
+    """
+    if info.rc == mqtt.MQTT_ERR_NO_CONN:
+        return bool(info._published)
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
+
+class OpStream:
+    """Publishes `(device_id, op)` pairs at QoS 1 from a background thread.
+
+    Paced (`chunk` messages, then `pause_s`) so that a test can break things
+    mid-stream; `reached` is set once `mark` messages were handed to paho. Every
+    publish is kept, so that the test can see which ones the broker PUBACKed and
+    republish the others (op_id makes that harmless).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        root: str,
+        ops: list[tuple[str, dict[str, Any]]],
+        *,
+        chunk: int = 25,
+        pause_s: float = 0.01,
+        mark: int = 0,
+    ) -> None:
+        self.port = port
+        self.root = root
+        self.ops = ops
+        self.chunk = chunk
+        self.pause_s = pause_s
+        self.mark = mark
+        self.reached = threading.Event()
+        self.client = Client(port)
+        self.client.paho.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.infos: list[mqtt.MQTTMessageInfo] = []
+        self.thread = threading.Thread(target=self._run, name="op-stream", daemon=True)
+        self.error: BaseException | None = None
+
+    def topic(self, device_id: str) -> str:
+        return f"{self.root}/devices/{device_id}/sync"
+
+    def start(self) -> OpStream:
+        self.client.connect()
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for index, (device_id, op) in enumerate(self.ops):
+                info = self.client.paho.publish(self.topic(device_id), json.dumps(op), qos=1)
+                self.infos.append(info)
+                if index + 1 >= self.mark:
+                    self.reached.set()
+                if (index + 1) % self.chunk == 0:
+                    time.sleep(self.pause_s)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.reached.set()
+
+    def join(self, timeout: float = 60.0) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the publisher did not finish"
+        assert self.error is None, self.error
+
+    def unacked(self) -> list[int]:
+        return [index for index, info in enumerate(self.infos) if not _pubacked(info)]
+
+    def puback_all(self, timeout: float = 60.0) -> int:
+        """Wait for every PUBACK; republish what the broker never acknowledged.
+
+        Returns how many were republished (0 when the broker acked them all).
+        """
+        self.join(timeout)
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: not self.unacked(), timeout=min(timeout, 15.0))
+        missing = self.unacked()
+        if not missing:
+            return 0
+        again = Client(self.port).connect()
+        try:
+            infos = [
+                again.paho.publish(self.topic(self.ops[i][0]), json.dumps(self.ops[i][1]), qos=1)
+                for i in missing
+            ]
+            for info in infos:
+                info.wait_for_publish(timeout)
+                assert info.is_published()
+        finally:
+            again.close()
+        return len(missing)
+
+    def close(self) -> None:
+        self.client.close()

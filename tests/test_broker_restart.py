@@ -1,0 +1,98 @@
+"""The broker restarts mid-stream: the daemon reconnects by itself and loses nothing.
+
+The broker (persistence on) keeps the daemon's session and its queue across the
+restart. The publisher stands in for devices: it reconnects and resends what the
+broker never PUBACKed (a device does the same; op_id makes a resend harmless).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+
+from tests.support import (
+    AckRecorder,
+    Client,
+    Daemon,
+    Mosquitto,
+    OpStream,
+    db_rows,
+    sync_op,
+    wait_for,
+)
+
+COUNT = 2000
+DEVICES = 5
+ENTITIES = 17
+
+
+def test_broker_restart_mid_stream(
+    own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(own_broker.port)
+    ops = [
+        (
+            f"dev-{index % DEVICES}",
+            sync_op(f"r{index:05d}", entity_id=f"e{index % ENTITIES}"),
+        )
+        for index in range(COUNT)
+    ]
+    acks = AckRecorder(own_broker.port, daemon.root).start()
+    stream = OpStream(own_broker.port, daemon.root, ops, chunk=50, pause_s=0.02).start()
+    try:
+        wait_for(lambda: len(acks.results()) >= COUNT // 4, timeout=30, interval=0.005)
+        published_at_restart = len(stream.infos)
+        own_broker.restart(down_s=1)
+        stream.puback_all(timeout=60)
+        wait_for(
+            lambda: db_rows(daemon.db_url, "select count(*) from sync_log")[0][0] >= COUNT,
+            timeout=60,
+            interval=0.1,
+        )
+    finally:
+        stream.close()
+        acks.close()
+
+    assert published_at_restart < COUNT, "the restart came after the stream ended"
+    # The test means something only if the broker kept its sessions across the restart.
+    assert "Error saving" not in (own_broker.workdir / "mosquitto.log").read_text()
+    rows = db_rows(daemon.db_url, "select op_id, entity_id, version from sync_log")
+    op_counts = Counter(op_id for op_id, _, _ in rows)
+    assert [op_id for op_id, n in op_counts.items() if n > 1] == []
+    assert set(op_counts) == {op["op_id"] for _, op in ops}
+    per_entity: dict[str, list[int]] = {}
+    for _, entity_id, version in rows:
+        per_entity.setdefault(entity_id, []).append(version)
+    for entity_id, versions in per_entity.items():
+        assert sorted(versions) == list(range(1, len(versions) + 1)), entity_id
+    # Every answer that reached the recorder names the stored version.
+    stored = {op_id: version for op_id, _, version in rows}
+    for result in acks.results():
+        assert result["status"] in {"stored", "duplicate"}, result
+        assert stored[result["op_id"]] == result["version"], result
+
+    # It reconnected by itself, once, and said so on the status topic.
+    events = [line.get("event") for line in daemon.log_lines()]
+    assert events.count("mqtt connected") == 2
+    assert events.count("ready") == 1
+    watcher = Client(own_broker.port).connect().subscribe(f"{daemon.root}/status")
+    try:
+        (status,) = watcher.expect(1)
+    finally:
+        watcher.close()
+    assert status.retain
+    assert json.loads(status.payload)["state"] == "online"
+
+    # And it still serves.
+    device = Client(own_broker.port).connect().subscribe(f"{daemon.root}/devices/dev-0/sync/ack")
+    try:
+        device.publish(f"{daemon.root}/devices/dev-0/sync", sync_op("after", entity_id="new"))
+        (ack,) = device.expect(1)
+    finally:
+        device.close()
+    assert ack.json() == {
+        "batch_id": None,
+        "results": [{"op_id": "after", "status": "stored", "version": 1}],
+    }
+    assert daemon.terminate() == 0
