@@ -1,0 +1,882 @@
+"""Drain benchmark: how fast the gateway empties a broker backlog, against a ceiling and a baseline.
+
+    .venv/bin/python -m benchmarks.drain [--messages 100000] [--repeat 3]
+
+For each variant and repetition, on a test-owned Mosquitto (free port, persistence
+on, `max_queued_messages 1000000`, `max_queued_bytes 0`):
+
+1. create the subscriber's persistent session (MQTT v5, its client id,
+   `clean_start=False`, a `SessionExpiryInterval`, `<root>/devices/+/sync` at
+   QoS 1) and disconnect, so that the backlog queues for it;
+2. publish N single-operation messages (made by `gateway.simulate`: realistic,
+   ~340 bytes, from 50 devices) at QoS 1 and count the PUBACKs: all N queued;
+3. drain them with the variant, counting at the receiving end:
+
+- `gateway`: the real daemon (`python -m gateway run`, the shipped config with
+  environment overrides, SQLite WAL + synchronous=FULL). Done when a subscriber
+  on `<root>/devices/+/sync/ack` has seen every op_id answered `stored` (the
+  gateway answers only after the commit, and PUBACKs with it) and `sync_log`
+  holds N rows; afterwards, its session is checked to hold nothing queued.
+  Timed from the first row's `received_at` (and, second, from READY=1 on
+  `$NOTIFY_SOCKET`) to the arrival of the last answer.
+- `bare`: a paho 2.x MQTT v5 subscriber with `manual_ack`, acking each message
+  as it arrives and doing nothing else: the ceiling.
+- `naive`: the same, but it json-decodes each message, inserts it into SQLite
+  and commits (WAL, synchronous=FULL) before acking it: one fsync per message,
+  the baseline.
+
+`bare` and `naive` are timed from their first message to their N-th ack.
+Rates are messages a second; with `--repeat`, medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.config import load as load_config
+from gateway.simulate import GeneratorOptions, generate
+from tests.support import ROOT, free_port, wait_port
+
+VARIANTS = ("bare", "naive", "gateway")
+SESSION_EXPIRY_S = 3600
+CONFIG = ROOT / "config" / "fieldgate.toml"
+
+
+def log(message: str) -> None:
+    print(f"[drain {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- the broker ---------------------------------------------------------------
+
+
+class Broker:
+    """A Mosquitto of this benchmark's own, on a free loopback port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            # Saved on a clean stop; not every second (that would rewrite the
+            # whole backlog during the drain and time the disk, not the drain).
+            "autosave_interval 3600\n"
+            "max_queued_messages 1000000\n"
+            "max_queued_bytes 0\n"
+            "max_inflight_messages 1000\n"
+            "message_size_limit 16777216\n"
+        )
+        out = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
+        )
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+# -- MQTT helpers ---------------------------------------------------------------
+
+
+def _client(client_id: str) -> mqtt.Client:
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+
+
+def _connect_props(receive_maximum: int | None = None) -> Properties:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = SESSION_EXPIRY_S
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
+    return props
+
+
+def create_session(port: int, client_id: str, topic: str) -> None:
+    """Make the broker keep a persistent session subscribed to `topic`, then leave."""
+    client = _client(client_id)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.connect("127.0.0.1", port, clean_start=False, properties=_connect_props())
+    client.loop_start()
+    try:
+        result, _mid = client.subscribe(topic, qos=1)
+        if result != mqtt.MQTT_ERR_SUCCESS or not subscribed.wait(10):
+            raise RuntimeError(f"could not subscribe {client_id} to {topic}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def publish_backlog(port: int, root: str, messages: Sequence[tuple[str, bytes]]) -> float:
+    """Publish at QoS 1, at most 1000 unacknowledged; return the seconds it took."""
+    client = _client(f"bench-pub-{uuid.uuid4().hex[:8]}")
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    slots = threading.Semaphore(1000)
+    pubacks = 0
+    lock = threading.Lock()
+    connected = threading.Event()
+
+    def on_publish(*_a: Any) -> None:
+        nonlocal pubacks
+        with lock:
+            pubacks += 1
+        slots.release()
+
+    client.on_publish = on_publish
+    client.on_connect = lambda *_a: connected.set()
+    client.connect("127.0.0.1", port, clean_start=True)
+    client.loop_start()
+    started = time.monotonic()
+    try:
+        if not connected.wait(10):
+            raise RuntimeError("publisher could not connect")
+        for device_id, body in messages:
+            if not slots.acquire(timeout=30):
+                raise RuntimeError("no PUBACK for 30 s while publishing the backlog")
+            info = client.publish(f"{root}/devices/{device_id}/sync", body, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise RuntimeError(f"publish refused: {mqtt.error_string(info.rc)}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with lock:
+                if pubacks >= len(messages):
+                    break
+            time.sleep(0.01)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if pubacks != len(messages):
+        raise RuntimeError(f"only {pubacks} of {len(messages)} publishes were acknowledged")
+    return time.monotonic() - started
+
+
+def leftover(port: int, client_id: str, wait_s: float = 1.0) -> list[str]:
+    """What the broker still holds for `client_id`'s session (not acked here): topics."""
+    client = _client(client_id)
+    client.manual_ack_set(True)
+    topics: list[str] = []
+
+    def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        topics.append(message.topic)
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, clean_start=False, properties=_connect_props())
+    client.loop_start()
+    time.sleep(wait_s)
+    client.disconnect()
+    client.loop_stop()
+    return topics
+
+
+# -- CPU accounting ---------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, by thread id."""
+    out: dict[int, float] = {}
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def cpu_delta(pid: int, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+    """CPU used between two samples: the main thread, and the threads alive at the end."""
+    main = after.get(pid, 0.0) - before.get(pid, 0.0)
+    threads = sum(t - before.get(tid, 0.0) for tid, t in after.items() if tid != pid)
+    return {"main": round(main, 2), "threads": round(threads, 2)}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The gateway's Prometheus series (unlabelled ones and _sum/_count), by name."""
+    import urllib.request
+
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line.startswith("#") or "{" in line or " " not in line:
+                continue
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+# -- results ------------------------------------------------------------------
+
+
+@dataclass
+class Drain:
+    variant: str
+    messages: int
+    received: int
+    seconds: float
+    timed_from: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Subscriber:
+    """bare / naive: drain `client_id`'s session on this thread with paho's own loop."""
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        n: int,
+        receive_maximum: int,
+        handle: Callable[[mqtt.MQTTMessage], None] | None,
+    ) -> None:
+        self.n = n
+        self.count = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.connected_at: float | None = None
+        self.handle = handle
+        client = _client(client_id)
+        client.manual_ack_set(True)
+        client.on_message = self._on_message
+        client.on_connect = self._on_connect
+        self.client = client
+        self.port = port
+        self.receive_maximum = receive_maximum
+
+    def _on_connect(self, *_a: Any) -> None:
+        self.connected_at = time.time()
+
+    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if self.first is None:
+            self.first = time.time()
+        if self.handle is not None:
+            self.handle(message)
+        client.ack(message.mid, message.qos)
+        self.count += 1
+        if self.count == self.n:
+            self.last = time.time()
+            client.disconnect()
+
+    def run(self, timeout_s: float) -> None:
+        self.client.connect(
+            "127.0.0.1",
+            self.port,
+            clean_start=False,
+            properties=_connect_props(self.receive_maximum),
+        )
+        timer = threading.Timer(timeout_s, self.client.disconnect)
+        timer.start()
+        try:
+            self.client.loop_forever()
+        finally:
+            timer.cancel()
+
+
+def drain_bare(port: int, client_id: str, n: int, receive_maximum: int, timeout_s: float) -> Drain:
+    sub = _Subscriber(port, client_id, n, receive_maximum, None)
+    me = os.getpid()
+    before = cpu_seconds(me)
+    sub.run(timeout_s)
+    return _subscriber_result("bare", sub, n, {"cpu_s": cpu_delta(me, before, cpu_seconds(me))})
+
+
+NAIVE_SCHEMA = """
+create table if not exists sync_log (
+    id integer primary key,
+    op_id text not null unique,
+    device_id text not null,
+    user_id text not null,
+    entity_type text not null,
+    entity_id text not null,
+    operation text not null,
+    changes text not null,
+    edited_at text not null,
+    received_at integer not null
+)
+"""
+
+
+def drain_naive(
+    port: int, client_id: str, n: int, receive_maximum: int, timeout_s: float, db: Path
+) -> Drain:
+    conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+    conn.execute("pragma journal_mode=WAL")
+    conn.execute("pragma synchronous=FULL")
+    conn.execute(NAIVE_SCHEMA)
+
+    def handle(message: mqtt.MQTTMessage) -> None:
+        op = json.loads(message.payload)
+        device_id = message.topic.rsplit("/", 2)[-2]
+        conn.execute("begin")
+        conn.execute(
+            "insert into sync_log (op_id, device_id, user_id, entity_type, entity_id,"
+            " operation, changes, edited_at, received_at) values (?,?,?,?,?,?,?,?,?)"
+            " on conflict (op_id) do nothing",
+            (
+                op["op_id"],
+                device_id,
+                op["user_id"],
+                op["entity_type"],
+                op["entity_id"],
+                op["operation"],
+                json.dumps(op.get("changes", {})),
+                op["edited_at"],
+                time.time_ns() // 1000,
+            ),
+        )
+        conn.execute("commit")
+
+    sub = _Subscriber(port, client_id, n, receive_maximum, handle)
+    me = os.getpid()
+    before = cpu_seconds(me)
+    try:
+        sub.run(timeout_s)
+        cpu = cpu_delta(me, before, cpu_seconds(me))
+        (rows,) = conn.execute("select count(*) from sync_log").fetchone()
+    finally:
+        conn.close()
+    return _subscriber_result("naive", sub, n, {"rows": rows, "cpu_s": cpu})
+
+
+def _subscriber_result(variant: str, sub: _Subscriber, n: int, extra: dict[str, Any]) -> Drain:
+    if sub.count < n or sub.first is None or sub.last is None:
+        raise RuntimeError(f"{variant}: received {sub.count} of {n} before the timeout")
+    if sub.connected_at is not None:
+        extra["from_connect_s"] = round(sub.last - sub.connected_at, 3)
+    return Drain(
+        variant,
+        n,
+        sub.count,
+        sub.last - sub.first,
+        "first message received -> last message acked",
+        extra,
+    )
+
+
+# -- the gateway ----------------------------------------------------------------
+
+
+class _Notify:
+    """A `$NOTIFY_SOCKET` of our own: when the gateway says READY=1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.ready_at: float | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+        self.thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if b"READY=1" in data.split(b"\n") and self.ready_at is None:
+                self.ready_at = time.time()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+class _AckCounter:
+    """Counts op_ids answered `stored` on `<root>/devices/+/sync/ack`."""
+
+    def __init__(self, port: int, root: str, n: int) -> None:
+        self.n = n
+        self.stored: set[str] = set()
+        self.other = 0
+        self.messages = 0
+        self.done_at: float | None = None
+        self.lock = threading.Lock()
+        self.client = _client(f"bench-acks-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: subscribed.set()
+        self.client.connect("127.0.0.1", port, clean_start=True)
+        self.client.loop_start()
+        self.client.subscribe(f"{root}/devices/+/sync/ack", qos=1)
+        if not subscribed.wait(10):
+            raise RuntimeError("the ack counter could not subscribe")
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        results = json.loads(message.payload).get("results", [])
+        with self.lock:
+            self.messages += 1
+            for result in results:
+                if result.get("status") == "stored":
+                    self.stored.add(result["op_id"])
+                else:
+                    self.other += 1
+            if self.done_at is None and len(self.stored) >= self.n:
+                self.done_at = time.time()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _rows(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn:
+            (count,) = conn.execute("select count(*) from sync_log").fetchone()
+            return int(count)
+    except sqlite3.Error:
+        return 0
+
+
+def drain_gateway(
+    port: int,
+    root: str,
+    client_id: str,
+    n: int,
+    timeout_s: float,
+    workdir: Path,
+    profile: Path | None,
+    profile_format: str,
+    extra_env: dict[str, str] | None = None,
+) -> Drain:
+    db = workdir / "bench.db"
+    metrics_port = free_port()
+    notify = _Notify(workdir / "notify.sock")
+    acks = _AckCounter(port, root, n)
+    env = {
+        **os.environ,
+        "FIELDGATE_MQTT__HOST": "127.0.0.1",
+        "FIELDGATE_MQTT__PORT": str(port),
+        "FIELDGATE_MQTT__CLIENT_ID": client_id,
+        "FIELDGATE_MQTT__TOPIC_ROOT": root,
+        "FIELDGATE_DATABASE__URL": f"sqlite+aiosqlite:///{db}",
+        "FIELDGATE_LOG__LEVEL": "warning",
+        "FIELDGATE_LOG__FORMAT": "json",
+        "FIELDGATE_INSTANCE": f"bench-{client_id}",
+        "NOTIFY_SOCKET": str(notify.path),
+        "FIELDGATE_METRICS__LISTEN": f"127.0.0.1:{metrics_port}",
+        **(extra_env or {}),
+    }
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("WATCHDOG_PID", None)
+    out = open(workdir / "gateway.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(CONFIG)],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + timeout_s
+        rows = 0
+        while notify.ready_at is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        cpu_at_ready = cpu_seconds(proc.pid)
+        own_at_ready = cpu_seconds(os.getpid())
+        if profile is not None:
+            spy = _start_profiler(proc.pid, profile, profile_format)
+        cpu_at_done: dict[int, float] | None = None
+        own_at_done: dict[int, float] = {}
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"gateway exited {proc.returncode}: "
+                    f"{(workdir / 'gateway.log').read_text(errors='replace')[-3000:]}"
+                )
+            if acks.done_at is not None:
+                if cpu_at_done is None:
+                    cpu_at_done = cpu_seconds(proc.pid)
+                    own_at_done = cpu_seconds(os.getpid())
+                rows = _rows(db)
+                if rows >= n:
+                    break
+            time.sleep(0.25)
+        rows = _rows(db)
+        if acks.done_at is None or rows < n:
+            raise RuntimeError(
+                f"gateway: {len(acks.stored)} of {n} answered stored, {rows} rows, "
+                f"before the {timeout_s:.0f} s timeout"
+            )
+        series = scrape(metrics_port)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            first_us, last_us, distinct = conn.execute(
+                "select min(received_at), max(stored_at), count(distinct op_id) from sync_log"
+            ).fetchone()
+    finally:
+        if spy is not None:
+            _stop_profiler(spy)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        out.close()
+        acks.close()
+        notify.close()
+    left = leftover(port, client_id)
+    done_at = acks.done_at
+    first = first_us / 1e6
+    extra: dict[str, Any] = {
+        "rows": rows,
+        "distinct_op_ids": distinct,
+        "answered_stored": len(acks.stored),
+        "answered_other": acks.other,
+        "ack_messages": acks.messages,
+        "left_queued_after": len(left),
+        "last_commit_after_first_receive_s": round(last_us / 1e6 - first, 3),
+        "exit_code": proc.returncode,
+        "commits": series.get("fieldgate_commit_seconds_count"),
+        "commit_s_total": round(series.get("fieldgate_commit_seconds_sum", 0.0), 3),
+        "commit_batch_mean": round(
+            series.get("fieldgate_commit_batch_messages_sum", 0.0)
+            / max(1.0, series.get("fieldgate_commit_batch_messages_count", 0.0)),
+            1,
+        ),
+        "cpu_s": cpu_delta(proc.pid, cpu_at_ready, cpu_at_done or cpu_at_ready),
+        "benchmark_cpu_s": round(
+            sum(cpu_delta(os.getpid(), own_at_ready, own_at_done or own_at_ready).values()), 2
+        ),
+    }
+    if notify.ready_at is not None:
+        extra["from_ready_s"] = round(done_at - notify.ready_at, 3)
+        extra["rate_from_ready"] = round(n / (done_at - notify.ready_at), 1)
+    if distinct != n:
+        raise RuntimeError(f"gateway: {distinct} distinct op_ids stored, not {n}")
+    if left:
+        # Stored and answered, but never PUBACKed: the broker would deliver them
+        # again (as duplicates) on the next start.
+        log(f"gateway: WARNING: {len(left)} messages left unacknowledged at the broker")
+    return Drain(
+        "gateway",
+        n,
+        rows,
+        done_at - first,
+        "first row's received_at -> last op_id answered stored",
+        extra,
+    )
+
+
+def _start_profiler(pid: int, path: Path, fmt: str) -> subprocess.Popen[bytes]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    cmd = [py_spy, "record", "--pid", str(pid), "-o", str(path), "--format", fmt]
+    cmd += ["--rate", "100", "--nonblocking", "--threads"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(10)
+
+
+# -- the run ------------------------------------------------------------------
+
+
+def backlog(n: int, devices: int, seed: int, device_meta_share: float) -> list[tuple[str, bytes]]:
+    """N single operations, unique op_ids, edited just now, from `devices` devices."""
+    options = GeneratorOptions(
+        devices=devices,
+        seed=seed,
+        max_ops=n,
+        batch_share=0.0,
+        malformed_share=0.0,
+        duplicate_share=0.0,
+        conflict_share=0.1,
+        device_meta_share=device_meta_share,
+    )
+    return [(p.device_id, p.body) for p in generate(options, clock=lambda: time.time_ns() // 1000)]
+
+
+def run_one(
+    variant: str,
+    messages: Sequence[tuple[str, bytes]],
+    args: argparse.Namespace,
+    base: Path,
+    index: int,
+    receive_maximum: int,
+) -> Drain:
+    tag = f"{variant}{index}-{uuid.uuid4().hex[:6]}"
+    workdir = base / tag
+    workdir.mkdir(parents=True)
+    root = f"bench{uuid.uuid4().hex[:6]}"
+    client_id = f"bench-{tag}"
+    n = len(messages)
+    broker = Broker(workdir / "mosquitto").start()
+    try:
+        create_session(broker.port, client_id, f"{root}/devices/+/sync")
+        took = publish_backlog(broker.port, root, messages)
+        log(f"{variant} #{index + 1}: {n} messages queued in {took:.1f} s; draining")
+        assert broker.proc is not None
+        broker_before = cpu_seconds(broker.proc.pid)
+        if variant == "bare":
+            result = drain_bare(broker.port, client_id, n, receive_maximum, args.timeout)
+        elif variant == "naive":
+            db = workdir / "naive.db"
+            result = drain_naive(broker.port, client_id, n, receive_maximum, args.timeout, db)
+        else:
+            profile = None
+            if args.profile is not None:
+                profile = Path(args.profile).with_suffix(f".{index + 1}{Path(args.profile).suffix}")
+            result = drain_gateway(
+                broker.port,
+                root,
+                client_id,
+                n,
+                args.timeout,
+                workdir,
+                profile,
+                args.profile_format,
+                dict(kv.split("=", 1) for kv in args.gateway_env),
+            )
+        cpu = result.extra.get("cpu_s", {})
+        result.extra["cpu_us_per_msg"] = {
+            k: round(v / n * 1e6, 1) for k, v in cpu.items() if isinstance(v, float)
+        }
+        result.extra["publish_s"] = round(took, 2)
+        broker_cpu = cpu_delta(broker.proc.pid, broker_before, cpu_seconds(broker.proc.pid))
+        result.extra["broker_cpu_s"] = round(sum(broker_cpu.values()), 2)
+        log(f"{variant} #{index + 1}: {result.rate:,.0f} msg/s ({result.seconds:.2f} s)")
+        return result
+    finally:
+        broker.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    mosquitto = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False)
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mosquitto": (mosquitto.stdout.splitlines() or ["?"])[0].removeprefix("mosquitto version "),
+        "paho-mqtt": version("paho-mqtt"),
+        "aiomqtt": version("aiomqtt"),
+        "uvloop": version("uvloop"),
+        "msgspec": version("msgspec"),
+        "sqlalchemy": version("sqlalchemy"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.drain", description=__doc__)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated: bare,naive,gateway"
+    )
+    parser.add_argument(
+        "--device-meta-share", type=float, default=0.0, help="share of ops with `device` metadata"
+    )
+    parser.add_argument("--timeout", type=float, default=0.0, help="per drain [default: scaled]")
+    parser.add_argument("--profile", help="py-spy output for each gateway drain (path)")
+    parser.add_argument("--profile-format", default="flamegraph", help="flamegraph, raw, ...")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the gateway (repeatable), e.g. FIELDGATE_WRITER__MAX_WAIT_MS=5",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp dirs")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or args.messages < 1 or args.repeat < 1:
+        parser.error(f"bad arguments (unknown variants: {sorted(unknown)})")
+    if not args.timeout:
+        args.timeout = max(120.0, args.messages / 200)
+    receive_maximum = load_config(CONFIG).mqtt.receive_maximum
+
+    log(f"making {args.messages} operations from {args.devices} devices")
+    messages = backlog(args.messages, args.devices, args.seed, args.device_meta_share)
+    sizes = sorted(len(body) for _, body in messages)
+    base = Path(tempfile.mkdtemp(prefix="fieldgate-drain-"))
+    results: dict[str, list[Drain]] = {v: [] for v in variants}
+    try:
+        for index in range(args.repeat):
+            for variant in variants:
+                results[variant].append(
+                    run_one(variant, messages, args, base, index, receive_maximum)
+                )
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    medians = {v: statistics.median(d.rate for d in runs) for v, runs in results.items()}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "messages": args.messages,
+        "repeat": args.repeat,
+        "payload_bytes": {
+            "mean": round(sum(sizes) / len(sizes), 1),
+            "median": sizes[len(sizes) // 2],
+        },
+        "receive_maximum": receive_maximum,
+        "gateway_env": args.gateway_env,
+        "median_rate": {v: round(r, 1) for v, r in medians.items()},
+        "runs": {
+            v: [
+                {
+                    "rate": round(d.rate, 1),
+                    "seconds": round(d.seconds, 3),
+                    "timed_from": d.timed_from,
+                    **d.extra,
+                }
+                for d in runs
+            ]
+            for v, runs in results.items()
+        },
+    }
+    if "gateway" in medians:
+        if "bare" in medians:
+            report["gateway_over_ceiling"] = round(medians["gateway"] / medians["bare"], 3)
+        if "naive" in medians:
+            report["gateway_over_naive"] = round(medians["gateway"] / medians["naive"], 2)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_text(report))
+    return 0
+
+
+def _text(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"{report['messages']} messages (mean {report['payload_bytes']['mean']} B), "
+        f"QoS 1, {report['repeat']} run(s) each, medians; "
+        f"{m['nproc']} CPUs {m['cpu']}, Python {m['python']}, Mosquitto {m['mosquitto']}",
+        "",
+        f"{'variant':<9}{'msg/s':>10}   runs            timed from",
+    ]
+    for variant, runs in report["runs"].items():
+        each = ", ".join(f"{r['rate']:,.0f}" for r in runs)
+        lines.append(
+            f"{variant:<9}{report['median_rate'][variant]:>10,.0f}   {each:<15} "
+            f"{runs[0]['timed_from']}"
+        )
+        if variant == "gateway":
+            ready = [r.get("rate_from_ready") for r in runs if r.get("rate_from_ready")]
+            if ready:
+                lines.append(
+                    f"{'':<9}{statistics.median(ready):>10,.0f}   (from READY=1 to the last answer)"
+                )
+    lines.append("")
+    for variant, runs in report["runs"].items():
+        for r in runs:
+            cpu = r.get("cpu_s", {})
+            detail = (
+                f"{variant:<9}{r['seconds']:>8.2f} s  CPU main thread {cpu.get('main', 0):.2f} s, "
+                f"other threads {cpu.get('threads', 0):.2f} s, "
+                f"broker {r.get('broker_cpu_s', 0):.2f} s"
+            )
+            if variant == "gateway":
+                detail += (
+                    f"; {r.get('commits', 0):.0f} commits of {r.get('commit_batch_mean', 0):.0f} "
+                    f"messages, {r.get('commit_s_total', 0):.2f} s in commit; "
+                    f"{r.get('left_queued_after', 0)} left unacked"
+                )
+            lines.append(detail)
+    cpu_main = {
+        v: statistics.median(r["cpu_us_per_msg"].get("main", 0.0) for r in runs)
+        for v, runs in report["runs"].items()
+    }
+    lines.append(
+        "\nCPU per message, main thread (median): "
+        + ", ".join(f"{v} {us:.0f} us" for v, us in cpu_main.items())
+    )
+    if "gateway_over_ceiling" in report:
+        lines.append(f"\ngateway / ceiling (bare paho): {report['gateway_over_ceiling']:.2f}")
+    if "gateway_over_naive" in report:
+        lines.append(f"gateway / naive baseline:      {report['gateway_over_naive']:.1f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
