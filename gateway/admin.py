@@ -84,6 +84,10 @@ class AdminServer:
         self._release([ticket])
         self.services.metrics.messages_received.labels("admin").inc()
         command = params["command"]
+        if message.retain:
+            # A retained request would run again on every reconnect of every instance.
+            log.warning("retained admin request ignored", command=command, topic=message.topic)
+            return
         token = self.services.settings.admin.token
         request, transaction, error = parse(
             command,

@@ -94,6 +94,7 @@ class Daemon:
             settings.writer,
             self.metrics,
             on_outbox=self.outbox.poke,
+            beat_s=min(1.0, settings.health.wedged_after_s / 4),
         )
         self.services = Services(
             settings=settings,
@@ -223,20 +224,11 @@ class Daemon:
         if interval is None:
             return
         while True:
-            if self._writer_alive():
+            if health.writer_alive(self.services):
                 systemd.notify("WATCHDOG=1")
             else:
                 log.error("writer wedged: withholding watchdog pings")
             await asyncio.sleep(interval)
-
-    def _writer_alive(self) -> bool:
-        """In a transaction: is the attempt young? Idle: did the loop beat lately?
-
-        A database outage is not a wedge: each retry starts a new attempt. A
-        statement that never returns is: systemd restarts the daemon.
-        """
-        since = self.writer.attempt_started or self.ingest.last_beat
-        return time.monotonic() - since < self.settings.health.wedged_after_s
 
     def request_stop(self) -> None:
         if not self._stop.is_set():

@@ -14,7 +14,22 @@ from storage import outbox
 CHECK_TIMEOUT_S = 2.0
 
 
+def writer_stuck_s(services: Services) -> float:
+    """How long the writer has made no progress: the running transaction attempt's
+    age, or, when idle, the time since its loop last woke."""
+    since = services.writer.attempt_started or services.ingest.last_beat
+    return time.monotonic() - since
+
+
+def writer_alive(services: Services) -> bool:
+    """A database outage is not a wedge (each retry is a new attempt); a statement
+    that never returns is, and then systemd's watchdog restarts the daemon."""
+    return writer_stuck_s(services) < services.settings.health.wedged_after_s
+
+
 async def _database(services: Services) -> dict[str, Any]:
+    if not writer_alive(services):
+        return {"ok": False, "detail": f"writer stuck for {writer_stuck_s(services):.0f} s"}
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), services.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

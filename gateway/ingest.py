@@ -43,6 +43,7 @@ class Ingest:
         config: WriterConfig,
         metrics: Metrics,
         on_outbox: Callable[[], None] | None = None,
+        beat_s: float = 1.0,
     ) -> None:
         self.root = root
         self.session = session
@@ -51,6 +52,8 @@ class Ingest:
         self.config = config
         self.metrics = metrics
         self.on_outbox = on_outbox
+        self.beat_s = beat_s
+        """How often the idle loop proves it is alive (the watchdog reads `last_beat`)."""
         self._received_sync = metrics.messages_received.labels("sync")
         metrics.in_flight.set_function(lambda: len(self.acks))
         self.acks = AckSequencer(session.ack)
@@ -110,7 +113,7 @@ class Ingest:
                     return
                 self._arrived.clear()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), timeout=1.0)
+                    await asyncio.wait_for(self._arrived.wait(), timeout=self.beat_s)
                 except TimeoutError:
                     self.last_beat = time.monotonic()
                     continue

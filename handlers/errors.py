@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-_MISSING = re.compile(r"missing required field `([^`]+)`")
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
 
 class Code(StrEnum):
@@ -62,8 +62,8 @@ def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str
         raw_path = raw_path.rstrip("`").lstrip(".")
         path = raw_path or None
     if isinstance(exc, msgspec.ValidationError):
-        missing = _MISSING.search(text)
-        if missing:
-            path = join_path(path, missing.group(1))
+        named = _NAMED_FIELD.search(text)
+        if named:
+            path = join_path(path, named.group(1))
         return Error(Code.SCHEMA, text, join_path(prefix, path))
     return Error(Code.MALFORMED, f"not valid JSON: {text}", prefix)

@@ -611,12 +611,20 @@ def test_unknown_argument_and_wrong_type_are_invalid_args(
         (
             "health",
             {"verbose": True},
-            {"code": "invalid_args", "message": "Object contains unknown field `verbose`"},
+            {
+                "code": "invalid_args",
+                "message": "Object contains unknown field `verbose`",
+                "path": "verbose",
+            },
         ),
         (
             "quarantine/list",
             {"limit": 10, "cursr": "x"},
-            {"code": "invalid_args", "message": "Object contains unknown field `cursr`"},
+            {
+                "code": "invalid_args",
+                "message": "Object contains unknown field `cursr`",
+                "path": "cursr",
+            },
         ),
         (
             "quarantine/list",

@@ -167,10 +167,6 @@ def test_ready_watchdog_wedge_and_stopping(
     assert messages.index("STOPPING=1") > messages.index("READY=1\nSTATUS=serving on 127.0.0.1")
 
 
-@pytest.mark.xfail(
-    reason="bug: `health` says healthy while the writer is wedged and the watchdog is withheld",
-    strict=True,
-)
 def test_health_is_false_while_the_writer_is_wedged(
     pg_url: str,
     broker: Mosquitto,
