@@ -163,8 +163,9 @@ def test_backlog_is_pubacked_so_a_restart_redelivers_nothing(
     (whose in-flight window is bounded: enough of them stall intake) and comes back
     as a duplicate on the next connection. Redelivery comes before new messages, so
     once a sentinel published after the restart is answered, any would have shown.
+    Small commits make the first ones land while the backlog is still being read.
     """
-    daemon = make_daemon(own_broker.port)
+    daemon = make_daemon(own_broker.port, WRITER__MAX_MESSAGES="10", WRITER__MAX_WAIT_MS="0")
     assert daemon.terminate() == 0
     ops = stream_ops(2000, "p")
     device = Client(own_broker.port).connect()
