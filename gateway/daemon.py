@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import Coroutine
@@ -46,6 +47,18 @@ def sync_limits(settings: config.Settings) -> Limits:
         max_device_meta_bytes=lim.max_device_meta_bytes,
         entity_types=frozenset(settings.sync.entity_types),
     )
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper collections on the hot path.
+
+    The gateway holds thousands of young objects in hand (messages waiting for
+    their commit); at the default threshold (700) the collector scans them over
+    and over: measured at 10-15 us per message. What exists after start-up
+    (modules, config, engine) is frozen out of every collection.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def iso_now(moment: datetime) -> str:
@@ -160,6 +173,7 @@ class Daemon:
         if self.settings.database.auto_upgrade:
             await migrate.upgrade_async(self.settings.database.url)
         self._serve_metrics()
+        _tune_gc()
         log.info(
             "starting",
             version=__version__,

@@ -76,7 +76,7 @@ class Ingest:
     def release(self, tickets: list[Ticket]) -> None:
         """The work of these messages is done: PUBACK what is now in order."""
         self.acks.done(tickets)
-        if self.session.paused and len(self.acks) < self.config.max_in_process // 2:
+        if self.session.paused and len(self.acks) < self.config.max_in_process * 3 // 4:
             self.session.resume_reading()
 
     def sync_message(self, message: Inbound, params: dict[str, str]) -> None:

@@ -321,7 +321,9 @@ class MqttSession:
         on this one, and the gateway will answer them as duplicates.
         """
         inner = self._paho
-        if inner is None or not self.connected.is_set():
+        # Not `self.connected`: that waits for the birth message, and the broker
+        # starts sending the backlog right after CONNACK.
+        if inner is None or not inner.is_connected():
             return 0
         epoch = self.epoch
         acked = 0

@@ -44,13 +44,35 @@ class Route:
         return f"$share/{shared_group}/{topic}" if shared_group else topic
 
 
+Resolved = tuple[Endpoint, dict[str, str]] | None
+
+CACHE_MAX = 50_000
+"""Topics remembered: a device publishes on a handful, so this is devices x kinds."""
+
+
 class Router:
     def __init__(self, root: str, routes: Sequence[Route]) -> None:
         self.root = root
         self.prefix = root + "/"
         self.routes = list(routes)
+        self._cache: dict[str, Resolved] = {}
 
-    def resolve(self, topic: str) -> tuple[Endpoint, dict[str, str]] | None:
+    def resolve(self, topic: str) -> Resolved:
+        """The endpoint and parameters of a topic; cached, it is on the hot path.
+
+        Callers must not mutate the returned parameters.
+        """
+        try:
+            return self._cache[topic]
+        except KeyError:
+            pass
+        resolved = self._match(topic)
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[topic] = resolved
+        return resolved
+
+    def _match(self, topic: str) -> Resolved:
         if not topic.startswith(self.prefix):
             return None
         levels = topic[len(self.prefix) :].split("/")

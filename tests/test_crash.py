@@ -11,8 +11,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.support import (
     AckRecorder,
     Client,
@@ -149,11 +147,6 @@ def test_backlog_queued_while_down_is_stored_once(
     assert_versions_gapless(daemon.db_url)
 
 
-@pytest.mark.xfail(
-    reason="bug: MqttSession.ack drops PUBACKs until `connected` is set after the birth publish",
-    raises=AssertionError,
-    strict=True,
-)
 def test_backlog_is_pubacked_so_a_restart_redelivers_nothing(
     own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
