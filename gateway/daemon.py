@@ -267,6 +267,7 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(session_task, timeout=10)
         await self.services.redis.aclose()
+        await self.writer.close()
         await self.engine.dispose()
         log.info("stopped", drain_s=round(time.monotonic() - started, 3))
 

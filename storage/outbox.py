@@ -58,7 +58,7 @@ async def claim(
         )
         if conn.dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True)
-        ids = [row for (row,) in (await conn.execute(due)).tuples()]
+        ids = [row for (row,) in await conn.execute(due)]
         if not ids:
             return []
         await conn.execute(

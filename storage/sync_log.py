@@ -63,7 +63,7 @@ async def _stored_versions(conn: AsyncConnection, op_ids: Iterable[str]) -> dict
         result = await conn.execute(
             select(sync_log.c.op_id, sync_log.c.version).where(sync_log.c.op_id.in_(part))
         )
-        found.update({op_id: version for op_id, version in result.tuples()})
+        found.update({op_id: version for op_id, version in result})
     return found
 
 
@@ -102,7 +102,7 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
             for key in part
         ]
         result = await conn.execute(stmt, rows)
-        for entity_type, entity_id, version in result.tuples():
+        for entity_type, entity_id, version in result:
             ops = per_entity[(entity_type, entity_id)]
             for offset, record in enumerate(ops):
                 record.version = version - len(ops) + 1 + offset
