@@ -95,7 +95,7 @@ class Broker:
             "autosave_interval 3600\n"
             "max_queued_messages 1000000\n"
             "max_queued_bytes 0\n"
-            "max_inflight_messages 20000\n"
+            "max_inflight_messages 10000\n"
             "message_size_limit 16777216\n"
         )
         out = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115

@@ -44,7 +44,7 @@ class MqttConfig(Section):
     tls_ca: Path | None = None
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, Field(ge=60)] = 7 * 86400
-    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 2000
+    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 10000
     max_outgoing_inflight: Annotated[int, Field(ge=1, le=65535)] = 1000
     shared_group: str | None = None
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
