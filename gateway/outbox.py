@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from sqlalchemy.exc import DBAPIError
@@ -31,12 +33,14 @@ class OutboxPublisher:
         page: int = 200,
         lease_s: float = 30.0,
         poll_s: float = 1.0,
+        on_sent: Callable[[list[dict[str, Any]], int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.session = session
         self.page = page
         self.lease_us = int(lease_s * 1_000_000)
         self.poll_s = poll_s
+        self.on_sent = on_sent
         self.published = 0
         self.failed = 0
         self._wake = asyncio.Event()
@@ -71,8 +75,11 @@ class OutboxPublisher:
             for row in rows
         ]
         results = await asyncio.gather(*(self.session.publish_confirmed(m) for m in messages))
+        acked_us = time.time_ns() // 1000
         sent = [row["id"] for row, ok in zip(rows, results, strict=True) if ok]
         failed = [row["id"] for row, ok in zip(rows, results, strict=True) if not ok]
+        if self.on_sent is not None and sent:
+            self.on_sent([row for row, ok in zip(rows, results, strict=True) if ok], acked_us)
         await outbox.mark_sent(self.engine, sent, time.time_ns() // 1000)
         await outbox.release(self.engine, failed)
         self.published += len(sent)

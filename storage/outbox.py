@@ -35,6 +35,7 @@ async def add(conn: AsyncConnection, records: Sequence[OutboxRecord], now_us: in
                 "attempts": 0,
                 "claimed_until": None,
                 "sent_at": None,
+                "origin_at": r.origin_at_us,
             }
             for r in records
         ],

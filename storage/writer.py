@@ -17,8 +17,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from storage import outbox, quarantine, sync_log
-from storage.records import OpRecord, OutboxRecord, QuarantineRecord
+from storage import alerts, outbox, quarantine, sync_log
+from storage.alerts import AlertPolicy
+from storage.records import (
+    AlertRecord,
+    CrisisAckRecord,
+    OpRecord,
+    OutboxRecord,
+    QuarantineRecord,
+)
 
 log = structlog.get_logger("fieldgate.writer")
 
@@ -29,38 +36,49 @@ class WriteSet(msgspec.Struct):
     ops: list[OpRecord] = msgspec.field(default_factory=list)
     quarantine: list[QuarantineRecord] = msgspec.field(default_factory=list)
     outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
+    alerts: list[AlertRecord] = msgspec.field(default_factory=list)
+    crisis_acks: list[CrisisAckRecord] = msgspec.field(default_factory=list)
 
 
 class Writer:
     """Commits write sets; `healthy` is False while the database refuses them."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, alert_policy: AlertPolicy | None = None) -> None:
         self.engine = engine
+        self.alert_policy = alert_policy or AlertPolicy()
         self.healthy = True
         self.last_error: str | None = None
         self.commits = 0
 
-    async def commit(self, batch: WriteSet) -> None:
+    async def commit(self, batch: WriteSet) -> int:
+        """Commit `batch`; returns how many outbox rows it wrote (the publisher's cue)."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((OperationalError, DBAPIError)),
             wait=wait_exponential_jitter(initial=0.05, max=5.0),
             before_sleep=lambda state: self._failed(state, len(batch.ops)),
             reraise=True,
         )
+        written = 0
         async for attempt in retrying:
             with attempt:
                 _reset(batch.ops)
-                await self._transaction(batch)
+                alerts.reset(batch.alerts, batch.crisis_acks)
+                written = await self._transaction(batch)
         self.healthy = True
         self.last_error = None
         self.commits += 1
+        return written
 
-    async def _transaction(self, batch: WriteSet) -> None:
+    async def _transaction(self, batch: WriteSet) -> int:
         now_us = time.time_ns() // 1000
         async with self.engine.begin() as conn:
             await sync_log.store_ops(conn, batch.ops, now_us)
+            caused = await alerts.store_alerts(conn, batch.alerts, now_us, self.alert_policy)
+            await alerts.acknowledge(conn, batch.crisis_acks, now_us)
             await quarantine.store(conn, batch.quarantine)
-            await outbox.add(conn, batch.outbox, now_us)
+            # What alerts cause goes first: the publisher sends in id order.
+            await outbox.add(conn, [*caused, *batch.outbox], now_us)
+        return len(batch.outbox) + len(caused)
 
     def _failed(self, state: RetryCallState, ops: int) -> None:
         self.healthy = False
