@@ -166,27 +166,44 @@ async def _lock_users(conn: AsyncConnection, user_ids: list[str], now_us: int) -
 async def _classify_with_history(
     conn: AsyncConnection, record: AlertRecord, policy: AlertPolicy
 ) -> None:
-    """The base classification, raised to `sustained_low_mood` on the user's third
-    (or later) low-mood journal entry whose `occurred_at` lies in the window
-    `(occurred_at - 7 days, occurred_at]`, this entry included."""
+    """The base classification, raised to `sustained_low_mood` when this low-mood journal
+    entry makes the user's third (or later) one within 7 days.
+
+    Precisely: some window `(x - 7 days, x]` that contains this entry's `occurred_at`
+    holds at least 3 of the user's stored low-mood journal entries, this one included.
+    Devices deliver offline backlogs late and out of order; counting only the entries
+    that occurred before this one would let the rule miss a pattern whose entries
+    arrived newest first. With this definition the entry that completes the pattern,
+    in whatever order they arrive, is the one that triggers.
+    """
     record.classification = record.base_classification
     record.reasons = list(record.base_reasons)
     if not _history_candidate(record):
         return
-    earlier = await conn.execute(
-        select(func.count())
-        .select_from(alerts)
-        .where(
+    window = policy.sustained_window_us
+    at = record.occurred_at_us
+    found = await conn.execute(
+        select(alerts.c.occurred_at).where(
             alerts.c.user_id == record.user_id,
             alerts.c.kind == "journal",
             alerts.c.mood <= policy.low_mood_max,
-            alerts.c.occurred_at > record.occurred_at_us - policy.sustained_window_us,
-            alerts.c.occurred_at <= record.occurred_at_us,
+            alerts.c.occurred_at > at - window,
+            alerts.c.occurred_at < at + window,
         )
     )
-    if int(earlier.scalar_one()) + 1 >= policy.sustained_entries:
+    if sustained([at, *(t for (t,) in found.tuples())], at, window, policy.sustained_entries):
         record.classification = WELLNESS
         record.reasons = [SUSTAINED_LOW_MOOD, *(r for r in record.reasons if r != LOW_MOOD)]
+
+
+def sustained(times: list[int], at: int, window: int, entries: int) -> bool:
+    """Whether a window `(x - window, x]` containing `at` holds `entries` of `times`."""
+    ordered = sorted(times)
+    return any(
+        sum(1 for t in ordered if end - window < t <= end) >= entries
+        for end in ordered
+        if at <= end < at + window
+    )
 
 
 def _row(

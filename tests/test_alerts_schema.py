@@ -260,3 +260,32 @@ def test_crisis_ack_payload() -> None:
     assert (bad.error.code.value, bad.error.path) == ("schema", "by")
     (quarantined,) = bad.quarantine
     assert quarantined.kind == "crisis_ack"
+
+
+# -- the history rule's window (storage/alerts.py: `sustained`) -----------------
+
+DAY = 86_400_000_000
+WEEK = 7 * DAY
+
+
+@pytest.mark.parametrize(
+    ("stored", "at", "expected"),
+    [
+        ([], 0, False),
+        ([-1 * DAY], 0, False),  # the second entry
+        ([-2 * DAY, -1 * DAY], 0, True),  # the third, in order
+        ([-3 * DAY, -2 * DAY, -1 * DAY], 0, True),  # the fourth still holds
+        ([-WEEK, -1 * DAY], 0, False),  # exactly 7 days before: outside (x - 7 days, x]
+        ([-WEEK + 1, -1 * DAY], 0, True),  # a microsecond inside
+        ([1 * DAY, 2 * DAY], 0, True),  # the oldest arrives last: it completes the pattern
+        ([-2 * DAY, 4 * DAY], 0, True),  # one before, one after, within one window
+        ([-3 * DAY, 4 * DAY], 0, False),  # 7 days apart: not within one window
+        ([-4 * DAY, 4 * DAY], 0, False),  # 8 days apart: no window holds all three
+        ([-6 * DAY, 6 * DAY], 0, False),
+        ([0, 0], 0, True),  # the same moment
+    ],
+)
+def test_sustained_low_mood_window(stored: list[int], at: int, expected: bool) -> None:
+    from storage.alerts import sustained
+
+    assert sustained([at, *stored], at, WEEK, 3) is expected
