@@ -140,6 +140,7 @@ class Daemon:
             on_outbox=self.outbox.poke,
             alerts=self.alerts,
             on_crisis=self.escalator.poke,
+            publish_leased=self.outbox.publish_leased,
         )
         self.services = Services(
             settings=settings,

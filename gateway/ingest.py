@@ -9,8 +9,10 @@ gathers. Only after the commit are the devices answered and the broker acked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import structlog
@@ -45,11 +47,14 @@ class Ingest:
         metrics: Metrics,
         on_outbox: Callable[[], None] | None = None,
         alerts: AlertHandler | None = None,
+        publish_leased: Callable[[list[dict[str, Any]]], None] | None = None,
         on_crisis: Callable[[], None] | None = None,
     ) -> None:
         self.root = root
         self.alerts = alerts or AlertHandler(AlertRules())
         self.on_crisis = on_crisis
+        self.publish_leased = publish_leased
+        self._urgent = asyncio.Event()
         self.session = session
         self.writer = writer
         self.sync = sync
@@ -129,6 +134,7 @@ class Ingest:
                 path=decoded.error.path,
             )
         self._pending.append(Pending(message, device_id, decoded, ticket))
+        self._urgent.set()
         self._arrived.set()
 
     def crisis_ack_message(self, message: Inbound, _params: dict[str, str]) -> None:
@@ -159,8 +165,12 @@ class Ingest:
                 except TimeoutError:
                     self.last_beat = time.monotonic()
                     continue
-                if wait_s and len(self._pending) < self.config.max_messages:
-                    await asyncio.sleep(wait_s)
+                # Gather a batch, unless an alert is waiting: it goes at once.
+                gather = wait_s and len(self._pending) < self.config.max_messages
+                if gather and not self._urgent.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), timeout=wait_s)
+            self._urgent.clear()
             self.last_beat = time.monotonic()
             batch = self._pending[: self.config.max_messages]
             del self._pending[: len(batch)]
@@ -188,7 +198,9 @@ class Ingest:
             written = await self.writer.commit(writes)
         finally:
             self.in_commit = False
-        if written and self.on_outbox is not None:
+        if written.leased and self.publish_leased is not None:
+            self.publish_leased(written.leased)
+        if written.outbox_rows and self.on_outbox is not None:
             self.on_outbox()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))

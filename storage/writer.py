@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import structlog
@@ -40,6 +41,18 @@ class WriteSet(msgspec.Struct):
     crisis_acks: list[CrisisAckRecord] = msgspec.field(default_factory=list)
 
 
+class Committed(msgspec.Struct):
+    """What a commit wrote to the outbox: how many rows, and those leased to the caller
+    for publication at once (see `outbox.add_leased`)."""
+
+    outbox_rows: int = 0
+    leased: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+
+DIRECT_LEASE_US = 5_000_000
+"""How long the rows of the fast path stay leased to the instance that wrote them."""
+
+
 class Writer:
     """Commits write sets; `healthy` is False while the database refuses them."""
 
@@ -50,15 +63,15 @@ class Writer:
         self.last_error: str | None = None
         self.commits = 0
 
-    async def commit(self, batch: WriteSet) -> int:
-        """Commit `batch`; returns how many outbox rows it wrote (the publisher's cue)."""
+    async def commit(self, batch: WriteSet) -> Committed:
+        """Commit `batch`; returns what it wrote to the outbox (the publisher's cue)."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((OperationalError, DBAPIError)),
             wait=wait_exponential_jitter(initial=0.05, max=5.0),
             before_sleep=lambda state: self._failed(state, len(batch.ops)),
             reraise=True,
         )
-        written = 0
+        written = Committed()
         async for attempt in retrying:
             with attempt:
                 _reset(batch.ops)
@@ -69,16 +82,20 @@ class Writer:
         self.commits += 1
         return written
 
-    async def _transaction(self, batch: WriteSet) -> int:
+    async def _transaction(self, batch: WriteSet) -> Committed:
         now_us = time.time_ns() // 1000
         async with self.engine.begin() as conn:
             await sync_log.store_ops(conn, batch.ops, now_us)
             caused = await alerts.store_alerts(conn, batch.alerts, now_us, self.alert_policy)
             await alerts.acknowledge(conn, batch.crisis_acks, now_us)
             await quarantine.store(conn, batch.quarantine)
-            # What alerts cause goes first: the publisher sends in id order.
-            await outbox.add(conn, [*caused, *batch.outbox], now_us)
-        return len(batch.outbox) + len(caused)
+            # What alerts cause is published by the caller right after the commit,
+            # without waiting for the publisher's next claim.
+            direct = [r for r in caused if r.channel == "mqtt"]
+            leased = await outbox.add_leased(conn, direct, now_us, DIRECT_LEASE_US)
+            await outbox.add(conn, [r for r in caused if r.channel != "mqtt"], now_us)
+            await outbox.add(conn, batch.outbox, now_us)
+        return Committed(len(batch.outbox) + len(caused), leased)
 
     def _failed(self, state: RetryCallState, ops: int) -> None:
         self.healthy = False
