@@ -7,6 +7,7 @@ the wellness cooldown. No timed assertions: short intervals, then polling.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -256,6 +257,18 @@ def test_escalation_until_acknowledged_or_the_limit(
         "order by alert_id",
     )
     assert rows == [("esc-acked", len(acked) - 1, None, "dana"), ("esc-open", 3, None, None)]
+    # On time: each escalation written escalate_after_s after the previous publication
+    # was scheduled, never earlier (and, loosely, not much later).
+    created = [
+        (json.loads(payload)["escalation"], at)
+        for payload, at in query(
+            daemon, "select payload, created_at from outbox where channel = 'mqtt' order by id"
+        )
+        if json.loads(payload)["alert_id"] == "esc-open"
+    ]
+    assert [level for level, _ in created] == [0, 1, 2, 3]
+    gaps_s = [(b - a) / 1e6 for (_, a), (_, b) in itertools.pairwise(created)]
+    assert all(1.0 <= gap < 10.0 for gap in gaps_s), gaps_s
     events = query(
         daemon,
         "select event_type, payload from outbox where channel = 'webhook' order by id",
