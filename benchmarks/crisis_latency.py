@@ -171,6 +171,12 @@ def run(
             for line in metrics.splitlines()
             if line.startswith("fieldgate_crisis_publish_seconds_")
         }
+        commits = {
+            line.split(" ")[0].replace("fieldgate_commit_seconds_", ""): float(line.split(" ")[1])
+            for line in metrics.splitlines()
+            if line.startswith("fieldgate_commit_seconds_")
+            and any(f'le="{b}"' in line for b in ("0.01", "0.05", "0.25", "1.0", "+Inf"))
+        }
         return {
             "sync_rate_target": rate,
             "sync_ops_sent": ops_sent,
@@ -185,6 +191,7 @@ def run(
                 "max": round(max(latencies_ms), 2),
                 "mean": round(statistics.fmean(latencies_ms), 2),
             },
+            "commit_seconds": commits,
             "daemon_histogram": {
                 k: v
                 for k, v in daemon_view.items()
