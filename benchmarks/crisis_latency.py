@@ -32,7 +32,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.support import Client, Daemon, Mosquitto, daemon_env, free_port, wait_for
+from tests.support import (
+    Client,
+    Daemon,
+    Mosquitto,
+    daemon_env,
+    free_port,
+    pg_admin_url,
+    pg_database,
+    wait_for,
+)
 
 
 def metric(text: str, name: str) -> float | None:
@@ -115,7 +124,12 @@ class SyncLoad:
 
 
 def run(
-    rate: float, crises: int, spacing_s: float, devices: int, warmup_s: float
+    rate: float,
+    crises: int,
+    spacing_s: float,
+    devices: int,
+    warmup_s: float,
+    db_url: str | None = None,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fg-crisis-bench-"))
     broker = Mosquitto(workdir / "mosquitto", extra="user root").start()
@@ -123,6 +137,7 @@ def run(
     env = daemon_env(
         workdir / "daemon",
         broker.port,
+        db_url,
         METRICS__LISTEN=f"127.0.0.1:{metrics_port}",
     )
     daemon = Daemon(workdir / "daemon", env)
@@ -216,8 +231,17 @@ def main() -> None:
     parser.add_argument("--spacing-ms", type=float, default=100.0)
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument(
+        "--postgres", action="store_true", help="a fresh database on FIELDGATE_TEST_PG_URL"
+    )
     args = parser.parse_args()
-    result = run(args.rate, args.crises, args.spacing_ms / 1000, args.devices, args.warmup_s)
+    spacing_s = args.spacing_ms / 1000
+    if args.postgres:
+        with pg_database(pg_admin_url()) as url:
+            result = run(args.rate, args.crises, spacing_s, args.devices, args.warmup_s, url)
+    else:
+        result = run(args.rate, args.crises, spacing_s, args.devices, args.warmup_s)
+    result["database"] = "postgresql" if args.postgres else "sqlite"
     print(json.dumps(result, indent=2))
 
 
