@@ -38,7 +38,7 @@ LOW_MOOD = "low_mood"
 HIGH_STRESS = "high_stress"
 WELLNESS_REASONS = (SUSTAINED_LOW_MOOD, LOW_MOOD, HIGH_STRESS)
 
-MAX_FLAGS = 32
+SCALES = ("mood", "stress", "energy")
 
 
 class AlertPayload(msgspec.Struct):
@@ -46,11 +46,13 @@ class AlertPayload(msgspec.Struct):
     user_id: Str64
     kind: Kind
     occurred_at: AwareTime
-    mood: Annotated[int, Meta(ge=1, le=10)] | None = None
-    stress: Annotated[int, Meta(ge=1, le=5)] | None = None
-    energy: Annotated[int, Meta(ge=1, le=10)] | None = None
-    flags: Annotated[list[Str64], Meta(max_length=MAX_FLAGS)] | None = None
-    site_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    # Numbers compare by value (PROTOCOL.md, Conventions): 2.0 is the integer 2. An
+    # alert is not refused for the way a device's JSON library writes a number.
+    mood: Annotated[float, Meta(ge=1, le=10)] | None = None
+    stress: Annotated[float, Meta(ge=1, le=5)] | None = None
+    energy: Annotated[float, Meta(ge=1, le=10)] | None = None
+    flags: list[str] | None = None
+    site_id: Annotated[str, Meta(max_length=128)] | None = None
     note: str | None = None
     device_id: DeviceId | UnsetType = UNSET
 
@@ -188,8 +190,15 @@ class AlertHandler:
                 alert.alert_id,
                 Error(Code.SCHEMA, f"note is over {rules.max_note_bytes} bytes", "note"),
             )
+        scales: dict[str, int | None] = {}
+        for name in SCALES:
+            value: float | None = getattr(alert, name)
+            if value is not None and not value.is_integer():
+                return reject(alert.alert_id, Error(Code.SCHEMA, "Expected `int`", name))
+            scales[name] = None if value is None else int(value)
+        mood, stress = scales["mood"], scales["stress"]
         flags = alert.flags or []
-        classification, reasons = classify(rules, alert.kind, alert.mood, alert.stress, flags)
+        classification, reasons = classify(rules, alert.kind, mood, stress, flags)
         record = AlertRecord(
             alert_id=alert.alert_id,
             device_id=device_id,
@@ -197,9 +206,9 @@ class AlertHandler:
             kind=alert.kind,
             occurred_at_us=(alert.occurred_at - _EPOCH) // _MICROSECOND,
             received_at_us=received_at_us,
-            mood=alert.mood,
-            stress=alert.stress,
-            energy=alert.energy,
+            mood=mood,
+            stress=stress,
+            energy=scales["energy"],
             flags=flags,
             site_id=alert.site_id,
             note=alert.note,
@@ -207,9 +216,7 @@ class AlertHandler:
             base_classification=classification,
             base_reasons=reasons,
             low_mood_journal=(
-                alert.kind == "journal"
-                and alert.mood is not None
-                and alert.mood <= rules.wellness_mood_max
+                alert.kind == "journal" and mood is not None and mood <= rules.wellness_mood_max
             ),
         )
         return AlertDecoded(alert.alert_id, record, None, [])

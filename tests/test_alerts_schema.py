@@ -81,6 +81,12 @@ FIELD_CASES: list[Any] = [
     pytest.param({"mood": 0}, ("schema", "mood", "al-1"), id="mood-0"),
     pytest.param({"mood": 11}, ("schema", "mood", "al-1"), id="mood-11"),
     pytest.param({"mood": 2.5}, ("schema", "mood", "al-1"), id="mood-float"),
+    pytest.param({"mood": 2.0}, STORED, id="mood-2.0-is-2"),
+    pytest.param({"stress": 5.0}, STORED, id="stress-5.0-is-5"),
+    pytest.param({"stress": 4.5}, ("schema", "stress", "al-1"), id="stress-float"),
+    pytest.param({"energy": 1e300}, ("schema", "energy", "al-1"), id="energy-huge"),
+    pytest.param({"mood": True}, ("schema", "mood", "al-1"), id="mood-bool"),
+    pytest.param({"mood": "3"}, ("schema", "mood", "al-1"), id="mood-string"),
     pytest.param({"mood": None}, STORED, id="mood-null"),
     pytest.param({"stress": 1}, STORED, id="stress-1"),
     pytest.param({"stress": 5}, STORED, id="stress-5"),
@@ -92,8 +98,10 @@ FIELD_CASES: list[Any] = [
     pytest.param({"flags": ["injury", "x"]}, STORED, id="flags-two"),
     pytest.param({"flags": "injury"}, ("schema", "flags", "al-1"), id="flags-not-list"),
     pytest.param({"flags": [3]}, ("schema", "flags[0]", "al-1"), id="flags-not-str"),
-    pytest.param({"flags": ["f"] * 33}, ("schema", "flags", "al-1"), id="flags-too-many"),
+    pytest.param({"flags": ["f"] * 33 + [""]}, STORED, id="flags-any-strings"),
     pytest.param({"site_id": "s1"}, STORED, id="site_id"),
+    pytest.param({"site_id": ""}, STORED, id="site_id-empty"),
+    pytest.param({"site_id": "s" * 129}, ("schema", "site_id", "al-1"), id="site_id-129"),
     pytest.param({"site_id": 3}, ("schema", "site_id", "al-1"), id="site_id-int"),
     pytest.param({"note": "n" * 8192}, STORED, id="note-8KiB"),
     pytest.param({"note": "n" * 8193}, ("schema", "note", "al-1"), id="note-over-8KiB"),
@@ -232,6 +240,14 @@ def test_classification(
     record = decode(json.dumps(make_alert(**fields)).encode()).record
     assert record is not None
     assert (record.base_classification, record.base_reasons) == expected
+
+
+def test_integral_floats_are_integers() -> None:
+    record = decode(json.dumps(make_alert(mood=2.0, stress=5.0, energy=7.0)).encode()).record
+    assert record is not None
+    assert (record.mood, record.stress, record.energy) == (2, 5, 7)
+    assert all(type(v) is int for v in (record.mood, record.stress, record.energy))
+    assert record.base_classification == "crisis"
 
 
 def test_rules_come_from_the_config() -> None:
