@@ -104,7 +104,9 @@ class Writer:
         log.warning(
             "commit failed, retrying",
             error=self.last_error,
-            detail=str(getattr(exc, "orig", exc))[:200],
+            # The first line only: PostgreSQL's DETAIL may quote a failing row, and a
+            # row of `alerts` holds a person's note.
+            detail=str(getattr(exc, "orig", exc)).partition("\n")[0][:200],
             attempt=state.attempt_number,
             ops=ops,
         )
