@@ -119,3 +119,28 @@ def test_list_get_and_ack(
 
 def iso_us(us: int) -> str:
     return iso(datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us))
+
+
+def test_rules_from_the_config_file_and_reload(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    daemon = make_daemon(
+        broker.port,
+        config_text='[alerts]\ncrisis_flags = ["fall"]\n\n'
+        '[alerts.suggestions]\nhigh_stress = "Breathe."\n',
+    )
+    root = daemon.root
+    watch = Watch(client, root)
+    watch.send(alert("r1", kind="checkin", flags=["fall"]))
+    watch.send(alert("r2", kind="checkin", flags=["injury"]))
+    watch.send(alert("r3", kind="checkin", stress=4))
+    assert watch.ack_of("r1")["classification"] == "crisis"
+    assert watch.ack_of("r2")["classification"] == "none"
+    assert watch.ack_of("r3")["classification"] == "wellness"
+    wait_for(lambda: [n["suggestion"] for n in watch.wellness()] == ["Breathe."])
+    daemon.config_path.write_text('[alerts]\ncrisis_flags = ["injury"]\n')
+    assert admin(client, root, "config/reload")["status"] == "ok"
+    watch.send(alert("r4", kind="checkin", flags=["fall"]))
+    watch.send(alert("r5", kind="checkin", flags=["injury"]))
+    assert watch.ack_of("r4")["classification"] == "none"
+    assert watch.ack_of("r5")["classification"] == "crisis"
