@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from gateway.mqtt import Inbound, Outbound
+from handlers.alerts import AlertDecoded
 from handlers.sync import Decoded, Rejected
 
 _encode = msgspec.json.Encoder().encode
@@ -51,4 +52,34 @@ def sync_answers(root: str, batch: Sequence[tuple[Inbound, str, Decoded]]) -> li
             batch_ids = [d.batch_id for d in payloads if d.batch_id is not None]
             body = {"batch_ids": batch_ids, "results": results}
         out.append(Outbound(topic, _encode(body)))
+    return out
+
+
+def alert_answer(decoded: AlertDecoded) -> dict[str, Any]:
+    """`{"alert_id", "status", "classification", "error"?}`; a duplicate has the stored class."""
+    if decoded.error is not None or decoded.record is None:
+        error = decoded.error.as_dict() if decoded.error is not None else None
+        return {
+            "alert_id": decoded.alert_id,
+            "status": "rejected",
+            "classification": None,
+            "error": error,
+        }
+    record = decoded.record
+    return {
+        "alert_id": record.alert_id,
+        "status": record.status,
+        "classification": record.classification,
+    }
+
+
+def alert_answers(root: str, batch: Sequence[tuple[Inbound, str, AlertDecoded]]) -> list[Outbound]:
+    """One answer per alert (alerts are few, and each is answered on its own)."""
+    out: list[Outbound] = []
+    for message, device_id, decoded in batch:
+        body = _encode(alert_answer(decoded))
+        if message.response_topic:
+            out.append(Outbound(message.response_topic, body, correlation=message.correlation))
+        else:
+            out.append(Outbound(f"{root}/devices/{device_id}/alerts/ack", body))
     return out

@@ -89,6 +89,51 @@ class SyncConfig(Section):
     )
 
 
+AlertKind = Literal["journal", "panic", "checkin"]
+
+
+def _default_crisis_kinds() -> list[AlertKind]:
+    return ["panic"]
+
+
+DEFAULT_CRISIS_FLAGS = ["self_harm_risk", "suicidal_ideation", "violence", "injury"]
+
+
+class SuggestionsConfig(Section):
+    """The short text a wellness notification carries, per reason (`[alerts.suggestions]`)."""
+
+    sustained_low_mood: Annotated[str, Field(min_length=1, max_length=500)] = (
+        "Several low days in a row: consider talking to your supervisor or the support line."
+    )
+    low_mood: Annotated[str, Field(min_length=1, max_length=500)] = (
+        "Take a short break, get some water, and check in with a colleague."
+    )
+    high_stress: Annotated[str, Field(min_length=1, max_length=500)] = (
+        "Pause for a few slow breaths; ask for help with what can wait."
+    )
+
+
+class AlertsConfig(Section):
+    """Classification rules (PROTOCOL.md, Alerts; these are its defaults) and the paths out."""
+
+    crisis_kinds: list[AlertKind] = Field(default_factory=_default_crisis_kinds)
+    crisis_flags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: list(DEFAULT_CRISIS_FLAGS)
+    )
+    crisis_mood_max: Annotated[int, Field(ge=0, le=10)] = 2
+    crisis_stress_min: Annotated[int, Field(ge=1, le=6)] = 5
+    wellness_mood_max: Annotated[int, Field(ge=0, le=10)] = 4
+    wellness_stress_min: Annotated[int, Field(ge=1, le=6)] = 4
+    sustained_low_mood_entries: Annotated[int, Field(ge=1, le=1000)] = 3
+    sustained_low_mood_days: Annotated[float, Field(gt=0)] = 7.0
+    escalate_after_s: Annotated[float, Field(gt=0)] = 300.0
+    max_escalations: Annotated[int, Field(ge=0, le=1000)] = 3
+    escalation_poll_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    wellness_cooldown_s: Annotated[float, Field(ge=0)] = 86400.0
+    max_note_bytes: Annotated[int, Field(ge=0)] = 8192
+    suggestions: SuggestionsConfig = SuggestionsConfig()
+
+
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(gt=0)] = 60.0
     wedged_after_s: Annotated[float, Field(gt=0)] = 30.0
@@ -122,6 +167,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     writer: WriterConfig = WriterConfig()
     sync: SyncConfig = SyncConfig()
+    alerts: AlertsConfig = AlertsConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

@@ -21,15 +21,18 @@ from redis.asyncio import Redis
 from gateway import __version__, config, health, logs, systemd
 from gateway.admin import AdminServer
 from gateway.commands import TABLE
+from gateway.escalation import Escalator
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, MqttSession, Outbound
 from gateway.outbox import OutboxPublisher
 from gateway.router import Route, Router
 from gateway.services import Services
+from handlers.alerts import AlertHandler, AlertRules
 from handlers.ratelimit import DeviceRateLimiter
 from handlers.sync import Limits, SyncHandler
 from storage import migrate
+from storage.alerts import AlertPolicy
 from storage.db import create_engine
 from storage.writer import Writer
 
@@ -61,6 +64,34 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def alert_rules(settings: config.Settings) -> AlertRules:
+    cfg = settings.alerts
+    return AlertRules(
+        crisis_kinds=frozenset(cfg.crisis_kinds),
+        crisis_flags=tuple(cfg.crisis_flags),
+        crisis_mood_max=cfg.crisis_mood_max,
+        crisis_stress_min=cfg.crisis_stress_min,
+        wellness_mood_max=cfg.wellness_mood_max,
+        wellness_stress_min=cfg.wellness_stress_min,
+        max_payload_bytes=settings.limits.max_payload_bytes,
+        max_note_bytes=cfg.max_note_bytes,
+    )
+
+
+def alert_policy(settings: config.Settings) -> AlertPolicy:
+    cfg = settings.alerts
+    return AlertPolicy(
+        root=settings.mqtt.topic_root,
+        low_mood_max=cfg.wellness_mood_max,
+        sustained_entries=cfg.sustained_low_mood_entries,
+        sustained_window_us=int(cfg.sustained_low_mood_days * 86_400_000_000),
+        escalate_after_us=int(cfg.escalate_after_s * 1_000_000),
+        max_escalations=cfg.max_escalations,
+        wellness_cooldown_us=int(cfg.wellness_cooldown_s * 1_000_000),
+        suggestions=cfg.suggestions.model_dump(),
+    )
+
+
 def iso_now(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
@@ -79,15 +110,18 @@ class Daemon:
             echo=settings.database.echo,
             pool_size=settings.database.pool_size,
         )
-        self.writer = Writer(self.engine)
+        self.writer = Writer(self.engine, alert_policy(settings))
         self.rate_limiter = DeviceRateLimiter(
             settings.limits.device_rate, settings.limits.device_burst
         )
         self.sync = SyncHandler(sync_limits(settings), self.rate_limiter)
+        self.alerts = AlertHandler(alert_rules(settings))
         self.router = Router(
             self.root,
             [
                 Route("devices/{device_id}/sync", self._sync),
+                Route("devices/{device_id}/alerts", self._alert),
+                Route("alerts/crisis/ack", self._crisis_ack),
                 Route("admin/request/{command:path}", self._admin),
             ],
         )
@@ -98,7 +132,14 @@ class Daemon:
             will=Outbound(self.status_topic, _encode({"state": "offline"}), retain=True),
             on_connected=self._birth,
         )
-        self.outbox = OutboxPublisher(self.engine, self.session)
+        self.outbox = OutboxPublisher(self.engine, self.session, on_sent=self._outbox_sent)
+        self.escalator = Escalator(
+            self.engine,
+            lambda: self.writer.alert_policy,
+            self.metrics,
+            self.outbox.poke,
+            lambda: self.settings.alerts.escalation_poll_s,
+        )
         self.ingest = Ingest(
             self.root,
             self.session,
@@ -108,6 +149,9 @@ class Daemon:
             self.metrics,
             on_outbox=self.outbox.poke,
             beat_s=min(1.0, settings.health.wedged_after_s / 4),
+            alerts=self.alerts,
+            on_crisis=self.escalator.poke,
+            publish_leased=self.outbox.publish_leased,
         )
         self.services = Services(
             settings=settings,
@@ -119,6 +163,7 @@ class Daemon:
             writer=self.writer,
             ingest=self.ingest,
             outbox=self.outbox,
+            escalator=self.escalator,
             redis=Redis.from_url(
                 settings.redis.url.get_secret_value(), socket_connect_timeout=2, socket_timeout=2
             ),
@@ -155,6 +200,18 @@ class Daemon:
     def _sync(self, message: Inbound, params: dict[str, str]) -> None:
         self.ingest.sync_message(message, params)
 
+    def _alert(self, message: Inbound, params: dict[str, str]) -> None:
+        self.ingest.alert_message(message, params)
+
+    def _crisis_ack(self, message: Inbound, params: dict[str, str]) -> None:
+        self.ingest.crisis_ack_message(message, params)
+
+    def _outbox_sent(self, rows: list[dict[str, Any]], acked_us: int) -> None:
+        """Receipt-to-publication of crisis alerts: from the device's message to PUBACK."""
+        for row in rows:
+            if row["event_type"] == "alert.crisis" and row["origin_at"] is not None:
+                self.metrics.crisis_publish_seconds.observe((acked_us - row["origin_at"]) / 1e6)
+
     def _admin(self, message: Inbound, params: dict[str, str]) -> None:
         self.admin.request(message, params)
 
@@ -185,6 +242,7 @@ class Daemon:
         ingest_task = self._task(self.ingest.run(), "ingest")
         helpers = {
             self._task(self.outbox.run(), "outbox"),
+            self._task(self.escalator.run(), "escalation"),
             self._task(self._ready_when_connected(), "ready"),
             self._task(self._publish_health(), "health"),
             self._task(self._watchdog(), "watchdog"),
@@ -287,6 +345,9 @@ class Daemon:
             raise
         logs.set_level(fresh.log.level)
         self.sync.limits = sync_limits(fresh)
+        self.alerts.rules = alert_rules(fresh)
+        self.writer.alert_policy = alert_policy(fresh)
+        self.escalator.poke()
         self.rate_limiter.rate = fresh.limits.device_rate
         self.rate_limiter.burst = float(fresh.limits.device_burst)
         restart = [

@@ -107,6 +107,9 @@ async def stats(services: Services) -> dict[str, Any]:
         },
         "rejected_by_code": _by_label(services, "fieldgate_rejected_total", "code"),
         "messages": _by_label(services, "fieldgate_messages_received_total", "kind"),
+        "alerts": _by_label(services, "fieldgate_alerts_total", "classification"),
+        "open_crises": _value(services, "fieldgate_open_crises"),
+        "escalations": _value(services, "fieldgate_crisis_escalations_total"),
         "commits": services.writer.commits,
         "queues": {
             "in_flight": len(services.ingest.acks),

@@ -9,17 +9,20 @@ gathers. Only after the commit are the devices answered and the broker acked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import structlog
 
 from gateway.acks import AckSequencer, Ticket
-from gateway.answers import sync_answers
+from gateway.answers import alert_answers, sync_answers
 from gateway.config import WriterConfig
 from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, MqttSession
+from handlers.alerts import CRISIS, AckDecoded, AlertDecoded, AlertHandler, AlertRules
 from handlers.sync import Decoded, Rejected, SyncHandler
 from storage.writer import Writer, WriteSet
 
@@ -29,7 +32,7 @@ log = structlog.get_logger("fieldgate.ingest")
 class Pending(msgspec.Struct):
     message: Inbound
     device_id: str
-    decoded: Decoded
+    decoded: Decoded | AlertDecoded | AckDecoded
     ticket: Ticket
 
 
@@ -44,8 +47,15 @@ class Ingest:
         metrics: Metrics,
         on_outbox: Callable[[], None] | None = None,
         beat_s: float = 1.0,
+        alerts: AlertHandler | None = None,
+        publish_leased: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_crisis: Callable[[], None] | None = None,
     ) -> None:
         self.root = root
+        self.alerts = alerts or AlertHandler(AlertRules())
+        self.on_crisis = on_crisis
+        self.publish_leased = publish_leased
+        self._urgent = asyncio.Event()
         self.session = session
         self.writer = writer
         self.sync = sync
@@ -102,6 +112,45 @@ class Ingest:
         self._pending.append(Pending(message, device_id, decoded, ticket))
         self._arrived.set()
 
+    def alert_message(self, message: Inbound, params: dict[str, str]) -> None:
+        """An alert: decoded now, stored with the next batch, answered and acked after.
+
+        Logged by id only: never the note nor any other text of the payload.
+        """
+        ticket = self.hold(message)
+        if ticket is None:
+            return
+        device_id = params["device_id"]
+        self.metrics.messages_received.labels("alert").inc()
+        decoded = self.alerts.decode(
+            message.topic, device_id, message.payload, message.received_at_us
+        )
+        if decoded.error is not None:
+            self.metrics.rejected.labels(decoded.error.code.value).inc()
+            log.info(
+                "alert rejected",
+                device_id=device_id,
+                alert_id=decoded.alert_id,
+                code=decoded.error.code.value,
+                path=decoded.error.path,
+            )
+        self._pending.append(Pending(message, device_id, decoded, ticket))
+        self._urgent.set()
+        self._arrived.set()
+
+    def crisis_ack_message(self, message: Inbound, _params: dict[str, str]) -> None:
+        """An operator's acknowledgement of a crisis, stored with the next batch."""
+        ticket = self.hold(message)
+        if ticket is None:
+            return
+        self.metrics.messages_received.labels("crisis_ack").inc()
+        decoded = self.alerts.decode_ack(message.topic, message.payload, message.received_at_us)
+        if decoded.error is not None:
+            self.metrics.rejected.labels(decoded.error.code.value).inc()
+            log.info("crisis ack rejected", code=decoded.error.code.value, path=decoded.error.path)
+        self._pending.append(Pending(message, "", decoded, ticket))
+        self._arrived.set()
+
     # -- the writer loop -----------------------------------------------------
 
     async def run(self) -> None:
@@ -117,8 +166,12 @@ class Ingest:
                 except TimeoutError:
                     self.last_beat = time.monotonic()
                     continue
-                if wait_s and len(self._pending) < self.config.max_messages:
-                    await asyncio.sleep(wait_s)
+                # Gather a batch, unless an alert is waiting: it goes at once.
+                gather = wait_s and len(self._pending) < self.config.max_messages
+                if gather and not self._urgent.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), timeout=wait_s)
+            self._urgent.clear()
             self.last_beat = time.monotonic()
             batch = self._pending[: self.config.max_messages]
             del self._pending[: len(batch)]
@@ -126,26 +179,60 @@ class Ingest:
 
     async def _commit(self, batch: list[Pending]) -> None:
         writes = WriteSet()
+        syncs: list[tuple[Inbound, str, Decoded]] = []
+        alerts: list[tuple[Inbound, str, AlertDecoded]] = []
         for pending in batch:
-            writes.ops.extend(pending.decoded.records)
-            writes.quarantine.extend(pending.decoded.quarantine)
+            decoded = pending.decoded
+            if isinstance(decoded, Decoded):
+                writes.ops.extend(decoded.records)
+                syncs.append((pending.message, pending.device_id, decoded))
+            elif isinstance(decoded, AlertDecoded):
+                if decoded.record is not None:
+                    writes.alerts.append(decoded.record)
+                alerts.append((pending.message, pending.device_id, decoded))
+            elif decoded.record is not None:
+                writes.crisis_acks.append(decoded.record)
+            writes.quarantine.extend(decoded.quarantine)
         started = time.perf_counter()
-        await self.writer.commit(writes)
-        if writes.outbox and self.on_outbox is not None:
+        written = await self.writer.commit(writes)
+        if written.leased and self.publish_leased is not None:
+            self.publish_leased(written.leased)
+        if written.outbox_rows and self.on_outbox is not None:
             self.on_outbox()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
         stored = sum(1 for record in writes.ops if record.status == "stored")
         self.metrics.ops.labels("stored").inc(stored)
         self.metrics.ops.labels("duplicate").inc(len(writes.ops) - stored)
-        for outbound in sync_answers(
-            self.root, [(p.message, p.device_id, p.decoded) for p in batch]
-        ):
+        if writes.alerts or writes.crisis_acks:
+            self._after_alerts(writes)
+        for outbound in sync_answers(self.root, syncs):
+            self.session.publish(outbound)
+        for outbound in alert_answers(self.root, alerts):
             self.session.publish(outbound)
         self.release([p.ticket for p in batch])
         now_us = time.time_ns() // 1000
         for p in batch:
             self.metrics.ack_seconds.observe((now_us - p.message.received_at_us) / 1e6)
+
+    def _after_alerts(self, writes: WriteSet) -> None:
+        """Metrics and logs of committed alerts and acks: ids only, never text."""
+        crisis = False
+        for record in writes.alerts:
+            if record.status == "stored":
+                self.metrics.alerts.labels(record.classification or "none").inc()
+                crisis = crisis or record.classification == CRISIS
+            log.info(
+                "alert stored" if record.status == "stored" else "alert duplicate",
+                alert_id=record.alert_id,
+                device_id=record.device_id,
+                classification=record.classification,
+                notified=record.notified,
+            )
+        for ack in writes.crisis_acks:
+            log.info("crisis ack", alert_id=ack.alert_id, outcome=ack.outcome)
+        if (crisis or writes.crisis_acks) and self.on_crisis is not None:
+            self.on_crisis()
 
     async def drain(self) -> None:
         """Stop taking messages; commit, answer and ack everything already taken."""

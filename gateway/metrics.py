@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CRISIS_BUCKETS = (*LATENCY_BUCKETS, 30.0, 60.0, 300.0, 900.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
@@ -48,3 +49,20 @@ class Metrics:
             registry=r,
         )
         self.reconnects = Counter("fieldgate_mqtt_reconnects", "MQTT reconnections", registry=r)
+        self.alerts = Counter(
+            "fieldgate_alerts", "Alerts stored, by classification", ["classification"], registry=r
+        )
+        self.crisis_publish_seconds = Histogram(
+            "fieldgate_crisis_publish_seconds",
+            "From receipt of a crisis alert to the broker's PUBACK of its publication",
+            buckets=CRISIS_BUCKETS,
+            registry=r,
+        )
+        self.open_crises = Gauge(
+            "fieldgate_open_crises",
+            "Crisis alerts not yet acknowledged (all instances: read from the database)",
+            registry=r,
+        )
+        self.escalations = Counter(
+            "fieldgate_crisis_escalations", "Crisis escalations published", registry=r
+        )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.config import MqttConfig
 
 log = structlog.get_logger("fieldgate.mqtt")
+
+SOCKET_PROBE_S = 0.5
+"""How often a connected session checks that its socket is still open (see `_probe`)."""
 
 
 def _properties(packet_type: int) -> Properties:
@@ -178,14 +182,47 @@ class MqttSession:
             )
             disconnected = client._disconnected
             stopping = asyncio.ensure_future(self._stopping.wait())
+            probe = asyncio.ensure_future(self._probe(client))
             either: set[asyncio.Future[Any]] = {disconnected, stopping}
             try:
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopping.cancel()
+                probe.cancel()
             if disconnected.done():
                 disconnected.result()
                 raise aiomqtt.MqttError("broker closed the connection")
+
+    async def _probe(self, client: aiomqtt.Client) -> None:
+        """Declare the connection lost when its socket is closed or reset by the broker.
+
+        Under uvloop, a socket that the peer resets (a broker stopped while messages
+        were in flight) gets an error event; uvloop then closes the poll handle of that
+        socket without calling the reader, so paho never reads the end of the stream,
+        still believes it is connected, and the session hangs until the keepalive runs
+        out (1.5 x keepalive_s, after the broker is long back). A non-blocking peek
+        every SOCKET_PROBE_S sees the reset or the end of the stream at once.
+        """
+        while not client._disconnected.done():
+            await asyncio.sleep(SOCKET_PROBE_S)
+            inner = self._paho
+            sock = inner.socket() if inner is not None else None
+            if not isinstance(sock, socket.socket):
+                continue
+            try:
+                # The plain socket's recv, also under TLS: a peek at raw bytes.
+                data = socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                reason: str = exc.strerror or type(exc).__name__
+            else:
+                if data:
+                    continue
+                reason = "the broker closed the connection"
+            if not client._disconnected.done():
+                client._disconnected.set_exception(aiomqtt.MqttError(f"connection lost: {reason}"))
+            return
 
     def _make_client(self) -> aiomqtt.Client:
         cfg = self.config
@@ -364,8 +401,8 @@ class MqttSession:
         if message.correlation is not None:
             properties = _properties(PacketTypes.PUBLISH)
             properties.CorrelationData = message.correlation
-        try:
-            await client.publish(
+        publish = asyncio.ensure_future(
+            client.publish(
                 message.topic,
                 message.payload,
                 qos=message.qos,
@@ -373,6 +410,19 @@ class MqttSession:
                 properties=properties,
                 timeout=wait_s,
             )
+        )
+        # A lost connection ends the wait at once: the caller retries on the next one,
+        # instead of waiting out the timeout for a PUBACK that cannot come.
+        lost = client._disconnected
+        await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if not publish.done():
+            publish.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await publish
+            log.warning("confirmed publish failed", topic=message.topic, reason="connection lost")
+            return False
+        try:
+            publish.result()
         except aiomqtt.MqttError as exc:
             log.warning("confirmed publish failed", topic=message.topic, reason=str(exc))
             return False

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from sqlalchemy.exc import DBAPIError
@@ -31,18 +33,33 @@ class OutboxPublisher:
         page: int = 200,
         lease_s: float = 30.0,
         poll_s: float = 1.0,
+        on_sent: Callable[[list[dict[str, Any]], int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.session = session
         self.page = page
         self.lease_us = int(lease_s * 1_000_000)
         self.poll_s = poll_s
+        self.on_sent = on_sent
         self.published = 0
         self.failed = 0
         self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[int]] = set()
 
     def poke(self) -> None:
         self._wake.set()
+
+    def publish_leased(self, rows: list[dict[str, Any]]) -> None:
+        """Publish rows leased to us by the commit that wrote them, at once.
+
+        What fails is released for the ordinary rounds; if this process dies
+        first, the lease lapses and any instance takes the rows over.
+        """
+        if not rows:
+            return
+        task = asyncio.create_task(self._publish(rows), name="outbox:leased")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def run(self) -> None:
         while True:
@@ -66,15 +83,29 @@ class OutboxPublisher:
         )
         if not rows:
             return True
+        failed = await self._publish(rows)
+        return not failed and len(rows) < self.page
+
+    async def _publish(self, rows: list[dict[str, Any]]) -> int:
+        """Publish claimed rows; mark what was PUBACKed, release the rest. Returns failures."""
         messages = [
             Outbound(row["topic"], row["payload"], qos=row["qos"], retain=bool(row["retain"]))
             for row in rows
         ]
         results = await asyncio.gather(*(self.session.publish_confirmed(m) for m in messages))
+        acked_us = time.time_ns() // 1000
         sent = [row["id"] for row, ok in zip(rows, results, strict=True) if ok]
         failed = [row["id"] for row, ok in zip(rows, results, strict=True) if not ok]
-        await outbox.mark_sent(self.engine, sent, time.time_ns() // 1000)
-        await outbox.release(self.engine, failed)
+        if self.on_sent is not None and sent:
+            self.on_sent([row for row, ok in zip(rows, results, strict=True) if ok], acked_us)
+        try:
+            await outbox.mark_sent(self.engine, sent, time.time_ns() // 1000)
+            await outbox.release(self.engine, failed)
+        except DBAPIError as exc:
+            # The leases lapse: the rows are published again (at least once).
+            log.warning("outbox bookkeeping failed", error=type(exc).__name__)
         self.published += len(sent)
         self.failed += len(failed)
-        return not failed and len(rows) < self.page
+        if failed:
+            self.poke()
+        return len(failed)

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.config import Settings
+from gateway.escalation import Escalator
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.mqtt import MqttSession
@@ -29,5 +30,6 @@ class Services:
     writer: Writer
     ingest: Ingest
     outbox: OutboxPublisher
+    escalator: Escalator
     redis: Redis
     reload: Callable[[], list[str]]

@@ -22,7 +22,9 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> AsyncE
     fsync per batch. `busy_timeout` lets the CLI read while the daemon writes.
     """
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo}
+    # Bound parameters never appear in exception messages or echo logs: an alert's
+    # note is a parameter, and a traceback in the log must not carry it.
+    kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
     if is_sqlite(parsed):
         database = parsed.database
         if database and database != ":memory:":

@@ -35,10 +35,45 @@ async def add(conn: AsyncConnection, records: Sequence[OutboxRecord], now_us: in
                 "attempts": 0,
                 "claimed_until": None,
                 "sent_at": None,
+                "origin_at": r.origin_at_us,
             }
             for r in records
         ],
     )
+
+
+async def add_leased(
+    conn: AsyncConnection, records: Sequence[OutboxRecord], now_us: int, lease_us: int
+) -> list[dict[str, Any]]:
+    """Add rows already leased to the caller, who publishes them right after the commit.
+
+    The fast path for what cannot wait (crisis alerts): no claiming transaction
+    between the commit and the publish. If the caller fails or dies, the lease
+    lapses and the ordinary rounds (of any instance) take the rows over.
+    """
+    if not records:
+        return []
+    rows = [
+        {
+            "channel": r.channel,
+            "topic": r.topic,
+            "event_type": r.event_type,
+            "payload": r.payload,
+            "qos": r.qos,
+            "retain": int(r.retain),
+            "created_at": now_us,
+            "attempts": 1,
+            "claimed_until": now_us + lease_us,
+            "sent_at": None,
+            "origin_at": r.origin_at_us,
+        }
+        for r in records
+    ]
+    result = await conn.execute(
+        outbox.insert().returning(outbox.c.id, sort_by_parameter_order=True), rows
+    )
+    ids = [row_id for (row_id,) in result.tuples()]
+    return [{**row, "id": row_id} for row, row_id in zip(rows, ids, strict=True)]
 
 
 async def claim(

@@ -56,3 +56,52 @@ class OutboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     event_type: str | None = None
     qos: int = 1
     retain: bool = False
+    origin_at_us: int | None = None
+    """When the cause reached the gateway (receipt-to-publication metrics), if known."""
+
+
+AlertStatus = Literal["pending", "stored", "duplicate"]
+
+
+class AlertRecord(msgspec.Struct, kw_only=True):
+    """One accepted alert. The handler fills what the payload alone decides; the writer,
+    inside the transaction, what needs the database: the history rule, the cooldown,
+    duplicates. `note` and `payload` are stored and go nowhere else."""
+
+    alert_id: str
+    device_id: str
+    user_id: str
+    kind: Literal["journal", "panic", "checkin"]
+    occurred_at_us: int
+    received_at_us: int
+    mood: int | None = None
+    stress: int | None = None
+    energy: int | None = None
+    flags: list[str] = msgspec.field(default_factory=list)
+    site_id: str | None = None
+    note: str | None = None
+    payload: bytes = b""
+    base_classification: str = "none"
+    base_reasons: list[str] = msgspec.field(default_factory=list)
+    low_mood_journal: bool = False
+    """A journal entry with a low mood: counts toward `sustained_low_mood`."""
+    # Set by the writer:
+    status: AlertStatus = "pending"
+    classification: str | None = None
+    reasons: list[str] = msgspec.field(default_factory=list)
+    notified: str | None = None
+    """The reason of the wellness notification this alert caused, if one was sent."""
+
+
+AckOutcome = Literal["pending", "acknowledged", "already_acknowledged", "unknown"]
+
+
+class CrisisAckRecord(msgspec.Struct, kw_only=True):
+    """An operator's acknowledgement of a crisis alert (topic or admin command)."""
+
+    alert_id: str
+    by: str
+    received_at_us: int
+    outcome: AckOutcome = "pending"
+    acknowledged_at_us: int | None = None
+    acknowledged_by: str | None = None

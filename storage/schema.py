@@ -93,5 +93,56 @@ outbox = Table(
     Column("attempts", Integer, nullable=False),
     Column("claimed_until", BigInteger, nullable=True),
     Column("sent_at", BigInteger, nullable=True),
+    Column("origin_at", BigInteger, nullable=True),
     Index(None, "channel", "sent_at", "id"),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("alert_id", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("occurred_at", BigInteger, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("stored_at", BigInteger, nullable=False),
+    Column("mood", Integer, nullable=True),
+    Column("stress", Integer, nullable=True),
+    Column("energy", Integer, nullable=True),
+    Column("flags", Text, nullable=False),
+    Column("site_id", String(128), nullable=True),
+    # The person's own words: stored (it is the record), never published, logged or listed.
+    Column("note", Text, nullable=True),
+    Column("payload", LargeBinary, nullable=False),
+    Column("classification", String(16), nullable=False),
+    Column("reasons", Text, nullable=False),
+    Column("notification_id", String(64), nullable=True),
+    # Crisis alerts only: the durable escalation schedule.
+    Column("escalation", Integer, nullable=True),
+    Column("next_escalation_at", BigInteger, nullable=True),
+    Column("acknowledged_at", BigInteger, nullable=True),
+    Column("acknowledged_by", String(128), nullable=True),
+    UniqueConstraint("alert_id"),
+    Index(None, "user_id", "kind", "occurred_at"),
+    Index(None, "next_escalation_at"),
+    Index(None, "classification", "acknowledged_at"),
+)
+
+alert_users = Table(
+    "alert_users",
+    metadata,
+    # One row per user who sent a low-mood journal entry: its upsert is the lock
+    # that serializes the history rule per user across connections and instances.
+    Column("user_id", String(64), primary_key=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+wellness_cooldowns = Table(
+    "wellness_cooldowns",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("reason", String(32), primary_key=True),
+    Column("last_sent_at", BigInteger, nullable=False),
 )

@@ -194,6 +194,9 @@ def test_stats_count_what_the_daemon_stored(
         "commits",
         "queues",
         "outbox",
+        "alerts",
+        "open_crises",
+        "escalations",
     }
     assert stats["since"] == admin.data("info")["started_at"]
     assert isinstance(stats["uptime_s"], int | float) and stats["uptime_s"] >= 0
@@ -418,7 +421,7 @@ def test_config_get_hides_every_secret(
         "tls_ca": None,
         "keepalive_s": 30,
         "session_expiry_s": 604800,
-        "receive_maximum": 2000,
+        "receive_maximum": 10000,
         "max_outgoing_inflight": 1000,
         "shared_group": None,
         "reconnect_min_s": 0.5,

@@ -114,6 +114,9 @@ def test_health_retained_every_interval(
         "commits",
         "queues",
         "outbox",
+        "alerts",
+        "open_crises",
+        "escalations",
     }
 
     ack = f"{root}/devices/d1/sync/ack"

@@ -1,0 +1,288 @@
+"""Alerts: bytes from `<root>/devices/<id>/alerts` to a record and its classification.
+
+What the payload alone decides is decided here, purely: the schema, and the rules
+of PROTOCOL.md that need no history (crisis, low mood, high stress). The history
+rule `sustained_low_mood` needs the user's stored entries and is applied by the
+writer inside the transaction (storage/alerts.py).
+
+Privacy: a payload may hold a person's note. Error messages never echo a value
+from the payload (msgspec's enum errors do: they are rewritten), and a rejected
+payload's raw bytes go only to the quarantine, where they are never shown.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from handlers.errors import Code, Error, from_msgspec
+from storage.records import AlertRecord, CrisisAckRecord, QuarantineRecord
+
+Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
+DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+AwareTime = Annotated[datetime, Meta(tz=True)]
+Kind = Literal["journal", "panic", "checkin"]
+
+CRISIS = "crisis"
+WELLNESS = "wellness"
+NONE = "none"
+
+LOW_MOOD_HIGH_STRESS = "low_mood_high_stress"
+SUSTAINED_LOW_MOOD = "sustained_low_mood"
+LOW_MOOD = "low_mood"
+HIGH_STRESS = "high_stress"
+WELLNESS_REASONS = (SUSTAINED_LOW_MOOD, LOW_MOOD, HIGH_STRESS)
+
+SCALES = ("mood", "stress", "energy")
+
+
+class AlertPayload(msgspec.Struct):
+    alert_id: Str64
+    user_id: Str64
+    kind: Kind
+    occurred_at: AwareTime
+    # Numbers compare by value (PROTOCOL.md, Conventions): 2.0 is the integer 2. An
+    # alert is not refused for the way a device's JSON library writes a number.
+    mood: Annotated[float, Meta(ge=1, le=10)] | None = None
+    stress: Annotated[float, Meta(ge=1, le=5)] | None = None
+    energy: Annotated[float, Meta(ge=1, le=10)] | None = None
+    flags: list[str] | None = None
+    site_id: Annotated[str, Meta(max_length=128)] | None = None
+    note: str | None = None
+    device_id: DeviceId | UnsetType = UNSET
+
+
+class AlertIdOnly(msgspec.Struct):
+    alert_id: Any = None
+
+
+class CrisisAckPayload(msgspec.Struct):
+    alert_id: Str64
+    by: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class AlertRules(msgspec.Struct, frozen=True):
+    """The classification rules of the config (`[alerts]`), as the handler needs them."""
+
+    crisis_kinds: frozenset[str] = frozenset({"panic"})
+    crisis_flags: tuple[str, ...] = ("self_harm_risk", "suicidal_ideation", "violence", "injury")
+    crisis_mood_max: int = 2
+    crisis_stress_min: int = 5
+    wellness_mood_max: int = 4
+    wellness_stress_min: int = 4
+    max_payload_bytes: int = 256 * 1024
+    max_note_bytes: int = 8192
+
+
+class AlertDecoded(msgspec.Struct):
+    """One alert payload: the record to store, or the error it was refused with."""
+
+    alert_id: str | None
+    record: AlertRecord | None
+    error: Error | None
+    quarantine: list[QuarantineRecord]
+
+
+class AckDecoded(msgspec.Struct):
+    record: CrisisAckRecord | None
+    error: Error | None
+    quarantine: list[QuarantineRecord]
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_alert_decoder = msgspec.json.Decoder(AlertPayload)
+_alert_id_decoder = msgspec.json.Decoder(AlertIdOnly)
+_ack_decoder = msgspec.json.Decoder(CrisisAckPayload)
+_ENUM_VALUE = re.compile(r"Invalid enum value .*?( - at `|$)", re.DOTALL)
+_MISSING = re.compile(r"^Object missing required field `([a-z_]+)`")
+
+
+def classify(
+    rules: AlertRules,
+    kind: str,
+    mood: int | None,
+    stress: int | None,
+    flags: list[str],
+) -> tuple[str, list[str]]:
+    """(classification, reasons) by the rules that need no history; the first that holds.
+
+    Crisis reasons are every crisis rule that holds: the kind (`panic`), each crisis
+    flag present (in the config's order), `low_mood_high_stress`. Wellness reasons
+    are `low_mood` then `high_stress`, those that hold.
+    """
+    reasons: list[str] = []
+    if kind in rules.crisis_kinds:
+        reasons.append(kind)
+    present = set(flags)
+    reasons.extend(flag for flag in rules.crisis_flags if flag in present)
+    if (
+        mood is not None
+        and stress is not None
+        and mood <= rules.crisis_mood_max
+        and stress >= rules.crisis_stress_min
+    ):
+        reasons.append(LOW_MOOD_HIGH_STRESS)
+    if reasons:
+        return CRISIS, reasons
+    if mood is not None and mood <= rules.wellness_mood_max:
+        reasons.append(LOW_MOOD)
+    if stress is not None and stress >= rules.wellness_stress_min:
+        reasons.append(HIGH_STRESS)
+    if reasons:
+        return WELLNESS, reasons
+    return NONE, []
+
+
+class AlertHandler:
+    """Turns one alert payload into an `AlertDecoded`; pure."""
+
+    def __init__(self, rules: AlertRules) -> None:
+        self.rules = rules
+
+    def decode(
+        self, topic: str, device_id: str, payload: bytes, received_at_us: int
+    ) -> AlertDecoded:
+        rules = self.rules
+
+        def reject(alert_id: str | None, error: Error) -> AlertDecoded:
+            quarantine = _quarantine(
+                topic, device_id, "alert", error, payload, received_at_us, rules
+            )
+            return AlertDecoded(alert_id, None, error, [quarantine])
+
+        size = len(payload)
+        if size > rules.max_payload_bytes:
+            return reject(
+                None,
+                Error(
+                    Code.TOO_LARGE,
+                    f"payload is {size} bytes, over the limit of {rules.max_payload_bytes}",
+                ),
+            )
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return reject(None, Error(Code.MALFORMED, "the payload is not UTF-8"))
+        try:
+            alert = _alert_decoder.decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            error = _error(exc)
+            if error.code is Code.MALFORMED:
+                return reject(None, error)
+            if error.path is None and "Expected `object`" in error.message:
+                return reject(None, Error(Code.MALFORMED, "the payload is not a JSON object"))
+            return reject(_lenient_alert_id(payload), error)
+        except RecursionError:
+            return reject(None, Error(Code.MALFORMED, "the payload is nested too deeply"))
+        if not isinstance(alert.device_id, UnsetType) and alert.device_id != device_id:
+            return reject(
+                alert.alert_id,
+                Error(Code.DEVICE_MISMATCH, "device_id is not the topic's device", "device_id"),
+            )
+        if alert.note is not None and len(alert.note.encode()) > rules.max_note_bytes:
+            return reject(
+                alert.alert_id,
+                Error(Code.SCHEMA, f"note is over {rules.max_note_bytes} bytes", "note"),
+            )
+        scales: dict[str, int | None] = {}
+        for name in SCALES:
+            value: float | None = getattr(alert, name)
+            if value is not None and not value.is_integer():
+                return reject(alert.alert_id, Error(Code.SCHEMA, "Expected `int`", name))
+            scales[name] = None if value is None else int(value)
+        mood, stress = scales["mood"], scales["stress"]
+        flags = alert.flags or []
+        classification, reasons = classify(rules, alert.kind, mood, stress, flags)
+        record = AlertRecord(
+            alert_id=alert.alert_id,
+            device_id=device_id,
+            user_id=alert.user_id,
+            kind=alert.kind,
+            occurred_at_us=(alert.occurred_at - _EPOCH) // _MICROSECOND,
+            received_at_us=received_at_us,
+            mood=mood,
+            stress=stress,
+            energy=scales["energy"],
+            flags=flags,
+            site_id=alert.site_id,
+            note=alert.note,
+            payload=payload,
+            base_classification=classification,
+            base_reasons=reasons,
+            low_mood_journal=(
+                alert.kind == "journal" and mood is not None and mood <= rules.wellness_mood_max
+            ),
+        )
+        return AlertDecoded(alert.alert_id, record, None, [])
+
+    def decode_ack(self, topic: str, payload: bytes, received_at_us: int) -> AckDecoded:
+        """An operator's `{"alert_id", "by"}` on `<root>/alerts/crisis/ack`."""
+        rules = self.rules
+        error: Error
+        if len(payload) > rules.max_payload_bytes:
+            error = Error(Code.TOO_LARGE, f"payload is over {rules.max_payload_bytes} bytes")
+        else:
+            try:
+                ack = _ack_decoder.decode(payload)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                error = _error(exc)
+            except RecursionError:
+                error = Error(Code.MALFORMED, "the payload is nested too deeply")
+            else:
+                record = CrisisAckRecord(
+                    alert_id=ack.alert_id, by=ack.by, received_at_us=received_at_us
+                )
+                return AckDecoded(record, None, [])
+        quarantine = _quarantine(topic, None, "crisis_ack", error, payload, received_at_us, rules)
+        return AckDecoded(None, error, [quarantine])
+
+
+def _error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Error:
+    """msgspec's error, with a path for missing fields and no value from the payload."""
+    error = from_msgspec(exc, None)
+    message = _ENUM_VALUE.sub(r"Invalid enum value\1", error.message)
+    path = error.path
+    missing = _MISSING.match(message)
+    if missing and path is None:
+        path = missing.group(1)
+    return Error(error.code, message, path)
+
+
+def _quarantine(
+    topic: str,
+    device_id: str | None,
+    kind: str,
+    error: Error,
+    payload: bytes,
+    received_at_us: int,
+    rules: AlertRules,
+) -> QuarantineRecord:
+    return QuarantineRecord(
+        received_at_us=received_at_us,
+        topic=topic,
+        device_id=device_id,
+        kind=kind,
+        code=error.code.value,
+        message=error.message,
+        path=error.path,
+        payload=payload[: rules.max_payload_bytes],
+        payload_bytes=len(payload),
+    )
+
+
+def _lenient_alert_id(raw: bytes) -> str | None:
+    try:
+        alert_id = _alert_id_decoder.decode(raw).alert_id
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+    return alert_id if isinstance(alert_id, str) and 0 < len(alert_id) <= 64 else None
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000

@@ -1,0 +1,307 @@
+"""The alert schema and the rules that need no history, on `AlertHandler` itself.
+
+Every field gets its edges with the exact error code and path; every rejection
+leaves one quarantine record (kind `alert`) holding the raw bytes; no error
+message ever echoes a value of the payload.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from handlers.alerts import AlertDecoded, AlertHandler, AlertRules, classify
+
+TOPIC = "fg/devices/d1/alerts"
+RECEIVED_AT_US = 1_790_000_000_000_000
+DROP = object()
+RULES = AlertRules()
+
+
+def make_alert(**mutations: Any) -> dict[str, Any]:
+    alert: dict[str, Any] = {
+        "alert_id": "al-1",
+        "user_id": "u1",
+        "kind": "journal",
+        "occurred_at": "2026-11-29T12:00:00.123Z",
+    }
+    for name, value in mutations.items():
+        if value is DROP:
+            alert.pop(name, None)
+        else:
+            alert[name] = value
+    return alert
+
+
+def decode(payload: bytes, rules: AlertRules = RULES) -> AlertDecoded:
+    decoded = AlertHandler(rules).decode(TOPIC, "d1", payload, RECEIVED_AT_US)
+    if decoded.error is None:
+        assert decoded.record is not None
+        assert decoded.quarantine == []
+    else:
+        assert decoded.record is None
+        (record,) = decoded.quarantine
+        assert record.kind == "alert"
+        assert record.topic == TOPIC
+        assert record.device_id == "d1"
+        assert record.received_at_us == RECEIVED_AT_US
+        assert record.code == decoded.error.code.value
+        assert record.path == decoded.error.path
+        assert record.payload == payload[: rules.max_payload_bytes]
+        assert record.payload_bytes == len(payload)
+    return decoded
+
+
+STORED = "stored"
+
+FIELD_CASES: list[Any] = [
+    pytest.param({}, STORED, id="minimal"),
+    pytest.param({"alert_id": "a" * 64}, STORED, id="alert_id-64"),
+    pytest.param({"alert_id": "a" * 65}, ("schema", "alert_id", None), id="alert_id-65"),
+    pytest.param({"alert_id": ""}, ("schema", "alert_id", None), id="alert_id-empty"),
+    pytest.param({"alert_id": DROP}, ("schema", "alert_id", None), id="alert_id-missing"),
+    pytest.param({"alert_id": 5}, ("schema", "alert_id", None), id="alert_id-int"),
+    pytest.param({"user_id": "u" * 64}, STORED, id="user_id-64"),
+    pytest.param({"user_id": "u" * 65}, ("schema", "user_id", "al-1"), id="user_id-65"),
+    pytest.param({"user_id": DROP}, ("schema", "user_id", "al-1"), id="user_id-missing"),
+    pytest.param({"kind": "panic"}, STORED, id="kind-panic"),
+    pytest.param({"kind": "checkin"}, STORED, id="kind-checkin"),
+    pytest.param({"kind": "Panic"}, ("schema", "kind", "al-1"), id="kind-case"),
+    pytest.param({"kind": DROP}, ("schema", "kind", "al-1"), id="kind-missing"),
+    pytest.param({"occurred_at": "2026-11-29T12:00:00+02:00"}, STORED, id="occurred_at-offset"),
+    pytest.param(
+        {"occurred_at": "2026-11-29T12:00:00"}, ("schema", "occurred_at", "al-1"), id="no-offset"
+    ),
+    pytest.param({"occurred_at": "yesterday"}, ("schema", "occurred_at", "al-1"), id="not-time"),
+    pytest.param({"occurred_at": DROP}, ("schema", "occurred_at", "al-1"), id="time-missing"),
+    pytest.param({"mood": 1}, STORED, id="mood-1"),
+    pytest.param({"mood": 10}, STORED, id="mood-10"),
+    pytest.param({"mood": 0}, ("schema", "mood", "al-1"), id="mood-0"),
+    pytest.param({"mood": 11}, ("schema", "mood", "al-1"), id="mood-11"),
+    pytest.param({"mood": 2.5}, ("schema", "mood", "al-1"), id="mood-float"),
+    pytest.param({"mood": 2.0}, STORED, id="mood-2.0-is-2"),
+    pytest.param({"stress": 5.0}, STORED, id="stress-5.0-is-5"),
+    pytest.param({"stress": 4.5}, ("schema", "stress", "al-1"), id="stress-float"),
+    pytest.param({"energy": 1e300}, ("schema", "energy", "al-1"), id="energy-huge"),
+    pytest.param({"mood": True}, ("schema", "mood", "al-1"), id="mood-bool"),
+    pytest.param({"mood": "3"}, ("schema", "mood", "al-1"), id="mood-string"),
+    pytest.param({"mood": None}, STORED, id="mood-null"),
+    pytest.param({"stress": 1}, STORED, id="stress-1"),
+    pytest.param({"stress": 5}, STORED, id="stress-5"),
+    pytest.param({"stress": 0}, ("schema", "stress", "al-1"), id="stress-0"),
+    pytest.param({"stress": 6}, ("schema", "stress", "al-1"), id="stress-6"),
+    pytest.param({"energy": 10}, STORED, id="energy-10"),
+    pytest.param({"energy": 11}, ("schema", "energy", "al-1"), id="energy-11"),
+    pytest.param({"flags": []}, STORED, id="flags-empty"),
+    pytest.param({"flags": ["injury", "x"]}, STORED, id="flags-two"),
+    pytest.param({"flags": "injury"}, ("schema", "flags", "al-1"), id="flags-not-list"),
+    pytest.param({"flags": [3]}, ("schema", "flags[0]", "al-1"), id="flags-not-str"),
+    pytest.param({"flags": ["f"] * 33 + [""]}, STORED, id="flags-any-strings"),
+    pytest.param({"site_id": "s1"}, STORED, id="site_id"),
+    pytest.param({"site_id": ""}, STORED, id="site_id-empty"),
+    pytest.param({"site_id": "s" * 129}, ("schema", "site_id", "al-1"), id="site_id-129"),
+    pytest.param({"site_id": 3}, ("schema", "site_id", "al-1"), id="site_id-int"),
+    pytest.param({"note": "n" * 8192}, STORED, id="note-8KiB"),
+    pytest.param({"note": "n" * 8193}, ("schema", "note", "al-1"), id="note-over-8KiB"),
+    pytest.param({"note": "é" * 4097}, ("schema", "note", "al-1"), id="note-8KiB-in-bytes"),
+    pytest.param({"note": 7}, ("schema", "note", "al-1"), id="note-int"),
+    pytest.param({"device_id": "d1"}, STORED, id="device_id-same"),
+    pytest.param({"device_id": "d2"}, ("device_mismatch", "device_id", "al-1"), id="mismatch"),
+    pytest.param({"device_id": "d 1"}, ("schema", "device_id", "al-1"), id="device_id-bad"),
+    pytest.param({"extra_field": 1}, STORED, id="unknown-field-ignored"),
+]
+
+
+@pytest.mark.parametrize(("mutations", "expected"), FIELD_CASES)
+def test_field(mutations: dict[str, Any], expected: Any) -> None:
+    decoded = decode(json.dumps(make_alert(**mutations)).encode())
+    if expected == STORED:
+        assert decoded.error is None, decoded.error
+        return
+    code, path, alert_id = expected
+    assert decoded.error is not None
+    assert (decoded.error.code.value, decoded.error.path, decoded.alert_id) == (
+        code,
+        path,
+        alert_id,
+    )
+
+
+def test_record_keeps_every_field_and_the_whole_payload() -> None:
+    alert = make_alert(
+        mood=3, stress=2, energy=7, flags=["x"], site_id="s9", note="mine", device_id="d1"
+    )
+    payload = json.dumps(alert).encode()
+    decoded = decode(payload)
+    record = decoded.record
+    assert record is not None
+    assert (record.alert_id, record.user_id, record.kind, record.device_id) == (
+        "al-1",
+        "u1",
+        "journal",
+        "d1",
+    )
+    assert (record.mood, record.stress, record.energy, record.flags, record.site_id) == (
+        3,
+        2,
+        7,
+        ["x"],
+        "s9",
+    )
+    assert record.note == "mine"
+    assert record.payload == payload
+    assert record.occurred_at_us == 1_795_953_600_123_000
+    assert record.received_at_us == RECEIVED_AT_US
+    assert record.low_mood_journal
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"not json", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (b'"text"', "malformed"),
+        (b'{"alert_id": "\xff"}', "malformed"),
+        (b"", "malformed"),
+        (b"{" + b'"a": [' * 5000 + b"]" * 5000 + b"}", "malformed"),
+        (b'{"alert_id": "x", "note": "' + b"n" * (256 * 1024) + b'"}', "too_large"),
+    ],
+    ids=["not-json", "array", "string", "not-utf8", "empty", "deep", "too-large"],
+)
+def test_whole_payload_errors(payload: bytes, code: str) -> None:
+    decoded = decode(payload)
+    assert decoded.error is not None
+    assert decoded.error.code.value == code
+    assert decoded.alert_id is None
+
+
+def test_errors_never_echo_a_value_of_the_payload() -> None:
+    marker = "MARKER-7d1f"
+    for mutations in (
+        {"kind": marker},
+        {"mood": marker},
+        {"occurred_at": marker},
+        {"flags": [marker, 3]},
+        {"device_id": marker},
+        {"note": marker * 2000},
+        {"user_id": marker * 10},
+    ):
+        decoded = decode(json.dumps(make_alert(**mutations)).encode())
+        assert decoded.error is not None, mutations
+        assert marker not in json.dumps(decoded.error.as_dict()), decoded.error
+
+
+# -- classification without history ---------------------------------------------
+
+CLASSIFY_CASES: list[Any] = [
+    # (kind, mood, stress, flags) -> (classification, reasons)
+    pytest.param("panic", None, None, [], ("crisis", ["panic"]), id="panic"),
+    pytest.param("journal", 2, 5, [], ("crisis", ["low_mood_high_stress"]), id="mood2-stress5"),
+    pytest.param("journal", 1, 5, [], ("crisis", ["low_mood_high_stress"]), id="mood1-stress5"),
+    pytest.param("journal", 3, 5, [], ("wellness", ["low_mood", "high_stress"]), id="mood3-s5"),
+    pytest.param("journal", 2, 4, [], ("wellness", ["low_mood", "high_stress"]), id="mood2-s4"),
+    pytest.param("journal", 2, None, [], ("wellness", ["low_mood"]), id="mood2-no-stress"),
+    pytest.param("journal", None, 5, [], ("wellness", ["high_stress"]), id="stress5-no-mood"),
+    pytest.param("journal", 4, None, [], ("wellness", ["low_mood"]), id="mood4"),
+    pytest.param("journal", 5, None, [], ("none", []), id="mood5"),
+    pytest.param("checkin", 7, 4, [], ("wellness", ["high_stress"]), id="stress4"),
+    pytest.param("checkin", 7, 3, [], ("none", []), id="stress3"),
+    pytest.param("checkin", None, None, [], ("none", []), id="nothing"),
+    pytest.param("journal", 8, 1, ["self_harm_risk"], ("crisis", ["self_harm_risk"]), id="f1"),
+    pytest.param(
+        "journal", 8, 1, ["suicidal_ideation"], ("crisis", ["suicidal_ideation"]), id="f2"
+    ),
+    pytest.param("checkin", None, None, ["violence"], ("crisis", ["violence"]), id="f3"),
+    pytest.param("checkin", None, None, ["injury"], ("crisis", ["injury"]), id="f4"),
+    pytest.param("checkin", None, None, ["tired", "Injury"], ("none", []), id="other-flags"),
+    pytest.param(
+        "panic",
+        1,
+        5,
+        ["injury", "violence", "tired"],
+        ("crisis", ["panic", "violence", "injury", "low_mood_high_stress"]),
+        id="every-crisis-rule",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "mood", "stress", "flags", "expected"), CLASSIFY_CASES)
+def test_classification(
+    kind: str, mood: int | None, stress: int | None, flags: list[str], expected: Any
+) -> None:
+    assert classify(RULES, kind, mood, stress, flags) == expected
+    fields: dict[str, Any] = {"kind": kind, "flags": flags}
+    if mood is not None:
+        fields["mood"] = mood
+    if stress is not None:
+        fields["stress"] = stress
+    record = decode(json.dumps(make_alert(**fields)).encode()).record
+    assert record is not None
+    assert (record.base_classification, record.base_reasons) == expected
+
+
+def test_integral_floats_are_integers() -> None:
+    record = decode(json.dumps(make_alert(mood=2.0, stress=5.0, energy=7.0)).encode()).record
+    assert record is not None
+    assert (record.mood, record.stress, record.energy) == (2, 5, 7)
+    assert all(type(v) is int for v in (record.mood, record.stress, record.energy))
+    assert record.base_classification == "crisis"
+
+
+def test_rules_come_from_the_config() -> None:
+    rules = AlertRules(
+        crisis_kinds=frozenset(),
+        crisis_flags=("fall",),
+        crisis_mood_max=3,
+        crisis_stress_min=4,
+        wellness_mood_max=5,
+        wellness_stress_min=3,
+    )
+    assert classify(rules, "panic", None, None, []) == ("none", [])
+    assert classify(rules, "checkin", None, None, ["fall"]) == ("crisis", ["fall"])
+    assert classify(rules, "checkin", None, None, ["injury"]) == ("none", [])
+    assert classify(rules, "journal", 3, 4, []) == ("crisis", ["low_mood_high_stress"])
+    assert classify(rules, "journal", 5, 3, []) == ("wellness", ["low_mood", "high_stress"])
+
+
+def test_crisis_ack_payload() -> None:
+    handler = AlertHandler(RULES)
+    ok = handler.decode_ack("fg/alerts/crisis/ack", b'{"alert_id": "a1", "by": "ops"}', 5)
+    assert ok.record is not None and ok.error is None
+    assert (ok.record.alert_id, ok.record.by, ok.record.received_at_us) == ("a1", "ops", 5)
+    bad = handler.decode_ack("fg/alerts/crisis/ack", b'{"alert_id": "a1"}', 5)
+    assert bad.record is None and bad.error is not None
+    assert (bad.error.code.value, bad.error.path) == ("schema", "by")
+    (quarantined,) = bad.quarantine
+    assert quarantined.kind == "crisis_ack"
+
+
+# -- the history rule's window (storage/alerts.py: `sustained`) -----------------
+
+DAY = 86_400_000_000
+WEEK = 7 * DAY
+
+
+@pytest.mark.parametrize(
+    ("stored", "at", "expected"),
+    [
+        ([], 0, False),
+        ([-1 * DAY], 0, False),  # the second entry
+        ([-2 * DAY, -1 * DAY], 0, True),  # the third, in order
+        ([-3 * DAY, -2 * DAY, -1 * DAY], 0, True),  # the fourth still holds
+        ([-WEEK, -1 * DAY], 0, False),  # exactly 7 days before: outside (x - 7 days, x]
+        ([-WEEK + 1, -1 * DAY], 0, True),  # a microsecond inside
+        ([1 * DAY, 2 * DAY], 0, True),  # the oldest arrives last: it completes the pattern
+        ([-2 * DAY, 4 * DAY], 0, True),  # one before, one after, within one window
+        ([-3 * DAY, 4 * DAY], 0, False),  # 7 days apart: not within one window
+        ([-4 * DAY, 4 * DAY], 0, False),  # 8 days apart: no window holds all three
+        ([-6 * DAY, 6 * DAY], 0, False),
+        ([0, 0], 0, True),  # the same moment
+    ],
+)
+def test_sustained_low_mood_window(stored: list[int], at: int, expected: bool) -> None:
+    from storage.alerts import sustained
+
+    assert sustained([at, *stored], at, WEEK, 3) is expected
