@@ -441,6 +441,7 @@ def test_config_get_hides_every_secret(
         "health",
         "metrics",
         "log",
+        "alerts",
     }
     info = admin.data("info")
     assert info["database"] == data["database"]["url"]
