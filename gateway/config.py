@@ -89,6 +89,23 @@ class SyncConfig(Section):
     )
 
 
+class ConflictTypeConfig(Section):
+    """Per entity type: how its conflicts resolve, and which fields make one `high`."""
+
+    strategy: Literal["last_writer_wins", "first_writer_wins", "manual"] = "last_writer_wins"
+    critical_fields: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = None
+    """None: the type's default in DEFAULT_CRITICAL_FIELDS (none for other types)."""
+
+
+class ConflictsConfig(Section):
+    enabled: bool = True
+    window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 300.0
+    manual_at_or_above: Literal["low", "medium", "high", "critical"] = "critical"
+    types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)
+    cache_max_ops: Annotated[int, Field(ge=0)] = 50_000
+    """Operations kept in memory across all entities (0: always ask the database)."""
+
+
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(gt=0)] = 60.0
 
@@ -120,6 +137,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     writer: WriterConfig = WriterConfig()
     sync: SyncConfig = SyncConfig()
+    conflicts: ConflictsConfig = ConflictsConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

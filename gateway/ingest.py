@@ -134,8 +134,10 @@ class Ingest:
             await self.writer.commit(writes)
         finally:
             self.in_commit = False
-        if writes.outbox and self.on_outbox is not None:
+        if (writes.outbox or writes.conflicts) and self.on_outbox is not None:
             self.on_outbox()
+        for conflict in writes.conflicts:
+            self.metrics.conflicts.labels(conflict["severity"]).inc()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
         for record in writes.ops:

@@ -48,3 +48,14 @@ class Metrics:
             registry=r,
         )
         self.reconnects = Counter("fieldgate_mqtt_reconnects", "MQTT reconnections", registry=r)
+        self.conflicts = Counter(
+            "fieldgate_conflicts_detected",
+            "Conflicts detected, by severity",
+            ["severity"],
+            registry=r,
+        )
+        self.conflicts_resolved = Counter(
+            "fieldgate_conflicts_resolved",
+            "Conflicts resolved by an operator",
+            registry=r,
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import structlog
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from storage import outbox, quarantine, sync_log
+from storage.conflicts import Detector
 from storage.records import OpRecord, OutboxRecord, QuarantineRecord
 
 log = structlog.get_logger("fieldgate.writer")
@@ -29,13 +31,16 @@ class WriteSet(msgspec.Struct):
     ops: list[OpRecord] = msgspec.field(default_factory=list)
     quarantine: list[QuarantineRecord] = msgspec.field(default_factory=list)
     outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
+    conflicts: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    """Filled by the writer: the conflict records the committed batch created."""
 
 
 class Writer:
     """Commits write sets; `healthy` is False while the database refuses them."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, detector: Detector | None = None) -> None:
         self.engine = engine
+        self.detector = detector
         self.healthy = True
         self.last_error: str | None = None
         self.commits = 0
@@ -50,7 +55,15 @@ class Writer:
         async for attempt in retrying:
             with attempt:
                 _reset(batch.ops)
-                await self._transaction(batch)
+                batch.conflicts = []
+                try:
+                    await self._transaction(batch)
+                except BaseException:
+                    if self.detector is not None:
+                        self.detector.failed()
+                    raise
+                if self.detector is not None:
+                    self.detector.committed()
         self.healthy = True
         self.last_error = None
         self.commits += 1
@@ -59,6 +72,8 @@ class Writer:
         now_us = time.time_ns() // 1000
         async with self.engine.begin() as conn:
             await sync_log.store_ops(conn, batch.ops, now_us)
+            if self.detector is not None:
+                batch.conflicts = await self.detector.run(conn, batch.ops, now_us)
             await quarantine.store(conn, batch.quarantine)
             await outbox.add(conn, batch.outbox, now_us)
 

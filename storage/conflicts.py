@@ -1,0 +1,403 @@
+"""Incremental conflict detection, inside the transaction that stores the operations.
+
+Called by the writer right after `sync_log.store_ops`, whose version upsert has
+locked every touched entity row (PostgreSQL: until commit). A concurrent writer
+of the same entity, on this instance or another, therefore waits for our commit
+and then, under READ COMMITTED, sees our rows in its own candidate query: every
+pair is compared exactly once, by the transaction that stores the later of the
+two (higher version), whatever the timing.
+
+Per batch, one candidate query per chunk of entities (not per operation): the
+entity's rows whose `edited_at` lies within the window of the batch's
+operations, plus, for operations that carry `base_version`, the entity's rows
+above it. Both are ranges on an index, so the cost does not grow with the log.
+The window cache (`storage.window`) answers instead of the database when it
+provably holds every candidate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from handlers.conflicts import OpView, Rules, Verdict, conflict_id, judge, values
+from storage import outbox
+from storage.records import OpRecord, OutboxRecord
+from storage.schema import conflicts, device_counters, entities, sync_log, user_counters
+from storage.sync_log import chunks
+from storage.window import NEVER, Bounds, WindowCache
+
+ENTITIES_PER_QUERY = 150
+"""Entities per candidate query: two OR terms of up to 4 parameters each."""
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+
+_CANDIDATE_COLUMNS = (
+    sync_log.c.op_id,
+    sync_log.c.device_id,
+    sync_log.c.user_id,
+    sync_log.c.entity_type,
+    sync_log.c.entity_id,
+    sync_log.c.operation,
+    sync_log.c.changes,
+    sync_log.c.edited_at,
+    sync_log.c.version,
+    sync_log.c.base_version,
+)
+
+EntityKey = tuple[str, str]
+
+
+def view(record: OpRecord) -> OpView:
+    assert record.version is not None
+    return OpView(
+        op_id=record.op_id,
+        device_id=record.device_id,
+        user_id=record.user_id,
+        entity_type=record.entity_type,
+        entity_id=record.entity_id,
+        operation=record.operation,
+        changes=record.changes,
+        edited_at_us=record.edited_at_us,
+        version=record.version,
+        base_version=record.base_version,
+    )
+
+
+def row_view(row: Sequence[Any]) -> OpView:
+    op_id, device_id, user_id, entity_type, entity_id, operation, changes, edited, ver, base = row
+    return OpView(
+        op_id=op_id,
+        device_id=device_id,
+        user_id=user_id,
+        entity_type=entity_type,
+        entity_id=entity_id,
+        operation=operation,
+        changes=_decode(changes),
+        edited_at_us=edited,
+        version=ver,
+        base_version=base,
+    )
+
+
+def record_json(verdict: Verdict, detected_at: str) -> dict[str, Any]:
+    """The conflict record of PROTOCOL.md for a new conflict (times already formatted)."""
+    a, b = verdict.a, verdict.b
+    return {
+        "conflict_id": conflict_id(a.op_id, b.op_id),
+        "entity_type": a.entity_type,
+        "entity_id": a.entity_id,
+        "op_ids": [a.op_id, b.op_id],
+        "device_ids": [a.device_id, b.device_id],
+        "user_ids": [a.user_id, b.user_id],
+        "fields": verdict.fields,
+        "values": values(verdict),
+        "severity": verdict.severity,
+        "strategy": verdict.strategy,
+        "status": verdict.status,
+        "winner_op_id": verdict.winner_op_id,
+        "detected_at": detected_at,
+        "resolved_at": None,
+        "resolved_by": None,
+    }
+
+
+def notices(root: str, event: str, record: dict[str, Any]) -> list[OutboxRecord]:
+    """`<root>/conflicts`, each involved device's topic, and the webhook event."""
+    payload = _encode({"event": event, "conflict": record})
+    topics = [f"{root}/conflicts"] + [
+        f"{root}/devices/{device}/conflicts" for device in dict.fromkeys(record["device_ids"])
+    ]
+    rows = [OutboxRecord(channel="mqtt", topic=topic, payload=payload) for topic in topics]
+    rows.append(OutboxRecord(channel="webhook", event_type=event, payload=_encode(record)))
+    return rows
+
+
+def iso_us(us: int) -> str:
+    """RFC 3339 UTC with microseconds and `Z`, as `gateway.commands.iso` writes it."""
+    seconds, micro = divmod(us, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micro:06d}Z"
+
+
+class Detector:
+    """Finds, records and announces the conflicts of one committed batch.
+
+    `use_cache` may only be true when this process is the database's one writer
+    (SQLite, no shared subscription): the cache cannot see other writers' rows.
+    """
+
+    def __init__(
+        self,
+        rules: Rules,
+        topic_root: str,
+        *,
+        enabled: bool = True,
+        cache: WindowCache | None = None,
+    ) -> None:
+        self.rules = rules
+        self.root = topic_root
+        self.enabled = enabled
+        self.cache = cache
+        self.queries = 0
+
+    async def run(
+        self, conn: AsyncConnection, records: Sequence[OpRecord], now_us: int
+    ) -> list[dict[str, Any]]:
+        """Detect and store the batch's conflicts; return their records (for metrics)."""
+        stored = [record for record in records if record.status == "stored"]
+        if not stored:
+            return []
+        await bump_counters(conn, stored, now_us)
+        if not self.enabled:
+            return []
+        per_entity: dict[EntityKey, list[OpView]] = {}
+        for record in stored:
+            per_entity.setdefault((record.entity_type, record.entity_id), []).append(view(record))
+        candidates = await self._candidates(conn, per_entity)
+        verdicts: list[Verdict] = []
+        for key, fresh in per_entity.items():
+            verdicts.extend(self._compare(fresh, candidates.get(key, [])))
+        if not verdicts:
+            return []
+        return await self._record(conn, verdicts, now_us)
+
+    def _compare(self, fresh: list[OpView], candidates: list[OpView]) -> list[Verdict]:
+        """Each new op against every candidate stored before it (lower version)."""
+        by_id = {op.op_id: op for op in candidates}
+        by_id.update({op.op_id: op for op in fresh})
+        ordered = sorted(by_id.values(), key=lambda op: op.version)
+        out: list[Verdict] = []
+        for new in fresh:
+            for old in ordered:
+                if old.version >= new.version:
+                    break
+                verdict = judge(old, new, self.rules)
+                if verdict is not None:
+                    out.append(verdict)
+        return out
+
+    async def _candidates(
+        self, conn: AsyncConnection, per_entity: dict[EntityKey, list[OpView]]
+    ) -> dict[EntityKey, list[OpView]]:
+        window = self.rules.window_us
+        bounds: dict[EntityKey, Bounds] = {}
+        for key, fresh in per_entity.items():
+            plain = [op.edited_at_us for op in fresh if op.base_version is None]
+            based = [op.base_version for op in fresh if op.base_version is not None]
+            bounds[key] = Bounds(
+                lo=min(plain) - window if plain else None,
+                hi=max(plain) + window if plain else None,
+                above_version=min(based) if based else None,
+                first_new_version=min(op.version for op in fresh),
+            )
+        found: dict[EntityKey, list[OpView]] = {}
+        missing = list(bounds)
+        cache = self.cache
+        if cache is not None:
+            missing = []
+            for key, wanted in bounds.items():
+                answer = cache.lookup(key, wanted)
+                if answer is None:
+                    missing.append(key)
+                    bounds[key] = cache.fill_bounds(wanted)
+                else:
+                    found[key] = answer
+        for part in chunks(sorted(missing), ENTITIES_PER_QUERY):
+            self.queries += 1
+            terms = [term for key in part for term in _terms(key, bounds[key])]
+            result = await conn.execute(select(*_CANDIDATE_COLUMNS).where(or_(*terms)))
+            for row in result:
+                op = row_view(row)
+                found.setdefault((op.entity_type, op.entity_id), []).append(op)
+        if cache is not None:
+            for key in missing:
+                cache.stage_fill(key, bounds[key], found.get(key, []))
+            for key, fresh in per_entity.items():
+                cache.stage_add(key, fresh)
+        return found
+
+    async def warm(self, engine: AsyncEngine, now_us: int) -> int:
+        """Fill the cache for the most recently written entities; return how many.
+
+        Each gets every operation edited since `now - keep` (and later), so
+        operations arriving in real time are answered from memory at once.
+        """
+        cache = self.cache
+        if cache is None or cache.max_ops == 0:
+            return 0
+        recent = (
+            select(sync_log.c.entity_type, sync_log.c.entity_id)
+            .order_by(sync_log.c.id.desc())
+            .limit(cache.max_ops)
+            .subquery()
+        )
+        async with engine.connect() as conn:
+            result = await conn.execute(select(recent.c.entity_type, recent.c.entity_id).distinct())
+            keys: list[EntityKey] = sorted(result)
+            lo = now_us - cache.keep_us
+            for part in chunks(keys, ENTITIES_PER_QUERY):
+                found: dict[EntityKey, list[OpView]] = {}
+                terms = [
+                    and_(
+                        sync_log.c.entity_type == key[0],
+                        sync_log.c.entity_id == key[1],
+                        sync_log.c.edited_at >= lo,
+                    )
+                    for key in part
+                ]
+                rows = await conn.execute(select(*_CANDIDATE_COLUMNS).where(or_(*terms)))
+                for row in rows:
+                    op = row_view(row)
+                    found.setdefault((op.entity_type, op.entity_id), []).append(op)
+                versions = await conn.execute(
+                    select(entities.c.entity_type, entities.c.entity_id, entities.c.version).where(
+                        or_(
+                            *(
+                                and_(entities.c.entity_type == k[0], entities.c.entity_id == k[1])
+                                for k in part
+                            )
+                        )
+                    )
+                )
+                for entity_type, entity_id, version in versions:
+                    key = (entity_type, entity_id)
+                    asked = Bounds(
+                        lo=lo, hi=None, above_version=None, first_new_version=version + 1
+                    )
+                    cache.stage_fill(key, asked, found.get(key, []))
+            cache.commit()
+        return len(keys)
+
+    def committed(self) -> None:
+        """The writer's transaction committed: what it staged in the cache is true now."""
+        if self.cache is not None:
+            self.cache.commit()
+
+    def failed(self) -> None:
+        if self.cache is not None:
+            self.cache.discard()
+
+    async def _record(
+        self, conn: AsyncConnection, verdicts: list[Verdict], now_us: int
+    ) -> list[dict[str, Any]]:
+        detected_at = iso_us(now_us)
+        unique: dict[str, Verdict] = {}
+        for verdict in verdicts:
+            unique.setdefault(conflict_id(*verdict.op_ids), verdict)
+        existing: set[str] = set()
+        for part in chunks(sorted(unique)):
+            result = await conn.execute(
+                select(conflicts.c.conflict_id).where(conflicts.c.conflict_id.in_(part))
+            )
+            existing.update(result.scalars())
+        records = [
+            record_json(verdict, detected_at)
+            for cid, verdict in unique.items()
+            if cid not in existing
+        ]
+        if not records:
+            return []
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        await conn.execute(
+            insert(conflicts).on_conflict_do_nothing(),
+            [_conflict_row(record, unique[record["conflict_id"]], now_us) for record in records],
+        )
+        involved: dict[str, int] = {}
+        rows: list[OutboxRecord] = []
+        for record in records:
+            for user in set(record["user_ids"]):
+                involved[user] = involved.get(user, 0) + 1
+            rows.extend(notices(self.root, "conflict.detected", record))
+        await _bump_users(conn, {user: (0, n) for user, n in involved.items()})
+        await outbox.add(conn, rows, now_us)
+        return records
+
+
+def _terms(key: EntityKey, bounds: Bounds) -> Iterable[ColumnElement[bool]]:
+    entity = (sync_log.c.entity_type == key[0], sync_log.c.entity_id == key[1])
+    if bounds.lo is not None:
+        if bounds.hi is None or bounds.hi >= NEVER:
+            yield and_(*entity, sync_log.c.edited_at >= bounds.lo)
+        else:
+            yield and_(*entity, sync_log.c.edited_at.between(bounds.lo, bounds.hi))
+    if bounds.above_version is not None:
+        yield and_(*entity, sync_log.c.version > bounds.above_version)
+
+
+def _conflict_row(record: dict[str, Any], verdict: Verdict, now_us: int) -> dict[str, Any]:
+    return {
+        "conflict_id": record["conflict_id"],
+        "entity_type": record["entity_type"],
+        "entity_id": record["entity_id"],
+        "op_a": verdict.a.op_id,
+        "op_b": verdict.b.op_id,
+        "device_a": verdict.a.device_id,
+        "device_b": verdict.b.device_id,
+        "user_a": verdict.a.user_id,
+        "user_b": verdict.b.user_id,
+        "fields": _encode(record["fields"]).decode(),
+        "field_values": _encode(record["values"]).decode(),
+        "severity": record["severity"],
+        "strategy": record["strategy"],
+        "status": record["status"],
+        "winner_op_id": record["winner_op_id"],
+        "detected_at": now_us,
+        "resolved_at": None,
+        "resolved_by": None,
+    }
+
+
+async def bump_counters(conn: AsyncConnection, stored: Sequence[OpRecord], now_us: int) -> None:
+    """Per user and per device: +ops, and the device's last sync; atomic upserts.
+
+    Keys are sorted so that two instances lock counter rows in the same order.
+    """
+    users: dict[str, int] = {}
+    devices: dict[str, int] = {}
+    for record in stored:
+        users[record.user_id] = users.get(record.user_id, 0) + 1
+        devices[record.device_id] = devices.get(record.device_id, 0) + 1
+    await _bump_users(conn, {user: (n, 0) for user, n in users.items()})
+    postgres = conn.dialect.name == "postgresql"
+    insert = postgresql.insert if postgres else sqlite.insert
+    base = insert(device_counters)
+    latest = _greatest(postgres, device_counters.c.last_sync_at, base.excluded.last_sync_at)
+    stmt = base.on_conflict_do_update(
+        index_elements=[device_counters.c.device_id],
+        set_={"ops": device_counters.c.ops + base.excluded.ops, "last_sync_at": latest},
+    )
+    for part in chunks(sorted(devices)):
+        await conn.execute(
+            stmt, [{"device_id": d, "ops": devices[d], "last_sync_at": now_us} for d in part]
+        )
+
+
+async def _bump_users(conn: AsyncConnection, deltas: dict[str, tuple[int, int]]) -> None:
+    if not deltas:
+        return
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    base = insert(user_counters)
+    stmt = base.on_conflict_do_update(
+        index_elements=[user_counters.c.user_id],
+        set_={
+            "ops": user_counters.c.ops + base.excluded.ops,
+            "conflicts": user_counters.c.conflicts + base.excluded.conflicts,
+        },
+    )
+    for part in chunks(sorted(deltas)):
+        await conn.execute(
+            stmt,
+            [{"user_id": u, "ops": deltas[u][0], "conflicts": deltas[u][1]} for u in part],
+        )
+
+
+def _greatest(postgres: bool, left: Any, right: Any) -> Any:
+    return func.greatest(left, right) if postgres else func.max(left, right)
