@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ T0 = "2026-11-29T12:00:00Z"
 
 def at(seconds: float) -> str:
     """T0 plus `seconds`, to the microsecond."""
-    whole, frac = divmod(round(seconds * 1_000_000), 1_000_000)
-    minutes, sec = divmod(whole, 60)
-    return f"2026-11-29T12:{minutes:02d}:{sec:02d}.{frac:06d}Z"
+    moment = datetime(2026, 11, 29, 12, tzinfo=UTC) + timedelta(
+        microseconds=round(seconds * 1_000_000)
+    )
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def upd(op_id: str, changes: dict[str, Any], edited: float = 0.0, **extra: Any) -> dict[str, Any]:
