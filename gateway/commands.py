@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from gateway import __version__, config, health, logs
 from gateway.admin import Command, CommandError, Progress
+from gateway.conflict_commands import TABLE as CONFLICT_COMMANDS
 from gateway.pages import decode_cursor, encode_cursor
 from gateway.services import Services
 from handlers.errors import Code
@@ -164,4 +165,5 @@ TABLE: dict[str, Command] = {
     "log_level": Command(cmd_log_level, LogLevelArgs),
     "quarantine/list": Command(cmd_quarantine_list, QuarantineListArgs),
     "sync/history": Command(cmd_sync_history, SyncHistoryArgs),
+    **CONFLICT_COMMANDS,
 }
