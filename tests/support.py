@@ -84,6 +84,10 @@ class Mosquitto:
             "max_queued_bytes 0\n"
             "max_inflight_messages 1000\n"
             "message_size_limit 16777216\n"
+            # Run as root, mosquitto drops to its own user, which cannot write the
+            # persistence file under a 0700 pytest directory: a restart would then
+            # lose every session and queued message, and restart tests prove nothing.
+            f"{'user root' if os.geteuid() == 0 else ''}\n"
             f"{self.extra}\n"
         )
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
