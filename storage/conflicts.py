@@ -18,14 +18,13 @@ provably holds every candidate.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import ColumnElement
 
 from handlers.conflicts import OpView, Rules, Verdict, conflict_id, judge, values
 from storage import outbox
@@ -210,19 +209,45 @@ class Detector:
                     bounds[key] = cache.fill_bounds(wanted)
                 else:
                     found[key] = answer
-        for part in chunks(sorted(missing), ENTITIES_PER_QUERY):
-            self.queries += 1
-            terms = [term for key in part for term in _terms(key, bounds[key])]
-            result = await conn.execute(select(*_CANDIDATE_COLUMNS).where(or_(*terms)))
-            for row in result:
-                op = row_view(row)
-                found.setdefault((op.entity_type, op.entity_id), []).append(op)
+        windows = [(key, bounds[key]) for key in sorted(missing) if bounds[key].lo is not None]
+        versioned = [
+            (key, bounds[key]) for key in sorted(missing) if bounds[key].above_version is not None
+        ]
+        for op in await self._fetch(conn, windows, by_version=False):
+            found.setdefault((op.entity_type, op.entity_id), []).append(op)
+        for op in await self._fetch(conn, versioned, by_version=True):
+            found.setdefault((op.entity_type, op.entity_id), []).append(op)
         if cache is not None:
             for key in missing:
                 cache.stage_fill(key, bounds[key], found.get(key, []))
             for key, fresh in per_entity.items():
                 cache.stage_add(key, fresh)
         return found
+
+    async def _fetch(
+        self, conn: AsyncConnection, wanted: list[tuple[EntityKey, Bounds]], *, by_version: bool
+    ) -> list[OpView]:
+        """The stored ops of each entity in its edited_at range (or above its version).
+
+        Plain SQL joined to a VALUES list: one statement per chunk of entities, an
+        index range per entity, and nothing for SQLAlchemy to build per row (which
+        cost more than the query itself, measured).
+        """
+        out: list[OpView] = []
+        postgres = conn.dialect.name == "postgresql"
+        for part in chunks(wanted, ENTITIES_PER_QUERY):
+            self.queries += 1
+            params: list[Any] = []
+            for (entity_type, entity_id), b in part:
+                if by_version:
+                    params += (entity_type, entity_id, b.above_version)
+                else:
+                    assert b.lo is not None
+                    params += (entity_type, entity_id, b.lo, NEVER if b.hi is None else b.hi)
+            sql = _candidate_sql(len(part), postgres=postgres, by_version=by_version)
+            result = await conn.exec_driver_sql(sql, tuple(params))
+            out.extend(row_view(row) for row in result)
+        return out
 
     async def warm(self, engine: AsyncEngine, now_us: int) -> int:
         """Fill the cache for the most recently written entities; return how many.
@@ -245,34 +270,18 @@ class Detector:
             lo = now_us - cache.keep_us
             for part in chunks(keys, ENTITIES_PER_QUERY):
                 found: dict[EntityKey, list[OpView]] = {}
-                terms = [
-                    and_(
-                        sync_log.c.entity_type == key[0],
-                        sync_log.c.entity_id == key[1],
-                        sync_log.c.edited_at >= lo,
-                    )
-                    for key in part
-                ]
-                rows = await conn.execute(select(*_CANDIDATE_COLUMNS).where(or_(*terms)))
-                for row in rows:
-                    op = row_view(row)
+                asked = [(key, Bounds(lo, NEVER, None, NEVER)) for key in part]
+                for op in await self._fetch(conn, asked, by_version=False):
                     found.setdefault((op.entity_type, op.entity_id), []).append(op)
                 versions = await conn.execute(
                     select(entities.c.entity_type, entities.c.entity_id, entities.c.version).where(
-                        or_(
-                            *(
-                                and_(entities.c.entity_type == k[0], entities.c.entity_id == k[1])
-                                for k in part
-                            )
-                        )
+                        tuple_(entities.c.entity_type, entities.c.entity_id).in_(part)
                     )
                 )
                 for entity_type, entity_id, version in versions:
                     key = (entity_type, entity_id)
-                    asked = Bounds(
-                        lo=lo, hi=None, above_version=None, first_new_version=version + 1
-                    )
-                    cache.stage_fill(key, asked, found.get(key, []))
+                    filled = Bounds(lo, NEVER, None, first_new_version=version + 1)
+                    cache.stage_fill(key, filled, found.get(key, []))
             cache.commit()
         return len(keys)
 
@@ -321,15 +330,35 @@ class Detector:
         return records
 
 
-def _terms(key: EntityKey, bounds: Bounds) -> Iterable[ColumnElement[bool]]:
-    entity = (sync_log.c.entity_type == key[0], sync_log.c.entity_id == key[1])
-    if bounds.lo is not None:
-        if bounds.hi is None or bounds.hi >= NEVER:
-            yield and_(*entity, sync_log.c.edited_at >= bounds.lo)
-        else:
-            yield and_(*entity, sync_log.c.edited_at.between(bounds.lo, bounds.hi))
-    if bounds.above_version is not None:
-        yield and_(*entity, sync_log.c.version > bounds.above_version)
+_SQL_CACHE: dict[tuple[int, bool, bool], str] = {}
+
+
+def _candidate_sql(count: int, *, postgres: bool, by_version: bool) -> str:
+    key = (count, postgres, by_version)
+    sql = _SQL_CACHE.get(key)
+    if sql is not None:
+        return sql
+    if postgres:
+        text_p, int_p, join = "%s::varchar", "%s::bigint", "JOIN"
+    else:
+        # CROSS JOIN makes SQLite loop over the small VALUES list, using the index inside.
+        text_p, int_p, join = "?", "?", "CROSS JOIN"
+    columns = ", ".join(f"s.{c.name}" for c in _CANDIDATE_COLUMNS)
+    if by_version:
+        row = f"({text_p}, {text_p}, {int_p})"
+        names, match = "t, i, v", "s.version > w.v"
+    else:
+        row = f"({text_p}, {text_p}, {int_p}, {int_p})"
+        names, match = "t, i, lo, hi", "s.edited_at >= w.lo AND s.edited_at <= w.hi"
+    # Only placeholders and this module's constant identifiers go into the text.
+    sql = (
+        f"WITH w({names}) AS (VALUES {', '.join([row] * count)}) "  # noqa: S608
+        f"SELECT {columns} FROM w {join} sync_log AS s "
+        f"ON s.entity_type = w.t AND s.entity_id = w.i AND {match}"
+    )
+    if len(_SQL_CACHE) < 4096:
+        _SQL_CACHE[key] = sql
+    return sql
 
 
 def _conflict_row(record: dict[str, Any], verdict: Verdict, now_us: int) -> dict[str, Any]:
