@@ -18,12 +18,16 @@ the benchmark
 2. creates the daemon's persistent session (start it, wait for READY, stop it);
 3. publishes M single-operation messages at QoS 1 to the broker and counts the
    PUBACKs, so the whole backlog waits in the broker: 200 devices, 95% of the
-   ops on random existing entities (cold: nothing of them in memory) and 5%
-   on 50 hot entities (which conflict), edited within the last minute;
+   ops on random existing entities (cold: nothing of them in memory; their
+   values agree, so they are compared but do not conflict) and 5% on 50 hot
+   entities of the run (which conflict), edited within the last minute
+   (`--hot` sets that share: 1% by default, 5% for a conflict storm);
 4. starts the daemon and waits until the sync log holds all M new rows;
    the drain rate is M / (last `stored_at` - first `received_at`) of those rows,
    read from the database itself; memory is the daemon's VmHWM (peak RSS)
-   from /proc before it is stopped.
+   from /proc before it is stopped; CPU per op is the daemon's user + system
+   time for the run less that of a start and stop with nothing to do, over M
+   (less sensitive than the wall-clock rate to other load on the machine).
 
 Medians over `--repeat` runs. The OS page cache is warm (the database was just
 written or read); say so when quoting the figures.
@@ -156,25 +160,34 @@ def build(path: Path, size: int) -> None:
     log(f"built {size:,} rows in {time.monotonic() - started:.0f} s ({path.stat().st_size:,} B)")
 
 
-def workload(run: str, messages: int, size: int) -> list[tuple[str, bytes]]:
+def workload(run: str, messages: int, size: int, hot: float) -> list[tuple[str, bytes]]:
     rng = random.Random(run)
     entities = entity_count(size) if size else 10_000
     now = datetime.now(UTC).timestamp()
     out = []
     for n in range(messages):
-        if rng.random() < 0.05:
-            entity_type, entity_id = "task", f"hot{rng.randrange(50)}"
-        else:
-            entity_type, entity_id = entity_key(rng.randrange(entities), entities)
-        edited = datetime.fromtimestamp(now - rng.uniform(0, 60), UTC)
         names = rng.sample(FIELDS, rng.choice((1, 1, 2)))
+        if rng.random() < hot:
+            # Hot: this run's own 50 entities, values that disagree: conflicts.
+            entity_type, entity_id = "task", f"hot-{run}-{rng.randrange(50)}"
+            changes = {k: {"old": "a", "new": f"n{rng.randrange(4)}"} for k in names}
+        else:
+            # Cold: an existing entity (a new one on an empty log); every cold
+            # edit of a field sets the same value, so two cold edits that meet
+            # agree and the conflict count does not depend on the log's size.
+            if size:
+                entity_type, entity_id = entity_key(rng.randrange(entities), entities)
+            else:
+                entity_type, entity_id = "task", f"new-{run}-{rng.randrange(entities)}"
+            changes = {k: {"old": "a", "new": "same"} for k in names}
+        edited = datetime.fromtimestamp(now - rng.uniform(0, 60), UTC)
         op = {
             "op_id": f"{run}-{n}",
             "user_id": f"user{rng.randrange(2000):04d}",
             "entity_type": entity_type,
             "entity_id": entity_id,
             "operation": "update",
-            "changes": {k: {"old": "a", "new": f"n{rng.randrange(4)}"} for k in names},
+            "changes": changes,
             "edited_at": edited.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "session_id": f"s-{rng.randrange(10_000)}",
         }
@@ -203,6 +216,12 @@ def publish(port: int, root: str, items: list[tuple[str, bytes]]) -> None:
     client.loop_stop()
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm_hwm_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -218,10 +237,17 @@ class Result:
     hwm_mib: float
     start_s: float
     conflicts: int
+    cpu_us_per_op: float
 
 
 def run_once(
-    broker: Mosquitto, workdir: Path, db: Path, size: int, variant: str, messages: int
+    broker: Mosquitto,
+    workdir: Path,
+    db: Path,
+    size: int,
+    variant: str,
+    messages: int,
+    hot: float,
 ) -> Result:
     run = f"r{uuid.uuid4().hex[:6]}"
     env = daemon_env(
@@ -234,7 +260,7 @@ def run_once(
     env["FIELDGATE_LOG__LEVEL"] = "info"
     daemon = Daemon(workdir / run, env)
     try:
-        return _measure(daemon, broker, db, size, variant, messages, run, env)
+        return _measure(daemon, broker, db, size, variant, messages, run, env, hot)
     finally:
         daemon.stop()
 
@@ -248,13 +274,17 @@ def _measure(
     messages: int,
     run: str,
     env: dict[str, str],
+    hot: float,
 ) -> Result:
+    # A first start creates the broker session and measures what starting costs.
     daemon.start()
+    assert daemon.proc is not None
+    baseline_cpu = cpu_s(daemon.proc.pid)
     daemon.terminate()
     with sqlite3.connect(db) as conn:
         last_id = conn.execute("select coalesce(max(id), 0) from sync_log").fetchone()[0]
         conflicts_before = conn.execute("select count(*) from conflicts").fetchone()[0]
-    items = workload(run, messages, size)
+    items = workload(run, messages, size, hot)
     publish(broker.port, env["FIELDGATE_MQTT__TOPIC_ROOT"], items)
     t0 = time.monotonic()
     daemon.start()
@@ -269,6 +299,7 @@ def _measure(
 
     wait_for(drained, timeout=600, interval=0.5)
     hwm = vm_hwm_kib(pid) / 1024
+    cpu = cpu_s(pid) - baseline_cpu
     daemon.terminate()
     with sqlite3.connect(db) as conn:
         first, last, n = conn.execute(
@@ -278,11 +309,12 @@ def _measure(
         conflicts = conn.execute("select count(*) from conflicts").fetchone()[0] - conflicts_before
     assert n == messages, (n, messages)
     rate = messages / ((last - first) / 1e6)
+    cpu_us = cpu / messages * 1e6
     log(
-        f"N={size:>10,} {variant:>5}: {rate:8,.0f} ops/s, peak RSS {hwm:6.1f} MiB, "
-        f"{conflicts} conflicts, start {start_s:.1f} s"
+        f"N={size:>10,} {variant:>5}: {rate:8,.0f} ops/s, {cpu_us:5.0f} us CPU/op, "
+        f"peak RSS {hwm:6.1f} MiB, {conflicts} conflicts, start {start_s:.1f} s"
     )
-    return Result(size, variant, rate, hwm, start_s, conflicts)
+    return Result(size, variant, rate, hwm, start_s, conflicts, cpu_us)
 
 
 def main() -> None:
@@ -291,6 +323,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--hot", type=float, default=0.01, help="share of ops on hot entities")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -306,7 +339,9 @@ def main() -> None:
                     if size == 0:
                         db = workdir / f"log-0-{uuid.uuid4().hex[:6]}.db"
                     build(db, size)
-                    results.append(run_once(broker, workdir, db, size, variant, args.messages))
+                    results.append(
+                        run_once(broker, workdir, db, size, variant, args.messages, args.hot)
+                    )
     finally:
         broker.stop()
     summary = []
@@ -321,12 +356,13 @@ def main() -> None:
                     "rates": [round(r.rate) for r in mine],
                     "peak_rss_mib": round(statistics.median(r.hwm_mib for r in mine), 1),
                     "start_s": round(statistics.median(r.start_s for r in mine), 1),
+                    "cpu_us_per_op": round(statistics.median(r.cpu_us_per_op for r in mine)),
+                    "cpus_us_per_op": [round(r.cpu_us_per_op) for r in mine],
                     "conflicts": round(statistics.median(r.conflicts for r in mine)),
                 }
             )
-    text = json.dumps(
-        {"messages": args.messages, "cpus": os.cpu_count(), "results": summary}, indent=1
-    )
+    meta = {"messages": args.messages, "hot": args.hot, "cpus": os.cpu_count()}
+    text = json.dumps({**meta, "results": summary}, indent=1)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
