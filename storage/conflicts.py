@@ -154,19 +154,22 @@ class Detector:
         stored = [record for record in records if record.status == "stored"]
         if not stored:
             return []
-        await bump_counters(conn, stored, now_us)
-        if not self.enabled:
-            return []
-        per_entity: dict[EntityKey, list[OpView]] = {}
-        for record in stored:
-            per_entity.setdefault((record.entity_type, record.entity_id), []).append(view(record))
-        candidates = await self._candidates(conn, per_entity)
-        verdicts: list[Verdict] = []
-        for key, fresh in per_entity.items():
-            verdicts.extend(self._compare(fresh, candidates.get(key, [])))
-        if not verdicts:
-            return []
-        return await self._record(conn, verdicts, now_us)
+        found: list[dict[str, Any]] = []
+        if self.enabled:
+            per_entity: dict[EntityKey, list[OpView]] = {}
+            for record in stored:
+                key = (record.entity_type, record.entity_id)
+                per_entity.setdefault(key, []).append(view(record))
+            candidates = await self._candidates(conn, per_entity)
+            verdicts: list[Verdict] = []
+            for key, fresh in per_entity.items():
+                verdicts.extend(self._compare(fresh, candidates.get(key, [])))
+            if verdicts:
+                found = await self._record(conn, verdicts, now_us)
+        # Counters last, users then devices, keys sorted, one statement each: the
+        # same lock order in every transaction, so two instances cannot deadlock.
+        await bump_counters(conn, stored, found, now_us)
+        return found
 
     def _compare(self, fresh: list[OpView], candidates: list[OpView]) -> list[Verdict]:
         """Each new op against every candidate stored before it (lower version)."""
@@ -319,13 +322,9 @@ class Detector:
             insert(conflicts).on_conflict_do_nothing(),
             [_conflict_row(record, unique[record["conflict_id"]], now_us) for record in records],
         )
-        involved: dict[str, int] = {}
         rows: list[OutboxRecord] = []
         for record in records:
-            for user in set(record["user_ids"]):
-                involved[user] = involved.get(user, 0) + 1
             rows.extend(notices(self.root, "conflict.detected", record))
-        await _bump_users(conn, {user: (0, n) for user, n in involved.items()})
         await outbox.add(conn, rows, now_us)
         return records
 
@@ -384,17 +383,27 @@ def _conflict_row(record: dict[str, Any], verdict: Verdict, now_us: int) -> dict
     }
 
 
-async def bump_counters(conn: AsyncConnection, stored: Sequence[OpRecord], now_us: int) -> None:
-    """Per user and per device: +ops, and the device's last sync; atomic upserts.
+async def bump_counters(
+    conn: AsyncConnection,
+    stored: Sequence[OpRecord],
+    found: Sequence[dict[str, Any]],
+    now_us: int,
+) -> None:
+    """Per user: +ops, +conflicts; per device: +ops and the last sync; atomic upserts.
 
     Keys are sorted so that two instances lock counter rows in the same order.
     """
-    users: dict[str, int] = {}
+    users: dict[str, tuple[int, int]] = {}
     devices: dict[str, int] = {}
     for record in stored:
-        users[record.user_id] = users.get(record.user_id, 0) + 1
+        ops, conflicts_n = users.get(record.user_id, (0, 0))
+        users[record.user_id] = (ops + 1, conflicts_n)
         devices[record.device_id] = devices.get(record.device_id, 0) + 1
-    await _bump_users(conn, {user: (n, 0) for user, n in users.items()})
+    for conflict in found:
+        for user in set(conflict["user_ids"]):
+            ops, conflicts_n = users.get(user, (0, 0))
+            users[user] = (ops, conflicts_n + 1)
+    await _bump_users(conn, users)
     postgres = conn.dialect.name == "postgresql"
     insert = postgresql.insert if postgres else sqlite.insert
     base = insert(device_counters)
