@@ -304,24 +304,20 @@ class Detector:
         unique: dict[str, Verdict] = {}
         for verdict in verdicts:
             unique.setdefault(conflict_id(*verdict.op_ids), verdict)
-        existing: set[str] = set()
-        for part in chunks(sorted(unique)):
-            result = await conn.execute(
-                select(conflicts.c.conflict_id).where(conflicts.c.conflict_id.in_(part))
-            )
-            existing.update(result.scalars())
-        records = [
-            record_json(verdict, detected_at)
-            for cid, verdict in unique.items()
-            if cid not in existing
-        ]
-        if not records:
-            return []
+        candidates = [record_json(verdict, detected_at) for verdict in unique.values()]
         insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        await conn.execute(
-            insert(conflicts).on_conflict_do_nothing(),
-            [_conflict_row(record, unique[record["conflict_id"]], now_us) for record in records],
+        stmt = (
+            insert(conflicts)
+            .on_conflict_do_nothing()
+            .returning(conflicts.c.conflict_id, sort_by_parameter_order=True)
         )
+        # RETURNING lists only the rows actually inserted: a pair already
+        # recorded gets no second record and no second notice.
+        result = await conn.execute(
+            stmt, [_conflict_row(r, unique[r["conflict_id"]], now_us) for r in candidates]
+        )
+        inserted = set(result.scalars())
+        records = [r for r in candidates if r["conflict_id"] in inserted]
         rows: list[OutboxRecord] = []
         for record in records:
             rows.extend(notices(self.root, "conflict.detected", record))

@@ -121,8 +121,6 @@ conflicts = Table(
     UniqueConstraint("conflict_id"),
     UniqueConstraint("op_a", "op_b"),
     Index(None, "status", "id"),
-    Index(None, "severity", "id"),
-    Index(None, "entity_type", "id"),
     Index(None, "entity_type", "entity_id", "id"),
     Index(None, "detected_at"),
 )

@@ -21,8 +21,6 @@ RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 INDEXES = {
     "ix_conflicts_status_id": ["status", "id"],
-    "ix_conflicts_severity_id": ["severity", "id"],
-    "ix_conflicts_entity_type_id": ["entity_type", "id"],
     "ix_conflicts_entity_type_entity_id_id": ["entity_type", "entity_id", "id"],
     "ix_conflicts_detected_at": ["detected_at"],
 }
