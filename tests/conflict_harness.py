@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import msgspec
@@ -46,9 +47,11 @@ class Store:
         self.detector = make_detector(self.settings)
         self.writer = Writer(self.engine, self.detector)
 
-    async def start(self) -> Store:
+    async def start(self, warm_at_us: int | None = None) -> Store:
+        """Migrate, then warm the window cache as the daemon does at `warm_at_us` (now)."""
         await asyncio.to_thread(migrate.upgrade, self.url)
-        await self.detector.warm(self.engine, 2**62)
+        now = time.time_ns() // 1000 if warm_at_us is None else warm_at_us
+        self.warmed = await self.detector.warm(self.engine, now)
         return self
 
     def decode(self, device: str, ops: list[dict[str, Any]]) -> list[OpRecord]:

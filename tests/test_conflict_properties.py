@@ -88,15 +88,20 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield path
 
 
+# The restarted store warms its cache as if it were T0 + 600 s: the entries then
+# cover edits from T0 on, so later ops are answered from memory, earlier ones not.
+WARM_AT_US = 1_795_953_600_000_000 + 600_000_000
+
+
 async def play(
     url: str, commits: list[list[Any]], restart_after: int, cache_max_ops: int
 ) -> list[dict[str, Any]]:
-    store = await Store(url, cache_max_ops=cache_max_ops).start()
+    store = await Store(url, cache_max_ops=cache_max_ops).start(WARM_AT_US)
     try:
         for number, commit in enumerate(commits):
             if number == restart_after:
                 await store.close()
-                store = await Store(url, cache_max_ops=cache_max_ops).start()
+                store = await Store(url, cache_max_ops=cache_max_ops).start(WARM_AT_US)
             await store.commit(*[(device, [op]) for device, op in commit])
         return await store.conflicts()
     finally:

@@ -369,3 +369,35 @@ async def test_detection_off_stores_no_conflicts(tmp_path: Path) -> None:
         assert devices == {"d1": 1, "d2": 1}
     finally:
         await store.close()
+
+
+async def test_window_cache_after_restart_hits_recent_and_misses_late(tmp_path: Path) -> None:
+    """Warm-up at start covers recent edits; a late op goes to the database and still
+    meets the ops of its own time. Both paths are taken (hit and miss counted)."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/w.db"
+    t0_us = 1_795_953_600_000_000
+    store = await Store(url).start(t0_us)
+    try:
+        await store.commit(("d1", [upd("old", {"title": "x"}, -7200)]))
+        for n in range(3):
+            await store.commit(("d1", [upd(f"new{n}", {"title": f"n{n}"}, 0)]))
+    finally:
+        await store.close()
+    store = await Store(url).start(t0_us + 60_000_000)
+    try:
+        assert store.warmed == 1
+        cache = store.detector.cache
+        assert cache is not None
+        await store.commit(("d2", [upd("recent", {"title": "r"}, 30)]))
+        assert (cache.hits, cache.misses) == (1, 0)
+        await store.commit(("d3", [upd("late", {"title": "L"}, -7110)]))
+        assert (cache.hits, cache.misses) == (1, 1)
+        pairs = sorted(tuple(r["op_ids"]) for r in await store.conflicts())
+    finally:
+        await store.close()
+    assert pairs == [
+        ("late", "old"),
+        ("new0", "recent"),
+        ("new1", "recent"),
+        ("new2", "recent"),
+    ]
