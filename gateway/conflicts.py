@@ -29,7 +29,8 @@ def rules_from(settings: Settings) -> Rules:
 def cache_allowed(settings: Settings) -> bool:
     """Only the database's one writer may trust memory: SQLite, no shared subscription."""
     return (
-        settings.conflicts.cache_max_ops > 0
+        settings.conflicts.enabled
+        and settings.conflicts.cache_max_ops > 0
         and settings.mqtt.shared_group is None
         and is_sqlite(settings.database.url)
     )

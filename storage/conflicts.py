@@ -155,6 +155,10 @@ class Detector:
         if not stored:
             return []
         found: list[dict[str, Any]] = []
+        if not self.enabled and self.cache is not None and len(self.cache):
+            # Ops stored without detection never reach the cache: forget it all,
+            # so that detection turned back on asks the database again.
+            self.cache.discard()
         if self.enabled:
             per_entity: dict[EntityKey, list[OpView]] = {}
             for record in stored:

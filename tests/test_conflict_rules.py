@@ -401,3 +401,19 @@ async def test_window_cache_after_restart_hits_recent_and_misses_late(tmp_path: 
         ("new1", "recent"),
         ("new2", "recent"),
     ]
+
+
+async def test_detection_off_then_on_forgets_the_cache(tmp_path: Path) -> None:
+    """Ops stored while detection is off are not in the cache; turned back on, the
+    detector must ask the database and still find them."""
+    store = await Store(f"sqlite+aiosqlite:///{tmp_path}/r.db").start()
+    try:
+        await store.commit(("d1", [upd("a", {"title": "x"})]))
+        store.detector.enabled = False
+        await store.commit(("d2", [upd("b", {"title": "y"})]))
+        store.detector.enabled = True
+        await store.commit(("d3", [upd("c", {"title": "z"})]))
+        pairs = sorted(tuple(r["op_ids"]) for r in await store.conflicts())
+    finally:
+        await store.close()
+    assert pairs == [("a", "c"), ("b", "c")]
