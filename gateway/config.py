@@ -102,7 +102,7 @@ class ConflictsConfig(Section):
     window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 300.0
     manual_at_or_above: Literal["low", "medium", "high", "critical"] = "critical"
     types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)
-    cache_max_ops: Annotated[int, Field(ge=0)] = 20_000
+    cache_max_ops: Annotated[int, Field(ge=0)] = 5_000
     """Operations kept in memory across all entities, about 1 KiB each (0: off)."""
 
 

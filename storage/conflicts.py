@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.conflicts import OpView, Rules, Verdict, conflict_id, judge, values
 from storage import outbox
 from storage.records import OpRecord, OutboxRecord
-from storage.schema import conflicts, device_counters, entities, sync_log, user_counters
+from storage.schema import conflicts, device_counters, sync_log, user_counters
 from storage.sync_log import chunks
 from storage.window import NEVER, Bounds, WindowCache
 
@@ -280,12 +280,7 @@ class Detector:
                 asked = [(key, Bounds(lo, NEVER, None, NEVER)) for key in part]
                 for op in await self._fetch(conn, asked, by_version=False):
                     found.setdefault((op.entity_type, op.entity_id), []).append(op)
-                versions = await conn.execute(
-                    select(entities.c.entity_type, entities.c.entity_id, entities.c.version).where(
-                        tuple_(entities.c.entity_type, entities.c.entity_id).in_(part)
-                    )
-                )
-                for entity_type, entity_id, version in versions:
+                for entity_type, entity_id, version in await _versions(conn, part):
                     key = (entity_type, entity_id)
                     filled = Bounds(lo, NEVER, None, first_new_version=version + 1)
                     cache.stage_fill(key, filled, found.get(key, []))
@@ -330,6 +325,21 @@ class Detector:
 
 
 _SQL_CACHE: dict[tuple[int, bool, bool], str] = {}
+
+
+async def _versions(conn: AsyncConnection, keys: Sequence[EntityKey]) -> list[Any]:
+    """The current version of each entity, by index lookups (a row-value IN list
+    made SQLite scan the whole entities table, measured: seconds at 500k entities)."""
+    postgres = conn.dialect.name == "postgresql"
+    text_p, join = ("%s::varchar", "JOIN") if postgres else ("?", "CROSS JOIN")
+    rows = ", ".join([f"({text_p}, {text_p})"] * len(keys))
+    sql = (
+        f"WITH w(t, i) AS (VALUES {rows}) "  # noqa: S608 - placeholders only
+        f"SELECT e.entity_type, e.entity_id, e.version FROM w {join} entities AS e "
+        "ON e.entity_type = w.t AND e.entity_id = w.i"
+    )
+    params = tuple(part for key in keys for part in key)
+    return list(await conn.exec_driver_sql(sql, params))
 
 
 def _candidate_sql(count: int, *, postgres: bool, by_version: bool) -> str:
