@@ -7,10 +7,10 @@ and then, under READ COMMITTED, sees our rows in its own candidate query: every
 pair is compared exactly once, by the transaction that stores the later of the
 two (higher version), whatever the timing.
 
-Per batch, one candidate query per chunk of entities (not per operation): the
+Per batch, one candidate query per 150 entities (not per operation): the
 entity's rows whose `edited_at` lies within the window of the batch's
-operations, plus, for operations that carry `base_version`, the entity's rows
-above it. Both are ranges on an index, so the cost does not grow with the log.
+operations, and, only if some operation carries `base_version`, a second one
+for the entity's rows above it. Both are ranges on an index, so the cost does not grow with the log.
 The window cache (`storage.window`) answers instead of the database when it
 provably holds every candidate.
 """
@@ -30,11 +30,11 @@ from handlers.conflicts import OpView, Rules, Verdict, conflict_id, judge, value
 from storage import outbox
 from storage.records import OpRecord, OutboxRecord
 from storage.schema import conflicts, device_counters, sync_log, user_counters
-from storage.sync_log import chunks
+from storage.sync_log import Prior, chunks
 from storage.window import NEVER, Bounds, WindowCache
 
 ENTITIES_PER_QUERY = 150
-"""Entities per candidate query: two OR terms of up to 4 parameters each."""
+"""Entities per candidate statement (4 parameters each; SQLite allows 32,766)."""
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
@@ -146,11 +146,21 @@ class Detector:
         self.enabled = enabled
         self.cache = cache
         self.queries = 0
+        self.skipped = 0
+        """Entities not looked up: nothing stored before could be concurrent."""
 
     async def run(
-        self, conn: AsyncConnection, records: Sequence[OpRecord], now_us: int
+        self,
+        conn: AsyncConnection,
+        records: Sequence[OpRecord],
+        now_us: int,
+        prior: Prior | None = None,
     ) -> list[dict[str, Any]]:
-        """Detect and store the batch's conflicts; return their records (for metrics)."""
+        """Detect and store the batch's conflicts; return their records (for metrics).
+
+        `prior` (from `store_ops`) says what each entity held before the batch;
+        without it every entity is looked up.
+        """
         stored = [record for record in records if record.status == "stored"]
         if not stored:
             return []
@@ -164,7 +174,7 @@ class Detector:
             for record in stored:
                 key = (record.entity_type, record.entity_id)
                 per_entity.setdefault(key, []).append(view(record))
-            candidates = await self._candidates(conn, per_entity)
+            candidates = await self._candidates(conn, per_entity, prior or {})
             verdicts: list[Verdict] = []
             for key, fresh in per_entity.items():
                 verdicts.extend(self._compare(fresh, candidates.get(key, [])))
@@ -191,19 +201,26 @@ class Detector:
         return out
 
     async def _candidates(
-        self, conn: AsyncConnection, per_entity: dict[EntityKey, list[OpView]]
+        self,
+        conn: AsyncConnection,
+        per_entity: dict[EntityKey, list[OpView]],
+        prior: Prior,
     ) -> dict[EntityKey, list[OpView]]:
         window = self.rules.window_us
         bounds: dict[EntityKey, Bounds] = {}
         for key, fresh in per_entity.items():
             plain = [op.edited_at_us for op in fresh if op.base_version is None]
             based = [op.base_version for op in fresh if op.base_version is not None]
-            bounds[key] = Bounds(
+            wanted = Bounds(
                 lo=min(plain) - window if plain else None,
                 hi=max(plain) + window if plain else None,
                 above_version=min(based) if based else None,
                 first_new_version=min(op.version for op in fresh),
             )
+            if not _may_have_candidates(wanted, prior.get(key)):
+                self.skipped += 1
+                continue
+            bounds[key] = wanted
         found: dict[EntityKey, list[OpView]] = {}
         missing = list(bounds)
         cache = self.cache
@@ -322,6 +339,25 @@ class Detector:
             rows.extend(notices(self.root, "conflict.detected", record))
         await outbox.add(conn, rows, now_us)
         return records
+
+
+def _may_have_candidates(wanted: Bounds, before: tuple[int, int | None] | None) -> bool:
+    """False when the entity's earlier ops provably hold no candidate.
+
+    No earlier op at all; or every earlier op edited before the window opens
+    (`max_edited_at < lo`) and no op here reaches back by `base_version` to a
+    version that exists. Unknown history (`None`) is always looked up.
+    """
+    if before is None:
+        return True
+    versions, max_edited = before
+    if versions == 0:
+        return False
+    if wanted.above_version is not None and wanted.above_version < versions:
+        return True
+    if wanted.lo is None:
+        return False
+    return max_edited is None or max_edited >= wanted.lo
 
 
 _SQL_CACHE: dict[tuple[int, bool, bool], str] = {}

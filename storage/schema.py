@@ -62,7 +62,12 @@ entities = Table(
     Column("entity_id", String(128), primary_key=True),
     Column("version", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    Column("max_edited_at", BigInteger, nullable=True),
+    Column("prev_max_edited_at", BigInteger, nullable=True),
 )
+"""`max_edited_at`: the greatest `edited_at` of the entity's ops (null for entities
+older than the column); `prev_max_edited_at`: its value before the last upsert,
+how that upsert hands the previous value back (RETURNING shows new values only)."""
 
 quarantine = Table(
     "quarantine",

@@ -71,9 +71,9 @@ class Writer:
     async def _transaction(self, batch: WriteSet) -> None:
         now_us = time.time_ns() // 1000
         async with self.engine.begin() as conn:
-            await sync_log.store_ops(conn, batch.ops, now_us)
+            prior = await sync_log.store_ops(conn, batch.ops, now_us)
             if self.detector is not None:
-                batch.conflicts = await self.detector.run(conn, batch.ops, now_us)
+                batch.conflicts = await self.detector.run(conn, batch.ops, now_us, prior)
             await quarantine.store(conn, batch.quarantine)
             await outbox.add(conn, batch.outbox, now_us)
 

@@ -417,3 +417,27 @@ async def test_detection_off_then_on_forgets_the_cache(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert pairs == [("a", "c"), ("b", "c")]
+
+
+async def test_entities_of_unknown_history_are_looked_up(tmp_path: Path) -> None:
+    """Detection skips an entity whose earlier edits all lie before the window; an
+    entity stored before the `max_edited_at` column (null) is always looked up."""
+    store = await Store(f"sqlite+aiosqlite:///{tmp_path}/r.db", cache_max_ops=0).start()
+    try:
+        await store.commit(("d1", [upd("a", {"title": "x"})]))
+        await store.commit(("d1", [upd("old", {"title": "x"}, -3600) | {"entity_id": "t2"}]))
+        async with store.engine.begin() as conn:
+            await conn.exec_driver_sql("update entities set max_edited_at = null")
+        assert store.detector.skipped == 2  # both entities were new
+        await store.commit(("d2", [upd("b", {"title": "y"}, 10)]))
+        assert store.detector.skipped == 2  # unknown history: looked up
+        await store.commit(("d2", [upd("c", {"title": "y"}) | {"entity_id": "t2"}]))
+        assert store.detector.skipped == 2
+        # t2's history is known again (old, then c): nothing within d's window.
+        await store.commit(("d3", [upd("d", {"title": "z"}, 1000) | {"entity_id": "t2"}]))
+        skipped = store.detector.skipped
+        pairs = sorted(tuple(r["op_ids"]) for r in await store.conflicts())
+    finally:
+        await store.close()
+    assert pairs == [("a", "b")]
+    assert skipped == 3

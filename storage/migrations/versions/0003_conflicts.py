@@ -1,4 +1,4 @@
-"""conflicts and the counters that feed the model
+"""conflicts, the counters that feed the model, each entity's latest edit time
 
 Revision ID: 0003
 Revises: 0002
@@ -27,6 +27,9 @@ INDEXES = {
 
 
 def upgrade() -> None:
+    # Null for entities stored before: "unknown", so detection queries for them.
+    op.add_column("entities", sa.Column("max_edited_at", sa.BigInteger, nullable=True))
+    op.add_column("entities", sa.Column("prev_max_edited_at", sa.BigInteger, nullable=True))
     op.create_table(
         "conflicts",
         sa.Column("id", RowId, primary_key=True, autoincrement=True),
@@ -76,3 +79,6 @@ def downgrade() -> None:
     for name in INDEXES:
         op.drop_index(name, "conflicts")
     op.drop_table("conflicts")
+    with op.batch_alter_table("entities") as batch:
+        batch.drop_column("prev_max_edited_at")
+        batch.drop_column("max_edited_at")
