@@ -142,10 +142,11 @@ def build(path: Path, size: int) -> None:
                     )
                 )
                 serial += 1
-            ent_rows.append((entity_type, entity_id, OPS_PER_ENTITY, base))
+            last_edit = start + OPS_PER_ENTITY * step
+            ent_rows.append((entity_type, entity_id, OPS_PER_ENTITY, base, last_edit, None))
             if len(rows) >= 200_000:
                 conn.executemany(sql, rows)
-                conn.executemany("insert into entities values (?,?,?,?)", ent_rows)
+                conn.executemany("insert into entities values (?,?,?,?,?,?)", ent_rows)
                 conn.commit()
                 written += len(rows)
                 rows.clear()
@@ -153,7 +154,7 @@ def build(path: Path, size: int) -> None:
                 if written % 1_000_000 == 0:
                     log(f"  {written:,} rows, {written / (time.monotonic() - started):,.0f}/s")
     conn.executemany(sql, rows)
-    conn.executemany("insert into entities values (?,?,?,?)", ent_rows)
+    conn.executemany("insert into entities values (?,?,?,?,?,?)", ent_rows)
     conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -300,7 +301,7 @@ def _measure(
     wait_for(drained, timeout=600, interval=0.5)
     hwm = vm_hwm_kib(pid) / 1024
     cpu = cpu_s(pid) - baseline_cpu
-    daemon.terminate()
+    daemon.terminate(120)
     with sqlite3.connect(db) as conn:
         first, last, n = conn.execute(
             "select min(received_at), max(stored_at), count(*) from sync_log where id > ?",
