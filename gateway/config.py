@@ -102,8 +102,9 @@ class ConflictsConfig(Section):
     window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 300.0
     manual_at_or_above: Literal["low", "medium", "high", "critical"] = "critical"
     types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)
-    cache_max_ops: Annotated[int, Field(ge=0)] = 5_000
-    """Operations kept in memory across all entities, about 1 KiB each (0: off)."""
+    cache_max_ops: Annotated[int, Field(ge=0)] = 0
+    """Operations kept in memory across all entities, about 1 KiB each; 0 (the default):
+    no cache. It never beat the database in the benchmark (docs/benchmarks-conflicts.md)."""
 
 
 class HealthConfig(Section):

@@ -376,14 +376,14 @@ async def test_window_cache_after_restart_hits_recent_and_misses_late(tmp_path: 
     meets the ops of its own time. Both paths are taken (hit and miss counted)."""
     url = f"sqlite+aiosqlite:///{tmp_path}/w.db"
     t0_us = 1_795_953_600_000_000
-    store = await Store(url).start(t0_us)
+    store = await Store(url, cache_max_ops=5000).start(t0_us)
     try:
         await store.commit(("d1", [upd("old", {"title": "x"}, -7200)]))
         for n in range(3):
             await store.commit(("d1", [upd(f"new{n}", {"title": f"n{n}"}, 0)]))
     finally:
         await store.close()
-    store = await Store(url).start(t0_us + 60_000_000)
+    store = await Store(url, cache_max_ops=5000).start(t0_us + 60_000_000)
     try:
         assert store.warmed == 1
         cache = store.detector.cache
@@ -406,9 +406,10 @@ async def test_window_cache_after_restart_hits_recent_and_misses_late(tmp_path: 
 async def test_detection_off_then_on_forgets_the_cache(tmp_path: Path) -> None:
     """Ops stored while detection is off are not in the cache; turned back on, the
     detector must ask the database and still find them."""
-    store = await Store(f"sqlite+aiosqlite:///{tmp_path}/r.db").start()
+    store = await Store(f"sqlite+aiosqlite:///{tmp_path}/r.db", cache_max_ops=5000).start()
     try:
         await store.commit(("d1", [upd("a", {"title": "x"})]))
+        assert store.detector.cache is not None
         store.detector.enabled = False
         await store.commit(("d2", [upd("b", {"title": "y"})]))
         store.detector.enabled = True

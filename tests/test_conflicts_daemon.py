@@ -210,10 +210,11 @@ def test_late_arrival_conflicts_with_its_own_time_across_a_restart(
 ) -> None:
     """An op published two hours after its edited_at meets the ops of that time.
 
-    Recent traffic and a restart (which warms the window cache with recent
-    ops only) come in between, so the late op is answered from the database.
+    Recent traffic and a restart (which warms the window cache, turned on here,
+    with recent ops only) come in between, so the late op is answered from the
+    database.
     """
-    daemon = make_daemon(broker.port)
+    daemon = make_daemon(broker.port, CONFLICTS__CACHE_MAX_OPS="5000")
     root = daemon.root
     client.subscribe(f"{root}/conflicts")
     now = datetime.now(UTC)
