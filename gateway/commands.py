@@ -17,6 +17,7 @@ from sqlalchemy import select
 from gateway import __version__, config, health, logs
 from gateway.admin import Command, CommandError, Progress
 from gateway.alert_commands import ALERT_COMMANDS
+from gateway.conflict_commands import TABLE as CONFLICT_COMMANDS
 from gateway.pages import decode_cursor, encode_cursor
 from gateway.services import Services
 from handlers.errors import Code
@@ -166,4 +167,5 @@ TABLE: dict[str, Command] = {
     "quarantine/list": Command(cmd_quarantine_list, QuarantineListArgs),
     "sync/history": Command(cmd_sync_history, SyncHistoryArgs),
     **ALERT_COMMANDS,
+    **CONFLICT_COMMANDS,
 }

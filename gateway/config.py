@@ -134,6 +134,24 @@ class AlertsConfig(Section):
     suggestions: SuggestionsConfig = SuggestionsConfig()
 
 
+class ConflictTypeConfig(Section):
+    """Per entity type: how its conflicts resolve, and which fields make one `high`."""
+
+    strategy: Literal["last_writer_wins", "first_writer_wins", "manual"] = "last_writer_wins"
+    critical_fields: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = None
+    """None: the type's default in DEFAULT_CRITICAL_FIELDS (none for other types)."""
+
+
+class ConflictsConfig(Section):
+    enabled: bool = True
+    window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 300.0
+    manual_at_or_above: Literal["low", "medium", "high", "critical"] = "critical"
+    types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)
+    cache_max_ops: Annotated[int, Field(ge=0)] = 0
+    """Operations kept in memory across all entities, about 1 KiB each; 0 (the default):
+    no cache. It never beat the database in the benchmark (docs/benchmarks-conflicts.md)."""
+
+
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(gt=0)] = 60.0
     wedged_after_s: Annotated[float, Field(gt=0)] = 30.0
@@ -168,6 +186,7 @@ class Settings(BaseSettings):
     writer: WriterConfig = WriterConfig()
     sync: SyncConfig = SyncConfig()
     alerts: AlertsConfig = AlertsConfig()
+    conflicts: ConflictsConfig = ConflictsConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

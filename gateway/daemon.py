@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from gateway import __version__, config, health, logs, systemd
 from gateway.admin import AdminServer
 from gateway.commands import TABLE
+from gateway.conflicts import make_detector, rules_from
 from gateway.escalation import Escalator
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
@@ -110,7 +111,8 @@ class Daemon:
             echo=settings.database.echo,
             pool_size=settings.database.pool_size,
         )
-        self.writer = Writer(self.engine, alert_policy(settings))
+        self.detector = make_detector(settings)
+        self.writer = Writer(self.engine, self.detector, alert_policy(settings))
         self.rate_limiter = DeviceRateLimiter(
             settings.limits.device_rate, settings.limits.device_burst
         )
@@ -229,6 +231,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
         if self.settings.database.auto_upgrade:
             await migrate.upgrade_async(self.settings.database.url)
+        warmed = await self.detector.warm(self.engine, time.time_ns() // 1000)
         self._serve_metrics()
         _tune_gc()
         log.info(
@@ -237,6 +240,7 @@ class Daemon:
             instance=self.settings.instance,
             database=config.hide_url_password(self.settings.database.url),
             broker=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}",
+            conflict_cache=None if self.detector.cache is None else warmed,
         )
         session_task = self._task(self.session.run(), "mqtt")
         ingest_task = self._task(self.ingest.run(), "ingest")
@@ -350,6 +354,8 @@ class Daemon:
         self.escalator.poke()
         self.rate_limiter.rate = fresh.limits.device_rate
         self.rate_limiter.burst = float(fresh.limits.device_burst)
+        self.detector.rules = rules_from(fresh)
+        self.detector.enabled = fresh.conflicts.enabled
         restart = [
             name
             for name in ("mqtt", "database", "redis", "writer", "metrics", "instance")

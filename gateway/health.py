@@ -106,6 +106,7 @@ async def stats(services: Services) -> dict[str, Any]:
             "rejected": sum(_by_label(services, "fieldgate_rejected_total", "code").values()),
         },
         "rejected_by_code": _by_label(services, "fieldgate_rejected_total", "code"),
+        "conflicts": _by_label(services, "fieldgate_conflicts_detected_total", "severity"),
         "messages": _by_label(services, "fieldgate_messages_received_total", "kind"),
         "alerts": _by_label(services, "fieldgate_alerts_total", "classification"),
         "open_crises": _value(services, "fieldgate_open_crises"),

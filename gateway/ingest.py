@@ -197,8 +197,10 @@ class Ingest:
         written = await self.writer.commit(writes)
         if written.leased and self.publish_leased is not None:
             self.publish_leased(written.leased)
-        if written.outbox_rows and self.on_outbox is not None:
+        if (written.outbox_rows or writes.conflicts) and self.on_outbox is not None:
             self.on_outbox()
+        for conflict in writes.conflicts:
+            self.metrics.conflicts.labels(conflict["severity"]).inc()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
         stored = sum(1 for record in writes.ops if record.status == "stored")

@@ -66,3 +66,14 @@ class Metrics:
         self.escalations = Counter(
             "fieldgate_crisis_escalations", "Crisis escalations published", registry=r
         )
+        self.conflicts = Counter(
+            "fieldgate_conflicts_detected",
+            "Conflicts detected, by severity",
+            ["severity"],
+            registry=r,
+        )
+        self.conflicts_resolved = Counter(
+            "fieldgate_conflicts_resolved",
+            "Conflicts resolved by an operator",
+            registry=r,
+        )

@@ -62,7 +62,12 @@ entities = Table(
     Column("entity_id", String(128), primary_key=True),
     Column("version", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    Column("max_edited_at", BigInteger, nullable=True),
+    Column("prev_max_edited_at", BigInteger, nullable=True),
 )
+"""`max_edited_at`: the greatest `edited_at` of the entity's ops (null for entities
+older than the column); `prev_max_edited_at`: its value before the last upsert,
+how that upsert hands the previous value back (RETURNING shows new values only)."""
 
 quarantine = Table(
     "quarantine",
@@ -146,3 +151,52 @@ wellness_cooldowns = Table(
     Column("reason", String(32), primary_key=True),
     Column("last_sent_at", BigInteger, nullable=False),
 )
+conflicts = Table(
+    "conflicts",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("conflict_id", String(36), nullable=False),
+    Column("entity_type", String(64), nullable=False),
+    Column("entity_id", String(128), nullable=False),
+    Column("op_a", String(64), nullable=False),
+    Column("op_b", String(64), nullable=False),
+    Column("device_a", String(64), nullable=False),
+    Column("device_b", String(64), nullable=False),
+    Column("user_a", String(64), nullable=False),
+    Column("user_b", String(64), nullable=False),
+    Column("fields", Text, nullable=False),
+    Column("field_values", Text, nullable=False),
+    Column("severity", String(8), nullable=False),
+    Column("strategy", String(24), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("winner_op_id", String(64), nullable=True),
+    Column("detected_at", BigInteger, nullable=False),
+    Column("resolved_at", BigInteger, nullable=True),
+    Column("resolved_by", String(128), nullable=True),
+    UniqueConstraint("conflict_id"),
+    UniqueConstraint("op_a", "op_b"),
+    Index(None, "status", "id"),
+    Index(None, "entity_type", "entity_id", "id"),
+    Index(None, "detected_at"),
+)
+"""One row per conflicting pair, `op_a < op_b`; `id` orders newest first."""
+
+user_counters = Table(
+    "user_counters",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("ops", BigInteger, nullable=False),
+    Column("conflicts", BigInteger, nullable=False),
+)
+"""Per user: operations stored and conflicts taken part in (atomic increments)."""
+
+device_counters = Table(
+    "device_counters",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("ops", BigInteger, nullable=False),
+    Column("last_sync_at", BigInteger, nullable=False),
+)
+"""Per device: operations stored and the last commit that stored one.
+
+Per entity, the edit count is `entities.version` (one per stored operation)."""

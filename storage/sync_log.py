@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -26,16 +26,23 @@ def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: int) -> None:
+Prior = dict[tuple[str, str], tuple[int, int | None]]
+"""Per entity touched: (its version before this batch, the greatest `edited_at` among
+its ops stored before, or None when that is unknown: rows older than the column)."""
+
+
+async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: int) -> Prior:
     """Store `records` in the open transaction; set each one's status and version.
 
     A record whose op_id is already stored, or appeared earlier in this batch,
     becomes a `duplicate` with the stored version. Versions come from an atomic
     increment of the entity row, which also serializes writers of one entity
-    across connections and instances: no version is handed out twice.
+    across connections and instances: no version is handed out twice. Returns
+    what the entities held before (see `Prior`), read under that same lock.
     """
+    prior: Prior = {}
     if not records:
-        return
+        return prior
     known = await _stored_versions(conn, {record.op_id for record in records})
     first: dict[str, OpRecord] = {}
     new: list[OpRecord] = []
@@ -48,13 +55,14 @@ async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: 
             first[record.op_id] = record
             new.append(record)
     if new:
-        await _assign_versions(conn, new, now_us)
+        prior = await _assign_versions(conn, new, now_us)
         await conn.execute(sync_log.insert(), [_row(record, now_us) for record in new])
         for record in new:
             record.status = "stored"
     for record in records:
         if record.status == "duplicate" and record.version is None:
             record.version = first[record.op_id].version
+    return prior
 
 
 async def _stored_versions(conn: AsyncConnection, op_ids: Iterable[str]) -> dict[str, int]:
@@ -67,18 +75,23 @@ async def _stored_versions(conn: AsyncConnection, op_ids: Iterable[str]) -> dict
     return found
 
 
-async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: int) -> None:
+async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: int) -> Prior:
     """One upsert per chunk of entities: `version = version + k`, returning the result.
 
     Entities are locked in sorted order so two instances writing overlapping sets
     cannot deadlock; the ops of one entity take the k versions below the result,
-    in arrival order.
+    in arrival order. The same statement keeps the entity's greatest `edited_at`
+    and hands back the previous one (SET expressions read the row as it was),
+    which lets conflict detection skip entities with no recent edit.
     """
+    prior: Prior = {}
     per_entity: dict[tuple[str, str], list[OpRecord]] = {}
     for record in new:
         per_entity.setdefault((record.entity_type, record.entity_id), []).append(record)
     keys = sorted(per_entity)
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    postgres = conn.dialect.name == "postgresql"
+    insert = postgresql.insert if postgres else sqlite.insert
+    greatest = func.greatest if postgres else func.max
     for part in chunks(keys):
         base = insert(entities)
         stmt = base.on_conflict_do_update(
@@ -86,11 +99,17 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
             set_={
                 "version": entities.c.version + base.excluded.version,
                 "updated_at": base.excluded.updated_at,
+                "prev_max_edited_at": entities.c.max_edited_at,
+                "max_edited_at": greatest(
+                    func.coalesce(entities.c.max_edited_at, base.excluded.max_edited_at),
+                    base.excluded.max_edited_at,
+                ),
             },
         ).returning(
             entities.c.entity_type,
             entities.c.entity_id,
             entities.c.version,
+            entities.c.prev_max_edited_at,
         )
         rows = [
             {
@@ -98,14 +117,20 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
                 "entity_id": key[1],
                 "version": len(per_entity[key]),
                 "updated_at": now_us,
+                "max_edited_at": max(record.edited_at_us for record in per_entity[key]),
+                "prev_max_edited_at": None,
             }
             for key in part
         ]
         result = await conn.execute(stmt, rows)
-        for entity_type, entity_id, version in result:
+        for entity_type, entity_id, version, prev_max in result:
             ops = per_entity[(entity_type, entity_id)]
             for offset, record in enumerate(ops):
                 record.version = version - len(ops) + 1 + offset
+            before = version - len(ops)
+            # A row just inserted returns its own (null) prev column: nothing before.
+            prior[(entity_type, entity_id)] = (before, prev_max if before else None)
+    return prior
 
 
 def _row(record: OpRecord, now_us: int) -> dict[str, Any]:

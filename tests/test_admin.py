@@ -197,6 +197,7 @@ def test_stats_count_what_the_daemon_stored(
         "alerts",
         "open_crises",
         "escalations",
+        "conflicts",
     }
     assert stats["since"] == admin.data("info")["started_at"]
     assert isinstance(stats["uptime_s"], int | float) and stats["uptime_s"] >= 0
@@ -442,6 +443,7 @@ def test_config_get_hides_every_secret(
         "metrics",
         "log",
         "alerts",
+        "conflicts",
     }
     info = admin.data("info")
     assert info["database"] == data["database"]["url"]

@@ -117,6 +117,7 @@ def test_health_retained_every_interval(
         "alerts",
         "open_crises",
         "escalations",
+        "conflicts",
     }
 
     ack = f"{root}/devices/d1/sync/ack"

@@ -1,7 +1,7 @@
 """alerts: the records, the escalation schedule, the history lock, the wellness cooldown
 
 Revision ID: 0004
-Revises: 0002 (temporarily; see below)
+Revises: 0003
 Create Date: 2026-11-29
 """
 
@@ -13,8 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-# lead: rebase onto 0003 at merge
-down_revision: str | None = "0002"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

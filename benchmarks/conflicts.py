@@ -1,0 +1,373 @@
+"""Conflict detection benchmark: drain rate and memory against the size of the sync log.
+
+    .venv/bin/python -m benchmarks.conflicts [--sizes 0,1000000,10000000]
+        [--messages 20000] [--repeat 3] [--workdir DIR] [--out FILE]
+
+For each size N of sync log already stored, and each variant:
+
+- `off`: `conflicts.enabled = false` (no detection; the counters are still kept),
+- `db`: detection on, window cache off (`cache_max_ops = 0`, the default): the
+  database answers every candidate lookup,
+- `cache`: detection on, with a window cache of 5,000 ops (SQLite, one instance),
+
+the benchmark
+
+1. builds (once per N) a SQLite database with N rows written straight into it:
+   N / 20 entities of the four default types with 20 operations each, edited
+   over the last 30 days, rows in index order so the B-trees grow by appending;
+2. creates the daemon's persistent session (start it, wait for READY, stop it);
+3. publishes M single-operation messages at QoS 1 to the broker and counts the
+   PUBACKs, so the whole backlog waits in the broker: 200 devices, 95% of the
+   ops on random existing entities (cold: nothing of them in memory; their
+   values agree, so they are compared but do not conflict) and 5% on 50 hot
+   entities of the run (which conflict), edited within the last minute
+   (`--hot` sets that share: 1% by default, 5% for a conflict storm);
+4. starts the daemon and waits until the sync log holds all M new rows;
+   the drain rate is M / (last `stored_at` - first `received_at`) of those rows,
+   read from the database itself; memory is the daemon's VmHWM (peak RSS)
+   from /proc before it is stopped; CPU per op is the daemon's user + system
+   time for the run less that of a start and stop with nothing to do, over M
+   (less sensitive than the wall-clock rate to other load on the machine).
+
+Medians over `--repeat` runs. The OS page cache is warm (the database was just
+written or read); say so when quoting the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from storage import migrate
+from tests.support import Daemon, Mosquitto, daemon_env, wait_for
+
+TYPES = ("asset", "attendance", "task", "work_order")
+OPS_PER_ENTITY = 20
+FIELDS = ("status", "title", "notes", "priority", "location", "assigned_to")
+VARIANTS: dict[str, dict[str, str]] = {
+    "off": {"CONFLICTS__ENABLED": "false"},
+    "db": {"CONFLICTS__CACHE_MAX_OPS": "0"},
+    "cache": {"CONFLICTS__CACHE_MAX_OPS": "5000"},
+}
+
+
+def log(message: str) -> None:
+    print(f"[conflicts {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def entity_count(size: int) -> int:
+    return max(size // OPS_PER_ENTITY, 1)
+
+
+def entity_key(index: int, entities: int) -> tuple[str, str]:
+    """Entities in index order: type-major, then zero-padded id."""
+    per_type = -(-entities // len(TYPES))
+    return TYPES[index // per_type], f"e{index % per_type:09d}"
+
+
+def build(path: Path, size: int) -> None:
+    """A migrated database with `size` sync log rows, written straight to SQLite."""
+    if path.exists():
+        return
+    url = f"sqlite+aiosqlite:///{path}"
+    migrate.upgrade(url)
+    if size == 0:
+        return
+    started = time.monotonic()
+    entities = entity_count(size)
+    per_type = -(-entities // len(TYPES))
+    base = now_us() - 30 * 86400 * 1_000_000
+    span = 30 * 86400 * 1_000_000 - 3600 * 1_000_000
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA cache_size=-1000000")
+    rng = random.Random(1)
+    sql = (
+        "insert into sync_log (op_id, device_id, user_id, entity_type, entity_id, operation,"
+        " changes, edited_at, received_at, stored_at, version, base_version, session_id,"
+        " batch_id, device_meta) values (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    )
+    rows: list[tuple[Any, ...]] = []
+    ent_rows: list[tuple[Any, ...]] = []
+    serial = 0
+    written = 0
+    for type_index, entity_type in enumerate(TYPES):
+        for local in range(per_type):
+            if type_index * per_type + local >= entities:
+                break
+            entity_id = f"e{local:09d}"
+            start = base + rng.randrange(span // 2)
+            step = (span // 2) // OPS_PER_ENTITY
+            for version in range(1, OPS_PER_ENTITY + 1):
+                edited = start + version * step
+                name = FIELDS[rng.randrange(len(FIELDS))]
+                changes = json.dumps({name: {"old": "a", "new": f"v{rng.randrange(100)}"}})
+                rows.append(
+                    (
+                        f"h{serial:010d}",
+                        f"dev{rng.randrange(5000):04d}",
+                        f"user{rng.randrange(2000):04d}",
+                        entity_type,
+                        entity_id,
+                        "update",
+                        changes,
+                        edited,
+                        edited + 1000,
+                        edited + 2000,
+                        version,
+                        None,
+                        None,
+                        None,
+                        None,
+                    )
+                )
+                serial += 1
+            last_edit = start + OPS_PER_ENTITY * step
+            ent_rows.append((entity_type, entity_id, OPS_PER_ENTITY, base, last_edit, None))
+            if len(rows) >= 200_000:
+                conn.executemany(sql, rows)
+                conn.executemany("insert into entities values (?,?,?,?,?,?)", ent_rows)
+                conn.commit()
+                written += len(rows)
+                rows.clear()
+                ent_rows.clear()
+                if written % 1_000_000 == 0:
+                    log(f"  {written:,} rows, {written / (time.monotonic() - started):,.0f}/s")
+    conn.executemany(sql, rows)
+    conn.executemany("insert into entities values (?,?,?,?,?,?)", ent_rows)
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    log(f"built {size:,} rows in {time.monotonic() - started:.0f} s ({path.stat().st_size:,} B)")
+
+
+def workload(run: str, messages: int, size: int, hot: float) -> list[tuple[str, bytes]]:
+    rng = random.Random(run)
+    entities = entity_count(size) if size else 10_000
+    now = datetime.now(UTC).timestamp()
+    out = []
+    for n in range(messages):
+        names = rng.sample(FIELDS, rng.choice((1, 1, 2)))
+        if rng.random() < hot:
+            # Hot: this run's own 50 entities, values that disagree: conflicts.
+            entity_type, entity_id = "task", f"hot-{run}-{rng.randrange(50)}"
+            changes = {k: {"old": "a", "new": f"n{rng.randrange(4)}"} for k in names}
+        else:
+            # Cold: an existing entity (a new one on an empty log); every cold
+            # edit of a field sets the same value, so two cold edits that meet
+            # agree and the conflict count does not depend on the log's size.
+            if size:
+                entity_type, entity_id = entity_key(rng.randrange(entities), entities)
+            else:
+                entity_type, entity_id = "task", f"new-{run}-{rng.randrange(entities)}"
+            changes = {k: {"old": "a", "new": "same"} for k in names}
+        edited = datetime.fromtimestamp(now - rng.uniform(0, 60), UTC)
+        op = {
+            "op_id": f"{run}-{n}",
+            "user_id": f"user{rng.randrange(2000):04d}",
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "operation": "update",
+            "changes": changes,
+            "edited_at": edited.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "session_id": f"s-{rng.randrange(10_000)}",
+        }
+        device = f"dev{rng.randrange(200):04d}"
+        out.append((device, json.dumps(op).encode()))
+    return out
+
+
+def publish(port: int, root: str, items: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = []
+    for device, payload in items:
+        info = client.publish(f"{root}/devices/{device}/sync", payload, qos=1)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+        infos.append(info)
+        if len(infos) % 5000 == 0:
+            infos[-5000].wait_for_publish(60)
+    for info in infos:
+        info.wait_for_publish(60)
+        assert info.is_published()
+    client.disconnect()
+    client.loop_stop()
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Result:
+    size: int
+    variant: str
+    rate: float
+    hwm_mib: float
+    start_s: float
+    conflicts: int
+    cpu_us_per_op: float
+
+
+def run_once(
+    broker: Mosquitto,
+    workdir: Path,
+    db: Path,
+    size: int,
+    variant: str,
+    messages: int,
+    hot: float,
+) -> Result:
+    run = f"r{uuid.uuid4().hex[:6]}"
+    env = daemon_env(
+        workdir / run,
+        broker.port,
+        f"sqlite+aiosqlite:///{db}",
+        LOG__LEVEL="warning",
+        **VARIANTS[variant],
+    )
+    env["FIELDGATE_LOG__LEVEL"] = "info"
+    daemon = Daemon(workdir / run, env)
+    try:
+        return _measure(daemon, broker, db, size, variant, messages, run, env, hot)
+    finally:
+        daemon.stop()
+
+
+def _measure(
+    daemon: Daemon,
+    broker: Mosquitto,
+    db: Path,
+    size: int,
+    variant: str,
+    messages: int,
+    run: str,
+    env: dict[str, str],
+    hot: float,
+) -> Result:
+    # A first start creates the broker session and measures what starting costs.
+    daemon.start()
+    assert daemon.proc is not None
+    baseline_cpu = cpu_s(daemon.proc.pid)
+    daemon.terminate()
+    with sqlite3.connect(db) as conn:
+        last_id = conn.execute("select coalesce(max(id), 0) from sync_log").fetchone()[0]
+        conflicts_before = conn.execute("select count(*) from conflicts").fetchone()[0]
+    items = workload(run, messages, size, hot)
+    publish(broker.port, env["FIELDGATE_MQTT__TOPIC_ROOT"], items)
+    t0 = time.monotonic()
+    daemon.start()
+    start_s = time.monotonic() - t0
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+
+    def drained() -> bool:
+        with sqlite3.connect(db, timeout=30) as conn:
+            (n,) = conn.execute("select count(*) from sync_log where id > ?", (last_id,)).fetchone()
+        return bool(n >= messages)
+
+    wait_for(drained, timeout=600, interval=0.5)
+    hwm = vm_hwm_kib(pid) / 1024
+    cpu = cpu_s(pid) - baseline_cpu
+    daemon.terminate(120)
+    with sqlite3.connect(db) as conn:
+        first, last, n = conn.execute(
+            "select min(received_at), max(stored_at), count(*) from sync_log where id > ?",
+            (last_id,),
+        ).fetchone()
+        conflicts = conn.execute("select count(*) from conflicts").fetchone()[0] - conflicts_before
+    assert n == messages, (n, messages)
+    rate = messages / ((last - first) / 1e6)
+    cpu_us = cpu / messages * 1e6
+    log(
+        f"N={size:>10,} {variant:>5}: {rate:8,.0f} ops/s, {cpu_us:5.0f} us CPU/op, "
+        f"peak RSS {hwm:6.1f} MiB, {conflicts} conflicts, start {start_s:.1f} s"
+    )
+    return Result(size, variant, rate, hwm, start_s, conflicts, cpu_us)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="0,1000000,10000000")
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--hot", type=float, default=0.01, help="share of ops on hot entities")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fg-conflicts-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = Mosquitto(workdir / "mosquitto", persistence=False).start()
+    results: list[Result] = []
+    try:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            for _ in range(args.repeat):
+                for variant in args.variants.split(","):
+                    db = workdir / f"log-{size}.db"
+                    if size == 0:
+                        db = workdir / f"log-0-{uuid.uuid4().hex[:6]}.db"
+                    build(db, size)
+                    results.append(
+                        run_once(broker, workdir, db, size, variant, args.messages, args.hot)
+                    )
+    finally:
+        broker.stop()
+    summary = []
+    for size in sorted({r.size for r in results}):
+        for variant in args.variants.split(","):
+            mine = [r for r in results if r.size == size and r.variant == variant]
+            summary.append(
+                {
+                    "size": size,
+                    "variant": variant,
+                    "rate": round(statistics.median(r.rate for r in mine)),
+                    "rates": [round(r.rate) for r in mine],
+                    "peak_rss_mib": round(statistics.median(r.hwm_mib for r in mine), 1),
+                    "start_s": round(statistics.median(r.start_s for r in mine), 1),
+                    "cpu_us_per_op": round(statistics.median(r.cpu_us_per_op for r in mine)),
+                    "cpus_us_per_op": [round(r.cpu_us_per_op) for r in mine],
+                    "conflicts": round(statistics.median(r.conflicts for r in mine)),
+                }
+            )
+    meta = {"messages": args.messages, "hot": args.hot, "cpus": os.cpu_count()}
+    text = json.dumps({**meta, "results": summary}, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

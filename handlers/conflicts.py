@@ -1,0 +1,198 @@
+"""The conflict definition of PROTOCOL.md, as pure functions on two stored operations.
+
+No database, no clock: the detector (`storage.conflicts`) calls these on the
+candidates it fetched, so the rule lives in one place and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import msgspec
+
+Severity = Literal["low", "medium", "high", "critical"]
+Strategy = Literal["last_writer_wins", "first_writer_wins", "manual"]
+Status = Literal["open", "auto_resolved", "resolved"]
+
+SEVERITIES: tuple[Severity, ...] = ("low", "medium", "high", "critical")
+RANK: dict[str, int] = {name: index for index, name in enumerate(SEVERITIES)}
+
+_NAMESPACE = uuid.UUID("8d3e4f1a-5b7c-4c2d-9e0f-1a2b3c4d5e6f")
+
+
+class OpView(msgspec.Struct, frozen=True, kw_only=True):
+    """What the rule needs of a stored operation (a sync_log row or a fresh record)."""
+
+    op_id: str
+    device_id: str
+    user_id: str
+    entity_type: str
+    entity_id: str
+    operation: str
+    changes: Mapping[str, Any]
+    edited_at_us: int
+    version: int
+    base_version: int | None = None
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    """A conflicting pair as the definition sees it, sides in op_id order."""
+
+    a: OpView
+    b: OpView
+    fields: list[str]
+    severity: Severity
+    strategy: Strategy
+    status: Status
+    winner_op_id: str | None
+
+    @property
+    def op_ids(self) -> tuple[str, str]:
+        return (self.a.op_id, self.b.op_id)
+
+
+class TypeRules(msgspec.Struct, frozen=True):
+    strategy: Strategy
+    critical_fields: frozenset[str]
+
+
+class Rules(msgspec.Struct, frozen=True):
+    """The configuration the definition depends on, per entity type."""
+
+    window_us: int
+    manual_at_or_above: Severity
+    types: Mapping[str, TypeRules]
+    default: TypeRules = TypeRules("last_writer_wins", frozenset())
+
+    def for_type(self, entity_type: str) -> TypeRules:
+        return self.types.get(entity_type, self.default)
+
+
+def json_equal(x: Any, y: Any) -> bool:
+    """Equal as JSON: numbers by value (`1 == 1.0`), but `true` is not `1`."""
+    if isinstance(x, bool) or isinstance(y, bool):
+        return isinstance(x, bool) and isinstance(y, bool) and x == y
+    if isinstance(x, int | float) and isinstance(y, int | float):
+        if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+            return True
+        return x == y
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(json_equal(x[k], y[k]) for k in x)
+    if isinstance(x, list) and isinstance(y, list):
+        return len(x) == len(y) and all(json_equal(p, q) for p, q in zip(x, y, strict=True))
+    if x is None or y is None:
+        return x is None and y is None
+    return type(x) is type(y) and bool(x == y)
+
+
+def concurrent(a: OpView, b: OpView, window_us: int) -> bool:
+    """X is the one stored later (higher version); its base_version decides, else the window."""
+    x, y = (a, b) if a.version > b.version else (b, a)
+    if x.base_version is not None:
+        return y.version > x.base_version
+    return abs(a.edited_at_us - b.edited_at_us) <= window_us
+
+
+def colliding_fields(a: OpView, b: OpView) -> list[str]:
+    """The sorted fields both change, less those they agree on.
+
+    A delete changes every field, so against a non-delete the collision is the
+    other side's changed fields; two deletes agree. A create changes the fields
+    it sets.
+    """
+    a_delete, b_delete = a.operation == "delete", b.operation == "delete"
+    if a_delete and b_delete:
+        return []
+    if a_delete:
+        return sorted(b.changes)
+    if b_delete:
+        return sorted(a.changes)
+    return sorted(
+        name
+        for name in a.changes.keys() & b.changes.keys()
+        if not json_equal(_new(a.changes[name]), _new(b.changes[name]))
+    )
+
+
+def severity(a: OpView, b: OpView, fields: Iterable[str], critical: frozenset[str]) -> Severity:
+    names = list(fields)
+    if (a.operation == "delete") != (b.operation == "delete"):
+        return "critical"
+    if critical.intersection(names):
+        return "high"
+    if len(names) >= 2:
+        return "medium"
+    return "low"
+
+
+def winner(a: OpView, b: OpView, strategy: Strategy) -> str | None:
+    """`last_writer_wins`: later edited_at, ties to the greater op_id; first: the other."""
+    if strategy == "manual":
+        return None
+    later = max(a, b, key=lambda op: (op.edited_at_us, op.op_id))
+    if strategy == "last_writer_wins":
+        return later.op_id
+    return b.op_id if later is a else a.op_id
+
+
+def judge(a: OpView, b: OpView, rules: Rules) -> Verdict | None:
+    """The conflict record's substance if `a` and `b` conflict, else None."""
+    if a.op_id == b.op_id or a.device_id == b.device_id:
+        return None
+    if a.entity_type != b.entity_type or a.entity_id != b.entity_id:
+        return None
+    if not concurrent(a, b, rules.window_us):
+        return None
+    fields = colliding_fields(a, b)
+    if not fields:
+        return None
+    if b.op_id < a.op_id:
+        a, b = b, a
+    type_rules = rules.for_type(a.entity_type)
+    level = severity(a, b, fields, type_rules.critical_fields)
+    strategy = type_rules.strategy
+    if strategy == "manual" or RANK[level] >= RANK[rules.manual_at_or_above]:
+        status: Status = "open"
+        chosen = None
+    else:
+        status = "auto_resolved"
+        chosen = winner(a, b, strategy)
+    return Verdict(
+        a=a,
+        b=b,
+        fields=fields,
+        severity=level,
+        strategy=strategy,
+        status=status,
+        winner_op_id=chosen,
+    )
+
+
+def values(verdict: Verdict) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per colliding field, each side's old and new value, keyed by op_id.
+
+    A delete that does not list the field has `{"old": null, "new": null}`.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in verdict.fields:
+        out[name] = {side.op_id: _side(side.changes.get(name)) for side in (verdict.a, verdict.b)}
+    return out
+
+
+def conflict_id(op_a: str, op_b: str) -> str:
+    """Deterministic from the pair: the same pair is the same conflict everywhere."""
+    first, second = sorted((op_a, op_b))
+    return str(uuid.uuid5(_NAMESPACE, f"{first}\x00{second}"))
+
+
+def _new(change: Any) -> Any:
+    return change.get("new") if isinstance(change, dict) else None
+
+
+def _side(change: Any) -> dict[str, Any]:
+    if isinstance(change, dict):
+        return {"old": change.get("old"), "new": change.get("new")}
+    return {"old": None, "new": None}
