@@ -115,8 +115,11 @@ def stored_ops_metric(port: int) -> int:
 
 @pytest.mark.postgres
 def test_two_instances_find_every_pair_once(
-    broker: Mosquitto, make_daemon: Callable[..., Daemon], pg_url: str
+    pg_url: str, own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
+    # Its own broker: a shared subscription whose members come and go is state
+    # the session broker of the other tests should not carry.
+    broker = own_broker
     root = f"fg{uuid.uuid4().hex[:8]}"
     metrics = [free_port(), free_port()]
     daemons = [

@@ -26,6 +26,12 @@ COUNT = 3000
 DEVICES = 7
 ENTITIES = 23
 
+SPINE_ONLY = {"CONFLICTS__ENABLED": "false"}
+"""These streams edit one field of a few entities from many devices at one instant:
+every pair conflicts, quadratically (3000 ops make ~167,000 conflicts and their
+notices). That is conflict detection's worst case, tested in its own suite; here
+it would only bury what these tests prove about storing and acknowledging."""
+
 
 def stream_ops(count: int, prefix: str) -> list[tuple[str, dict[str, Any]]]:
     """`count` single ops over several devices and entities, each entity from several devices."""
@@ -72,7 +78,7 @@ def assert_stored_once(daemon: Daemon, ops: list[tuple[str, dict[str, Any]]]) ->
 def test_sigkill_mid_stream_loses_nothing_and_stores_once(
     own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
-    daemon = make_daemon(own_broker.port)
+    daemon = make_daemon(own_broker.port, **SPINE_ONLY)
     ops = stream_ops(COUNT, "k")
     acks = AckRecorder(own_broker.port, daemon.root).start()
     stream = OpStream(own_broker.port, daemon.root, ops, chunk=100, pause_s=0.02).start()
@@ -122,7 +128,7 @@ def test_backlog_queued_while_down_is_stored_once(
     own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
     """What the broker queued for the stopped daemon is stored once it is back."""
-    daemon = make_daemon(own_broker.port)
+    daemon = make_daemon(own_broker.port, **SPINE_ONLY)
     assert daemon.terminate() == 0
     ops = stream_ops(2000, "q")
     device = Client(own_broker.port).connect()
@@ -158,7 +164,9 @@ def test_backlog_is_pubacked_so_a_restart_redelivers_nothing(
     once a sentinel published after the restart is answered, any would have shown.
     Small commits make the first ones land while the backlog is still being read.
     """
-    daemon = make_daemon(own_broker.port, WRITER__MAX_MESSAGES="10", WRITER__MAX_WAIT_MS="0")
+    daemon = make_daemon(
+        own_broker.port, WRITER__MAX_MESSAGES="10", WRITER__MAX_WAIT_MS="0", **SPINE_ONLY
+    )
     assert daemon.terminate() == 0
     ops = stream_ops(2000, "p")
     device = Client(own_broker.port).connect()
