@@ -115,8 +115,9 @@ def stored_ops_metric(port: int) -> int:
 
 @pytest.mark.postgres
 def test_two_instances_find_every_pair_once(
-    broker: Mosquitto, make_daemon: Callable[..., Daemon], pg_url: str
+    pg_url: str, broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
+    # pg_url first: its database is dropped after the daemons have stopped.
     root = f"fg{uuid.uuid4().hex[:8]}"
     metrics = [free_port(), free_port()]
     daemons = [
@@ -160,6 +161,7 @@ def test_two_instances_find_every_pair_once(
     assert len(found) == len(set(found)), "a pair was recorded twice"
     assert set(found) - expected == set(), "records the definition does not hold"
     assert expected - set(found) == set(), "pairs missing"
+    assert [daemon.terminate() for daemon in daemons] == [0, 0]
 
 
 class PersistentSubscriber(Client):
