@@ -117,6 +117,12 @@ def stored_ops_metric(port: int) -> int:
 def test_two_instances_find_every_pair_once(
     pg_url: str, broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """Six devices hammer three hot entities through a shared subscription.
+
+    Checked against a mutation: with the entity versions committed in a
+    transaction of their own, before the rows (so the entity lock no longer
+    covers them), this test fails with pairs missing, every time.
+    """
     # pg_url first: its database is dropped after the daemons have stopped.
     root = f"fg{uuid.uuid4().hex[:8]}"
     metrics = [free_port(), free_port()]
