@@ -87,10 +87,10 @@ class Mosquitto:
             f"{self._stay_root()}\n"
             f"{self.extra}\n"
         )
-        log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
+        with open(self.workdir / "mosquitto.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            )
         wait_port(self.port)
         return self
 
@@ -251,14 +251,14 @@ class Daemon:
         env = {**os.environ, **self.env, **(extra_env or {})}
         if "NOTIFY_SOCKET" not in (extra_env or {}):
             env.pop("NOTIFY_SOCKET", None)
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.starts += 1
         if wait_ready:
             self.wait_ready()
