@@ -98,4 +98,5 @@ class Store:
             )
 
     async def close(self) -> None:
+        await self.writer.close()
         await self.engine.dispose()

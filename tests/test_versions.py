@@ -90,13 +90,15 @@ async def stored_rows(engine: AsyncEngine) -> dict[str, tuple[str, int]]:
 async def race(url: str, work: list[list[list[OpRecord]]]) -> dict[str, tuple[str, int]]:
     await migrate.upgrade_async(url)
     engines = [create_engine(url) for _ in work]
+    writers = [Writer(engine) for engine in engines]
     try:
-        writers = [Writer(engine) for engine in engines]
         await asyncio.gather(
             *(commit_all(w, parts) for w, parts in zip(writers, work, strict=True))
         )
         return await stored_rows(engines[0])
     finally:
+        for writer in writers:
+            await writer.close()
         for engine in engines:
             await engine.dispose()
 
@@ -171,8 +173,8 @@ async def test_the_same_ops_from_two_writers_are_stored_once(db_url: str) -> Non
 async def test_one_batch_with_the_same_op_twice_and_a_known_op(db_url: str) -> None:
     await migrate.upgrade_async(db_url)
     engine = create_engine(db_url)
+    writer = Writer(engine)
     try:
-        writer = Writer(engine)
         await writer.commit(WriteSet(ops=[record("a", "e0", "d"), record("b", "e0", "d")]))
         again = [record("b", "e0", "d"), record("c", "e0", "d"), record("c", "e0", "d")]
         await writer.commit(WriteSet(ops=again))
@@ -183,4 +185,5 @@ async def test_one_batch_with_the_same_op_twice_and_a_known_op(db_url: str) -> N
         ]
         assert await stored_rows(engine) == {"a": ("e0", 1), "b": ("e0", 2), "c": ("e0", 3)}
     finally:
+        await writer.close()
         await engine.dispose()
