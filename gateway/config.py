@@ -149,7 +149,8 @@ class ConflictsConfig(Section):
     types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)
     cache_max_ops: Annotated[int, Field(ge=0)] = 0
     """Operations kept in memory across all entities, about 1 KiB each; 0 (the default):
-    no cache. It never beat the database in the benchmark (docs/benchmarks.md, "Conflict detection")."""
+    no cache. It never beat the database in the benchmark (docs/benchmarks.md,
+    "Conflict detection")."""
 
 
 class HealthConfig(Section):

@@ -32,6 +32,13 @@ from paho.mqtt.properties import Properties
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SPINE_ONLY = {"CONFLICTS__ENABLED": "false"}
+"""These streams edit one field of a few entities from many devices at one instant:
+every pair conflicts, quadratically (3000 ops make ~167,000 conflicts and their
+notices). That is conflict detection's worst case, tested in its own suite; here
+it would only bury what these tests prove about storing and acknowledging."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from tests.support import (
+    SPINE_ONLY,
     AckRecorder,
     Client,
     Daemon,
@@ -25,12 +26,6 @@ from tests.support import (
 COUNT = 2000
 DEVICES = 5
 ENTITIES = 17
-
-SPINE_ONLY = {"CONFLICTS__ENABLED": "false"}
-"""These streams edit one field of a few entities from many devices at one instant:
-every pair conflicts, quadratically (3000 ops make ~167,000 conflicts and their
-notices). That is conflict detection's worst case, tested in its own suite; here
-it would only bury what these tests prove about storing and acknowledging."""
 
 
 def test_broker_restart_mid_stream(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.support import (
+    SPINE_ONLY,
     AckRecorder,
     Client,
     Daemon,
@@ -25,12 +26,6 @@ from tests.support import (
 COUNT = 3000
 DEVICES = 7
 ENTITIES = 23
-
-SPINE_ONLY = {"CONFLICTS__ENABLED": "false"}
-"""These streams edit one field of a few entities from many devices at one instant:
-every pair conflicts, quadratically (3000 ops make ~167,000 conflicts and their
-notices). That is conflict detection's worst case, tested in its own suite; here
-it would only bury what these tests prove about storing and acknowledging."""
 
 
 def stream_ops(count: int, prefix: str) -> list[tuple[str, dict[str, Any]]]:
