@@ -39,6 +39,25 @@ notices). That is conflict detection's worst case, tested in its own suite; here
 it would only bury what these tests prove about storing and acknowledging."""
 
 
+STATS_KEYS = frozenset(
+    {
+        "since",
+        "uptime_s",
+        "ops",
+        "rejected_by_code",
+        "messages",
+        "commits",
+        "queues",
+        "outbox",
+        "alerts",
+        "open_crises",
+        "escalations",
+        "conflicts",
+    }
+)
+"""Every key of the `stats` answer (also carried by the retained health report)."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from tests.support import Client, Daemon, Mosquitto, free_port, sync_op, wait_for
+from tests.support import STATS_KEYS, Client, Daemon, Mosquitto, free_port, sync_op, wait_for
 
 ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -185,20 +185,7 @@ def test_stats_count_what_the_daemon_stored(
     admin_requests = stats["messages"]["admin"]
     assert admin_requests >= 2
     assert stats["messages"] == {"sync": 5, "admin": admin_requests}
-    assert set(stats) == {
-        "since",
-        "uptime_s",
-        "ops",
-        "rejected_by_code",
-        "messages",
-        "commits",
-        "queues",
-        "outbox",
-        "alerts",
-        "open_crises",
-        "escalations",
-        "conflicts",
-    }
+    assert set(stats) == STATS_KEYS
     assert stats["since"] == admin.data("info")["started_at"]
     assert isinstance(stats["uptime_s"], int | float) and stats["uptime_s"] >= 0
     # five payloads, each acked before the next went out: five commits
