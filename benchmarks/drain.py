@@ -2,8 +2,8 @@
 
     .venv/bin/python -m benchmarks.drain [--messages 100000] [--repeat 3]
 
-For each variant and repetition, on a test-owned Mosquitto (free port, persistence
-on, `max_queued_messages 1000000`, `max_queued_bytes 0`):
+For each variant and repetition, on a test-owned Mosquitto (`tests.support.Mosquitto`:
+free port, persistence on, `max_queued_messages 1000000`, `max_queued_bytes 0`):
 
 1. create the subscriber's persistent session (MQTT v5, its client id,
    `clean_start=False`, a `SessionExpiryInterval`, `<root>/devices/+/sync` at
@@ -38,7 +38,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -60,7 +59,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import load as load_config
 from gateway.simulate import GeneratorOptions, generate
-from tests.support import ROOT, free_port, wait_port
+from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port
 
 VARIANTS = ("bare", "naive", "gateway")
 SESSION_EXPIRY_S = 3600
@@ -69,51 +68,6 @@ CONFIG = ROOT / "config" / "fieldgate.toml"
 
 def log(message: str) -> None:
     print(f"[drain {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- the broker ---------------------------------------------------------------
-
-
-class Broker:
-    """A Mosquitto of this benchmark's own, on a free loopback port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.workdir}/\n"
-            # Saved on a clean stop; not every second (that would rewrite the
-            # whole backlog during the drain and time the disk, not the drain).
-            "autosave_interval 3600\n"
-            "max_queued_messages 1000000\n"
-            "max_queued_bytes 0\n"
-            "max_inflight_messages 10000\n"
-            "message_size_limit 16777216\n"
-        )
-        out = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
-        )
-        wait_port(self.port)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
 
 
 # -- MQTT helpers ---------------------------------------------------------------
@@ -407,36 +361,6 @@ def _subscriber_result(variant: str, sub: _Subscriber, n: int, extra: dict[str, 
 # -- the gateway ----------------------------------------------------------------
 
 
-class _Notify:
-    """A `$NOTIFY_SOCKET` of our own: when the gateway says READY=1."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.ready_at: float | None = None
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if b"READY=1" in data.split(b"\n") and self.ready_at is None:
-                self.ready_at = time.time()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
 class _AckCounter:
     """Counts op_ids answered `stored` on `<root>/devices/+/sync/ack`."""
 
@@ -498,7 +422,7 @@ def drain_gateway(
 ) -> Drain:
     db = workdir / "bench.db"
     metrics_port = free_port()
-    notify = _Notify(workdir / "notify.sock")
+    notify = NotifySocket(workdir / "notify.sock")
     acks = _AckCounter(port, root, n)
     env = {
         **os.environ,
@@ -563,14 +487,8 @@ def drain_gateway(
             ).fetchone()
     finally:
         if spy is not None:
-            _stop_profiler(spy)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            end_process(spy, signal.SIGINT)
+        end_process(proc)
         out.close()
         acks.close()
         notify.close()
@@ -624,16 +542,6 @@ def _start_profiler(pid: int, path: Path, fmt: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _stop_profiler(spy: subprocess.Popen[bytes]) -> None:
-    if spy.poll() is None:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait(10)
-
-
 # -- the run ------------------------------------------------------------------
 
 
@@ -666,7 +574,9 @@ def run_one(
     root = f"bench{uuid.uuid4().hex[:6]}"
     client_id = f"bench-{tag}"
     n = len(messages)
-    broker = Broker(workdir / "mosquitto").start()
+    # Saved on a clean stop; not every second (that would rewrite the whole
+    # backlog during the drain and time the disk, not the drain).
+    broker = Mosquitto(workdir / "mosquitto", autosave_interval=3600).start()
     try:
         create_session(broker.port, client_id, f"{root}/devices/+/sync")
         took = publish_backlog(broker.port, root, messages)
@@ -703,7 +613,7 @@ def run_one(
         log(f"{variant} #{index + 1}: {result.rate:,.0f} msg/s ({result.seconds:.2f} s)")
         return result
     finally:
-        broker.stop()
+        broker.stop(30, kill=True)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -91,22 +91,3 @@ def stored_reasons(daemon: Daemon, alert_id: str) -> tuple[str, list[str]]:
         daemon, "select classification, reasons from alerts where alert_id = ?", alert_id
     )
     return classification, json.loads(reasons)
-
-
-class PersistentClient(Client):
-    """A subscriber whose session outlives its connection: the broker queues for it
-    while it is away (a broker restart included, with persistence on), and paho
-    reconnects it by itself."""
-
-    def connect(self) -> Client:
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
-        self.paho.reconnect_delay_set(1, 1)
-        self.paho.connect("127.0.0.1", self.port, clean_start=False, properties=props)
-        self.paho.loop_start()
-        if not self.connected.wait(10):
-            raise TimeoutError("test client did not connect")
-        return self

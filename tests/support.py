@@ -29,6 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.conflict_oracle import Expected, as_expected
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,6 +60,18 @@ STATS_KEYS = frozenset(
 """Every key of the `stats` answer (also carried by the retained health report)."""
 
 
+HEALTHY = {
+    "healthy": True,
+    "checks": {
+        "mqtt": {"ok": True, "reconnects": 0},
+        "database": {"ok": True},
+        "redis": {"ok": True},
+        "model": {"ok": True, "detail": "no model active"},
+    },
+}
+"""The `health` answer's data from a test daemon with nothing wrong."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -85,16 +99,39 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
         time.sleep(interval)
 
 
+def end_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0
+) -> None:
+    """Ask `proc` to stop with `sig`; SIGKILL it if it has not within `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class Mosquitto:
-    """A test-owned broker with fieldgate's settings; persistence on by default."""
+    """A test-owned broker with fieldgate's settings; persistence on by default.
+
+    `autosave_interval` (seconds) is how often it saves its persistence file
+    besides on a clean stop.
+    """
 
     def __init__(
-        self, workdir: Path, port: int | None = None, extra: str = "", persistence: bool = True
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra: str = "",
+        persistence: bool = True,
+        autosave_interval: int = 1,
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.extra = extra
         self.persistence = persistence
+        self.autosave_interval = autosave_interval
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mosquitto:
@@ -105,7 +142,7 @@ class Mosquitto:
             "allow_anonymous true\n"
             f"persistence {'true' if self.persistence else 'false'}\n"
             f"persistence_location {self.workdir}/\n"
-            "autosave_interval 1\n"
+            f"autosave_interval {self.autosave_interval}\n"
             "max_queued_messages 1000000\n"
             "max_queued_bytes 0\n"
             "max_inflight_messages 10000\n"
@@ -127,11 +164,18 @@ class Mosquitto:
         names_user = any(line.split()[:1] == ["user"] for line in self.extra.splitlines())
         return "user root" if os.geteuid() == 0 and not names_user else ""
 
-    def stop(self) -> None:
-        """A clean stop: Mosquitto saves its persistence file."""
+    def stop(self, timeout: float = 10.0, *, kill: bool = False) -> None:
+        """A clean stop: Mosquitto saves its persistence file.
+
+        Not stopped within `timeout` s: `subprocess.TimeoutExpired`, or with `kill`,
+        SIGKILL.
+        """
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
+            if kill:
+                end_process(self.proc, timeout=timeout)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
         self.proc = None
 
     def restart(self, down_s: float = 0.0) -> None:
@@ -250,6 +294,68 @@ class Client:
         with contextlib.suppress(Exception):
             self.paho.disconnect()
         self.paho.loop_stop()
+
+
+@dataclass
+class PersistentClient(Client):
+    """A subscriber whose session outlives its connection: the broker queues for it
+    while it is away (a broker restart included, with persistence on), and paho
+    reconnects it by itself, after 1 s and then every `reconnect_max_s` at most."""
+
+    reconnect_max_s: int = 1
+
+    def connect(self) -> PersistentClient:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+        self.paho.reconnect_delay_set(1, self.reconnect_max_s)
+        self.paho.connect("127.0.0.1", self.port, clean_start=False, properties=props)
+        self.paho.loop_start()
+        if not self.connected.wait(10):
+            raise TimeoutError("test client did not connect")
+        return self
+
+
+class NotifySocket:
+    """A `$NOTIFY_SOCKET` of our own: what systemd would receive from a daemon, in
+    order, and when it first said READY=1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.received: list[str] = []
+        # time.time() of the first datagram with a READY=1 line
+        self.ready_at: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.ready_at is None and b"READY=1" in data.split(b"\n"):
+                self.ready_at = time.time()
+            with self._lock:
+                self.received.append(data.decode())
+
+    def messages(self) -> list[str]:
+        with self._lock:
+            return list(self.received)
+
+    def count(self, message: str) -> int:
+        return self.messages().count(message)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
 
 
 class Daemon:
@@ -642,3 +748,25 @@ class OpStream:
 
     def close(self) -> None:
         self.client.close()
+
+
+# -- conflict records ------------------------------------------------------------
+
+CONFLICT_ROWS = "select op_a, op_b, fields, severity, status, winner_op_id from conflicts"
+"""A daemon's conflict records, as `records_from_rows` reads them."""
+
+
+def records_from_rows(rows: list[tuple[Any, ...]]) -> list[Expected]:
+    """`CONFLICT_ROWS` rows as the oracle's `Expected` records, to compare with it."""
+    return [
+        as_expected(
+            {
+                "op_ids": [a, b],
+                "fields": json.loads(fields),
+                "severity": severity,
+                "status": status,
+                "winner_op_id": winner,
+            }
+        )
+        for a, b, fields, severity, status, winner in rows
+    ]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.alerts_support import PersistentClient, Watch, alert, db_path, query
-from tests.support import Client, Daemon, Mosquitto, wait_for
+from tests.alerts_support import Watch, alert, db_path, query
+from tests.support import Client, Daemon, Mosquitto, PersistentClient, wait_for
 from tests.test_alerts_admin import admin
 
 

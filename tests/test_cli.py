@@ -23,17 +23,17 @@ from typing import Any
 import pytest
 
 from gateway import __version__
-from tests.support import ROOT, Client, Daemon, Mosquitto, free_port, sync_op, wait_for
+from tests.support import (
+    HEALTHY,
+    ROOT,
+    Client,
+    Daemon,
+    Mosquitto,
+    free_port,
+    sync_op,
+    wait_for,
+)
 
-HEALTHY = {
-    "healthy": True,
-    "checks": {
-        "mqtt": {"ok": True, "reconnects": 0},
-        "database": {"ok": True},
-        "redis": {"ok": True},
-        "model": {"ok": True, "detail": "no model active"},
-    },
-}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

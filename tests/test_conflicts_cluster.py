@@ -7,7 +7,6 @@ when); the records must equal it, pair for pair, none missing and none twice.
 
 from __future__ import annotations
 
-import json
 import random
 import sqlite3
 import threading
@@ -19,11 +18,19 @@ from typing import Any
 
 import psycopg
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from tests.conflict_oracle import Expected, as_expected, expected_conflicts
-from tests.support import Client, Daemon, Mosquitto, free_port, sync_op, wait_for
+from tests.conflict_oracle import Expected, expected_conflicts
+from tests.support import (
+    CONFLICT_ROWS,
+    Client,
+    Daemon,
+    Mosquitto,
+    PersistentClient,
+    free_port,
+    records_from_rows,
+    sync_op,
+    wait_for,
+)
 
 FIELDS = ["status", "title", "notes", "priority"]
 
@@ -84,24 +91,6 @@ def publish_concurrently(
         thread.start()
     for thread in threads:
         thread.join(120)
-
-
-def records_from_rows(rows: list[tuple[Any, ...]]) -> list[Expected]:
-    return [
-        as_expected(
-            {
-                "op_ids": [a, b],
-                "fields": json.loads(fields),
-                "severity": severity,
-                "status": status,
-                "winner_op_id": winner,
-            }
-        )
-        for a, b, fields, severity, status, winner in rows
-    ]
-
-
-CONFLICT_ROWS = "select op_a, op_b, fields, severity, status, winner_op_id from conflicts"
 
 
 def stored_ops_metric(port: int) -> int:
@@ -173,26 +162,12 @@ def test_two_instances_find_every_pair_once(
     assert [daemon.terminate() for daemon in daemons] == [0, 0]
 
 
-class PersistentSubscriber(Client):
-    """A subscriber whose session (and queued QoS 1 messages) survive a broker restart."""
-
-    def connect(self) -> PersistentSubscriber:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
-        self.paho.reconnect_delay_set(1, 2)
-        self.paho.connect("127.0.0.1", self.port, clean_start=False, properties=props)
-        self.paho.loop_start()
-        if not self.connected.wait(10):
-            raise TimeoutError("subscriber did not connect")
-        return self
-
-
 def test_broker_restart_loses_no_notice(
     own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
     daemon = make_daemon(own_broker.port)
     root = daemon.root
-    watcher = PersistentSubscriber(own_broker.port).connect()
+    watcher = PersistentClient(own_broker.port, reconnect_max_s=2).connect()
     watcher.subscribe(f"{root}/conflicts", f"{root}/devices/+/conflicts")
     first = generate(seed=3, devices=3, per_device=30, entities=2, tag="p1")
     second = generate(seed=4, devices=3, per_device=30, entities=2, tag="p2")

@@ -6,7 +6,6 @@ admin commands return them; no assertion depends on timing.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,8 +14,16 @@ from typing import Any
 
 import pytest
 
-from tests.conflict_oracle import as_expected, expected_conflicts
-from tests.support import Client, Daemon, Mosquitto, sync_op, wait_for
+from tests.conflict_oracle import expected_conflicts
+from tests.support import (
+    CONFLICT_ROWS,
+    Client,
+    Daemon,
+    Mosquitto,
+    records_from_rows,
+    sync_op,
+    wait_for,
+)
 
 
 def iso(moment: datetime) -> str:
@@ -270,21 +277,7 @@ def test_restart_in_the_middle_changes_nothing(
     wait_stored(daemon, 40)
     expected = expected_conflicts([(op, device) for device, op in ops])
     with sqlite3.connect(sqlite_path(daemon)) as conn:
-        rows = conn.execute(
-            "select op_a, op_b, fields, severity, status, winner_op_id from conflicts"
-        ).fetchall()
-    found = [
-        as_expected(
-            {
-                "op_ids": [a, b],
-                "fields": json.loads(fields),
-                "severity": severity,
-                "status": status,
-                "winner_op_id": winner,
-            }
-        )
-        for a, b, fields, severity, status, winner in rows
-    ]
+        found = records_from_rows(conn.execute(CONFLICT_ROWS).fetchall())
     assert len(found) == len(set(found))
     assert set(found) == expected
     assert expected, "the example should hold conflicts"

@@ -43,6 +43,16 @@ def stream_ops(count: int, prefix: str) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def queue_for(port: int, root: str, ops: list[tuple[str, dict[str, Any]]]) -> None:
+    """Publish `ops` while the daemon is down; wait until the broker PUBACKed every one."""
+    device = Client(port).connect()
+    try:
+        infos = [device.publish(f"{root}/devices/{dev}/sync", op, wait=False) for dev, op in ops]
+        wait_for(lambda: all(info.is_published() for info in infos), timeout=30)
+    finally:
+        device.close()
+
+
 def stored_count(daemon: Daemon) -> int:
     return int(db_rows(daemon.db_url, "select count(*) from sync_log")[0][0])
 
@@ -126,14 +136,7 @@ def test_backlog_queued_while_down_is_stored_once(
     daemon = make_daemon(own_broker.port, **SPINE_ONLY)
     assert daemon.terminate() == 0
     ops = stream_ops(2000, "q")
-    device = Client(own_broker.port).connect()
-    try:
-        infos = [
-            device.publish(f"{daemon.root}/devices/{dev}/sync", op, wait=False) for dev, op in ops
-        ]
-        wait_for(lambda: all(info.is_published() for info in infos), timeout=30)
-    finally:
-        device.close()
+    queue_for(own_broker.port, daemon.root, ops)
     acks = AckRecorder(own_broker.port, daemon.root).start()
     try:
         daemon.start()
@@ -164,14 +167,7 @@ def test_backlog_is_pubacked_so_a_restart_redelivers_nothing(
     )
     assert daemon.terminate() == 0
     ops = stream_ops(2000, "p")
-    device = Client(own_broker.port).connect()
-    try:
-        infos = [
-            device.publish(f"{daemon.root}/devices/{dev}/sync", op, wait=False) for dev, op in ops
-        ]
-        wait_for(lambda: all(info.is_published() for info in infos), timeout=30)
-    finally:
-        device.close()
+    queue_for(own_broker.port, daemon.root, ops)
     acks = AckRecorder(own_broker.port, daemon.root).start()
     try:
         daemon.start()

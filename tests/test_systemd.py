@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,49 +19,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support import ROOT, Client, Daemon, Mosquitto, sync_op, wait_for
+from tests.support import ROOT, Client, Daemon, Mosquitto, NotifySocket, sync_op, wait_for
 
 # Past this long in one transaction attempt, the writer counts as wedged. Not 1 s: the
 # idle writer loop beats once a second, so 1 s would flag an idle daemon now and then.
 WEDGED_AFTER_S = "1.5"
-
-
-class NotifySocket:
-    """What systemd would receive on its notify socket, in order."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.received: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.received.append(data.decode())
-
-    def messages(self) -> list[str]:
-        with self._lock:
-            return list(self.received)
-
-    def count(self, message: str) -> int:
-        return self.messages().count(message)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 @pytest.fixture
