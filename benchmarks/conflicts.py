@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.conflicts [--sizes 0,1000000,10000000]
         [--messages 20000] [--repeat 3] [--workdir DIR] [--out FILE]
+        [--postgres postgresql://postgres@127.0.0.1:5432/test]
 
 For each size N of sync log already stored, and each variant:
 
@@ -12,9 +13,11 @@ For each size N of sync log already stored, and each variant:
 
 the benchmark
 
-1. builds (once per N) a SQLite database with N rows written straight into it:
-   N / 20 entities of the four default types with 20 operations each, edited
-   over the last 30 days, rows in index order so the B-trees grow by appending;
+1. builds (once per N) a SQLite database (with `--postgres`: a PostgreSQL
+   database `fg_bench_<N>` on that server, kept for the next run) with N rows
+   written straight into it: N / 20 entities of the four default types with
+   20 operations each, edited over the last 30 days, rows in index order so
+   the B-trees grow by appending;
 2. creates the daemon's persistent session (start it, wait for READY, stop it);
 3. publishes M single-operation messages at QoS 1 to the broker and counts the
    PUBACKs, so the whole backlog waits in the broker: 200 devices, 95% of the
@@ -45,12 +48,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from storage import migrate
@@ -84,81 +89,164 @@ def entity_key(index: int, entities: int) -> tuple[str, str]:
     return TYPES[index // per_type], f"e{index % per_type:09d}"
 
 
-def build(path: Path, size: int) -> None:
-    """A migrated database with `size` sync log rows, written straight to SQLite."""
-    if path.exists():
-        return
-    url = f"sqlite+aiosqlite:///{path}"
-    migrate.upgrade(url)
-    if size == 0:
-        return
-    started = time.monotonic()
+SYNC_COLUMNS = (
+    "op_id, device_id, user_id, entity_type, entity_id, operation, changes, edited_at,"
+    " received_at, stored_at, version, base_version, session_id, batch_id, device_meta"
+)
+
+
+def generate(size: int) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+    """`size` sync log rows and their entities, in chunks, in index order."""
     entities = entity_count(size)
     per_type = -(-entities // len(TYPES))
     base = now_us() - 30 * 86400 * 1_000_000
     span = 30 * 86400 * 1_000_000 - 3600 * 1_000_000
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=OFF")
-    conn.execute("PRAGMA cache_size=-1000000")
+    step = (span // 2) // OPS_PER_ENTITY
     rng = random.Random(1)
-    sql = (
-        "insert into sync_log (op_id, device_id, user_id, entity_type, entity_id, operation,"
-        " changes, edited_at, received_at, stored_at, version, base_version, session_id,"
-        " batch_id, device_meta) values (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-    )
     rows: list[tuple[Any, ...]] = []
     ent_rows: list[tuple[Any, ...]] = []
     serial = 0
-    written = 0
-    for type_index, entity_type in enumerate(TYPES):
-        for local in range(per_type):
-            if type_index * per_type + local >= entities:
-                break
-            entity_id = f"e{local:09d}"
-            start = base + rng.randrange(span // 2)
-            step = (span // 2) // OPS_PER_ENTITY
-            for version in range(1, OPS_PER_ENTITY + 1):
-                edited = start + version * step
-                name = FIELDS[rng.randrange(len(FIELDS))]
-                changes = json.dumps({name: {"old": "a", "new": f"v{rng.randrange(100)}"}})
-                rows.append(
-                    (
-                        f"h{serial:010d}",
-                        f"dev{rng.randrange(5000):04d}",
-                        f"user{rng.randrange(2000):04d}",
-                        entity_type,
-                        entity_id,
-                        "update",
-                        changes,
-                        edited,
-                        edited + 1000,
-                        edited + 2000,
-                        version,
-                        None,
-                        None,
-                        None,
-                        None,
-                    )
+    for index in range(entities):
+        entity_type = TYPES[index // per_type]
+        entity_id = f"e{index % per_type:09d}"
+        start = base + rng.randrange(span // 2)
+        for version in range(1, OPS_PER_ENTITY + 1):
+            edited = start + version * step
+            name = FIELDS[rng.randrange(len(FIELDS))]
+            changes = json.dumps({name: {"old": "a", "new": f"v{rng.randrange(100)}"}})
+            rows.append(
+                (
+                    f"h{serial:010d}",
+                    f"dev{rng.randrange(5000):04d}",
+                    f"user{rng.randrange(2000):04d}",
+                    entity_type,
+                    entity_id,
+                    "update",
+                    changes,
+                    edited,
+                    edited + 1000,
+                    edited + 2000,
+                    version,
+                    None,
+                    None,
+                    None,
+                    None,
                 )
-                serial += 1
-            last_edit = start + OPS_PER_ENTITY * step
-            ent_rows.append((entity_type, entity_id, OPS_PER_ENTITY, base, last_edit, None))
-            if len(rows) >= 200_000:
-                conn.executemany(sql, rows)
-                conn.executemany("insert into entities values (?,?,?,?,?,?)", ent_rows)
+            )
+            serial += 1
+        last_edit = start + OPS_PER_ENTITY * step
+        ent_rows.append((entity_type, entity_id, OPS_PER_ENTITY, base, last_edit, None))
+        if len(rows) >= 200_000:
+            yield rows, ent_rows
+            rows, ent_rows = [], []
+    if rows:
+        yield rows, ent_rows
+
+
+class Store:
+    """The benchmark's own view of the daemon's database: build it, count rows."""
+
+    url: str
+
+    def exists(self) -> bool:
+        raise NotImplementedError
+
+    def write(self, size: int) -> None:
+        raise NotImplementedError
+
+    def one(self, sql: str, *args: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Remove a database that no later run will reuse."""
+        raise NotImplementedError
+
+    def build(self, size: int) -> None:
+        """A migrated database with `size` sync log rows, written straight into it."""
+        if self.exists():
+            return
+        migrate.upgrade(self.url)
+        if size == 0:
+            return
+        started = time.monotonic()
+        self.write(size)
+        log(f"built {size:,} rows in {time.monotonic() - started:.0f} s")
+
+
+class SqliteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite+aiosqlite:///{path}"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def write(self, size: int) -> None:
+        conn = sqlite3.connect(self.path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("PRAGMA cache_size=-1000000")
+        sql = f"insert into sync_log ({SYNC_COLUMNS}) values ({','.join('?' * 15)})"
+        for rows, ent_rows in generate(size):
+            conn.executemany(sql, rows)
+            conn.executemany("insert into entities values (?,?,?,?,?,?)", ent_rows)
+            conn.commit()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def discard(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+    def one(self, sql: str, *args: Any) -> tuple[Any, ...]:
+        with sqlite3.connect(self.path, timeout=30) as conn:
+            row: tuple[Any, ...] = conn.execute(sql, args).fetchone()
+        return row
+
+
+class PostgresStore(Store):
+    """Database `fg_bench_<size>` on the server of `admin_url` (kept and reused; the
+    empty ones get a fresh name each run)."""
+
+    def __init__(self, admin_url: str, size: int) -> None:
+        self.admin_url = admin_url
+        self.name = f"fg_bench_{size}" if size else f"fg_bench_0_{uuid.uuid4().hex[:6]}"
+        self.plain = f"{admin_url.rsplit('/', 1)[0]}/{self.name}"
+        self.url = self.plain.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    def exists(self) -> bool:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            found = conn.execute(
+                "select 1 from pg_database where datname = %s", (self.name,)
+            ).fetchone()
+            if found:
+                return True
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        return False
+
+    def write(self, size: int) -> None:
+        with psycopg.connect(self.plain) as conn:
+            for rows, ent_rows in generate(size):
+                with conn.cursor() as cur:
+                    with cur.copy(f"COPY sync_log ({SYNC_COLUMNS}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                    with cur.copy("COPY entities FROM STDIN") as copy:
+                        for row in ent_rows:
+                            copy.write_row(row)
                 conn.commit()
-                written += len(rows)
-                rows.clear()
-                ent_rows.clear()
-                if written % 1_000_000 == 0:
-                    log(f"  {written:,} rows, {written / (time.monotonic() - started):,.0f}/s")
-    conn.executemany(sql, rows)
-    conn.executemany("insert into entities values (?,?,?,?,?,?)", ent_rows)
-    conn.commit()
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    log(f"built {size:,} rows in {time.monotonic() - started:.0f} s ({path.stat().st_size:,} B)")
+            conn.execute("ANALYZE")
+            conn.commit()
+
+    def discard(self) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+    def one(self, sql: str, *args: Any) -> tuple[Any, ...]:
+        with psycopg.connect(self.plain) as conn:
+            row = conn.execute(sql.replace("?", "%s"), args).fetchone()
+        assert row is not None
+        return tuple(row)
 
 
 def workload(run: str, messages: int, size: int, hot: float) -> list[tuple[str, bytes]]:
@@ -244,7 +332,7 @@ class Result:
 def run_once(
     broker: Mosquitto,
     workdir: Path,
-    db: Path,
+    store: Store,
     size: int,
     variant: str,
     messages: int,
@@ -254,14 +342,14 @@ def run_once(
     env = daemon_env(
         workdir / run,
         broker.port,
-        f"sqlite+aiosqlite:///{db}",
+        store.url,
         LOG__LEVEL="warning",
         **VARIANTS[variant],
     )
     env["FIELDGATE_LOG__LEVEL"] = "info"
     daemon = Daemon(workdir / run, env)
     try:
-        return _measure(daemon, broker, db, size, variant, messages, run, env, hot)
+        return _measure(daemon, broker, store, size, variant, messages, run, env, hot)
     finally:
         daemon.stop()
 
@@ -269,7 +357,7 @@ def run_once(
 def _measure(
     daemon: Daemon,
     broker: Mosquitto,
-    db: Path,
+    store: Store,
     size: int,
     variant: str,
     messages: int,
@@ -282,9 +370,8 @@ def _measure(
     assert daemon.proc is not None
     baseline_cpu = cpu_s(daemon.proc.pid)
     daemon.terminate()
-    with sqlite3.connect(db) as conn:
-        last_id = conn.execute("select coalesce(max(id), 0) from sync_log").fetchone()[0]
-        conflicts_before = conn.execute("select count(*) from conflicts").fetchone()[0]
+    (last_id,) = store.one("select coalesce(max(id), 0) from sync_log")
+    (conflicts_before,) = store.one("select count(*) from conflicts")
     items = workload(run, messages, size, hot)
     publish(broker.port, env["FIELDGATE_MQTT__TOPIC_ROOT"], items)
     t0 = time.monotonic()
@@ -294,20 +381,17 @@ def _measure(
     pid = daemon.proc.pid
 
     def drained() -> bool:
-        with sqlite3.connect(db, timeout=30) as conn:
-            (n,) = conn.execute("select count(*) from sync_log where id > ?", (last_id,)).fetchone()
+        (n,) = store.one("select count(*) from sync_log where id > ?", last_id)
         return bool(n >= messages)
 
     wait_for(drained, timeout=600, interval=0.5)
     hwm = vm_hwm_kib(pid) / 1024
     cpu = cpu_s(pid) - baseline_cpu
     daemon.terminate(120)
-    with sqlite3.connect(db) as conn:
-        first, last, n = conn.execute(
-            "select min(received_at), max(stored_at), count(*) from sync_log where id > ?",
-            (last_id,),
-        ).fetchone()
-        conflicts = conn.execute("select count(*) from conflicts").fetchone()[0] - conflicts_before
+    first, last, n = store.one(
+        "select min(received_at), max(stored_at), count(*) from sync_log where id > ?", last_id
+    )
+    conflicts = store.one("select count(*) from conflicts")[0] - conflicts_before
     assert n == messages, (n, messages)
     rate = messages / ((last - first) / 1e6)
     cpu_us = cpu / messages * 1e6
@@ -316,6 +400,13 @@ def _measure(
         f"peak RSS {hwm:6.1f} MiB, {conflicts} conflicts, start {start_s:.1f} s"
     )
     return Result(size, variant, rate, hwm, start_s, conflicts, cpu_us)
+
+
+def make_store(postgres: str | None, workdir: Path, size: int) -> Store:
+    if postgres:
+        return PostgresStore(postgres, size)
+    name = f"log-{size}.db" if size else f"log-0-{uuid.uuid4().hex[:6]}.db"
+    return SqliteStore(workdir / name)
 
 
 def main() -> None:
@@ -327,6 +418,9 @@ def main() -> None:
     parser.add_argument("--hot", type=float, default=0.01, help="share of ops on hot entities")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--postgres", default=None, help="admin URL of a PostgreSQL server to run on instead"
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fg-conflicts-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -336,13 +430,15 @@ def main() -> None:
         for size in [int(s) for s in args.sizes.split(",")]:
             for _ in range(args.repeat):
                 for variant in args.variants.split(","):
-                    db = workdir / f"log-{size}.db"
-                    if size == 0:
-                        db = workdir / f"log-0-{uuid.uuid4().hex[:6]}.db"
-                    build(db, size)
-                    results.append(
-                        run_once(broker, workdir, db, size, variant, args.messages, args.hot)
-                    )
+                    store = make_store(args.postgres, workdir, size)
+                    store.build(size)
+                    try:
+                        results.append(
+                            run_once(broker, workdir, store, size, variant, args.messages, args.hot)
+                        )
+                    finally:
+                        if size == 0:
+                            store.discard()
     finally:
         broker.stop()
     summary = []
@@ -362,7 +458,12 @@ def main() -> None:
                     "conflicts": round(statistics.median(r.conflicts for r in mine)),
                 }
             )
-    meta = {"messages": args.messages, "hot": args.hot, "cpus": os.cpu_count()}
+    meta = {
+        "database": "postgresql" if args.postgres else "sqlite",
+        "messages": args.messages,
+        "hot": args.hot,
+        "cpus": os.cpu_count(),
+    }
     text = json.dumps({**meta, "results": summary}, indent=1)
     print(text)
     if args.out:
