@@ -4,6 +4,11 @@ Messages are decoded as they arrive (on the event loop, between socket reads)
 and queued for the writer loop, which commits whatever has gathered in one
 transaction: while one batch commits in the database's thread, the next one
 gathers. Only after the commit are the devices answered and the broker acked.
+
+What the database refuses alone, when it refuses a batch for a value it holds
+(the writer isolates it), is rejected (`schema`), quarantined and acked like
+any rejection; the rest is stored and answered as usual
+(docs/decisions/0006-poison-batch-bisection.md).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from gateway.config import WriterConfig
 from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, MqttSession
 from handlers.alerts import CRISIS, AckDecoded, AlertDecoded, AlertHandler, AlertRules
-from handlers.sync import Decoded, Rejected, SyncHandler
-from storage.writer import Writer, WriteSet
+from handlers.errors import Code, Error
+from handlers.sync import MAX_TOPIC_CHARS, Decoded, Rejected, SyncHandler, item_path
+from storage.records import QuarantineRecord
+from storage.writer import Committed, Writer, WriteSet
 
 log = structlog.get_logger("fieldgate.ingest")
 
@@ -34,6 +41,74 @@ class Pending(msgspec.Struct):
     device_id: str
     decoded: Decoded | AlertDecoded | AckDecoded
     ticket: Ticket
+
+
+class Gathered(msgspec.Struct):
+    """One batch as the writer and the answers need it."""
+
+    writes: WriteSet
+    syncs: list[tuple[Inbound, str, Decoded]]
+    alerts: list[tuple[Inbound, str, AlertDecoded]]
+
+
+def collect(batch: list[Pending]) -> Gathered:
+    """Every record of the batch in one write set, and the payloads to answer."""
+    gathered = Gathered(WriteSet(), [], [])
+    writes = gathered.writes
+    for pending in batch:
+        decoded = pending.decoded
+        if isinstance(decoded, Decoded):
+            writes.ops.extend(decoded.records)
+            gathered.syncs.append((pending.message, pending.device_id, decoded))
+        elif isinstance(decoded, AlertDecoded):
+            if decoded.record is not None:
+                writes.alerts.append(decoded.record)
+            gathered.alerts.append((pending.message, pending.device_id, decoded))
+        elif decoded.record is not None:
+            writes.crisis_acks.append(decoded.record)
+        writes.quarantine.extend(decoded.quarantine)
+    return gathered
+
+
+def owners(batch: list[Pending]) -> dict[int, tuple[Pending, int]]:
+    """`id(record)` -> its message and its index in the payload's items, for every
+    record of the batch: which answer a refused record belongs to."""
+    found: dict[int, tuple[Pending, int]] = {}
+    for pending in batch:
+        decoded = pending.decoded
+        if isinstance(decoded, Decoded):
+            for index, item in enumerate(decoded.items):
+                found[id(item)] = (pending, index)
+        elif decoded.record is not None:
+            found[id(decoded.record)] = (pending, 0)
+    return found
+
+
+def refuse(pending: Pending, index: int, error_name: str) -> tuple[str, str | None, Error]:
+    """Turn a record that the database refused into a rejection in its payload, in place.
+
+    Returns (quarantine kind, the record's id, the error). The error names the class of
+    the database's error, never its message: that may quote the row, an alert's note.
+    """
+    decoded = pending.decoded
+    if isinstance(decoded, Decoded):
+        op_id = decoded.items[index].op_id
+        path = item_path(decoded.batch_id, len(decoded.items), index)
+        error = Error(Code.SCHEMA, _refused("operation", error_name), path)
+        decoded.items[index] = Rejected(op_id, error)
+        return "sync", op_id, error
+    if isinstance(decoded, AlertDecoded):
+        decoded.record = None
+        decoded.error = Error(Code.SCHEMA, _refused("alert", error_name))
+        return "alert", decoded.alert_id, decoded.error
+    alert_id = decoded.record.alert_id if decoded.record is not None else None
+    decoded.record = None
+    decoded.error = Error(Code.SCHEMA, _refused("acknowledgement", error_name))
+    return "crisis_ack", alert_id, decoded.error
+
+
+def _refused(what: str, error_name: str) -> str:
+    return f"the database refused this {what} ({error_name})"
 
 
 class Ingest:
@@ -178,23 +253,9 @@ class Ingest:
             await self._commit(batch)
 
     async def _commit(self, batch: list[Pending]) -> None:
-        writes = WriteSet()
-        syncs: list[tuple[Inbound, str, Decoded]] = []
-        alerts: list[tuple[Inbound, str, AlertDecoded]] = []
-        for pending in batch:
-            decoded = pending.decoded
-            if isinstance(decoded, Decoded):
-                writes.ops.extend(decoded.records)
-                syncs.append((pending.message, pending.device_id, decoded))
-            elif isinstance(decoded, AlertDecoded):
-                if decoded.record is not None:
-                    writes.alerts.append(decoded.record)
-                alerts.append((pending.message, pending.device_id, decoded))
-            elif decoded.record is not None:
-                writes.crisis_acks.append(decoded.record)
-            writes.quarantine.extend(decoded.quarantine)
         started = time.perf_counter()
-        written = await self.writer.commit(writes)
+        gathered, written = await self._store(batch)
+        writes = gathered.writes
         if written.leased and self.publish_leased is not None:
             self.publish_leased(written.leased)
         if (written.outbox_rows or writes.conflicts) and self.on_outbox is not None:
@@ -203,19 +264,69 @@ class Ingest:
             self.metrics.conflicts.labels(conflict["severity"]).inc()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
-        stored = sum(1 for record in writes.ops if record.status == "stored")
-        self.metrics.ops.labels("stored").inc(stored)
-        self.metrics.ops.labels("duplicate").inc(len(writes.ops) - stored)
+        for status in ("stored", "duplicate"):
+            count = sum(1 for record in writes.ops if record.status == status)
+            self.metrics.ops.labels(status).inc(count)
         if writes.alerts or writes.crisis_acks:
             self._after_alerts(writes)
-        for outbound in sync_answers(self.root, syncs):
+        for outbound in sync_answers(self.root, gathered.syncs):
             self.session.publish(outbound)
-        for outbound in alert_answers(self.root, alerts):
+        for outbound in alert_answers(self.root, gathered.alerts):
             self.session.publish(outbound)
         self.release([p.ticket for p in batch])
         now_us = time.time_ns() // 1000
         for p in batch:
             self.metrics.ack_seconds.observe((now_us - p.message.received_at_us) / 1e6)
+
+    async def _store(self, batch: list[Pending]) -> tuple[Gathered, Committed]:
+        """Commit the batch; what the database refused alone is rejected and quarantined.
+
+        The writer commits everything else (storage/writer.py). Each refused record
+        becomes a rejection in its payload's answer, and its quarantine row is
+        committed before anything is answered or acked, as every rejection's is.
+        Returns the batch as committed, refused records gone from the write set.
+        """
+        gathered = collect(batch)
+        written = await self.writer.commit(gathered.writes)
+        if not written.refused:
+            return gathered, written
+        found = owners(batch)
+        quarantine = []
+        for refusal in written.refused:
+            pending, index = found[id(refusal.record)]
+            quarantine.append(self._quarantined(pending, *refuse(pending, index, refusal.error)))
+        await self.writer.commit(WriteSet(quarantine=quarantine), refusable=False)
+        conflicts = gathered.writes.conflicts
+        gathered = collect(batch)
+        gathered.writes.conflicts = conflicts
+        return gathered, written
+
+    def _quarantined(
+        self, pending: Pending, kind: str, item_id: str | None, error: Error
+    ) -> QuarantineRecord:
+        """The quarantine row of a refused record, and its log line and count: ids and
+        the error class only, never the payload."""
+        self.metrics.rejected.labels(error.code.value).inc()
+        log.warning(
+            "refused by the database",
+            kind=kind,
+            device_id=pending.device_id or None,
+            id=item_id,
+            path=error.path,
+            reason=error.message,
+        )
+        message = pending.message
+        return QuarantineRecord(
+            received_at_us=message.received_at_us,
+            topic=message.topic[:MAX_TOPIC_CHARS],
+            device_id=pending.device_id or None,
+            kind=kind,
+            code=error.code.value,
+            message=error.message,
+            path=error.path,
+            payload=message.payload,
+            payload_bytes=len(message.payload),
+        )
 
     def _after_alerts(self, writes: WriteSet) -> None:
         """Metrics and logs of committed alerts and acks: ids only, never text."""

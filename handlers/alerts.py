@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from handlers.errors import Code, Error, from_msgspec
+from handlers.errors import NUL_ESCAPE, NUL_MESSAGE, Code, Error, from_msgspec, nul_field
 from storage.records import AlertRecord, CrisisAckRecord, QuarantineRecord
 
 Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -39,6 +39,10 @@ HIGH_STRESS = "high_stress"
 WELLNESS_REASONS = (SUSTAINED_LOW_MOOD, LOW_MOOD, HIGH_STRESS)
 
 SCALES = ("mood", "stress", "energy")
+PLAIN_FIELDS = ("alert_id", "user_id", "site_id", "note")
+"""The strings of an alert stored as text columns (`flags` is stored as JSON, where a
+NUL stays the escape `\\u0000`)."""
+ACK_FIELDS = ("alert_id", "by")
 
 
 class AlertPayload(msgspec.Struct):
@@ -185,6 +189,9 @@ class AlertHandler:
                 alert.alert_id,
                 Error(Code.DEVICE_MISMATCH, "device_id is not the topic's device", "device_id"),
             )
+        nul = nul_field(alert, PLAIN_FIELDS) if NUL_ESCAPE in payload else None
+        if nul is not None:
+            return reject(alert.alert_id, Error(Code.SCHEMA, NUL_MESSAGE, nul))
         if alert.note is not None and len(alert.note.encode()) > rules.max_note_bytes:
             return reject(
                 alert.alert_id,
@@ -235,10 +242,13 @@ class AlertHandler:
             except RecursionError:
                 error = Error(Code.MALFORMED, "the payload is nested too deeply")
             else:
-                record = CrisisAckRecord(
-                    alert_id=ack.alert_id, by=ack.by, received_at_us=received_at_us
-                )
-                return AckDecoded(record, None, [])
+                nul = nul_field(ack, ACK_FIELDS) if NUL_ESCAPE in payload else None
+                if nul is None:
+                    record = CrisisAckRecord(
+                        alert_id=ack.alert_id, by=ack.by, received_at_us=received_at_us
+                    )
+                    return AckDecoded(record, None, [])
+                error = Error(Code.SCHEMA, NUL_MESSAGE, nul)
         quarantine = _quarantine(topic, None, "crisis_ack", error, payload, received_at_us, rules)
         return AckDecoded(None, error, [quarantine])
 

@@ -40,6 +40,25 @@ class Error(msgspec.Struct, frozen=True, omit_defaults=True):
         return out
 
 
+NUL_ESCAPE = b"\\u0000"
+"""How a NUL reaches a decoded string, the only way: JSON refuses a raw NUL byte. A
+payload without it needs no further look (one scan of the bytes)."""
+NUL_MESSAGE = "a NUL character (\\u0000) cannot be stored"
+
+
+def nul_field(decoded: object, names: tuple[str, ...]) -> str | None:
+    """The first of the string fields `names` of `decoded` that holds a NUL.
+
+    PostgreSQL text cannot hold one: stored as a column, it would fail the commit of
+    the whole batch. Strings stored inside JSON keep the escape and are no problem.
+    """
+    for name in names:
+        value = getattr(decoded, name)
+        if isinstance(value, str) and "\x00" in value:
+            return name
+    return None
+
+
 def join_path(prefix: str | None, path: str | None) -> str | None:
     """`ops[3]` + `changes.status` -> `ops[3].changes.status`."""
     if not prefix:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Raw, UnsetType
 
-from handlers.errors import Code, Error, from_msgspec
+from handlers.errors import NUL_ESCAPE, NUL_MESSAGE, Code, Error, from_msgspec, nul_field
 from storage.records import OpRecord, QuarantineRecord
 
 Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -75,6 +75,9 @@ class Decoded(msgspec.Struct):
 
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PLAIN_FIELDS = ("op_id", "user_id", "entity_id", "session_id")
+"""The strings of an op stored as text columns; `changes` and `device` are stored as
+JSON, where a NUL stays the escape `\\u0000`, which every database holds."""
 MAX_FIELD_CHARS = 128
 MAX_TOPIC_CHARS = 512
 """The quarantine keeps this much of a topic (MQTT allows 65535 bytes)."""
@@ -105,6 +108,7 @@ class _Payload:
         self.payload = payload
         self.received_at_us = received_at_us
         self.now_us = _now_us()
+        self.has_nul = NUL_ESCAPE in payload
         self.batch_id: str | None = None
         self.items: list[OpRecord | Rejected] = []
         self.raws: list[bytes | Raw] = []
@@ -160,10 +164,14 @@ class SyncHandler:
                     f"payload is {size} bytes, over the limit of {self.limits.max_payload_bytes}",
                 )
             )
+        if not _is_utf8(payload):
+            return ctx.reject_whole(Error(Code.MALFORMED, "the payload is not UTF-8"))
         try:
             if b'"ops"' in payload:
                 envelope = _envelope_decoder.decode(payload)
                 if not isinstance(envelope.ops, UnsetType):
+                    if ctx.has_nul and nul_field(envelope, ("batch_id",)):
+                        return ctx.reject_whole(Error(Code.SCHEMA, NUL_MESSAGE, "batch_id"))
                     ctx.batch_id = envelope.batch_id
                     return self._batch(ctx, envelope.ops)
             op = _op_decoder.decode(payload)
@@ -195,7 +203,7 @@ class SyncHandler:
             prefix = f"ops[{index}]"
             try:
                 op = _op_decoder.decode(raw)
-            except msgspec.ValidationError as exc:
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 ctx.reject(_lenient_op_id(raw), from_msgspec(exc, prefix), raw)
             except RecursionError:
                 error = Error(Code.SCHEMA, "the JSON is nested too deeply", prefix)
@@ -217,7 +225,7 @@ class SyncHandler:
         surplus = set(accepted[allowed:])
         for index, (item, raw) in enumerate(zip(ctx.items, ctx.raws, strict=True)):
             if index in surplus:
-                path = f"ops[{index}]" if ctx.batch_id is not None or len(ctx.items) > 1 else None
+                path = item_path(ctx.batch_id, len(ctx.items), index)
                 limited.reject(item.op_id, _rate_error(path), raw)
             elif isinstance(item, OpRecord):
                 limited.accept(item, raw)
@@ -237,6 +245,10 @@ class SyncHandler:
                 f"device_id {op.device_id!r} is not the topic's {ctx.device_id!r}",
                 "device_id",
             )
+        if ctx.has_nul:
+            name = nul_field(op, PLAIN_FIELDS)
+            if name is not None:
+                return reject(Code.SCHEMA, NUL_MESSAGE, name)
         if op.entity_type not in self.limits.entity_types:
             return reject(
                 Code.UNKNOWN_ENTITY_TYPE, f"unknown entity type {op.entity_type!r}", "entity_type"
@@ -291,6 +303,22 @@ class SyncHandler:
             raw,
         )
         return None
+
+
+def item_path(batch_id: str | None, items: int, index: int) -> str | None:
+    """The path of one op's error: `ops[i]` in a batch, none for a payload of one op."""
+    return f"ops[{index}]" if batch_id is not None or items > 1 else None
+
+
+def _is_utf8(payload: bytes) -> bool:
+    """msgspec checks the strings it decodes, but not the bytes it keeps raw (`device`)."""
+    if payload.isascii():
+        return True
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _change_problem(operation: str, name: str, change: Any) -> tuple[str, str] | None:

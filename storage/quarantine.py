@@ -1,13 +1,43 @@
-"""The quarantine: every rejected payload, raw, with its topic, time and error."""
+"""The quarantine: every rejected payload, raw, with its topic, time and error.
+
+It is where refused data goes, so it must never be refused itself: its text
+columns hold what a device sent (a topic, an unknown field's name echoed in the
+error and its path), and that text is made storable here, whatever it holds.
+The raw payload, bytes, is kept exactly.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from sqlalchemy import Column, String
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage.records import QuarantineRecord
 from storage.schema import quarantine
+
+NUL = "\x00"
+NUL_SHOWN = "\\x00"
+"""PostgreSQL text cannot hold NUL: it is written as Python and msgspec show it."""
+
+
+def _length(column: Column[Any]) -> int | None:
+    return column.type.length if isinstance(column.type, String) else None
+
+
+_TOPIC = _length(quarantine.c.topic)
+_DEVICE_ID = _length(quarantine.c.device_id)
+_PATH = _length(quarantine.c.path)
+
+
+def storable(text: str | None, length: int | None = None) -> str | None:
+    """`text` without NUL and cut to the column's `length`: what every database takes."""
+    if text is None:
+        return None
+    if NUL in text:
+        text = text.replace(NUL, NUL_SHOWN)
+    return text if length is None else text[:length]
 
 
 async def store(conn: AsyncConnection, records: Sequence[QuarantineRecord]) -> None:
@@ -18,12 +48,12 @@ async def store(conn: AsyncConnection, records: Sequence[QuarantineRecord]) -> N
         [
             {
                 "received_at": r.received_at_us,
-                "topic": r.topic,
-                "device_id": r.device_id,
+                "topic": storable(r.topic, _TOPIC),
+                "device_id": storable(r.device_id, _DEVICE_ID),
                 "kind": r.kind,
                 "code": r.code,
-                "message": r.message,
-                "path": r.path,
+                "message": storable(r.message),
+                "path": storable(r.path, _PATH),
                 "payload": r.payload,
                 "payload_bytes": r.payload_bytes,
             }
