@@ -136,6 +136,8 @@ class MqttSession:
         self._client: aiomqtt.Client | None = None
         self._paho: paho.Client | None = None
         self._paused = False
+        self._pause_wanted = False
+        """A pause asked for before the session was up: applied once it is."""
         self._stopping = asyncio.Event()
         self._reader_fd: int | None = None
 
@@ -176,6 +178,8 @@ class MqttSession:
             if self.on_connected is not None:
                 await self.on_connected(client)
             self.connected.set()
+            if self._pause_wanted:
+                self.pause_reading()
             self.last_error = None
             log.info(
                 "mqtt connected", host=self.config.host, port=self.config.port, epoch=self.epoch
@@ -280,6 +284,7 @@ class MqttSession:
         self._client = None
         self._paho = None
         self._paused = False
+        self._pause_wanted = False
         self._reader_fd = None
 
     async def stop(self, last_words: Outbound | None = None) -> None:
@@ -317,7 +322,18 @@ class MqttSession:
         )
 
     def pause_reading(self) -> None:
-        """Stop reading the socket: TCP pushes back on the broker, which queues."""
+        """Stop reading the socket: TCP pushes back on the broker, which queues.
+
+        Not before the session is up: a resumed session's queued messages come
+        ahead of the SUBACK, and a pause then would leave the SUBACK unread until
+        the subscribe times out and the session is torn down (its messages in
+        flight all redelivered). The broker's in-flight window (our
+        ReceiveMaximum) bounds what arrives meanwhile.
+        """
+        if not self.connected.is_set():
+            self._pause_wanted = True
+            return
+        self._pause_wanted = False
         if self._paused or self._reader_fd is None:
             return
         asyncio.get_running_loop().remove_reader(self._reader_fd)
@@ -325,6 +341,7 @@ class MqttSession:
         log.debug("intake paused")
 
     def resume_reading(self) -> None:
+        self._pause_wanted = False
         if not self._paused or self._reader_fd is None or self._paho is None:
             self._paused = False
             return
@@ -347,7 +364,7 @@ class MqttSession:
 
     @property
     def paused(self) -> bool:
-        return self._paused
+        return self._paused or self._pause_wanted
 
     # -- answers -------------------------------------------------------------
 

@@ -7,6 +7,8 @@ daemon must store all of it exactly once, with gapless versions per entity.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -149,6 +151,48 @@ def test_backlog_queued_while_down_is_stored_once(
     assert [r for r in results if r["status"] != "stored"] == []
     assert sorted((r["op_id"], r["version"]) for r in results) == sorted(stored.items())
     assert_versions_gapless(daemon.db_url)
+
+
+def test_a_backlog_over_the_in_process_limit_does_not_break_the_session(
+    own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Starting into a backlog that fills `writer.max_in_process` before the SUBACK.
+
+    The broker resumes the persistent session by sending what it queued right
+    after the CONNACK, ahead of its answer to the gateway's SUBSCRIBE. Pausing
+    the socket then, while the database cannot commit (here: another process
+    holds its write lock for 12 s), left the SUBACK unread: the subscribe timed
+    out after 10 s, the session was torn down and rebuilt, and every message in
+    flight came back as a duplicate (seen on every drain benchmark of 30,000).
+    """
+    daemon = make_daemon(
+        own_broker.port,
+        WRITER__MAX_IN_PROCESS="100",
+        MQTT__RECEIVE_MAXIMUM="1000",
+        LOG__LEVEL="debug",
+        **SPINE_ONLY,
+    )
+    assert daemon.terminate() == 0
+    ops = stream_ops(2000, "s")
+    queue_for(own_broker.port, daemon.root, ops)
+    acks = AckRecorder(own_broker.port, daemon.root).start()
+    lock = sqlite3.connect(daemon.db_url.split("///", 1)[1], isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        daemon.start(wait_ready=False)
+        wait_for(lambda: "intake paused" in daemon.log(), timeout=30)
+        time.sleep(12)
+        lock.execute("COMMIT")
+        wait_for(lambda: len({r["op_id"] for r in acks.results()}) >= len(ops), timeout=60)
+        results = acks.results()
+    finally:
+        lock.close()
+        acks.close()
+    stored = assert_stored_once(daemon, ops)
+    assert [r for r in results if r["status"] != "stored"] == []
+    assert sorted((r["op_id"], r["version"]) for r in results) == sorted(stored.items())
+    assert "mqtt disconnected" not in daemon.log()
+    assert daemon.terminate() == 0
 
 
 def test_backlog_is_pubacked_so_a_restart_redelivers_nothing(
