@@ -36,18 +36,18 @@ def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture(scope="session")
-def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin() -> Iterator[str]:
     """The shared PostgreSQL if it answers, else a throwaway cluster, else skip."""
     if pg_available():
         yield pg_admin_url()
         return
     if PostgresServer.binaries() is None:
         pytest.skip("no PostgreSQL server and no PostgreSQL binaries")
-    server = PostgresServer(tmp_path_factory.mktemp("pg"))
+    server = PostgresServer()
     try:
         yield server.start()
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.fixture

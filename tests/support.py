@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -475,12 +476,26 @@ def pg_available() -> bool:
 
 
 class PostgresServer:
-    """A throwaway PostgreSQL cluster, for machines without a shared one."""
+    """A throwaway PostgreSQL cluster, for machines without a shared one.
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+    As root, the cluster belongs to the `postgres` user (initdb refuses root), in a
+    directory of its own under the system's temp dir: pytest's own temp dirs are
+    private to root, and the server could not enter them. The server runs as that
+    user directly (not under runuser), so that `stop()` signals the server itself.
+    `stop()` keeps the cluster: `start()` brings it back on the same port (an
+    outage); `close()` removes it.
+    """
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="fieldgate-pg-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.user = "postgres" if os.geteuid() == 0 else None
+
+    def _as_user(self) -> dict[str, Any]:
+        if self.user is None:
+            return {}
+        return {"user": self.user, "group": self.user, "extra_groups": []}
 
     @staticmethod
     def binaries() -> Path | None:
@@ -491,19 +506,18 @@ class PostgresServer:
         bindir = self.binaries()
         assert bindir is not None
         data = self.workdir / "pgdata"
-        user: list[str] = []
-        if os.geteuid() == 0:
-            # initdb refuses to run as root; hand the directory to the postgres user.
-            shutil.chown(self.workdir, "postgres")
-            user = ["runuser", "-u", "postgres", "--"]
-        subprocess.run(
-            [*user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-            check=True,
-            capture_output=True,
-        )
+        if not data.exists():
+            if self.user is not None:
+                shutil.chown(self.workdir, self.user)
+            subprocess.run(
+                [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                check=True,
+                capture_output=True,
+                cwd=self.workdir,
+                **self._as_user(),
+            )
         self.proc = subprocess.Popen(
             [
-                *user,
                 str(bindir / "postgres"),
                 "-D",
                 str(data),
@@ -518,16 +532,22 @@ class PostgresServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=self.workdir,
+            **self._as_user(),
         )
         wait_port(self.port, 30)
         time.sleep(0.5)
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
+        """Fast shutdown (SIGINT): sessions are cut, the cluster stays."""
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(20)
+            end_process(self.proc, signal.SIGINT, 20)
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -15,11 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +40,6 @@ from tests.support import (
     db_rows,
     sync_op,
     wait_for,
-    wait_port,
 )
 from tests.test_alerts_admin import admin
 
@@ -576,50 +571,16 @@ async def until(predicate: Callable[[], Any]) -> None:
 # -- a real outage in the middle of an isolation --------------------------------------
 
 
-class RestartablePostgres(PostgresServer):
-    """A private cluster that this test may stop and start again on the same port.
-
-    Through `pg_ctl`: as root the server runs under `runuser`, which does not pass
-    `PostgresServer.stop`'s SIGINT on to it.
-    """
-
-    url = ""
-
-    def pg_ctl(self, *args: str) -> None:
-        bindir = self.binaries()
-        assert bindir is not None
-        user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        data = str(self.workdir / "pgdata")
-        subprocess.run([*user, str(bindir / "pg_ctl"), "-D", data, "-w", *args], check=True)
-
-    def stop(self) -> None:
-        self.pg_ctl("-m", "fast", "stop")
-        if self.proc is not None:
-            self.proc.wait(20)
-            self.proc = None
-
-    def restart(self) -> None:
-        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        log = str(self.workdir / "restarted.log")
-        self.pg_ctl("-o", options, "-l", log, "start")
-        wait_port(self.port, 30)
-
-
 @pytest.fixture
-def private_pg() -> Iterator[RestartablePostgres]:
-    """In a directory of its own under /tmp: as root, the cluster runs as `postgres`,
-    which cannot enter pytest's temporary directories (mode 0700, owned by root)."""
+def private_pg() -> Iterator[PostgresServer]:
+    """A cluster of this test's own, which it stops and starts again."""
     if PostgresServer.binaries() is None:
         pytest.skip("no PostgreSQL binaries")
-    workdir = Path(tempfile.mkdtemp(prefix="fieldgate-pg-"))
-    server = RestartablePostgres(workdir)
+    server = PostgresServer()
     try:
-        server.url = server.start().replace("postgresql://", "postgresql+psycopg://", 1)
         yield server
     finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.close()
 
 
 def waiting_on_lock(url: str) -> bool:
@@ -633,13 +594,13 @@ def waiting_on_lock(url: str) -> bool:
 
 @postgres
 async def test_an_outage_during_the_isolation_is_retried_not_refused(
-    private_pg: RestartablePostgres,
+    private_pg: PostgresServer,
 ) -> None:
     """The isolation is pinned mid-way on a row lock: the poison refused, a good op
     waiting alone for the lock. The server stops (the lone op fails with
     `OperationalError`, then cannot even connect) and starts again: the lone op is
     retried until it commits, never refused; the poison alone is."""
-    url = private_pg.url
+    url = private_pg.start().replace("postgresql://", "postgresql+psycopg://", 1)
     await migrate.upgrade_async(url)
     engine = create_engine(url)
     writer = Writer(engine)
@@ -661,7 +622,7 @@ async def test_an_outage_during_the_isolation_is_retried_not_refused(
         assert not commit.done()
         with contextlib.suppress(psycopg.Error):
             holder.close()
-        await asyncio.to_thread(private_pg.restart)
+        await asyncio.to_thread(private_pg.start)
 
         committed = await asyncio.wait_for(commit, 60)
         assert [(r.record, r.error) for r in committed.refused] == [(poison, error_name)]
