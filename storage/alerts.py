@@ -143,7 +143,7 @@ async def _stored(conn: AsyncConnection, alert_ids: set[str]) -> dict[str, tuple
                 alerts.c.alert_id.in_(part)
             )
         )
-        for alert_id, classification, reasons in result.tuples():
+        for alert_id, classification, reasons in result:
             found[alert_id] = (classification, msgspec.json.decode(reasons, type=list[str]))
     return found
 
@@ -191,7 +191,7 @@ async def _classify_with_history(
             alerts.c.occurred_at < at + window,
         )
     )
-    if sustained([at, *(t for (t,) in found.tuples())], at, window, policy.sustained_entries):
+    if sustained([at, *(t for (t,) in found)], at, window, policy.sustained_entries):
         record.classification = WELLNESS
         record.reasons = [SUSTAINED_LOW_MOOD, *(r for r in record.reasons if r != LOW_MOOD)]
 

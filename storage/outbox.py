@@ -72,7 +72,7 @@ async def add_leased(
     result = await conn.execute(
         outbox.insert().returning(outbox.c.id, sort_by_parameter_order=True), rows
     )
-    ids = [row_id for (row_id,) in result.tuples()]
+    ids = [row_id for (row_id,) in result]
     return [{**row, "id": row_id} for row, row_id in zip(rows, ids, strict=True)]
 
 
