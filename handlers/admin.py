@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from handlers.errors import Code, Error, from_msgspec
+from handlers.errors import NUL_MESSAGE, Code, Error, from_msgspec
 
 T = TypeVar("T")
 
@@ -46,9 +46,32 @@ def parse(
 
 
 def convert_args(args: dict[str, Any], kind: type[T]) -> T | Error:
-    """Arguments into the command's typed Struct; unknown keys are refused (typos)."""
+    """Arguments into the command's typed Struct; unknown keys are refused (typos).
+
+    A NUL in a string is refused here: PostgreSQL cannot take it as a parameter,
+    and the command would fail as `unavailable` instead of saying which argument.
+    """
+    path = _nul_path(args, "")
+    if path is not None:
+        return Error(Code.INVALID_ARGS, NUL_MESSAGE, path)
     try:
         return msgspec.convert(args, kind, strict=False)
     except msgspec.ValidationError as exc:
         error = from_msgspec(exc, None)
         return Error(Code.INVALID_ARGS, error.message, error.path)
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    """The path of the first string in `value` that holds a NUL, else None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        items = [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    for item_path, item in items:
+        found = _nul_path(item, item_path)
+        if found is not None:
+            return found
+    return None

@@ -621,6 +621,15 @@ def test_unknown_argument_and_wrong_type_are_invalid_args(
             },
         ),
         (
+            "sync/history",
+            {"entity_type": "task", "entity_id": "t\u0000"},
+            {
+                "code": "invalid_args",
+                "message": "a NUL character (\\u0000) cannot be stored",
+                "path": "entity_id",
+            },
+        ),
+        (
             "quarantine/list",
             {"limit": "many"},
             {"code": "invalid_args", "message": "Expected `int`, got `str`", "path": "limit"},
