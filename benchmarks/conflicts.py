@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.conflicts [--sizes 0,1000000,10000000]
         [--messages 20000] [--repeat 3] [--workdir DIR] [--out FILE]
         [--postgres postgresql://postgres@127.0.0.1:5432/test]
+        [--own-postgres shared_buffers=4GB,max_wal_size=8GB]
 
 For each size N of sync log already stored, and each variant:
 
@@ -14,7 +15,8 @@ For each size N of sync log already stored, and each variant:
 the benchmark
 
 1. builds (once per N) a SQLite database (with `--postgres`: a PostgreSQL
-   database `fg_bench_<N>` on that server, kept for the next run) with N rows
+   database `fg_bench_<N>` on that server, kept for the next run; with
+   `--own-postgres`: on a cluster of its own, removed at the end) with N rows
    written straight into it: N / 20 entities of the four default types with
    20 operations each, edited over the last 30 days, rows in index order so
    the B-trees grow by appending;
@@ -59,7 +61,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from storage import migrate
-from tests.support import Daemon, Mosquitto, daemon_env, wait_for
+from tests.support import Daemon, Mosquitto, PostgresServer, daemon_env, wait_for
 
 TYPES = ("asset", "attendance", "task", "work_order")
 OPS_PER_ENTITY = 20
@@ -421,9 +423,21 @@ def main() -> None:
     parser.add_argument(
         "--postgres", default=None, help="admin URL of a PostgreSQL server to run on instead"
     )
+    parser.add_argument(
+        "--own-postgres",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="run on a PostgreSQL cluster of the benchmark's own, with these settings",
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fg-conflicts-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    server = None
+    if args.own_postgres is not None:
+        pairs = [item.split("=", 1) for item in args.own_postgres.split(",") if item]
+        server = PostgresServer({key: value for key, value in pairs})
+        args.postgres = server.start()
+        log(f"own PostgreSQL on port {server.port}: {server.settings}")
     broker = Mosquitto(workdir / "mosquitto", persistence=False).start()
     results: list[Result] = []
     try:
@@ -441,6 +455,8 @@ def main() -> None:
                             store.discard()
     finally:
         broker.stop()
+        if server is not None:
+            server.close()
     summary = []
     for size in sorted({r.size for r in results}):
         for variant in args.variants.split(","):
@@ -460,6 +476,7 @@ def main() -> None:
             )
     meta = {
         "database": "postgresql" if args.postgres else "sqlite",
+        "postgres_settings": server.settings if server is not None else None,
         "messages": args.messages,
         "hot": args.hot,
         "cpus": os.cpu_count(),

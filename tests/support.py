@@ -486,7 +486,10 @@ class PostgresServer:
     outage); `close()` removes it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        # Tests: nothing they check survives a power cut. A benchmark passes its own.
+        test_settings = {"fsync": "off"}
+        self.settings = {"listen_addresses": "127.0.0.1", **(settings or test_settings)}
         self.workdir = Path(tempfile.mkdtemp(prefix="fieldgate-pg-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -525,10 +528,7 @@ class PostgresServer:
                 str(self.port),
                 "-k",
                 str(self.workdir),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
+                *(arg for key, value in self.settings.items() for arg in ("-c", f"{key}={value}")),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
