@@ -166,37 +166,31 @@ def test_values_no_database_can_store_are_rejected_and_the_rest_stored_as_sent(
     root = daemon.root
     client.subscribe(f"{root}/devices/+/sync/ack", f"{root}/devices/+/alerts/ack")
 
-    def sync(device: str, payload: Any) -> dict[str, Any]:
-        client.publish(f"{root}/devices/{device}/sync", payload)
+    def answer_to(kind: str, device: str, payload: Any) -> dict[str, Any]:
+        """Publish on the device's `kind` topic (sync, alerts); its one answer."""
+        client.publish(f"{root}/devices/{device}/{kind}", payload)
         (answer,) = client.expect(1)
-        assert answer.topic == f"{root}/devices/{device}/sync/ack"
-        body: dict[str, Any] = answer.json()
-        return body
-
-    def alert_answer(device: str, payload: Any) -> dict[str, Any]:
-        client.publish(f"{root}/devices/{device}/alerts", payload)
-        (answer,) = client.expect(1)
-        assert answer.topic == f"{root}/devices/{device}/alerts/ack"
+        assert answer.topic == f"{root}/devices/{device}/{kind}/ack"
         body: dict[str, Any] = answer.json()
         return body
 
     expected_quarantine: list[tuple[str | None, str, str, str | None]] = []
     for index, (case, payload, results, path) in enumerate(SYNC_REJECTED):
-        assert sync(f"s{index}", payload)["results"] == results, case
+        assert answer_to("sync", f"s{index}", payload)["results"] == results, case
         expected_quarantine.append((f"s{index}", "sync", "schema", path))
 
     # An unknown key in a change is echoed in the error's path: the quarantine row
     # holds it too, NUL written out and cut to the column, never refused.
-    answer = sync("k1", sync_op("v-key", changes={"status": {"new": 1, nul("k"): 2}}))
+    answer = answer_to("sync", "k1", sync_op("v-key", changes={"status": {"new": 1, nul("k"): 2}}))
     assert answer["results"][0]["error"]["path"] == f"changes.status.{nul('k')}"
     expected_quarantine.append(("k1", "sync", "schema", "changes.status.k\\x00x"))
-    answer = sync("k2", sync_op("v-long", changes={"status": {"new": 1, LONG_KEY: 2}}))
+    answer = answer_to("sync", "k2", sync_op("v-long", changes={"status": {"new": 1, LONG_KEY: 2}}))
     assert answer["results"][0]["error"]["path"] == f"changes.status.{LONG_KEY}"
     expected_quarantine.append(("k2", "sync", "schema", f"changes.status.{LONG_KEY}"[:256]))
 
     # A string that is not UTF-8 where msgspec keeps the bytes raw (`device`).
     raw = json.dumps(sync_op("v-utf8", device={"platform": "x"})).encode()
-    answer = sync("m1", raw.replace(b'"x"', b'"\xff"'))
+    answer = answer_to("sync", "m1", raw.replace(b'"x"', b'"\xff"'))
     assert answer["results"] == [
         {
             "op_id": None,
@@ -206,13 +200,13 @@ def test_values_no_database_can_store_are_rejected_and_the_rest_stored_as_sent(
     ]
     expected_quarantine.append(("m1", "sync", "malformed", None))
     # Integers past BIGINT never get as far as the database.
-    answer = sync("i1", sync_op("v-big", base_version=2**63))
+    answer = answer_to("sync", "i1", sync_op("v-big", base_version=2**63))
     assert answer["results"][0]["error"]["path"] == "base_version"
     expected_quarantine.append(("i1", "sync", "schema", "base_version"))
 
     for index, name in enumerate(["alert_id", "user_id", "site_id", "note"]):
         body = {**alert(f"al-{name}"), name: nul(name)}
-        answer = alert_answer(f"a{index}", body)
+        answer = answer_to("alerts", f"a{index}", body)
         assert answer["status"] == "rejected"
         assert answer["error"] == {"code": "schema", "message": NUL_MESSAGE, "path": name}
         expected_quarantine.append((f"a{index}", "alert", "schema", name))
@@ -224,7 +218,8 @@ def test_values_no_database_can_store_are_rejected_and_the_rest_stored_as_sent(
     # What both databases hold: a NUL inside JSON stays the escape `\u0000`.
     changes = {nul("field"): {"old": None, "new": nul("value")}, "n": {"old": -(10**30), "new": 0}}
     device = {"platform": nul("android"), nul("key"): 1}
-    answer = sync(
+    answer = answer_to(
+        "sync",
         "j1",
         sync_op(
             "v-json",
@@ -242,7 +237,7 @@ def test_values_no_database_can_store_are_rejected_and_the_rest_stored_as_sent(
     assert json.loads(stored_changes) == changes
     assert json.loads(stored_device) == device
     assert (base_version, edited_at) == (2**63 - 1, -62135596800000000)
-    answer = alert_answer("j2", alert("al-flags", flags=[nul("flag")]))
+    answer = answer_to("alerts", "j2", alert("al-flags", flags=[nul("flag")]))
     assert (answer["status"], answer["classification"]) == ("stored", "none")
     ((flags,),) = db_rows(daemon.db_url, "select flags from alerts where alert_id = 'al-flags'")
     assert json.loads(flags) == [nul("flag")]
@@ -253,7 +248,7 @@ def test_values_no_database_can_store_are_rejected_and_the_rest_stored_as_sent(
         ("v-json",),
         ("v-ok",),
     ]
-    assert sync("after", sync_op("after-1", entity_id="after"))["results"] == [
+    assert answer_to("sync", "after", sync_op("after-1", entity_id="after"))["results"] == [
         {"op_id": "after-1", "status": "stored", "version": 1}
     ]
     # Validation caught it all: the database never refused a commit.
