@@ -72,7 +72,11 @@ def run(
     async def main() -> int:
         return await Daemon(settings, config_path).run()
 
-    code = run_async(main())
+    try:
+        code = run_async(main())
+    except config.ConfigError as exc:
+        typer.echo(f"fieldgate: {exc}", err=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(int(code) if isinstance(code, int) else 1)
 
 

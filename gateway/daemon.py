@@ -34,7 +34,7 @@ from handlers.ratelimit import DeviceRateLimiter
 from handlers.sync import Limits, SyncHandler
 from storage import migrate
 from storage.alerts import AlertPolicy
-from storage.db import create_engine
+from storage.db import create_engine, encoding_problem
 from storage.writer import Writer
 
 log = structlog.get_logger("fieldgate.daemon")
@@ -229,6 +229,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
+        problem = await encoding_problem(self.engine)
+        if problem is not None:
+            await self.engine.dispose()
+            raise config.ConfigError(problem)
         if self.settings.database.auto_upgrade:
             await migrate.upgrade_async(self.settings.database.url)
         warmed = await self.detector.warm(self.engine, time.time_ns() // 1000)

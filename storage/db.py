@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -43,3 +43,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+async def encoding_problem(engine: AsyncEngine) -> str | None:
+    """Why this database cannot hold what devices send, in one line; None if it can.
+
+    Ids, field names and notes are Unicode. A PostgreSQL database in another
+    encoding (LATIN1, SQL_ASCII: old clusters initialised under such a locale)
+    refuses any character it lacks, so valid operations would be rejected one
+    by one as refused data: better not to start.
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    async with engine.connect() as conn:
+        encoding = (await conn.execute(text("SHOW server_encoding"))).scalar_one()
+    if encoding == "UTF8":
+        return None
+    return (
+        f"database.url: the database's encoding is {encoding}, and fieldgate needs UTF8"
+        " (CREATE DATABASE ... ENCODING 'UTF8')"
+    )
