@@ -307,7 +307,9 @@ class Ingest:
         """The quarantine row of a refused record, and its log line and count: ids and
         the error class only, never the payload."""
         self.metrics.rejected.labels(error.code.value).inc()
-        log.warning(
+        # An alert or a crisis ack that is not stored reaches no operator: say so louder.
+        emit = log.warning if kind == "sync" else log.error
+        emit(
             "refused by the database",
             kind=kind,
             device_id=pending.device_id or None,

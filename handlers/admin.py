@@ -62,16 +62,20 @@ def convert_args(args: dict[str, Any], kind: type[T]) -> T | Error:
 
 
 def _nul_path(value: Any, path: str) -> str | None:
-    """The path of the first string in `value` that holds a NUL, else None."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    items: list[tuple[str, Any]] = []
-    if isinstance(value, dict):
-        items = [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
-    elif isinstance(value, list):
-        items = [(f"{path}[{index}]", item) for index, item in enumerate(value)]
-    for item_path, item in items:
-        found = _nul_path(item, item_path)
-        if found is not None:
-            return found
+    """The path of the first string in `value` that holds a NUL, else None.
+
+    Depth first without recursion: arguments nest as deep as their JSON does."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        here, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return here
+        elif isinstance(item, dict):
+            stack.extend(
+                (f"{here}.{key}" if here else str(key), sub) for key, sub in reversed(item.items())
+            )
+        elif isinstance(item, list):
+            pairs = list(enumerate(item))
+            stack.extend((f"{here}[{index}]", sub) for index, sub in reversed(pairs))
     return None

@@ -93,11 +93,15 @@ class Refused(Exception):
 
 def units(batch: WriteSet) -> list[WriteSet]:
     """`batch` cut into the smallest parts the database can refuse one by one: one per
-    op, alert and crisis ack, the same record objects; last, the quarantine and outbox
-    rows together, which are never refused (they are where refused data goes)."""
-    out = [WriteSet(ops=[record]) for record in batch.ops]
-    out.extend(WriteSet(alerts=[record]) for record in batch.alerts)
+    alert, crisis ack and op, the same record objects; last, the quarantine and outbox
+    rows together, which are never refused (they are where refused data goes).
+
+    Alerts first: the halves are committed in order, and a crisis alert's publication
+    (leased for a few seconds from its own commit) must not wait for a search among
+    hundreds of ops."""
+    out = [WriteSet(alerts=[record]) for record in batch.alerts]
     out.extend(WriteSet(crisis_acks=[ack]) for ack in batch.crisis_acks)
+    out.extend(WriteSet(ops=[record]) for record in batch.ops)
     if batch.quarantine or batch.outbox:
         out.append(WriteSet(quarantine=batch.quarantine, outbox=batch.outbox))
     return out
