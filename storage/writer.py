@@ -202,8 +202,9 @@ class Writer:
         )
 
     async def _commit(self, batch: WriteSet, refusable: bool) -> Committed:
+        """One batch, committed whole or, when refused, in parts: one commit to count."""
         try:
-            return await self._retrying(batch, refusable)
+            written = await self._retrying(batch, refusable)
         except Refused as exc:
             log.warning(
                 "batch refused by the database, isolating",
@@ -212,11 +213,15 @@ class Writer:
                 alerts=len(batch.alerts),
                 crisis_acks=len(batch.crisis_acks),
             )
+        else:
+            self.commits += 1
+            return written
         written = Committed()
         conflicts: list[dict[str, Any]] = []
         tried = await self._split(units(batch), written, conflicts)
         batch.conflicts = conflicts
         log.warning("batch isolated", refused=len(written.refused), transactions=tried)
+        self.commits += 1
         return written
 
     async def _split(
@@ -284,7 +289,6 @@ class Writer:
             self.attempt_started = None
         self.healthy = True
         self.last_error = None
-        self.commits += 1
         return written
 
     async def _attempt(self, batch: WriteSet) -> Committed:

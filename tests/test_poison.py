@@ -517,8 +517,12 @@ async def test_the_writer_commits_all_but_the_records_refused_alone(
     again = op("g-1", "e1")
     alerts = [alert_record("al-good"), alert_record("al-poison")]
     batch = WriteSet(ops=[*ops, again], alerts=alerts, quarantine=[quarantine_record("q/1")])
+    commits_before = writer.commits
 
     committed = await writer.commit(batch)
+
+    # One batch, one commit in the writer's count (stats), however many parts it took.
+    assert writer.commits == commits_before + 1
 
     # Alerts are searched first (a crisis must not wait for the ops' search).
     assert [(type(r.record).__name__, r.error) for r in committed.refused] == [
