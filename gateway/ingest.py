@@ -28,8 +28,8 @@ from gateway.config import WriterConfig
 from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, MqttSession
 from handlers.alerts import CRISIS, AckDecoded, AlertDecoded, AlertHandler, AlertRules
-from handlers.errors import Code, Error
-from handlers.sync import MAX_TOPIC_CHARS, Decoded, Rejected, SyncHandler, item_path
+from handlers.errors import Code, Error, quarantine_record
+from handlers.sync import Decoded, Rejected, SyncHandler, item_path
 from storage.records import QuarantineRecord
 from storage.writer import Committed, Writer, WriteSet
 
@@ -318,16 +318,13 @@ class Ingest:
             reason=error.message,
         )
         message = pending.message
-        return QuarantineRecord(
-            received_at_us=message.received_at_us,
-            topic=message.topic[:MAX_TOPIC_CHARS],
+        return quarantine_record(
+            topic=message.topic,
             device_id=pending.device_id or None,
             kind=kind,
-            code=error.code.value,
-            message=error.message,
-            path=error.path,
+            error=error,
             payload=message.payload,
-            payload_bytes=len(message.payload),
+            received_at_us=message.received_at_us,
         )
 
     def _after_alerts(self, writes: WriteSet) -> None:

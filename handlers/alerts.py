@@ -20,7 +20,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from handlers.errors import NUL_ESCAPE, NUL_MESSAGE, Code, Error, from_msgspec, nul_field
+from handlers.errors import (
+    NUL_ESCAPE,
+    NUL_MESSAGE,
+    Code,
+    Error,
+    from_msgspec,
+    nul_field,
+    quarantine_record,
+)
 from storage.records import AlertRecord, CrisisAckRecord, QuarantineRecord
 
 Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -155,8 +163,14 @@ class AlertHandler:
         rules = self.rules
 
         def reject(alert_id: str | None, error: Error) -> AlertDecoded:
-            quarantine = _quarantine(
-                topic, device_id, "alert", error, payload, received_at_us, rules
+            quarantine = quarantine_record(
+                topic=topic,
+                device_id=device_id,
+                kind="alert",
+                error=error,
+                payload=payload,
+                received_at_us=received_at_us,
+                max_payload_bytes=rules.max_payload_bytes,
             )
             return AlertDecoded(alert_id, None, error, [quarantine])
 
@@ -249,7 +263,15 @@ class AlertHandler:
                     )
                     return AckDecoded(record, None, [])
                 error = Error(Code.SCHEMA, NUL_MESSAGE, nul)
-        quarantine = _quarantine(topic, None, "crisis_ack", error, payload, received_at_us, rules)
+        quarantine = quarantine_record(
+            topic=topic,
+            device_id=None,
+            kind="crisis_ack",
+            error=error,
+            payload=payload,
+            received_at_us=received_at_us,
+            max_payload_bytes=rules.max_payload_bytes,
+        )
         return AckDecoded(None, error, [quarantine])
 
 
@@ -262,28 +284,6 @@ def _error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Error:
     if missing and path is None:
         path = missing.group(1)
     return Error(error.code, message, path)
-
-
-def _quarantine(
-    topic: str,
-    device_id: str | None,
-    kind: str,
-    error: Error,
-    payload: bytes,
-    received_at_us: int,
-    rules: AlertRules,
-) -> QuarantineRecord:
-    return QuarantineRecord(
-        received_at_us=received_at_us,
-        topic=topic,
-        device_id=device_id,
-        kind=kind,
-        code=error.code.value,
-        message=error.message,
-        path=error.path,
-        payload=payload[: rules.max_payload_bytes],
-        payload_bytes=len(payload),
-    )
 
 
 def _lenient_alert_id(raw: bytes) -> str | None:

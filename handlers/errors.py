@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 
+from storage.records import QuarantineRecord
+
 _NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
 
@@ -86,3 +88,33 @@ def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str
             path = join_path(path, named.group(1))
         return Error(Code.SCHEMA, text, join_path(prefix, path))
     return Error(Code.MALFORMED, f"not valid JSON: {text}", prefix)
+
+
+MAX_TOPIC_CHARS = 512
+"""The quarantine keeps this much of a topic (MQTT allows 65535 bytes)."""
+
+
+def quarantine_record(
+    *,
+    topic: str,
+    device_id: str | None,
+    kind: str,
+    error: Error,
+    payload: bytes,
+    received_at_us: int,
+    max_payload_bytes: int | None = None,
+) -> QuarantineRecord:
+    """The quarantine row of a rejected payload: its raw bytes cut at the size limit
+    (`payload_bytes` says how many there were; no limit keeps them whole), its topic
+    and device id cut to their columns, and the error that rejected it."""
+    return QuarantineRecord(
+        received_at_us=received_at_us,
+        topic=topic[:MAX_TOPIC_CHARS],
+        device_id=None if device_id is None else device_id[:64],
+        kind=kind,
+        code=error.code.value,
+        message=error.message,
+        path=error.path,
+        payload=payload if max_payload_bytes is None else payload[:max_payload_bytes],
+        payload_bytes=len(payload),
+    )

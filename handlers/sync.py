@@ -16,7 +16,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Raw, UnsetType
 
-from handlers.errors import NUL_ESCAPE, NUL_MESSAGE, Code, Error, from_msgspec, nul_field
+from handlers.errors import (
+    NUL_ESCAPE,
+    NUL_MESSAGE,
+    Code,
+    Error,
+    from_msgspec,
+    nul_field,
+    quarantine_record,
+)
 from storage.records import OpRecord, QuarantineRecord
 
 Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -79,8 +87,6 @@ PLAIN_FIELDS = ("op_id", "user_id", "entity_id", "session_id")
 """The strings of an op stored as text columns; `changes` and `device` are stored as
 JSON, where a NUL stays the escape `\\u0000`, which every database holds."""
 MAX_FIELD_CHARS = 128
-MAX_TOPIC_CHARS = 512
-"""The quarantine keeps this much of a topic (MQTT allows 65535 bytes)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _op_decoder = msgspec.json.Decoder(Op)
@@ -118,16 +124,14 @@ class _Payload:
         self.items.append(Rejected(op_id, error))
         self.raws.append(raw)
         self.quarantine.append(
-            QuarantineRecord(
-                received_at_us=self.received_at_us,
-                topic=self.topic[:MAX_TOPIC_CHARS],
-                device_id=self.device_id[:64],
+            quarantine_record(
+                topic=self.topic,
+                device_id=self.device_id,
                 kind="sync",
-                code=error.code.value,
-                message=error.message,
-                path=error.path,
-                payload=bytes(raw)[: self.limits.max_payload_bytes],
-                payload_bytes=len(raw),
+                error=error,
+                payload=bytes(raw),
+                received_at_us=self.received_at_us,
+                max_payload_bytes=self.limits.max_payload_bytes,
             )
         )
 
