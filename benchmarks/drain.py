@@ -8,7 +8,7 @@ free port, persistence on, `max_queued_messages 1000000`, `max_queued_bytes 0`):
 1. create the subscriber's persistent session (MQTT v5, its client id,
    `clean_start=False`, a `SessionExpiryInterval`, `<root>/devices/+/sync` at
    QoS 1) and disconnect, so that the backlog queues for it;
-2. publish N single-operation messages (made by `gateway.simulate`: realistic,
+2. publish N single-operation messages (made by `loadgen.generator`: realistic,
    ~340 bytes, from 50 devices) at QoS 1 and count the PUBACKs: all N queued;
 3. drain them with the variant, counting at the receiving end:
 
@@ -60,7 +60,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import load as load_config
-from gateway.simulate import GeneratorOptions, generate
+from loadgen.generator import GeneratorOptions, generate
 from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port
 
 VARIANTS = ("bare", "naive", "gateway")

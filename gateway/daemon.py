@@ -1,4 +1,14 @@
-"""The daemon's lifecycle: start, serve, reload on SIGHUP, drain on SIGTERM."""
+"""The daemon: builds the parts, runs them, reloads on SIGHUP, drains on SIGTERM.
+
+This is the one place that knows every part; each part is given what it uses.
+The parts, in the order they start (and, reversed, stop):
+
+    mqtt session -> engine -> intake -> admin -> outbox -> escalation -> health
+    report -> watchdog -> ready notice -> metrics endpoint
+
+so that on a stop the intake stops taking messages before the engine drains,
+and the session, stopped last, still acknowledges what the engine commits.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,6 @@ import contextlib
 import gc
 import signal
 import time
-from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,42 +24,42 @@ from typing import Any
 import aiomqtt
 import msgspec
 import structlog
-from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
-from gateway import __version__, config, health, logs, systemd
-from gateway.admin import AdminServer
-from gateway.commands import TABLE
-from gateway.conflicts import make_detector, rules_from
-from gateway.escalation import Escalator
-from gateway.ingest import Ingest
-from gateway.metrics import Metrics
-from gateway.mqtt import Inbound, MqttSession, Outbound
-from gateway.outbox import OutboxPublisher
-from gateway.router import Route, Router
-from gateway.services import Services
-from handlers.alerts import AlertHandler, AlertRules
+from gateway import __version__, config, logs, systemd
+from gateway.admin.alerts import AlertCommands
+from gateway.admin.conflicts import ConflictCommands
+from gateway.admin.quarantine import QuarantineCommands
+from gateway.admin.server import AdminServer
+from gateway.admin.sync import SyncCommands
+from gateway.admin.system import SystemCommands
+from gateway.ingest import rules
+from gateway.ingest.engine import Engine
+from gateway.ingest.kinds import Steps, table
+from gateway.ingest.observe import Observers
+from gateway.lifecycle import Parts
+from gateway.metrics import Metrics, MetricsEndpoint
+from gateway.mqtt.intake import Intake
+from gateway.mqtt.session import MqttSession
+from gateway.outbound.escalation import Escalator
+from gateway.outbound.health_report import HealthReport
+from gateway.outbound.outbox import OutboxPublisher
+from gateway.seam import Outbound
+from gateway.status import Status
+from gateway.systemd import ReadyNotice, Watchdog
+from handlers.alerts import AlertHandler
 from handlers.ratelimit import DeviceRateLimiter
-from handlers.sync import Limits, SyncHandler
+from handlers.sync import SyncHandler
 from storage import migrate
-from storage.alerts import AlertPolicy
+from storage.alerts import AlertStep, CrisisAckStep
+from storage.conflict_store import ResolutionStep
 from storage.db import create_engine, encoding_problem
+from storage.sync import SyncStep
 from storage.writer import Writer
 
 log = structlog.get_logger("fieldgate.daemon")
 
 _encode = msgspec.json.Encoder().encode
-
-
-def sync_limits(settings: config.Settings) -> Limits:
-    lim = settings.limits
-    return Limits(
-        max_payload_bytes=lim.max_payload_bytes,
-        max_ops=lim.max_ops_per_batch,
-        max_clock_skew_us=int(lim.max_clock_skew_s * 1_000_000),
-        max_device_meta_bytes=lim.max_device_meta_bytes,
-        entity_types=frozenset(settings.sync.entity_types),
-    )
 
 
 def _tune_gc() -> None:
@@ -65,148 +74,132 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def alert_rules(settings: config.Settings) -> AlertRules:
-    cfg = settings.alerts
-    return AlertRules(
-        crisis_kinds=frozenset(cfg.crisis_kinds),
-        crisis_flags=tuple(cfg.crisis_flags),
-        crisis_mood_max=cfg.crisis_mood_max,
-        crisis_stress_min=cfg.crisis_stress_min,
-        wellness_mood_max=cfg.wellness_mood_max,
-        wellness_stress_min=cfg.wellness_stress_min,
-        max_payload_bytes=settings.limits.max_payload_bytes,
-        max_note_bytes=cfg.max_note_bytes,
-    )
-
-
-def alert_policy(settings: config.Settings) -> AlertPolicy:
-    cfg = settings.alerts
-    return AlertPolicy(
-        root=settings.mqtt.topic_root,
-        low_mood_max=cfg.wellness_mood_max,
-        sustained_entries=cfg.sustained_low_mood_entries,
-        sustained_window_us=int(cfg.sustained_low_mood_days * 86_400_000_000),
-        escalate_after_us=int(cfg.escalate_after_s * 1_000_000),
-        max_escalations=cfg.max_escalations,
-        wellness_cooldown_us=int(cfg.wellness_cooldown_s * 1_000_000),
-        suggestions=cfg.suggestions.model_dump(),
-    )
-
-
-def iso_now(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
-
-
 class Daemon:
     """Owns every long-lived part and the order in which they start and stop."""
 
     def __init__(self, settings: config.Settings, config_path: Path | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
-        self.started_at = datetime.now(UTC)
+        started_at = datetime.now(UTC)
+        root = settings.mqtt.topic_root
         self.metrics = Metrics()
-        self.root = settings.mqtt.topic_root
-        self.engine = create_engine(
+        self.database = create_engine(
             settings.database.url,
             echo=settings.database.echo,
             pool_size=settings.database.pool_size,
         )
-        self.detector = make_detector(settings)
-        self.writer = Writer(self.engine, self.detector, alert_policy(settings))
+        self.redis = Redis.from_url(
+            settings.redis.url.get_secret_value(), socket_connect_timeout=2, socket_timeout=2
+        )
+
+        # The engine: decode, store, detect, answer.
         self.rate_limiter = DeviceRateLimiter(
             settings.limits.device_rate, settings.limits.device_burst
         )
-        self.sync = SyncHandler(sync_limits(settings), self.rate_limiter)
-        self.alerts = AlertHandler(alert_rules(settings))
-        self.router = Router(
-            self.root,
-            [
-                Route("devices/{device_id}/sync", self._sync),
-                Route("devices/{device_id}/alerts", self._alert),
-                Route("alerts/crisis/ack", self._crisis_ack),
-                Route("admin/request/{command:path}", self._admin),
-            ],
+        self.sync = SyncHandler(rules.sync_limits(settings), self.rate_limiter)
+        self.alerts = AlertHandler(rules.alert_rules(settings))
+        self.detector = rules.make_detector(settings)
+        self.steps = Steps(
+            alerts=AlertStep(rules.alert_policy(settings), rules.alert_notices(settings)),
+            crisis_acks=CrisisAckStep(),
+            sync=SyncStep(self.detector),
+            resolutions=ResolutionStep(root),
         )
+        kinds = table(self.sync, self.alerts, self.steps, Observers(self.metrics))
+        self.writer = Writer(self.database, [kind.step for kind in kinds])
+        self.engine = Engine(
+            root,
+            kinds,
+            self.writer,
+            settings.writer,
+            self.metrics,
+            beat_s=min(1.0, settings.health.wedged_after_s / 4),
+        )
+
+        # The MQTT side: the session, and the intake that routes what it receives.
         self.session = MqttSession(
             settings.mqtt,
-            self.router.subscriptions(settings.mqtt.shared_group),
-            self._dispatch,
-            will=Outbound(self.status_topic, _encode({"state": "offline"}), retain=True),
+            will=Outbound(f"{root}/status", _encode({"state": "offline"}), retain=True),
+            last_words=lambda: self._announcement("offline"),
             on_connected=self._birth,
         )
-        self.outbox = OutboxPublisher(self.engine, self.session, on_sent=self._outbox_sent)
+        self.outbox = OutboxPublisher(self.database, self.session, on_sent=self._outbox_sent)
         self.escalator = Escalator(
-            self.engine,
-            lambda: self.writer.alert_policy,
+            self.database,
+            self.steps.alerts,
             self.metrics,
             self.outbox.poke,
             lambda: self.settings.alerts.escalation_poll_s,
         )
-        self.ingest = Ingest(
-            self.root,
+        self.intake = Intake(
+            root,
             self.session,
-            self.writer,
-            self.sync,
-            settings.writer,
-            self.metrics,
-            on_outbox=self.outbox.poke,
-            beat_s=min(1.0, settings.health.wedged_after_s / 4),
-            alerts=self.alerts,
-            on_crisis=self.escalator.poke,
+            self.engine,
+            [(kind.name, kind.pattern) for kind in kinds if kind.pattern is not None],
+            max_in_process=settings.writer.max_in_process,
+            metrics=self.metrics,
+            wake={"outbox": self.outbox.poke, "escalation": self.escalator.poke},
             publish_leased=self.outbox.publish_leased,
         )
-        self.services = Services(
-            settings=settings,
-            config_path=config_path,
-            started_at=self.started_at,
-            engine=self.engine,
-            metrics=self.metrics,
+        self.status = Status(
+            lambda: self.settings,
+            started_at,
             session=self.session,
+            intake=self.intake,
+            engine=self.engine,
             writer=self.writer,
-            ingest=self.ingest,
+            database=self.database,
+            redis=self.redis,
+            metrics=self.metrics,
             outbox=self.outbox,
-            escalator=self.escalator,
-            redis=Redis.from_url(
-                settings.redis.url.get_secret_value(), socket_connect_timeout=2, socket_timeout=2
-            ),
-            reload=self.reload,
         )
-        self.admin = AdminServer(self.services, TABLE, self.ingest.hold, self.ingest.release)
+
+        # Admin: one table of commands, each area given what it uses.
+        commands = [
+            *SystemCommands(
+                self.status, lambda: self.settings, config_path, self.reload
+            ).commands(),
+            *QuarantineCommands(self.database).commands(),
+            *SyncCommands(self.database).commands(),
+            *AlertCommands(self.database, self.intake.call).commands(),
+            *ConflictCommands(self.database, self.intake.call).commands(),
+        ]
+        self.admin = AdminServer(root, self.session, commands, self._token, self.metrics)
+        self.intake.mount("admin/request/{command:path}", self.admin.request)
+        self.session.subscriptions = self.intake.subscriptions(settings.mqtt.shared_group)
+        self.session.on_message = self.intake.receive
+
+        self.parts = Parts(
+            [
+                self.session,
+                self.engine,
+                self.intake,
+                self.admin,
+                self.outbox,
+                self.escalator,
+                HealthReport(
+                    root, self.session, self.status, lambda: self.settings.health.interval_s
+                ),
+                Watchdog(self.status.writer_alive),
+                ReadyNotice(self.session.connected, settings.mqtt.host),
+                MetricsEndpoint(self.metrics, settings.metrics.listen),
+            ]
+        )
         self._stop = asyncio.Event()
-        self._helper_failed = False
 
-    @property
-    def status_topic(self) -> str:
-        return f"{self.root}/status"
+    def _token(self) -> str | None:
+        token = self.settings.admin.token
+        return token.get_secret_value() if token is not None else None
 
-    def status(self, state: str) -> dict[str, Any]:
-        return {
-            "state": state,
-            "version": __version__,
-            "instance": self.settings.instance,
-            "started_at": iso_now(self.started_at),
-        }
+    def _announcement(self, state: str) -> Outbound:
+        body = _encode(self.status.announcement(state))
+        return Outbound(f"{self.settings.mqtt.topic_root}/status", body, retain=True)
 
-    # -- routing -------------------------------------------------------------
-
-    def _dispatch(self, message: Inbound) -> None:
-        resolved = self.router.resolve(message.topic)
-        if resolved is None:
-            ticket = self.ingest.hold(message)
-            if ticket is not None:
-                self.ingest.release([ticket])
-            return
-        endpoint, params = resolved
-        endpoint(message, params)
-
-    def _sync(self, message: Inbound, params: dict[str, str]) -> None:
-        self.ingest.sync_message(message, params)
-
-    def _alert(self, message: Inbound, params: dict[str, str]) -> None:
-        self.ingest.alert_message(message, params)
-
-    def _crisis_ack(self, message: Inbound, params: dict[str, str]) -> None:
-        self.ingest.crisis_ack_message(message, params)
+    async def _birth(self, client: aiomqtt.Client) -> None:
+        if self.session.epoch > 1:
+            self.metrics.reconnects.inc()
+        online = self._announcement("online")
+        await client.publish(online.topic, online.payload, qos=1, retain=True)
 
     def _outbox_sent(self, rows: list[dict[str, Any]], acked_us: int) -> None:
         """Receipt-to-publication of crisis alerts: from the device's message to PUBACK."""
@@ -214,29 +207,21 @@ class Daemon:
             if row["event_type"] == "alert.crisis" and row["origin_at"] is not None:
                 self.metrics.crisis_publish_seconds.observe((acked_us - row["origin_at"]) / 1e6)
 
-    def _admin(self, message: Inbound, params: dict[str, str]) -> None:
-        self.admin.request(message, params)
-
-    async def _birth(self, client: aiomqtt.Client) -> None:
-        if self.session.epoch > 1:
-            self.metrics.reconnects.inc()
-        await client.publish(self.status_topic, _encode(self.status("online")), qos=1, retain=True)
-
     # -- lifecycle -----------------------------------------------------------
 
     async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or a critical part fails; 0 on a clean stop."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
-        problem = await encoding_problem(self.engine)
+        problem = await encoding_problem(self.database)
         if problem is not None:
-            await self.engine.dispose()
+            await self.database.dispose()
             raise config.ConfigError(problem)
         if self.settings.database.auto_upgrade:
             await migrate.upgrade_async(self.settings.database.url)
-        warmed = await self.detector.warm(self.engine, time.time_ns() // 1000)
-        self._serve_metrics()
+        warmed = await self.detector.warm(self.database, time.time_ns() // 1000)
         _tune_gc()
         log.info(
             "starting",
@@ -246,69 +231,14 @@ class Daemon:
             broker=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}",
             conflict_cache=None if self.detector.cache is None else warmed,
         )
-        session_task = self._task(self.session.run(), "mqtt")
-        ingest_task = self._task(self.ingest.run(), "ingest")
-        helpers = {
-            self._task(self.outbox.run(), "outbox"),
-            self._task(self.escalator.run(), "escalation"),
-            self._task(self._ready_when_connected(), "ready"),
-            self._task(self._publish_health(), "health"),
-            self._task(self._watchdog(), "watchdog"),
-        }
-        stop = self._task(self._stop.wait(), "stop")
-        core = {session_task, ingest_task}
-        done, _ = await asyncio.wait(core | {stop}, return_when=asyncio.FIRST_COMPLETED)
-        crashed = [t for t in done if t is not stop and not t.cancelled() and t.exception()]
-        for task in helpers:
-            task.cancel()
-        await self._shutdown(session_task, ingest_task)
-        return 1 if crashed or self._helper_failed else 0
-
-    def _task(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        task.add_done_callback(self._task_ended)
-        return task
-
-    def _task_ended(self, task: asyncio.Task[Any]) -> None:
-        """A task that dies with an error is logged and stops the daemon: systemd restarts it."""
-        if task.cancelled() or task.exception() is None:
-            return
-        log.error("task failed", task=task.get_name(), exc_info=task.exception())
-        self._helper_failed = True
-        self.request_stop()
-
-    def _serve_metrics(self) -> None:
-        listen = self.settings.metrics.listen
-        if not listen:
-            return
-        host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.metrics.registry)
-        log.info("metrics endpoint", listen=listen)
-
-    async def _ready_when_connected(self) -> None:
-        await self.session.connected.wait()
-        systemd.notify(f"READY=1\nSTATUS=serving on {self.settings.mqtt.host}")
-        log.info("ready")
-
-    async def _publish_health(self) -> None:
-        topic = f"{self.root}/health"
-        while True:
-            await self.session.connected.wait()
-            data = {**await health.health(self.services), **await health.stats(self.services)}
-            self.session.publish(Outbound(topic, _encode(data), retain=True))
-            await asyncio.sleep(self.settings.health.interval_s)
-
-    async def _watchdog(self) -> None:
-        """Ping systemd while the loop runs and the writer loop is not wedged."""
-        interval = systemd.watchdog_interval_s()
-        if interval is None:
-            return
-        while True:
-            if health.writer_alive(self.services):
-                systemd.notify("WATCHDOG=1")
-            else:
-                log.error("writer wedged: withholding watchdog pings")
-            await asyncio.sleep(interval)
+        self.parts.start()
+        stop = asyncio.ensure_future(self._stop.wait())
+        failed = asyncio.ensure_future(self.parts.failed.wait())
+        await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        failed.cancel()
+        await self._shutdown()
+        return 1 if self.parts.failed.is_set() else 0
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -316,25 +246,12 @@ class Daemon:
             systemd.notify("STOPPING=1")
             self._stop.set()
 
-    async def _shutdown(
-        self, session_task: asyncio.Task[Any], ingest_task: asyncio.Task[Any]
-    ) -> None:
+    async def _shutdown(self) -> None:
         started = time.monotonic()
-        self.session.pause_reading()
-        await self.admin.close()
-        await self.ingest.drain()
-        if not ingest_task.done():
-            try:
-                await asyncio.wait_for(ingest_task, timeout=20)
-            except TimeoutError:
-                log.error("drain timed out; unacked messages will be redelivered")
-        offline = Outbound(self.status_topic, _encode(self.status("offline")), retain=True)
-        await self.session.stop(offline)
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(session_task, timeout=10)
-        await self.services.redis.aclose()
+        await self.parts.stop()
+        await self.redis.aclose()
         await self.writer.close()
-        await self.engine.dispose()
+        await self.database.dispose()
         log.info("stopped", drain_s=round(time.monotonic() - started, 3))
 
     def _reload_signal(self) -> None:
@@ -351,22 +268,22 @@ class Daemon:
         except config.ConfigError as exc:
             log.error("reload refused", reason=str(exc))
             raise
-        logs.set_level(fresh.log.level)
-        self.sync.limits = sync_limits(fresh)
-        self.alerts.rules = alert_rules(fresh)
-        self.writer.alert_policy = alert_policy(fresh)
-        self.escalator.poke()
-        self.rate_limiter.rate = fresh.limits.device_rate
-        self.rate_limiter.burst = float(fresh.limits.device_burst)
-        self.detector.rules = rules_from(fresh)
-        self.detector.enabled = fresh.conflicts.enabled
         restart = [
             name
             for name in ("mqtt", "database", "redis", "writer", "metrics", "instance")
             if getattr(fresh, name) != getattr(self.settings, name)
         ]
         kept = {name: getattr(self.settings, name) for name in restart}
-        self.settings = fresh.model_copy(update=kept)
-        self.services.settings = self.settings
+        settings = self.settings = fresh.model_copy(update=kept)
+        logs.set_level(settings.log.level)
+        self.sync.limits = rules.sync_limits(settings)
+        self.alerts.rules = rules.alert_rules(settings)
+        self.steps.alerts.policy = rules.alert_policy(settings)
+        self.steps.alerts.notices = rules.alert_notices(settings)
+        self.escalator.poke()
+        self.rate_limiter.rate = settings.limits.device_rate
+        self.rate_limiter.burst = float(settings.limits.device_burst)
+        self.detector.rules = rules.conflict_rules(settings)
+        self.detector.enabled = settings.conflicts.enabled
         log.info("config reloaded", needs_restart=restart or None)
         return restart

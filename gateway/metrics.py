@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from gateway.lifecycle import Part
+
+log = structlog.get_logger("fieldgate.daemon")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CRISIS_BUCKETS = (*LATENCY_BUCKETS, 30.0, 60.0, 300.0, 900.0)
@@ -77,3 +82,20 @@ class Metrics:
             "Conflicts resolved by an operator",
             registry=r,
         )
+
+
+class MetricsEndpoint(Part):
+    """Prometheus exposition on `metrics.listen` (`host:port`; empty: off)."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: Metrics, listen: str) -> None:
+        self.metrics = metrics
+        self.listen = listen
+
+    async def run(self) -> None:
+        if not self.listen:
+            return
+        host, _, port = self.listen.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.metrics.registry)
+        log.info("metrics endpoint", listen=self.listen)

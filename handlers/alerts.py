@@ -13,8 +13,9 @@ payload's raw bytes go only to the quarantine, where they are never shown.
 from __future__ import annotations
 
 import re
-import time
-from datetime import UTC, datetime, timedelta
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -28,8 +29,10 @@ from handlers.errors import (
     from_msgspec,
     nul_field,
     quarantine_record,
+    refused_message,
 )
-from storage.records import AlertRecord, CrisisAckRecord, QuarantineRecord
+from handlers.records import AlertRecord, CrisisAckRecord, OutboxRecord, QuarantineRecord
+from handlers.times import rfc3339, to_us
 
 Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
 DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -99,16 +102,41 @@ class AlertDecoded(msgspec.Struct):
     error: Error | None
     quarantine: list[QuarantineRecord]
 
+    @property
+    def records(self) -> list[AlertRecord]:
+        return [] if self.record is None else [self.record]
+
+    def rejections(self) -> list[tuple[str | None, Error]]:
+        return [] if self.error is None else [(self.alert_id, self.error)]
+
+    def refuse(self, _record: object, error_name: str) -> tuple[str | None, Error]:
+        """The database refused the alert alone: answer it rejected."""
+        self.record = None
+        self.error = Error(Code.SCHEMA, refused_message("alert", error_name))
+        return self.alert_id, self.error
+
 
 class AckDecoded(msgspec.Struct):
     record: CrisisAckRecord | None
     error: Error | None
     quarantine: list[QuarantineRecord]
 
+    @property
+    def records(self) -> list[CrisisAckRecord]:
+        return [] if self.record is None else [self.record]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+    def rejections(self) -> list[tuple[str | None, Error]]:
+        return [] if self.error is None else [(None, self.error)]
+
+    def refuse(self, _record: object, error_name: str) -> tuple[str | None, Error]:
+        alert_id = self.record.alert_id if self.record is not None else None
+        self.record = None
+        self.error = Error(Code.SCHEMA, refused_message("acknowledgement", error_name))
+        return alert_id, self.error
+
+
 _alert_decoder = msgspec.json.Decoder(AlertPayload)
+_encode = msgspec.json.Encoder().encode
 _alert_id_decoder = msgspec.json.Decoder(AlertIdOnly)
 _ack_decoder = msgspec.json.Decoder(CrisisAckPayload)
 _ENUM_VALUE = re.compile(r"Invalid enum value .*?( - at `|$)", re.DOTALL)
@@ -225,7 +253,7 @@ class AlertHandler:
             device_id=device_id,
             user_id=alert.user_id,
             kind=alert.kind,
-            occurred_at_us=(alert.occurred_at - _EPOCH) // _MICROSECOND,
+            occurred_at_us=to_us(alert.occurred_at),
             received_at_us=received_at_us,
             mood=mood,
             stress=stress,
@@ -294,5 +322,98 @@ def _lenient_alert_id(raw: bytes) -> str | None:
     return alert_id if isinstance(alert_id, str) and 0 < len(alert_id) <= 64 else None
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
+# -- what alerts cause: topics and bodies, never a note nor any free text --------
+
+
+class CrisisFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What an operator is told of a crisis: ids, reasons and times, no text of the device."""
+
+    alert_id: str
+    user_id: str
+    device_id: str
+    site_id: str | None
+    reasons: list[str]
+    occurred_at_us: int
+    detected_at_us: int
+
+
+def topic_level(value: str) -> str:
+    """A user id as one topic level: `/`, `+`, `#`, `%` and NUL percent-encoded."""
+    if not any(c in value for c in "/+#%\x00"):
+        return value
+    return "".join(f"%{ord(c):02X}" if c in "/+#%\x00" else c for c in value)
+
+
+_NOTIFICATIONS = uuid.UUID("5f0c8e52-52b4-4c6e-9a63-2a4fd1d0a7c1")
+
+
+def notification_id(alert_id: str, reason: str) -> str:
+    """Deterministic: a retried transaction writes the same notification."""
+    return str(uuid.uuid5(_NOTIFICATIONS, f"{alert_id}/{reason}"))
+
+
+class AlertNotices(msgspec.Struct, frozen=True):
+    """The messages alerts cause, as outbox records (PROTOCOL.md, Alerts: out)."""
+
+    root: str = "fieldgate"
+    suggestions: Mapping[str, str] = msgspec.field(default_factory=dict)
+
+    def crisis(
+        self, facts: CrisisFacts, escalation: int, origin_at_us: int | None = None
+    ) -> list[OutboxRecord]:
+        """`<root>/alerts/crisis` (published at once on first detection) and its webhook
+        event; `escalation` above 0 is a re-publication of an unacknowledged crisis."""
+        body = _encode(
+            {
+                "alert_id": facts.alert_id,
+                "user_id": facts.user_id,
+                "device_id": facts.device_id,
+                "site_id": facts.site_id,
+                "reasons": facts.reasons,
+                "occurred_at": rfc3339(facts.occurred_at_us, None),
+                "detected_at": rfc3339(facts.detected_at_us, None),
+                "escalation": escalation,
+            }
+        )
+        event = "alert.crisis" if escalation == 0 else "alert.crisis.escalated"
+        return [
+            OutboxRecord(
+                channel="mqtt",
+                topic=f"{self.root}/alerts/crisis",
+                event_type=event,
+                payload=body,
+                origin_at_us=origin_at_us,
+                urgent=escalation == 0,
+            ),
+            OutboxRecord(
+                channel="webhook", event_type=event, payload=body, origin_at_us=origin_at_us
+            ),
+        ]
+
+    def wellness(
+        self, record: AlertRecord, reason: str, notification: str, now_us: int
+    ) -> list[OutboxRecord]:
+        """`<root>/alerts/wellness/<user_id>` and its webhook event."""
+        body = _encode(
+            {
+                "notification_id": notification,
+                "user_id": record.user_id,
+                "reason": reason,
+                "suggestion": self.suggestions.get(reason, ""),
+                "created_at": rfc3339(now_us, None),
+            }
+        )
+        origin = record.received_at_us
+        return [
+            OutboxRecord(
+                channel="mqtt",
+                topic=f"{self.root}/alerts/wellness/{topic_level(record.user_id)}",
+                event_type="alert.wellness",
+                payload=body,
+                origin_at_us=origin,
+                urgent=True,
+            ),
+            OutboxRecord(
+                channel="webhook", event_type="alert.wellness", payload=body, origin_at_us=origin
+            ),
+        ]

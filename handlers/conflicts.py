@@ -9,9 +9,13 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
+
+from handlers.errors import Code, Error, from_msgspec, refused_message
+from handlers.records import OutboxRecord, QuarantineRecord, ResolutionRecord
 
 Severity = Literal["low", "medium", "high", "critical"]
 Strategy = Literal["last_writer_wins", "first_writer_wins", "manual"]
@@ -196,3 +200,82 @@ def _side(change: Any) -> dict[str, Any]:
     if isinstance(change, dict):
         return {"old": change.get("old"), "new": change.get("new")}
     return {"old": None, "new": None}
+
+
+def record_json(verdict: Verdict, detected_at: str) -> dict[str, Any]:
+    """The conflict record of PROTOCOL.md for a new conflict (times already formatted)."""
+    a, b = verdict.a, verdict.b
+    return {
+        "conflict_id": conflict_id(a.op_id, b.op_id),
+        "entity_type": a.entity_type,
+        "entity_id": a.entity_id,
+        "op_ids": [a.op_id, b.op_id],
+        "device_ids": [a.device_id, b.device_id],
+        "user_ids": [a.user_id, b.user_id],
+        "fields": verdict.fields,
+        "values": values(verdict),
+        "severity": verdict.severity,
+        "strategy": verdict.strategy,
+        "status": verdict.status,
+        "winner_op_id": verdict.winner_op_id,
+        "detected_at": detected_at,
+        "resolved_at": None,
+        "resolved_by": None,
+    }
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def notices(root: str, event: str, record: dict[str, Any]) -> list[OutboxRecord]:
+    """`<root>/conflicts`, each involved device's topic, and the webhook event."""
+    payload = _encode({"event": event, "conflict": record})
+    topics = [f"{root}/conflicts"] + [
+        f"{root}/devices/{device}/conflicts" for device in dict.fromkeys(record["device_ids"])
+    ]
+    rows = [OutboxRecord(channel="mqtt", topic=topic, payload=payload) for topic in topics]
+    rows.append(OutboxRecord(channel="webhook", event_type=event, payload=_encode(record)))
+    return rows
+
+
+class _Resolution(msgspec.Struct, forbid_unknown_fields=True):
+    conflict_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    winner_op_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    by: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+_resolution_decoder = msgspec.json.Decoder(_Resolution)
+
+
+class ResolutionDecoded(msgspec.Struct):
+    """An operator's resolution, as the admin command submits it to the writer."""
+
+    record: ResolutionRecord | None
+    error: Error | None
+    quarantine: list[QuarantineRecord] = msgspec.field(default_factory=list)
+
+    @property
+    def records(self) -> list[ResolutionRecord]:
+        return [] if self.record is None else [self.record]
+
+    def rejections(self) -> list[tuple[str | None, Error]]:
+        return [] if self.error is None else [(None, self.error)]
+
+    def refuse(self, _record: object, error_name: str) -> tuple[str | None, Error]:
+        conflict = self.record.conflict_id if self.record is not None else None
+        self.record = None
+        self.error = Error(Code.UNAVAILABLE, refused_message("resolution", error_name))
+        return conflict, self.error
+
+
+def decode_resolution(payload: bytes) -> ResolutionDecoded:
+    """`{"conflict_id", "winner_op_id", "by"}`; the admin command has checked the same."""
+    try:
+        given = _resolution_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        error = from_msgspec(exc, None)
+        return ResolutionDecoded(None, Error(Code.INVALID_ARGS, error.message, error.path))
+    record = ResolutionRecord(
+        conflict_id=given.conflict_id, winner_op_id=given.winner_op_id, by=given.by
+    )
+    return ResolutionDecoded(record, None)

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from storage.records import QuarantineRecord
+from handlers.records import QuarantineRecord
 
 _NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
@@ -88,6 +88,12 @@ def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str
             path = join_path(path, named.group(1))
         return Error(Code.SCHEMA, text, join_path(prefix, path))
     return Error(Code.MALFORMED, f"not valid JSON: {text}", prefix)
+
+
+def refused_message(what: str, error_name: str) -> str:
+    """Why a record the database refused alone is rejected: the class of the database's
+    error, never its message (that may quote the row, an alert's note)."""
+    return f"the database refused this {what} ({error_name})"
 
 
 MAX_TOPIC_CHARS = 512

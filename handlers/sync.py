@@ -8,9 +8,8 @@ as an envelope of raw operations first, so one bad operation rejects itself alon
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -24,8 +23,10 @@ from handlers.errors import (
     from_msgspec,
     nul_field,
     quarantine_record,
+    refused_message,
 )
-from storage.records import OpRecord, QuarantineRecord
+from handlers.records import OpRecord, QuarantineRecord
+from handlers.times import now_us, to_us
 
 Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
 DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -81,14 +82,24 @@ class Decoded(msgspec.Struct):
     def records(self) -> list[OpRecord]:
         return [item for item in self.items if isinstance(item, OpRecord)]
 
+    def rejections(self) -> list[tuple[str | None, Error]]:
+        return [(item.op_id, item.error) for item in self.items if isinstance(item, Rejected)]
+
+    def refuse(self, record: object, error_name: str) -> tuple[str | None, Error]:
+        """The database refused `record` (one of this payload's) alone: reject it in place."""
+        index = next(i for i, item in enumerate(self.items) if item is record)
+        op_id = self.items[index].op_id
+        path = item_path(self.batch_id, len(self.items), index)
+        error = Error(Code.SCHEMA, refused_message("operation", error_name), path)
+        self.items[index] = Rejected(op_id, error)
+        return op_id, error
+
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PLAIN_FIELDS = ("op_id", "user_id", "entity_id", "session_id")
 """The strings of an op stored as text columns; `changes` and `device` are stored as
 JSON, where a NUL stays the escape `\\u0000`, which every database holds."""
 MAX_FIELD_CHARS = 128
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _op_decoder = msgspec.json.Decoder(Op)
 _envelope_decoder = msgspec.json.Decoder(Envelope)
 _op_id_decoder = msgspec.json.Decoder(OpIdOnly)
@@ -113,7 +124,7 @@ class _Payload:
         self.device_id = device_id
         self.payload = payload
         self.received_at_us = received_at_us
-        self.now_us = _now_us()
+        self.now_us = now_us()
         self.has_nul = NUL_ESCAPE in payload
         self.batch_id: str | None = None
         self.items: list[OpRecord | Rejected] = []
@@ -267,7 +278,7 @@ class SyncHandler:
             plain[name] = {"old": change.get("old"), "new": change["new"]}
         if op.operation == "update" and not plain:
             return reject(Code.SCHEMA, "an update changes at least one field", "changes")
-        edited_at_us = _to_us(op.edited_at)
+        edited_at_us = to_us(op.edited_at)
         if edited_at_us > ctx.now_us + self.limits.max_clock_skew_us:
             return reject(
                 Code.EDITED_AT_IN_FUTURE,
@@ -362,11 +373,3 @@ def _lenient_op_id(raw: bytes | Raw) -> str | None:
 
 def _rate_error(path: str | None = None) -> Error:
     return Error(Code.RATE_LIMITED, "the device is over its operation rate; retry later", path)
-
-
-def _to_us(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MICROSECOND
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000

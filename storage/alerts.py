@@ -19,9 +19,7 @@ Nothing written to the outbox carries `note` or any free text of the device.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -29,70 +27,84 @@ from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from handlers.alerts import (
+    CRISIS,
+    LOW_MOOD,
+    SUSTAINED_LOW_MOOD,
+    WELLNESS,
+    AlertNotices,
+    CrisisFacts,
+    notification_id,
+)
+from handlers.records import AlertRecord, CrisisAckRecord, OutboxRecord
+from handlers.times import DAY_US
 from storage import outbox
-from storage.records import AlertRecord, CrisisAckRecord, OutboxRecord
+from storage.db import chunks
 from storage.schema import alert_users, alerts, wellness_cooldowns
-from storage.sync_log import chunks
-
-CRISIS = "crisis"
-WELLNESS = "wellness"
-SUSTAINED_LOW_MOOD = "sustained_low_mood"
-LOW_MOOD = "low_mood"
+from storage.writer import Step, Written
 
 _encode = msgspec.json.Encoder().encode
-_NOTIFICATIONS = uuid.UUID("5f0c8e52-52b4-4c6e-9a63-2a4fd1d0a7c1")
-_DAY_US = 86_400_000_000
 
 
 class AlertPolicy(msgspec.Struct, frozen=True):
     """What the writer needs of `[alerts]`, with PROTOCOL.md's defaults."""
 
-    root: str = "fieldgate"
     low_mood_max: int = 4
     sustained_entries: int = 3
-    sustained_window_us: int = 7 * _DAY_US
+    sustained_window_us: int = 7 * DAY_US
     escalate_after_us: int = 300_000_000
     max_escalations: int = 3
-    wellness_cooldown_us: int = 86_400_000_000
-    suggestions: dict[str, str] = msgspec.field(default_factory=dict)
+    wellness_cooldown_us: int = DAY_US
 
 
-def iso(us: int | None) -> str | None:
-    """RFC 3339 UTC with a `Z`, to the precision the value has (s, ms or µs)."""
-    if us is None:
-        return None
-    moment = datetime.fromtimestamp(us // 1_000_000, tz=UTC).replace(microsecond=us % 1_000_000)
-    spec = (
-        "seconds" if us % 1_000_000 == 0 else "milliseconds" if us % 1000 == 0 else "microseconds"
-    )
-    return moment.isoformat(timespec=spec).replace("+00:00", "Z")
+class AlertStep(Step):
+    """Alerts in the writer's transaction: stored, classified with their history, and
+    what they cause written to the outbox. `policy` and `notices` follow reloads."""
+
+    record_type = AlertRecord
+    name = "alerts"
+
+    def __init__(self, policy: AlertPolicy, notices: AlertNotices) -> None:
+        self.policy = policy
+        self.notices = notices
+
+    async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
+        return Written(await store_alerts(conn, records, now_us, self.policy, self.notices))
+
+    def reset(self, records: Sequence[AlertRecord]) -> None:
+        for record in records:
+            record.status = "pending"
+            record.classification = None
+            record.reasons = []
+            record.notified = None
 
 
-def topic_level(value: str) -> str:
-    """A user id as one topic level: `/`, `+`, `#`, `%` and NUL percent-encoded."""
-    if not any(c in value for c in "/+#%\x00"):
-        return value
-    return "".join(f"%{ord(c):02X}" if c in "/+#%\x00" else c for c in value)
+class CrisisAckStep(Step):
+    """Operators' acknowledgements of crisis alerts (from the topic or the admin command)."""
 
+    record_type = CrisisAckRecord
+    name = "crisis_acks"
 
-def reset(records: Sequence[AlertRecord], acks: Sequence[CrisisAckRecord]) -> None:
-    """Forget what a failed attempt decided, before the writer tries again."""
-    for record in records:
-        record.status = "pending"
-        record.classification = None
-        record.reasons = []
-        record.notified = None
-    for ack in acks:
-        ack.outcome = "pending"
-        ack.acknowledged_at_us = None
-        ack.acknowledged_by = None
+    async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
+        await acknowledge(conn, records, now_us)
+        return Written()
+
+    def reset(self, records: Sequence[CrisisAckRecord]) -> None:
+        for ack in records:
+            ack.outcome = "pending"
+            ack.acknowledged_at_us = None
+            ack.acknowledged_by = None
 
 
 # -- intake ------------------------------------------------------------------
 
 
 async def store_alerts(
-    conn: AsyncConnection, records: Sequence[AlertRecord], now_us: int, policy: AlertPolicy
+    conn: AsyncConnection,
+    records: Sequence[AlertRecord],
+    now_us: int,
+    policy: AlertPolicy,
+    notices: AlertNotices,
 ) -> list[OutboxRecord]:
     """Store new alerts, classify them fully, and return the outbox rows they cause."""
     if not records:
@@ -116,13 +128,14 @@ async def store_alerts(
             # One by one, in arrival order: the count of an entry includes the entries
             # of the same user stored just before it in this very batch.
             await _classify_with_history(conn, record, policy)
-            notification_id: str | None = None
+            notified: str | None = None
             if record.classification == CRISIS:
-                out.extend(crisis_outbox(policy.root, _crisis_data(record, now_us), 0, record))
+                facts = _crisis_facts(record, now_us)
+                out.extend(notices.crisis(facts, 0, record.received_at_us))
             elif record.classification == WELLNESS:
-                notification_id, rows = await _notify(conn, record, now_us, policy)
+                notified, rows = await _notify(conn, record, now_us, policy, notices)
                 out.extend(rows)
-            await conn.execute(alerts.insert(), [_row(record, now_us, policy, notification_id)])
+            await conn.execute(alerts.insert(), [_row(record, now_us, policy, notified)])
             record.status = "stored"
     for record in records:
         if record.status == "duplicate" and record.classification is None:
@@ -240,47 +253,28 @@ def _row(
 # -- crisis --------------------------------------------------------------------
 
 
-def _crisis_data(record: AlertRecord, detected_at_us: int) -> dict[str, Any]:
-    return {
-        "alert_id": record.alert_id,
-        "user_id": record.user_id,
-        "device_id": record.device_id,
-        "site_id": record.site_id,
-        "reasons": record.reasons,
-        "occurred_at": iso(record.occurred_at_us),
-        "detected_at": iso(detected_at_us),
-    }
+def _crisis_facts(record: AlertRecord, detected_at_us: int) -> CrisisFacts:
+    return CrisisFacts(
+        alert_id=record.alert_id,
+        user_id=record.user_id,
+        device_id=record.device_id,
+        site_id=record.site_id,
+        reasons=record.reasons,
+        occurred_at_us=record.occurred_at_us,
+        detected_at_us=detected_at_us,
+    )
 
 
-def crisis_data_from_row(row: Any) -> dict[str, Any]:
-    return {
-        "alert_id": row["alert_id"],
-        "user_id": row["user_id"],
-        "device_id": row["device_id"],
-        "site_id": row["site_id"],
-        "reasons": msgspec.json.decode(row["reasons"]),
-        "occurred_at": iso(row["occurred_at"]),
-        "detected_at": iso(row["stored_at"]),
-    }
-
-
-def crisis_outbox(
-    root: str, data: dict[str, Any], escalation: int, record: AlertRecord | None = None
-) -> list[OutboxRecord]:
-    """The crisis message on `<root>/alerts/crisis` and its webhook event."""
-    body = _encode({**data, "escalation": escalation})
-    event = "alert.crisis" if escalation == 0 else "alert.crisis.escalated"
-    origin = record.received_at_us if record is not None else None
-    return [
-        OutboxRecord(
-            channel="mqtt",
-            topic=f"{root}/alerts/crisis",
-            event_type=event,
-            payload=body,
-            origin_at_us=origin,
-        ),
-        OutboxRecord(channel="webhook", event_type=event, payload=body, origin_at_us=origin),
-    ]
+def _crisis_facts_of_row(row: Any) -> CrisisFacts:
+    return CrisisFacts(
+        alert_id=row["alert_id"],
+        user_id=row["user_id"],
+        device_id=row["device_id"],
+        site_id=row["site_id"],
+        reasons=msgspec.json.decode(row["reasons"], type=list[str]),
+        occurred_at_us=row["occurred_at"],
+        detected_at_us=row["stored_at"],
+    )
 
 
 async def acknowledge(conn: AsyncConnection, acks: Sequence[CrisisAckRecord], now_us: int) -> None:
@@ -313,7 +307,7 @@ async def acknowledge(conn: AsyncConnection, acks: Sequence[CrisisAckRecord], no
 
 
 async def escalate_due(
-    conn: AsyncConnection, now_us: int, policy: AlertPolicy
+    conn: AsyncConnection, now_us: int, policy: AlertPolicy, notices: AlertNotices
 ) -> tuple[list[tuple[str, int]], list[OutboxRecord]]:
     """Escalate every unacknowledged crisis that is due; returns ((alert_id, n), rows).
 
@@ -359,7 +353,7 @@ async def escalate_due(
     out: list[OutboxRecord] = []
     for row in sorted(claimed.mappings(), key=lambda r: (r["stored_at"], r["alert_id"])):
         done.append((row["alert_id"], int(row["escalation"])))
-        out.extend(crisis_outbox(policy.root, crisis_data_from_row(row), int(row["escalation"])))
+        out.extend(notices.crisis(_crisis_facts_of_row(row), int(row["escalation"])))
     await outbox.add(conn, out, now_us)
     return done, out
 
@@ -385,7 +379,11 @@ async def open_crises(conn: AsyncConnection) -> int:
 
 
 async def _notify(
-    conn: AsyncConnection, record: AlertRecord, now_us: int, policy: AlertPolicy
+    conn: AsyncConnection,
+    record: AlertRecord,
+    now_us: int,
+    policy: AlertPolicy,
+    notices: AlertNotices,
 ) -> tuple[str | None, list[OutboxRecord]]:
     """A wellness notification for the alert's first reason, unless in its cooldown."""
     reason = record.reasons[0]
@@ -400,29 +398,45 @@ async def _notify(
     )
     if granted.first() is None:
         return None, []
-    notification_id = str(uuid.uuid5(_NOTIFICATIONS, f"{record.alert_id}/{reason}"))
+    notification = notification_id(record.alert_id, reason)
     record.notified = reason
-    body = _encode(
-        {
-            "notification_id": notification_id,
-            "user_id": record.user_id,
-            "reason": reason,
-            "suggestion": policy.suggestions.get(reason, ""),
-            "created_at": iso(now_us),
-        }
-    )
-    return notification_id, [
-        OutboxRecord(
-            channel="mqtt",
-            topic=f"{policy.root}/alerts/wellness/{topic_level(record.user_id)}",
-            event_type="alert.wellness",
-            payload=body,
-            origin_at_us=record.received_at_us,
-        ),
-        OutboxRecord(
-            channel="webhook",
-            event_type="alert.wellness",
-            payload=body,
-            origin_at_us=record.received_at_us,
-        ),
-    ]
+    return notification, notices.wellness(record, reason, notification, now_us)
+
+
+# -- reading (the admin commands) ----------------------------------------------
+
+SHOWN = [column for column in alerts.c if column.name not in ("note", "payload")]
+"""Every column but the person's words and the raw payload that holds them."""
+
+
+async def page(
+    conn: AsyncConnection,
+    *,
+    classification: str | None,
+    acknowledged: bool | None,
+    user_id: str | None,
+    since_us: int | None,
+    below_id: int | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Newest first. `acknowledged=True`: acknowledged crises; `False`: open crises."""
+    query = select(*SHOWN).order_by(alerts.c.id.desc()).limit(limit)
+    if below_id is not None:
+        query = query.where(alerts.c.id < below_id)
+    if classification is not None:
+        query = query.where(alerts.c.classification == classification)
+    if acknowledged is True:
+        query = query.where(alerts.c.acknowledged_at.is_not(None))
+    elif acknowledged is False:
+        query = query.where(alerts.c.classification == CRISIS, alerts.c.acknowledged_at.is_(None))
+    if user_id is not None:
+        query = query.where(alerts.c.user_id == user_id)
+    if since_us is not None:
+        query = query.where(alerts.c.received_at >= since_us)
+    return [dict(row) for row in (await conn.execute(query)).mappings()]
+
+
+async def get(conn: AsyncConnection, alert_id: str) -> dict[str, Any] | None:
+    result = await conn.execute(select(*SHOWN).where(alerts.c.alert_id == alert_id))
+    row = result.mappings().first()
+    return None if row is None else dict(row)

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 from sqlalchemy import func, literal_column, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage import outbox
-from storage.conflicts import iso_us, notices
+from handlers.conflicts import notices
+from handlers.records import ResolutionRecord
+from handlers.times import HOUR_US, rfc3339
 from storage.schema import conflicts, user_counters
+from storage.writer import Step, Written
 
 _decode = msgspec.json.decode
 
 GROUPS = ("entity_type", "severity", "user_id", "hour")
-HOUR_US = 3_600_000_000
 
 
 def row_record(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -34,8 +35,8 @@ def row_record(row: Mapping[Any, Any]) -> dict[str, Any]:
         "strategy": row["strategy"],
         "status": row["status"],
         "winner_op_id": row["winner_op_id"],
-        "detected_at": iso_us(row["detected_at"]),
-        "resolved_at": None if row["resolved_at"] is None else iso_us(row["resolved_at"]),
+        "detected_at": rfc3339(row["detected_at"]),
+        "resolved_at": rfc3339(row["resolved_at"]),
         "resolved_by": row["resolved_by"],
     }
 
@@ -54,9 +55,9 @@ async def page(
     entity_type: str | None = None,
     below_id: int | None = None,
     limit: int = 100,
-) -> tuple[list[dict[str, Any]], int | None]:
-    """Newest first; returns the items and the id to continue below (None: last page)."""
-    query = select(conflicts).order_by(conflicts.c.id.desc()).limit(limit + 1)
+) -> list[dict[str, Any]]:
+    """Up to `limit` rows, newest first, below `below_id` (a keyset page)."""
+    query = select(conflicts).order_by(conflicts.c.id.desc()).limit(limit)
     if status is not None:
         query = query.where(conflicts.c.status == status)
     if severity is not None:
@@ -65,50 +66,63 @@ async def page(
         query = query.where(conflicts.c.entity_type == entity_type)
     if below_id is not None:
         query = query.where(conflicts.c.id < below_id)
-    rows = list((await conn.execute(query)).mappings())
-    shown = rows[:limit]
-    more = len(rows) > limit
-    return [row_record(row) for row in shown], (shown[-1]["id"] if more else None)
+    return [dict(row) for row in (await conn.execute(query)).mappings()]
 
 
-class ResolveError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class ResolutionStep(Step):
+    """Operators' resolutions, in the writer's transaction with their notices."""
+
+    record_type = ResolutionRecord
+    name = "resolutions"
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
+        written = Written()
+        for record in records:
+            if await resolve(conn, record, now_us):
+                assert record.conflict is not None
+                written.outbox.extend(notices(self.root, "conflict.resolved", record.conflict))
+                written.events.append(record.conflict)
+        return written
+
+    def reset(self, records: Sequence[ResolutionRecord]) -> None:
+        for record in records:
+            record.outcome = "pending"
+            record.conflict = None
 
 
-async def resolve(
-    conn: AsyncConnection,
-    conflict_id: str,
-    winner_op_id: str,
-    by: str,
-    now_us: int,
-    root: str,
-) -> dict[str, Any]:
-    """Resolve an open conflict in the open transaction and write its notices.
+async def resolve(conn: AsyncConnection, record: ResolutionRecord, now_us: int) -> bool:
+    """Resolve an open conflict in the open transaction; set `record.outcome`.
 
     The UPDATE is conditional on `status = 'open'`, so two operators resolving
     the same conflict at once (on one instance or two) cannot both succeed.
-    Raises ResolveError with reason `not_found`, `not_open` or `not_in_pair`.
     """
-    current = await get(conn, conflict_id)
+    current = await get(conn, record.conflict_id)
+    record.conflict = current
     if current is None:
-        raise ResolveError("not_found", f"no conflict {conflict_id!r}")
-    if winner_op_id not in current["op_ids"]:
-        raise ResolveError(
-            "not_in_pair", f"winner_op_id must be one of {current['op_ids']}, not {winner_op_id!r}"
-        )
+        record.outcome = "not_found"
+        return False
+    if record.winner_op_id not in current["op_ids"]:
+        record.outcome = "not_in_pair"
+        return False
     result = await conn.execute(
         update(conflicts)
-        .where(conflicts.c.conflict_id == conflict_id, conflicts.c.status == "open")
-        .values(status="resolved", winner_op_id=winner_op_id, resolved_at=now_us, resolved_by=by)
+        .where(conflicts.c.conflict_id == record.conflict_id, conflicts.c.status == "open")
+        .values(
+            status="resolved",
+            winner_op_id=record.winner_op_id,
+            resolved_at=now_us,
+            resolved_by=record.by,
+        )
     )
     if result.rowcount != 1:
-        raise ResolveError("not_open", f"conflict {conflict_id} is {current['status']}, not open")
-    record = await get(conn, conflict_id)
-    assert record is not None
-    await outbox.add(conn, notices(root, "conflict.resolved", record), now_us)
-    return record
+        record.outcome = "not_open"
+        return False
+    record.conflict = await get(conn, record.conflict_id)
+    record.outcome = "resolved"
+    return True
 
 
 async def stats(
@@ -139,7 +153,7 @@ async def stats(
     hours = max((now_us - earliest) / HOUR_US, 1 / 60)
     groups: list[dict[str, Any]] = []
     for group, count, _first in rows:
-        name = iso_us(int(group) * HOUR_US) if group_by == "hour" else group
+        name = rfc3339(int(group) * HOUR_US) if group_by == "hour" else group
         groups.append({"key": name, "count": int(count), "per_hour": round(count / hours, 4)})
     if group_by == "user_id" and groups:
         users = [g["key"] for g in groups]
@@ -150,16 +164,16 @@ async def stats(
         )
         known = {user: (ops, n) for user, ops, n in counters}
         for g in groups:
-            ops, total = known.get(g["key"], (0, 0))
+            ops, taken_part = known.get(g["key"], (0, 0))
             g["ops_total"] = ops
-            g["conflicts_total"] = total
-            g["conflicts_per_op"] = round(total / ops, 4) if ops else None
+            g["conflicts_total"] = taken_part
+            g["conflicts_per_op"] = round(taken_part / ops, 4) if ops else None
     groups.sort(key=lambda g: (-g["count"], str(g["key"])))
     if group_by == "hour":
         groups.sort(key=lambda g: str(g["key"]))
     return {
-        "since": iso_us(earliest) if rows or since_us is not None else None,
-        "until": iso_us(now_us),
+        "since": rfc3339(earliest) if rows or since_us is not None else None,
+        "until": rfc3339(now_us),
         "group_by": group_by,
         "total": int(total or 0),
         "per_hour": round(int(total or 0) / hours, 4),

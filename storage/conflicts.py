@@ -17,7 +17,6 @@ provably holds every candidate.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,11 +25,12 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.conflicts import OpView, Rules, Verdict, conflict_id, judge, values
-from storage import outbox
-from storage.records import OpRecord, OutboxRecord
+from handlers.conflicts import OpView, Rules, Verdict, conflict_id, judge, notices, record_json
+from handlers.records import OpRecord, OutboxRecord
+from handlers.times import rfc3339
+from storage.db import chunks
 from storage.schema import conflicts, device_counters, sync_log, user_counters
-from storage.sync_log import Prior, chunks
+from storage.sync_log import Prior
 from storage.window import NEVER, Bounds, WindowCache
 
 ENTITIES_PER_QUERY = 150
@@ -87,45 +87,6 @@ def row_view(row: Sequence[Any]) -> OpView:
     )
 
 
-def record_json(verdict: Verdict, detected_at: str) -> dict[str, Any]:
-    """The conflict record of PROTOCOL.md for a new conflict (times already formatted)."""
-    a, b = verdict.a, verdict.b
-    return {
-        "conflict_id": conflict_id(a.op_id, b.op_id),
-        "entity_type": a.entity_type,
-        "entity_id": a.entity_id,
-        "op_ids": [a.op_id, b.op_id],
-        "device_ids": [a.device_id, b.device_id],
-        "user_ids": [a.user_id, b.user_id],
-        "fields": verdict.fields,
-        "values": values(verdict),
-        "severity": verdict.severity,
-        "strategy": verdict.strategy,
-        "status": verdict.status,
-        "winner_op_id": verdict.winner_op_id,
-        "detected_at": detected_at,
-        "resolved_at": None,
-        "resolved_by": None,
-    }
-
-
-def notices(root: str, event: str, record: dict[str, Any]) -> list[OutboxRecord]:
-    """`<root>/conflicts`, each involved device's topic, and the webhook event."""
-    payload = _encode({"event": event, "conflict": record})
-    topics = [f"{root}/conflicts"] + [
-        f"{root}/devices/{device}/conflicts" for device in dict.fromkeys(record["device_ids"])
-    ]
-    rows = [OutboxRecord(channel="mqtt", topic=topic, payload=payload) for topic in topics]
-    rows.append(OutboxRecord(channel="webhook", event_type=event, payload=_encode(record)))
-    return rows
-
-
-def iso_us(us: int) -> str:
-    """RFC 3339 UTC with microseconds and `Z`, as `gateway.commands.iso` writes it."""
-    seconds, micro = divmod(us, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micro:06d}Z"
-
-
 class Detector:
     """Finds, records and announces the conflicts of one committed batch.
 
@@ -155,15 +116,16 @@ class Detector:
         records: Sequence[OpRecord],
         now_us: int,
         prior: Prior | None = None,
-    ) -> list[dict[str, Any]]:
-        """Detect and store the batch's conflicts; return their records (for metrics).
+    ) -> tuple[list[dict[str, Any]], list[OutboxRecord]]:
+        """Detect and store the batch's conflicts; return their records (for metrics)
+        and their notices, for the writer to put in the outbox.
 
         `prior` (from `store_ops`) says what each entity held before the batch;
         without it every entity is looked up.
         """
         stored = [record for record in records if record.status == "stored"]
         if not stored:
-            return []
+            return [], []
         found: list[dict[str, Any]] = []
         if not self.enabled and self.cache is not None and len(self.cache):
             # Ops stored without detection never reach the cache: forget it all,
@@ -183,7 +145,8 @@ class Detector:
         # Counters last, users then devices, keys sorted, one statement each: the
         # same lock order in every transaction, so two instances cannot deadlock.
         await bump_counters(conn, stored, found, now_us)
-        return found
+        rows = [row for record in found for row in notices(self.root, "conflict.detected", record)]
+        return found, rows
 
     def _compare(self, fresh: list[OpView], candidates: list[OpView]) -> list[Verdict]:
         """Each new op against every candidate stored before it (lower version)."""
@@ -316,7 +279,7 @@ class Detector:
     async def _record(
         self, conn: AsyncConnection, verdicts: list[Verdict], now_us: int
     ) -> list[dict[str, Any]]:
-        detected_at = iso_us(now_us)
+        detected_at = rfc3339(now_us)
         unique: dict[str, Verdict] = {}
         for verdict in verdicts:
             unique.setdefault(conflict_id(*verdict.op_ids), verdict)
@@ -333,12 +296,7 @@ class Detector:
             stmt, [_conflict_row(r, unique[r["conflict_id"]], now_us) for r in candidates]
         )
         inserted = set(result.scalars())
-        records = [r for r in candidates if r["conflict_id"] in inserted]
-        rows: list[OutboxRecord] = []
-        for record in records:
-            rows.extend(notices(self.root, "conflict.detected", record))
-        await outbox.add(conn, rows, now_us)
-        return records
+        return [r for r in candidates if r["conflict_id"] in inserted]
 
 
 def _may_have_candidates(wanted: Bounds, before: tuple[int, int | None] | None) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from storage.records import OutboxRecord
+from handlers.records import OutboxRecord
 from storage.schema import outbox
 
 

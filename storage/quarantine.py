@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Column, String
+from sqlalchemy import Column, String, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage.records import QuarantineRecord
+from handlers.records import QuarantineRecord
 from storage.schema import quarantine
 
 NUL = "\x00"
@@ -60,3 +60,11 @@ async def store(conn: AsyncConnection, records: Sequence[QuarantineRecord]) -> N
             for r in records
         ],
     )
+
+
+async def page(conn: AsyncConnection, below_id: int | None, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` rows, newest first, below `below_id` (a keyset page)."""
+    query = select(quarantine).order_by(quarantine.c.id.desc()).limit(limit)
+    if below_id is not None:
+        query = query.where(quarantine.c.id < below_id)
+    return [dict(row) for row in (await conn.execute(query)).mappings()]

@@ -7,24 +7,16 @@ version in one upsert, insert the new rows in one executemany.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage.records import OpRecord
+from handlers.records import OpRecord
+from storage.db import chunks
 from storage.schema import entities, sync_log
-
-CHUNK = 900
-"""Rows per IN list: under SQLite's and PostgreSQL's bound-parameter limits."""
-
-
-def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
 
 Prior = dict[tuple[str, str], tuple[int, int | None]]
 """Per entity touched: (its version before this batch, the greatest `edited_at` among

@@ -5,15 +5,21 @@ round of WAL flush (PostgreSQL) per batch instead of per message. A batch that
 fails is rolled back whole and tried again with backoff; nothing is acked until
 the retry commits, so a database outage delays acks and never loses an operation.
 
+What a batch writes is decided by its records: each record type has a `Step`
+(storage/sync.py, storage/alerts.py, ...) that writes its share inside the
+transaction, in the order the steps were given. A new kind of message adds a
+step; the writer does not change.
+
 A batch that the database refuses for what it holds (storage/refusals.py) is not
-retried whole: it would fail forever and stall ingest. Its units (one per op,
-alert, crisis ack) are committed in halves, recursively, until what fails alone
-is found; that is handed back refused, the rest is committed
+retried whole: it would fail forever and stall ingest. Its units (one per
+record) are committed in halves, recursively, until what fails alone is found;
+that is handed back refused, the rest is committed
 (docs/decisions/0006-poison-batch-bisection.md).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
 import time
@@ -23,55 +29,80 @@ from typing import Any
 import msgspec
 import structlog
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from storage import alerts, outbox, quarantine, sync_log
-from storage.alerts import AlertPolicy
-from storage.conflicts import Detector
+from handlers.records import OutboxRecord, QuarantineRecord
+from storage import outbox, quarantine
 from storage.db import create_engine
-from storage.records import (
-    AlertRecord,
-    CrisisAckRecord,
-    OpRecord,
-    OutboxRecord,
-    QuarantineRecord,
-)
 from storage.refusals import refusal
 
 log = structlog.get_logger("fieldgate.writer")
 
 
+class Written(msgspec.Struct):
+    """What one step wrote besides its records: outbox rows (published after the
+    commit, urgent ones by the committing process at once) and events for the
+    caller's metrics and logs (never written anywhere by the writer)."""
+
+    outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
+    events: list[Any] = msgspec.field(default_factory=list)
+
+
+class Step(abc.ABC):
+    """One record type's share of the writer's transaction.
+
+    `write` runs inside the transaction and may fill in the records (status,
+    version, what only the database knows); if the attempt fails, `reset` makes
+    them as they were, and the next attempt writes them again from scratch.
+    """
+
+    record_type: type[Any]
+    name: str
+    """What its records are called in logs: `ops`, `alerts`..."""
+
+    @abc.abstractmethod
+    async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
+        """Write `records` (arrival order) in the open transaction."""
+
+    # Optional hooks: a step that keeps no state needs none of them.
+
+    def reset(self, records: Sequence[Any]) -> None:  # noqa: B027
+        """Forget what a failed attempt decided about `records`."""
+
+    def committed(self) -> None:  # noqa: B027
+        """The transaction that `write` ran in committed."""
+
+    def failed(self) -> None:  # noqa: B027
+        """The transaction that `write` ran in failed: what it read may never have been."""
+
+
 class WriteSet(msgspec.Struct):
     """Everything one batch writes, gathered from many messages."""
 
-    ops: list[OpRecord] = msgspec.field(default_factory=list)
+    records: list[Any] = msgspec.field(default_factory=list)
+    """Records of any type a step of the writer stores, in arrival order."""
     quarantine: list[QuarantineRecord] = msgspec.field(default_factory=list)
     outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
-    alerts: list[AlertRecord] = msgspec.field(default_factory=list)
-    crisis_acks: list[CrisisAckRecord] = msgspec.field(default_factory=list)
-    conflicts: list[dict[str, Any]] = msgspec.field(default_factory=list)
-    """Filled by the writer: the conflict records the committed batch created."""
-
-
-Record = OpRecord | AlertRecord | CrisisAckRecord
-"""A record the database may refuse on its own: each is one unit of an isolation."""
 
 
 class Refusal(msgspec.Struct, frozen=True):
     """A record the database refused alone, and the class name of its error (never the
     message: that may quote the row, an alert's note)."""
 
-    record: Record
+    record: Any
     error: str
 
 
 class Committed(msgspec.Struct):
     """What a commit wrote to the outbox: how many rows, and those leased to the caller
-    for publication at once (see `outbox.add_leased`); and what it had to leave out."""
+    for publication at once (see `outbox.add_leased`); what its steps reported; and
+    what it had to leave out."""
 
     outbox_rows: int = 0
     leased: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    events: dict[str, list[Any]] = msgspec.field(default_factory=dict)
+    """Each step's events, by the step's name."""
     refused: list[Refusal] = msgspec.field(default_factory=list)
     """Records the database refused alone, each rolled back; the rest is committed."""
 
@@ -79,6 +110,8 @@ class Committed(msgspec.Struct):
         """Count a part of an isolated batch into the whole."""
         self.outbox_rows += part.outbox_rows
         self.leased.extend(part.leased)
+        for name, events in part.events.items():
+            self.events.setdefault(name, []).extend(events)
         self.refused.extend(part.refused)
 
 
@@ -91,17 +124,18 @@ class Refused(Exception):
         self.error = error
 
 
-def units(batch: WriteSet) -> list[WriteSet]:
+def units(batch: WriteSet, order: Sequence[type[Any]]) -> list[WriteSet]:
     """`batch` cut into the smallest parts the database can refuse one by one: one per
-    alert, crisis ack and op, the same record objects; last, the quarantine and outbox
-    rows together, which are never refused (they are where refused data goes).
+    record (the same objects), record types in the writer's step order; last, the
+    quarantine and outbox rows together, which are never refused (they are where
+    refused data goes).
 
-    Alerts first: the halves are committed in order, and a crisis alert's publication
-    (leased for a few seconds from its own commit) must not wait for a search among
-    hundreds of ops."""
-    out = [WriteSet(alerts=[record]) for record in batch.alerts]
-    out.extend(WriteSet(crisis_acks=[ack]) for ack in batch.crisis_acks)
-    out.extend(WriteSet(ops=[record]) for record in batch.ops)
+    Steps come in the order of urgency (alerts first): the halves are committed in
+    order, and a crisis alert's publication (leased for a few seconds from its own
+    commit) must not wait for a search among hundreds of ops."""
+    rank = {kind: index for index, kind in enumerate(order)}
+    ordered = sorted(batch.records, key=lambda record: rank[type(record)])
+    out = [WriteSet([record]) for record in ordered]
     if batch.quarantine or batch.outbox:
         out.append(WriteSet(quarantine=batch.quarantine, outbox=batch.outbox))
     return out
@@ -111,20 +145,10 @@ def merge(parts: Sequence[WriteSet]) -> WriteSet:
     """One write set holding every part's records (the same objects)."""
     merged = WriteSet()
     for part in parts:
-        merged.ops.extend(part.ops)
+        merged.records.extend(part.records)
         merged.quarantine.extend(part.quarantine)
         merged.outbox.extend(part.outbox)
-        merged.alerts.extend(part.alerts)
-        merged.crisis_acks.extend(part.crisis_acks)
     return merged
-
-
-def _record(unit: WriteSet) -> Record | None:
-    """The one record of a unit; None for the quarantine and outbox rows."""
-    for records in (unit.ops, unit.alerts, unit.crisis_acks):
-        if records:
-            return records[0]
-    return None
 
 
 DIRECT_LEASE_US = 5_000_000
@@ -140,16 +164,11 @@ class Writer:
     of 1000 took ~110 ms on the shared loop under load, for ~26 ms of work.
     """
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        detector: Detector | None = None,
-        alert_policy: AlertPolicy | None = None,
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, steps: Sequence[Step] = ()) -> None:
         self.url = engine.url.render_as_string(hide_password=False)
         self.echo = engine.echo
-        self.detector = detector
-        self.alert_policy = alert_policy or AlertPolicy()
+        self.steps = list(steps)
+        self._by_type = {step.record_type: step for step in self.steps}
         self.engine: AsyncEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -206,27 +225,20 @@ class Writer:
         try:
             written = await self._retrying(batch, refusable)
         except Refused as exc:
-            log.warning(
-                "batch refused by the database, isolating",
-                error=exc.error,
-                ops=len(batch.ops),
-                alerts=len(batch.alerts),
-                crisis_acks=len(batch.crisis_acks),
-            )
+            counts = {step.name: 0 for step in self.steps}
+            for step, records in self._grouped(batch.records):
+                counts[step.name] = len(records)
+            log.warning("batch refused by the database, isolating", error=exc.error, **counts)
         else:
             self.commits += 1
             return written
         written = Committed()
-        conflicts: list[dict[str, Any]] = []
-        tried = await self._split(units(batch), written, conflicts)
-        batch.conflicts = conflicts
+        tried = await self._split(units(batch, [step.record_type for step in self.steps]), written)
         log.warning("batch isolated", refused=len(written.refused), transactions=tried)
         self.commits += 1
         return written
 
-    async def _split(
-        self, parts: list[WriteSet], written: Committed, conflicts: list[dict[str, Any]]
-    ) -> int:
+    async def _split(self, parts: list[WriteSet], written: Committed) -> int:
         """`parts` were refused together: commit each half, split a refused half again.
 
         Each half is a commit of its own, transient failures retried there forever: a
@@ -238,22 +250,18 @@ class Writer:
         tried = 0
         for half in halves:
             part = merge(half)
-            record = _record(part) if len(half) == 1 else None
-            rest = len(half) == 1 and record is None
+            alone = len(half) == 1
             tried += 1
             try:
-                written.add(await self._retrying(part, refusable=not rest))
-                conflicts.extend(part.conflicts)
+                written.add(await self._retrying(part, refusable=not (alone and not part.records)))
             except Refused:
-                if record is None:
-                    tried += await self._split(half, written, conflicts)
+                if alone and part.records:
+                    tried += await self._alone(part, written)
                 else:
-                    tried += await self._alone(part, record, written, conflicts)
+                    tried += await self._split(half, written)
         return tried
 
-    async def _alone(
-        self, unit: WriteSet, record: Record, written: Committed, conflicts: list[dict[str, Any]]
-    ) -> int:
+    async def _alone(self, unit: WriteSet, written: Committed) -> int:
         """A unit refused alone, tried once more before it is refused: a refusal counts
         only when it repeats. Two writers storing the same op (a redelivery racing its
         original) can both miss it in their lookup; the second insert then violates the
@@ -261,18 +269,15 @@ class Writer:
         try:
             written.add(await self._retrying(unit, refusable=True))
         except Refused as again:
-            _reset(unit.ops)
-            alerts.reset(unit.alerts, unit.crisis_acks)
-            written.refused.append(Refusal(record, again.error))
-        else:
-            conflicts.extend(unit.conflicts)
+            self._reset(unit.records)
+            written.refused.append(Refusal(unit.records[0], again.error))
         return 1
 
     async def _retrying(self, batch: WriteSet, refusable: bool) -> Committed:
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda exc: _retryable(exc, refusable)),
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.1),
-            before_sleep=lambda state: self._failed(state, len(batch.ops)),
+            before_sleep=lambda state: self._failed(state, len(batch.records)),
             reraise=True,
         )
         written = Committed()
@@ -291,41 +296,59 @@ class Writer:
         self.last_error = None
         return written
 
+    def _reset(self, records: Sequence[Any]) -> None:
+        for step, group in self._grouped(records):
+            step.reset(group)
+
+    def _grouped(self, records: Sequence[Any]) -> list[tuple[Step, list[Any]]]:
+        """The records of each step, in step order, each group in arrival order."""
+        groups: dict[type[Any], list[Any]] = {}
+        for record in records:
+            if type(record) not in self._by_type:
+                raise TypeError(f"the writer has no step for {type(record).__name__}")
+            groups.setdefault(type(record), []).append(record)
+        return [
+            (step, groups[step.record_type]) for step in self.steps if step.record_type in groups
+        ]
+
     async def _attempt(self, batch: WriteSet) -> Committed:
         """One transaction, from a clean slate: what a failed attempt decided is forgotten."""
         self.attempt_started = time.monotonic()
-        _reset(batch.ops)
-        alerts.reset(batch.alerts, batch.crisis_acks)
-        batch.conflicts = []
+        grouped = self._grouped(batch.records)
+        for step, records in grouped:
+            step.reset(records)
         try:
-            written = await self._transaction(batch)
+            written = await self._transaction(batch, grouped)
         except BaseException:
-            if self.detector is not None:
-                self.detector.failed()
+            for step in self.steps:
+                step.failed()
             raise
-        if self.detector is not None:
-            self.detector.committed()
+        for step in self.steps:
+            step.committed()
         return written
 
-    async def _transaction(self, batch: WriteSet) -> Committed:
+    async def _transaction(
+        self, batch: WriteSet, grouped: list[tuple[Step, list[Any]]]
+    ) -> Committed:
         now_us = time.time_ns() // 1000
+        rows = list(batch.outbox)
+        events: dict[str, list[Any]] = {}
         assert self.engine is not None
         async with self.engine.begin() as conn:
-            prior = await sync_log.store_ops(conn, batch.ops, now_us)
-            if self.detector is not None:
-                batch.conflicts = await self.detector.run(conn, batch.ops, now_us, prior)
-            caused = await alerts.store_alerts(conn, batch.alerts, now_us, self.alert_policy)
-            await alerts.acknowledge(conn, batch.crisis_acks, now_us)
+            for step, records in grouped:
+                written = await step.write(conn, records, now_us)
+                rows.extend(written.outbox)
+                if written.events:
+                    events[step.name] = written.events
             await quarantine.store(conn, batch.quarantine)
-            # What alerts cause is published by the caller right after the commit,
-            # without waiting for the publisher's next claim.
-            direct = [r for r in caused if r.channel == "mqtt"]
-            leased = await outbox.add_leased(conn, direct, now_us, DIRECT_LEASE_US)
-            await outbox.add(conn, [r for r in caused if r.channel != "mqtt"], now_us)
-            await outbox.add(conn, batch.outbox, now_us)
-        return Committed(len(batch.outbox) + len(caused), leased)
+            # Urgent rows are published by the caller right after the commit, without
+            # waiting for the publisher's next claim.
+            urgent = [row for row in rows if row.urgent]
+            leased = await outbox.add_leased(conn, urgent, now_us, DIRECT_LEASE_US)
+            await outbox.add(conn, [row for row in rows if not row.urgent], now_us)
+        return Committed(len(rows), leased, events)
 
-    def _failed(self, state: RetryCallState, ops: int) -> None:
+    def _failed(self, state: RetryCallState, records: int) -> None:
         self.healthy = False
         exc = state.outcome.exception() if state.outcome else None
         self.last_error = type(exc).__name__ if exc else "unknown"
@@ -336,7 +359,7 @@ class Writer:
             # row of `alerts` holds a person's note.
             detail=str(getattr(exc, "orig", exc)).partition("\n")[0][:200],
             attempt=state.attempt_number,
-            ops=ops,
+            records=records,
         )
 
 
@@ -346,9 +369,3 @@ def _retryable(exc: BaseException, refusable: bool) -> bool:
     if refused:
         return not refusable
     return isinstance(exc, DBAPIError)
-
-
-def _reset(records: Sequence[OpRecord]) -> None:
-    for record in records:
-        record.status = "pending"
-        record.version = None

@@ -16,14 +16,14 @@ import msgspec
 from sqlalchemy import select
 
 from gateway import config
-from gateway.conflicts import make_detector
-from gateway.daemon import sync_limits
+from gateway.ingest.rules import make_detector, sync_limits
+from handlers.records import OpRecord
 from handlers.sync import SyncHandler
 from storage import conflict_store, migrate
 from storage.db import create_engine
-from storage.records import OpRecord
 from storage.schema import conflicts, device_counters, outbox, user_counters
-from storage.writer import Writer, WriteSet
+from storage.sync import SyncStep
+from storage.writer import Committed, Writer, WriteSet
 
 ROOT = "fg"
 
@@ -45,7 +45,7 @@ class Store:
         self.handler = SyncHandler(sync_limits(self.settings))
         self.engine = create_engine(url)
         self.detector = make_detector(self.settings)
-        self.writer = Writer(self.engine, self.detector)
+        self.writer = Writer(self.engine, [SyncStep(self.detector)])
 
     async def start(self, warm_at_us: int | None = None) -> Store:
         """Migrate, then warm the window cache as the daemon does at `warm_at_us` (now)."""
@@ -62,13 +62,12 @@ class Store:
         assert len(decoded.records) == len(ops), decoded.items
         return decoded.records
 
-    async def commit(self, *sends: tuple[str, list[dict[str, Any]]]) -> WriteSet:
+    async def commit(self, *sends: tuple[str, list[dict[str, Any]]]) -> Committed:
         """One transaction holding what several devices sent."""
         batch = WriteSet()
         for device, ops in sends:
-            batch.ops.extend(self.decode(device, ops))
-        await self.writer.commit(batch)
-        return batch
+            batch.records.extend(self.decode(device, ops))
+        return await self.writer.commit(batch)
 
     async def conflicts(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:

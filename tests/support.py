@@ -30,6 +30,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from handlers.alerts import AlertNotices
+from storage.alerts import AlertPolicy, AlertStep, CrisisAckStep
+from storage.sync import SyncStep
+from storage.writer import Writer
 from tests.conflict_oracle import Expected, as_expected
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +75,12 @@ HEALTHY = {
     },
 }
 """The `health` answer's data from a test daemon with nothing wrong."""
+
+
+def plain_writer(engine: Any) -> Writer:
+    """A writer of ops, alerts and crisis acks with the default rules, no conflict
+    detection: the daemon's writer without what these tests do not look at."""
+    return Writer(engine, [AlertStep(AlertPolicy(), AlertNotices()), CrisisAckStep(), SyncStep()])
 
 
 def free_port() -> int:

@@ -244,4 +244,9 @@ def test_the_cli_as_operator(acl_broker: Mosquitto, gateway: Daemon, tmp_path: P
         check=False,
     )
     assert result.returncode == 0, result
-    assert json.loads(result.stdout)["data"]["messages"] == {"sync": 0, "admin": 1}
+    assert json.loads(result.stdout)["data"]["messages"] == {
+        "alert": 0,
+        "crisis_ack": 0,
+        "sync": 0,
+        "admin": 1,
+    }

@@ -162,7 +162,7 @@ def test_stats_count_what_the_daemon_stored(
     stats = admin.data("stats")
     assert stats["ops"] == {"stored": 3, "duplicate": 0, "rejected": 0}
     assert stats["rejected_by_code"] == {}
-    assert stats["messages"] == {"sync": 3, "admin": 1}
+    assert stats["messages"] == {"alert": 0, "crisis_ack": 0, "sync": 3, "admin": 1}
 
     # a duplicate and a rejected operation move their counters, and only those
     assert publish_op(client, root, "d1", sync_op("op-1")) == {
@@ -185,7 +185,12 @@ def test_stats_count_what_the_daemon_stored(
     assert stats["rejected_by_code"] == {"schema": 1}
     admin_requests = stats["messages"]["admin"]
     assert admin_requests >= 2
-    assert stats["messages"] == {"sync": 5, "admin": admin_requests}
+    assert stats["messages"] == {
+        "alert": 0,
+        "crisis_ack": 0,
+        "sync": 5,
+        "admin": admin_requests,
+    }
     assert set(stats) == STATS_KEYS
     assert stats["since"] == admin.data("info")["started_at"]
     assert isinstance(stats["uptime_s"], int | float) and stats["uptime_s"] >= 0

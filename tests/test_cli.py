@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -138,7 +139,7 @@ def test_admin_stats_and_history_show_what_the_daemon_holds(
     )
     stats = ok_json(fieldgate("admin", "stats", "--json-output", "--config", config))["data"]
     assert stats["ops"] == {"stored": 3, "duplicate": 0, "rejected": 0}
-    assert stats["messages"] == {"sync": 3, "admin": 1}
+    assert stats["messages"] == {"alert": 0, "crisis_ack": 0, "sync": 3, "admin": 1}
     assert stats["rejected_by_code"] == {}
 
     history = ok_json(
@@ -302,20 +303,59 @@ def test_status_shows_online(config: Path, daemon: Daemon) -> None:
     result = fieldgate("status", "--json-output", "--config", config)
     assert result.returncode == 0, result
     found = json.loads(result.stdout)
-    assert set(found) == {"status", "health"}
+    assert set(found) == {"status", "health", "source"}
     assert found["status"] == {
         "state": "online",
         "version": __version__,
         "instance": daemon.env["FIELDGATE_INSTANCE"],
         "started_at": found["status"]["started_at"],
     }
+    assert found["source"] == "daemon"
     assert found["health"]["healthy"] is True
     assert found["health"]["ops"] == {"stored": 0, "duplicate": 0, "rejected": 0}
 
     daemon.terminate()
     result = fieldgate("status", "--json-output", "--config", config)
     assert result.returncode == 1, result
-    assert json.loads(result.stdout)["status"]["state"] == "offline"
+    found = json.loads(result.stdout)
+    assert (found["status"]["state"], found["source"]) == ("offline", "retained")
+
+
+def test_status_shows_the_figures_of_now_not_the_start_up_report(
+    config: Path, daemon: Daemon, client: Client
+) -> None:
+    """Right after start the retained report says 0 stored until the next interval
+    (60 s); `status` asks the daemon, so a newcomer sees what just happened.
+
+    Checked against: `status` showing the retained report when the daemon answers
+    (stored would be 0, source `retained`)."""
+    publish_ops(client, daemon.root, "d1", [sync_op("now-1"), sync_op("now-2")])
+    result = fieldgate("status", "--json-output", "--config", config)
+    assert result.returncode == 0, result
+    found = json.loads(result.stdout)
+    assert found["source"] == "daemon"
+    assert found["health"]["ops"] == {"stored": 2, "duplicate": 0, "rejected": 0}
+    assert found["health"]["healthy"] is True
+
+
+def test_status_falls_back_to_the_retained_report_when_the_daemon_does_not_answer(
+    config: Path, daemon: Daemon
+) -> None:
+    """A daemon that is online but does not answer (stopped with SIGSTOP: hung) is shown
+    by its last retained report, and `source` says so.
+
+    Checked against: `status` waiting for the answer forever, and `status` showing
+    no health at all when the daemon does not answer."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        result = fieldgate("status", "--json-output", "--config", config)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert result.returncode == 0, result
+    found = json.loads(result.stdout)
+    assert (found["status"]["state"], found["source"]) == ("online", "retained")
+    assert found["health"]["ops"] == {"stored": 0, "duplicate": 0, "rejected": 0}
 
 
 def in_a_terminal(args: list[str | Path]) -> tuple[int, list[str]]:

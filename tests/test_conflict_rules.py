@@ -311,7 +311,7 @@ async def test_record_and_notices_exactly(tmp_path: Path) -> None:
         users, devices = await store.counters()
     finally:
         await store.close()
-    assert batch.conflicts == [record]
+    assert batch.events["ops"] == [record]
     detected_at = record.pop("detected_at")
     assert detected_at.endswith("Z") and detected_at.startswith("20")
     assert record == {

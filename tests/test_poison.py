@@ -27,9 +27,9 @@ import psycopg
 import pytest
 
 from handlers.errors import NUL_MESSAGE
+from handlers.records import AlertRecord, OpRecord, QuarantineRecord
 from storage import migrate
 from storage.db import create_engine
-from storage.records import AlertRecord, OpRecord, QuarantineRecord
 from storage.writer import Writer, WriteSet
 from tests.alerts_support import alert
 from tests.support import (
@@ -39,6 +39,7 @@ from tests.support import (
     Mosquitto,
     PostgresServer,
     db_rows,
+    plain_writer,
     sync_op,
     wait_for,
 )
@@ -444,7 +445,7 @@ def test_a_poison_op_is_rejected_and_every_other_message_stored_once(
 async def writer(db_url: str) -> AsyncIterator[Writer]:
     await migrate.upgrade_async(db_url)
     engine = create_engine(db_url)
-    made = Writer(engine)
+    made = plain_writer(engine)
     try:
         yield made
     finally:
@@ -516,7 +517,7 @@ async def test_the_writer_commits_all_but_the_records_refused_alone(
     ops = [op(f"p-{i}" if i in (3, 10) else f"g-{i}", f"e{i % 3}") for i in range(14)]
     again = op("g-1", "e1")
     alerts = [alert_record("al-good"), alert_record("al-poison")]
-    batch = WriteSet(ops=[*ops, again], alerts=alerts, quarantine=[quarantine_record("q/1")])
+    batch = WriteSet([*ops, again, *alerts], quarantine=[quarantine_record("q/1")])
     commits_before = writer.commits
 
     committed = await writer.commit(batch)
@@ -550,10 +551,10 @@ async def test_a_lone_poison_op_is_refused_and_the_next_batch_commits(
 ) -> None:
     error_name = refuse(db_url, "sync_log", "op_id", "poison")
     poison = op("poison", "e1")
-    committed = await writer.commit(WriteSet(ops=[poison]))
+    committed = await writer.commit(WriteSet([poison]))
     assert [(r.record, r.error) for r in committed.refused] == [(poison, error_name)]
     following = op("next", "e1")
-    assert (await writer.commit(WriteSet(ops=[following]))).refused == []
+    assert (await writer.commit(WriteSet([following]))).refused == []
     assert (following.status, following.version) == ("stored", 1)
     assert db_rows(db_url, "select op_id from sync_log") == [("next",)]
 
@@ -566,7 +567,7 @@ async def test_a_missing_table_is_retried_not_refused(db_url: str, writer: Write
     execute(db_url, "ALTER TABLE quarantine RENAME TO quarantine_away")
     record = op("g-1", "e1")
     commit = asyncio.ensure_future(
-        writer.commit(WriteSet(ops=[record], quarantine=[quarantine_record("q/1")]))
+        writer.commit(WriteSet([record], quarantine=[quarantine_record("q/1")]))
     )
     await until(lambda: not writer.healthy)
     assert writer.last_error in {"ProgrammingError", "OperationalError"}
@@ -618,15 +619,15 @@ async def test_an_outage_during_the_isolation_is_retried_not_refused(
     url = private_pg.start().replace("postgresql://", "postgresql+psycopg://", 1)
     await migrate.upgrade_async(url)
     engine = create_engine(url)
-    writer = Writer(engine)
+    writer = plain_writer(engine)
     try:
-        await writer.commit(WriteSet(ops=[op("seed", "b-locked")]))
+        await writer.commit(WriteSet([op("seed", "b-locked")]))
         # Entities are upserted in sorted order: the poison's row fails before the lock.
         error_name = refuse(url, "entities", "entity_id", "a-poison")
         holder = psycopg.connect(plain(url))
         holder.execute("select * from entities where entity_id = 'b-locked' for update")
         poison, locked, free = op("p", "a-poison"), op("g-1", "b-locked"), op("g-2", "c-free")
-        commit = asyncio.ensure_future(writer.commit(WriteSet(ops=[poison, locked, free])))
+        commit = asyncio.ensure_future(writer.commit(WriteSet([poison, locked, free])))
         await until(lambda: waiting_on_lock(url))
         assert not commit.done()
 

@@ -14,16 +14,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.simulate import (
-    GeneratorOptions,
-    Payload,
-    RemoteHostRefused,
-    RunOptions,
-    check_loopback,
-    expected_totals,
-    generate,
-    run_simulation,
-)
+from loadgen.generator import GeneratorOptions, Payload, expected_totals, generate
+from loadgen.runner import Broker, RemoteHostRefused, RunOptions, check_loopback, run_simulation
 from tests.support import ROOT, Daemon, Mosquitto
 
 OPTIONS = GeneratorOptions(
@@ -110,11 +102,10 @@ def test_other_hosts_are_refused(host: str) -> None:
 
 
 def test_runner_refuses_a_remote_broker_before_connecting() -> None:
-    from gateway.config import MqttConfig, Settings
-
-    settings = Settings(mqtt=MqttConfig(host="192.0.2.10"))
     with pytest.raises(RemoteHostRefused):
-        run_simulation(settings, OPTIONS, RunOptions(count=1, duration_s=1, progress=False))
+        run_simulation(
+            Broker(host="192.0.2.10"), OPTIONS, RunOptions(count=1, duration_s=1, progress=False)
+        )
 
 
 def _simulate(daemon: Daemon, *args: str) -> tuple[subprocess.CompletedProcess[bytes], Any]:

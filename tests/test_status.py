@@ -118,7 +118,7 @@ def test_health_retained_every_interval(
     report = wait_for(reported, timeout=20)
     assert report["ops"] == {"stored": 2, "duplicate": 0, "rejected": 1}
     assert report["rejected_by_code"] == {"malformed": 1}
-    assert report["messages"] == {"sync": 3}
+    assert report["messages"] == {"alert": 0, "crisis_ack": 0, "sync": 3, "admin": 0}
     assert report["healthy"] is True
     assert report["since"] == first["since"]
     assert report["uptime_s"] >= first["uptime_s"]

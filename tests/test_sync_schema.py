@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gateway.config import LimitsConfig, SyncConfig
+from handlers.records import OpRecord
 from handlers.sync import Decoded, Limits, Rejected, SyncHandler
-from storage.records import OpRecord
 
 TOPIC = "fg/devices/d1/sync"
 DEVICE = "d1"

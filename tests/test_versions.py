@@ -17,11 +17,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from handlers.records import OpRecord
 from storage import migrate
 from storage.db import create_engine
-from storage.records import OpRecord
 from storage.schema import entities, sync_log
 from storage.writer import Writer, WriteSet
+from tests.support import plain_writer
 
 ENTITIES = ["e0", "e1", "e2"]
 BATCH_SIZES = [1, 7, 3, 12, 5, 9, 2, 15, 4, 8]
@@ -65,7 +66,7 @@ def batches(records: list[OpRecord], shift: int) -> list[list[OpRecord]]:
 
 async def commit_all(writer: Writer, parts: list[list[OpRecord]]) -> None:
     for part in parts:
-        await writer.commit(WriteSet(ops=part))
+        await writer.commit(WriteSet(part))
         await asyncio.sleep(0)
 
 
@@ -90,7 +91,7 @@ async def stored_rows(engine: AsyncEngine) -> dict[str, tuple[str, int]]:
 async def race(url: str, work: list[list[list[OpRecord]]]) -> dict[str, tuple[str, int]]:
     await migrate.upgrade_async(url)
     engines = [create_engine(url) for _ in work]
-    writers = [Writer(engine) for engine in engines]
+    writers = [plain_writer(engine) for engine in engines]
     try:
         await asyncio.gather(
             *(commit_all(w, parts) for w, parts in zip(writers, work, strict=True))
@@ -173,11 +174,11 @@ async def test_the_same_ops_from_two_writers_are_stored_once(db_url: str) -> Non
 async def test_one_batch_with_the_same_op_twice_and_a_known_op(db_url: str) -> None:
     await migrate.upgrade_async(db_url)
     engine = create_engine(db_url)
-    writer = Writer(engine)
+    writer = plain_writer(engine)
     try:
-        await writer.commit(WriteSet(ops=[record("a", "e0", "d"), record("b", "e0", "d")]))
+        await writer.commit(WriteSet([record("a", "e0", "d"), record("b", "e0", "d")]))
         again = [record("b", "e0", "d"), record("c", "e0", "d"), record("c", "e0", "d")]
-        await writer.commit(WriteSet(ops=again))
+        await writer.commit(WriteSet(again))
         assert [(r.op_id, r.status, r.version) for r in again] == [
             ("b", "duplicate", 2),
             ("c", "stored", 3),

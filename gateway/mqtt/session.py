@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,6 +30,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.config import MqttConfig
+from gateway.lifecycle import Part, backoff
+from gateway.mqtt.client import make_client
+from gateway.seam import Outbound
 
 log = structlog.get_logger("fieldgate.mqtt")
 
@@ -82,52 +83,41 @@ class Inbound:
         self.received_at_us = time.time_ns() // 1000 if received_at_us is None else received_at_us
 
 
-class Outbound:
-    """A message to publish; `correlation` is echoed as v5 CorrelationData."""
-
-    __slots__ = ("correlation", "payload", "qos", "retain", "topic")
-
-    def __init__(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation: bytes | None = None,
-    ) -> None:
-        self.topic = topic
-        self.payload = payload
-        self.qos = qos
-        self.retain = retain
-        self.correlation = correlation
-
-
 MessageCallback = Callable[[Inbound], None]
 ConnectedCallback = Callable[["aiomqtt.Client"], Any]
 
 
-class MqttSession:
+def _ignore(_message: Inbound) -> None:
+    """Messages before anyone routes them: none arrive, nothing is subscribed yet."""
+
+
+class MqttSession(Part):
     """A persistent MQTT v5 session that reconnects by itself until `stop()`.
 
-    `on_message` is called on the event loop for every message, in arrival order;
-    `on_connected` (awaited) runs after each (re)subscribe, before the session
-    is considered up. Publishing and acking are synchronous and never block.
+    `on_message` (set by whoever routes: the intake) is called on the event loop for
+    every message, in arrival order, for the topics of `subscriptions`;
+    `on_connected` (awaited) runs after each (re)subscribe, before the session is
+    considered up; `last_words` is published (awaited) on a clean stop. Publishing
+    and acking are synchronous and never block.
     """
+
+    name = "mqtt"
+    critical = True
+    ends_on_stop = True
 
     def __init__(
         self,
         config: MqttConfig,
-        subscriptions: list[str],
-        on_message: MessageCallback,
         *,
         will: Outbound | None = None,
+        last_words: Callable[[], Outbound] | None = None,
         on_connected: ConnectedCallback | None = None,
     ) -> None:
         self.config = config
-        self.subscriptions = subscriptions
-        self.on_message = on_message
+        self.subscriptions: list[str] = []
+        self.on_message: MessageCallback = _ignore
         self.will = will
+        self.last_words = last_words
         self.on_connected = on_connected
         self.epoch = 0
         self.reconnects = 0
@@ -158,15 +148,10 @@ class MqttSession:
                 break
             attempt += 1
             self.reconnects += 1
-            delay = self._backoff(attempt)
+            delay = backoff(attempt, self.config.reconnect_min_s, self.config.reconnect_max_s)
             log.warning("mqtt disconnected, reconnecting", reason=self.last_error, retry_in_s=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-
-    def _backoff(self, attempt: int) -> float:
-        """Full jitter: instances restarted together do not reconnect together."""
-        cap = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2 ** (attempt - 1))
-        return round(random.uniform(self.config.reconnect_min_s, max(cap, 0.001)), 3)
 
     async def _session(self) -> None:
         client = self._make_client()
@@ -236,23 +221,13 @@ class MqttSession:
         will = None
         if self.will is not None:
             will = aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
-        tls = None
-        if cfg.tls_ca is not None:
-            tls = aiomqtt.TLSParameters(ca_certs=str(cfg.tls_ca), cert_reqs=ssl.CERT_REQUIRED)
-        client = aiomqtt.Client(
-            cfg.host,
-            cfg.port,
-            username=cfg.username,
-            password=cfg.password.get_secret_value() if cfg.password else None,
+        client = make_client(
+            cfg,
             identifier=cfg.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
             properties=connect,
-            keepalive=cfg.keepalive_s,
             will=will,
-            tls_params=tls,
             max_inflight_messages=cfg.max_outgoing_inflight,
-            timeout=10,
         )
         client.pending_calls_threshold = 10_000
         inner: paho.Client = client._client
@@ -287,9 +262,10 @@ class MqttSession:
         self._pause_wanted = False
         self._reader_fd = None
 
-    async def stop(self, last_words: Outbound | None = None) -> None:
+    async def stop(self) -> None:
         """Publish `last_words` (awaited), then disconnect cleanly and end `run()`."""
         client = self._client
+        last_words = self.last_words() if self.last_words is not None else None
         if client is not None and last_words is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await client.publish(

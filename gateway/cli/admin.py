@@ -11,33 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
-from gateway import admin_client
-from gateway.config import ConfigError, Settings, load
+from gateway.cli import client, render
+from gateway.cli.options import ConfigOption, load_settings
+from gateway.config import Settings
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML config file", envvar="FIELDGATE_CONFIG"),
-]
-
-
-def _settings(path: Path | None) -> Settings:
-    try:
-        return load(path)
-    except ConfigError as exc:
-        typer.echo(f"fieldgate: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+STATUS_ASK_S = 3.0
+"""How long `fieldgate status` waits for the daemon's own figures before it shows the
+last retained report instead."""
 
 
 def _parse_args(pairs: list[str], raw_json: str | None) -> dict[str, Any]:
@@ -72,7 +60,7 @@ def admin(
     config_path: ConfigOption = None,
 ) -> None:
     """Send an admin command to the running daemon and print its answer."""
-    settings = _settings(config_path)
+    settings = load_settings(config_path)
     args = _parse_args(arg or [], raw_json)
     as_json = json_output or not sys.stdout.isatty()
     console = Console(stderr=True)
@@ -91,7 +79,7 @@ def admin(
 
     try:
         answer = asyncio.run(
-            admin_client.request(
+            client.request(
                 settings,
                 command,
                 args,
@@ -100,7 +88,7 @@ def admin(
                 on_progress=advance,
             )
         )
-    except admin_client.AdminTimeout as exc:
+    except client.AdminTimeout as exc:
         typer.echo(f"fieldgate: {command}: {exc} (is the daemon running?)", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
     except Exception as exc:  # noqa: BLE001 - broker unreachable etc.: one line, no traceback
@@ -113,7 +101,7 @@ def admin(
     if as_json:
         typer.echo(json.dumps(answer, indent=None if not sys.stdout.isatty() else 2))
     else:
-        _show(answer)
+        render.show(answer)
     if not ok:
         raise typer.Exit(EXIT_ERROR)
 
@@ -122,11 +110,16 @@ def status(
     json_output: Annotated[bool, typer.Option("--json-output", help="print JSON")] = False,
     config_path: ConfigOption = None,
 ) -> None:
-    """Show the daemon's retained status and last health report from the broker."""
-    settings = _settings(config_path)
+    """Is the daemon up, and how is it doing? Its figures of now, or the last report.
+
+    The retained `<root>/status` says whether it is online. Its health and stats
+    are asked for (`health`, `stats`); when it does not answer, the last retained
+    `<root>/health` report is shown instead. `source` says which.
+    """
+    settings = load_settings(config_path)
     try:
-        found = asyncio.run(admin_client.retained(settings))
-    except Exception as exc:  # noqa: BLE001
+        found = asyncio.run(_status(settings))
+    except Exception as exc:  # noqa: BLE001 - broker unreachable: one line, no traceback
         typer.echo(f"fieldgate: cannot reach the broker: {exc}", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
     if json_output or not sys.stdout.isatty():
@@ -135,75 +128,35 @@ def status(
         console = Console()
         if not found:
             console.print("no status retained: the daemon never ran with this topic root")
-        for name, value in found.items():
-            console.print(_table(name, value))
+        for name in ("status", "health"):
+            if name in found:
+                console.print(render.facts(name, found[name]))
+        if "source" in found:
+            console.print(
+                "health and stats: asked of the daemon just now"
+                if found["source"] == "daemon"
+                else "health and stats: the last retained report (the daemon did not answer)"
+            )
     state = found.get("status", {}).get("state")
     if state != "online":
         raise typer.Exit(EXIT_ERROR)
 
 
-def _show(answer: dict[str, Any]) -> None:
-    console = Console()
-    if answer.get("status") != "ok":
-        error = answer.get("error") or {}
-        path = f" at {error['path']}" if error.get("path") else ""
-        console.print(f"[red]error[/red] {error.get('code')}: {error.get('message')}{path}")
-        return
-    data = answer.get("data") or {}
-    items = data.get("items") if isinstance(data, dict) else None
-    if isinstance(items, list):
-        console.print(_items_table(items))
-        if data.get("next_cursor"):
-            console.print(f"more: --arg cursor={data['next_cursor']}")
-        rest = {k: v for k, v in data.items() if k not in ("items", "next_cursor")}
-        if rest:
-            console.print(_table("", rest))
-        return
-    console.print(_table("", data))
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False)
-    return "" if value is None else str(value)
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"checks": {"mqtt": {"ok": true}}}` -> `{"checks.mqtt.ok": true}`: one row per fact."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{name}."))
+async def _status(settings: Settings) -> dict[str, Any]:
+    found = await client.retained(settings)
+    if found.get("status", {}).get("state") == "online":
+        try:
+            health, stats = await asyncio.gather(
+                client.request(settings, "health", {}, timeout_s=STATUS_ASK_S),
+                client.request(settings, "stats", {}, timeout_s=STATUS_ASK_S),
+            )
+        except client.AdminTimeout:
+            pass
         else:
-            out[name] = value
-    return out
-
-
-def _table(title: str, data: Any) -> Table:
-    table = Table(title=title or None, show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
-    if isinstance(data, dict):
-        for key, value in _flat(data).items():
-            table.add_row(key, _cell(value))
-    else:
-        table.add_row("", _cell(data))
-    return table
-
-
-def _items_table(items: list[Any]) -> Table:
-    rows = [_flat(item) if isinstance(item, dict) else {"value": item} for item in items]
-    columns: list[str] = []
-    for row in rows:
-        for key in row:
-            if key not in columns:
-                columns.append(key)
-    table = Table()
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(row.get(column)) for column in columns))
-    if not items:
-        table.caption = "no items"
-    return table
+            if health.get("status") == "ok" and stats.get("status") == "ok":
+                found["health"] = {**health["data"], **stats["data"]}
+                found["source"] = "daemon"
+                return found
+    if "health" in found:
+        found["source"] = "retained"
+    return found

@@ -1,15 +1,17 @@
 """The admin protocol: request on `<root>/admin/request/<command>`, answer after.
 
-Shaped like zigbee2mqtt's bridge: one table maps command names to handlers
-(`gateway.commands.TABLE`); each request runs in its own task, so a slow
-command never blocks a fast one nor the ingest path; a long command answers
-`accepted` at once, reports progress, then answers with its result.
+Shaped like zigbee2mqtt's bridge: one table of `Command` rows (each area of
+commands in a module of gateway/admin/ gives its rows, and the daemon puts them
+together), and one place here that wraps every answer and every error. Each
+request runs in its own task, so a slow command never blocks a fast one nor the
+ingest path; a long command answers `accepted` at once, reports progress, then
+answers with its result.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +19,11 @@ import msgspec
 import structlog
 from sqlalchemy.exc import DBAPIError
 
-from gateway.mqtt import Inbound, MqttSession, Outbound
-from gateway.services import Services
+from gateway.admin.args import CommandError, NoArgs, Progress
+from gateway.lifecycle import Part
+from gateway.metrics import Metrics
+from gateway.mqtt.session import Inbound, MqttSession
+from gateway.seam import Outbound
 from handlers.admin import AdminRequest, convert_args, parse
 from handlers.errors import Code, Error
 
@@ -29,71 +34,52 @@ _encode = msgspec.json.Encoder().encode
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CONCURRENT = 16
 
-
-class CommandError(Exception):
-    """Raised by a command to answer with a typed error (e.g. `invalid_args`)."""
-
-    def __init__(self, code: Code, message: str, path: str | None = None) -> None:
-        super().__init__(message)
-        self.error = Error(code, message, path)
-
-
-Progress = Callable[[int, int], None]
-Handler = Callable[[Services, Any, Progress], Awaitable[dict[str, Any]]]
-
-
-class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
-    pass
+Handler = Callable[[Any, Progress], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
 class Command:
+    """A row of the command table: the name, what runs it, its arguments' type."""
+
+    name: str
     handler: Handler
     args: type[Any] = NoArgs
     long: bool = False
+    """Answers `accepted` at once, reports progress, then answers with its result."""
 
 
-class AdminServer:
+class AdminServer(Part):
+    """Takes requests from the router, runs each in its own task, answers."""
+
+    name = "admin"
+
     def __init__(
         self,
-        services: Services,
-        table: dict[str, Command],
-        hold: Callable[[Inbound], Any],
-        release: Callable[[list[Any]], None],
+        root: str,
+        session: MqttSession,
+        commands: Sequence[Command],
+        token: Callable[[], str | None],
+        metrics: Metrics,
     ) -> None:
-        self.services = services
-        self.table = table
-        self._hold = hold
-        self._release = release
+        self.root = root
+        self.session = session
+        self.table = {command.name: command for command in commands}
+        self.token = token
+        self.received = metrics.messages_received.labels("admin")
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
-
-    @property
-    def session(self) -> MqttSession:
-        return self.services.session
-
-    @property
-    def root(self) -> str:
-        return self.services.settings.mqtt.topic_root
+        self._stopped = asyncio.Event()
 
     def request(self, message: Inbound, params: dict[str, str]) -> None:
-        """Router endpoint: take the request, ack it, run it in its own task."""
-        ticket = self._hold(message)
-        if ticket is None:
-            return
-        self._release([ticket])
-        self.services.metrics.messages_received.labels("admin").inc()
+        """Router endpoint (the intake has acked the message): run it in its own task."""
+        self.received.inc()
         command = params["command"]
         if message.retain:
             # A retained request would run again on every reconnect of every instance.
             log.warning("retained admin request ignored", command=command, topic=message.topic)
             return
-        token = self.services.settings.admin.token
         request, transaction, error = parse(
-            command,
-            message.payload,
-            token.get_secret_value() if token else None,
-            MAX_REQUEST_BYTES,
+            command, message.payload, self.token(), MAX_REQUEST_BYTES
         )
         if error is not None or request is None:
             assert error is not None
@@ -129,7 +115,7 @@ class AdminServer:
 
         async with self._slots:
             try:
-                data = await command.handler(self.services, args, progress)
+                data = await command.handler(args, progress)
             except CommandError as exc:
                 self._answer(message, request.command, request.transaction, error=exc.error)
                 return
@@ -170,7 +156,12 @@ class AdminServer:
         topic = message.response_topic or f"{self.root}/admin/response/{command}"
         self.session.publish(Outbound(topic, _encode(body), correlation=message.correlation))
 
-    async def close(self) -> None:
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Cancel the commands under way: a client waits in vain, and may ask again."""
+        self._stopped.set()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

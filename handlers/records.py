@@ -1,7 +1,8 @@
 """What handlers hand to the writer: plain records, one per row to be written.
 
-The writer fills `status` and `version` of each `OpRecord` once the transaction
-that stored it has committed; nothing else is mutated after a handler made it.
+Both sides depend on this module and on nothing of each other's: handlers make
+records, storage stores them. The writer fills in what only the transaction
+knows (an op's `status` and `version`, an alert's final classification).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class OutboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     retain: bool = False
     origin_at_us: int | None = None
     """When the cause reached the gateway (receipt-to-publication metrics), if known."""
+    urgent: bool = False
+    """Leased to the committing process, which publishes it right after the commit
+    instead of waiting for the publisher's next claim (crisis alerts)."""
 
 
 AlertStatus = Literal["pending", "stored", "duplicate"]
@@ -105,3 +109,18 @@ class CrisisAckRecord(msgspec.Struct, kw_only=True):
     outcome: AckOutcome = "pending"
     acknowledged_at_us: int | None = None
     acknowledged_by: str | None = None
+
+
+ResolutionOutcome = Literal["pending", "resolved", "not_found", "not_open", "not_in_pair"]
+
+
+class ResolutionRecord(msgspec.Struct, kw_only=True):
+    """An operator's resolution of a conflict (the admin command `conflicts/resolve`)."""
+
+    conflict_id: str
+    winner_op_id: str
+    by: str
+    # Set by the writer:
+    outcome: ResolutionOutcome = "pending"
+    conflict: dict[str, Any] | None = None
+    """The conflict as the transaction left it (resolved), or as it found it."""

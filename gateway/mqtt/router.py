@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from gateway.mqtt import Inbound
+from gateway.mqtt.session import Inbound
 
 Endpoint = Callable[[Inbound, dict[str, str]], None]
 

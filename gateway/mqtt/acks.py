@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from gateway.mqtt import Inbound
+from gateway.mqtt.session import Inbound
 
 
 class Ticket:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import MqttConfig, Settings
+from gateway.mqtt.client import make_client
 
 Progress = Callable[[int, int], None]
 
@@ -30,19 +30,7 @@ class AdminTimeout(Exception):
 
 
 def _client(config: MqttConfig) -> aiomqtt.Client:
-    tls = None
-    if config.tls_ca is not None:
-        tls = aiomqtt.TLSParameters(ca_certs=str(config.tls_ca), cert_reqs=ssl.CERT_REQUIRED)
-    return aiomqtt.Client(
-        config.host,
-        config.port,
-        username=config.username,
-        password=config.password.get_secret_value() if config.password else None,
-        identifier=f"fieldgate-cli-{os.getpid()}-{secrets.token_hex(3)}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        tls_params=tls,
-        timeout=10,
-    )
+    return make_client(config, identifier=f"fieldgate-cli-{os.getpid()}-{secrets.token_hex(3)}")
 
 
 async def request(

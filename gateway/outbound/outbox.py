@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,18 +11,22 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.mqtt import MqttSession, Outbound
+from gateway.lifecycle import Loop
+from gateway.mqtt.session import MqttSession
+from gateway.seam import Outbound
 from storage import outbox
 
 log = structlog.get_logger("fieldgate.outbox")
 
 
-class OutboxPublisher:
-    """One loop: claim a page of unsent rows, publish them, mark what was PUBACKed.
+class OutboxPublisher(Loop):
+    """Rounds: claim a page of unsent rows, publish them, mark what was PUBACKed.
 
     Woken by `poke()` after a commit that wrote rows, and every `poll_s` to take
     over rows whose lease lapsed (another instance died) or that failed before.
     """
+
+    name = "outbox"
 
     def __init__(
         self,
@@ -35,6 +38,7 @@ class OutboxPublisher:
         poll_s: float = 1.0,
         on_sent: Callable[[list[dict[str, Any]], int], None] | None = None,
     ) -> None:
+        super().__init__()
         self.engine = engine
         self.session = session
         self.page = page
@@ -43,11 +47,7 @@ class OutboxPublisher:
         self.on_sent = on_sent
         self.published = 0
         self.failed = 0
-        self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[int]] = set()
-
-    def poke(self) -> None:
-        self._wake.set()
 
     def publish_leased(self, rows: list[dict[str, Any]]) -> None:
         """Publish rows leased to us by the commit that wrote them, at once.
@@ -61,30 +61,20 @@ class OutboxPublisher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def run(self) -> None:
-        while True:
-            await self.session.connected.wait()
-            try:
-                sent_all = await self._round()
-            except DBAPIError as exc:
-                log.warning("outbox round failed", error=type(exc).__name__)
-                sent_all = False
-            if sent_all:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-            else:
-                await asyncio.sleep(min(self.poll_s, 0.2))
+    async def ready(self) -> None:
+        await self.session.connected.wait()
 
-    async def _round(self) -> bool:
-        """Publish one page; True when there was nothing more to do."""
+    async def round(self) -> float:
+        """Publish one page; at once again while there is more, else wait for a poke."""
         rows = await outbox.claim(
             self.engine, "mqtt", self.page, time.time_ns() // 1000, self.lease_us
         )
         if not rows:
-            return True
+            return self.poll_s
         failed = await self._publish(rows)
-        return not failed and len(rows) < self.page
+        if failed:
+            return min(self.poll_s, 0.2)
+        return 0 if len(rows) == self.page else self.poll_s
 
     async def _publish(self, rows: list[dict[str, Any]]) -> int:
         """Publish claimed rows; mark what was PUBACKed, release the rest. Returns failures."""

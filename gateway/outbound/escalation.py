@@ -8,58 +8,50 @@ this loop on one database: each escalation is claimed by exactly one of them
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
 import structlog
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.lifecycle import Loop
 from gateway.metrics import Metrics
 from storage import alerts
-from storage.alerts import AlertPolicy
+from storage.alerts import AlertStep
 
 log = structlog.get_logger("fieldgate.escalation")
 
 GAUGE_EVERY_S = 5.0
 
 
-class Escalator:
-    """Sleeps until the next escalation is due (at most `poll_s`), then escalates."""
+class Escalator(Loop):
+    """Sleeps until the next escalation is due (at most `poll_s`), then escalates.
+
+    The policy and the notices are the alert step's own, so a reload reaches both.
+    """
+
+    name = "escalation"
 
     def __init__(
         self,
         engine: AsyncEngine,
-        policy: Callable[[], AlertPolicy],
+        alert_step: AlertStep,
         metrics: Metrics,
         on_outbox: Callable[[], None],
         poll_s: Callable[[], float],
     ) -> None:
+        super().__init__()
         self.engine = engine
-        self.policy = policy
+        self.alert_step = alert_step
         self.metrics = metrics
         self.on_outbox = on_outbox
         self.poll_s = poll_s
-        self._wake = asyncio.Event()
         self._gauge_at = 0.0
 
     def poke(self) -> None:
         """A crisis was stored or acknowledged: look at the schedule (and count) again."""
         self._gauge_at = 0.0
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                wait_s = await self.round()
-            except DBAPIError as exc:
-                log.warning("escalation round failed", error=type(exc).__name__)
-                wait_s = self.poll_s()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+        super().poke()
 
     async def round(self) -> float:
         """Escalate what is due; return how long to sleep before the next look."""
@@ -70,8 +62,9 @@ class Escalator:
                 self.metrics.open_crises.set(await alerts.open_crises(conn))
                 self._gauge_at = time.monotonic() + GAUGE_EVERY_S
         if due is not None and due <= now_us:
+            step = self.alert_step
             async with self.engine.begin() as conn:
-                done, rows = await alerts.escalate_due(conn, now_us, self.policy())
+                done, rows = await alerts.escalate_due(conn, now_us, step.policy, step.notices)
             for alert_id, level in done:
                 self.metrics.escalations.inc()
                 log.warning("crisis escalated", alert_id=alert_id, escalation=level)

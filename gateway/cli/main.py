@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gateway import cli_admin, config, logs
+from gateway import config, logs
+from gateway.cli import admin
+from gateway.cli.options import ConfigOption, load_settings
 
 app = typer.Typer(
     name="fieldgate",
@@ -20,28 +21,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-app.command()(cli_admin.admin)
-app.command()(cli_admin.status)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help=f"TOML config file [default: {config.DEFAULT_CONFIG_PATH}]",
-        envvar="FIELDGATE_CONFIG",
-        show_default=False,
-    ),
-]
-
-
-def load_settings(path: Path | None) -> config.Settings:
-    """Load the config or exit 2 with its one-line reason."""
-    try:
-        return config.load(path)
-    except config.ConfigError as exc:
-        typer.echo(f"fieldgate: {exc}", err=True)
-        raise typer.Exit(2) from None
+app.command()(admin.admin)
+app.command()(admin.status)
 
 
 def run_async(main: object) -> object:
@@ -131,10 +112,19 @@ def simulate(
     as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON.")] = False,
 ) -> None:
     """Simulate field devices publishing sync operations; count the gateway's answers."""
-    from gateway import simulate as sim
+    from loadgen import generator, runner
 
-    settings = load_settings(config_path)
-    gen = sim.GeneratorOptions(
+    mqtt = load_settings(config_path).mqtt
+    broker = runner.Broker(
+        host=mqtt.host,
+        port=mqtt.port,
+        topic_root=mqtt.topic_root,
+        username=mqtt.username,
+        password=mqtt.password.get_secret_value() if mqtt.password else None,
+        tls_ca=mqtt.tls_ca,
+        keepalive_s=mqtt.keepalive_s,
+    )
+    gen = generator.GeneratorOptions(
         devices=devices,
         entities=entities,
         hot_share=hot_share,
@@ -145,9 +135,9 @@ def simulate(
         malformed_batches=malformed_batches,
         duplicate_share=duplicate_share,
         device_meta_share=device_meta_share,
-        seed=sim.random_seed() if seed is None else seed,
+        seed=generator.random_seed() if seed is None else seed,
     )
-    run = sim.RunOptions(
+    run = runner.RunOptions(
         rate=rate,
         count=count,
         duration_s=duration,
@@ -155,7 +145,7 @@ def simulate(
         ack_wait_s=ack_wait,
         allow_remote=allow_remote,
     )
-    raise typer.Exit(sim.cli_simulate(settings, gen, run, as_json))
+    raise typer.Exit(runner.cli_simulate(broker, gen, run, as_json))
 
 
 def main() -> None:

@@ -1,0 +1,77 @@
+"""Answers as a person reads them: tables on a terminal, never walls of JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def show(answer: dict[str, Any]) -> None:
+    """An admin answer: its error in one line, its items as a table, the rest as rows."""
+    console = Console()
+    if answer.get("status") != "ok":
+        error = answer.get("error") or {}
+        path = f" at {error['path']}" if error.get("path") else ""
+        console.print(f"[red]error[/red] {error.get('code')}: {error.get('message')}{path}")
+        return
+    data = answer.get("data") or {}
+    items = data.get("items") if isinstance(data, dict) else None
+    if isinstance(items, list):
+        console.print(items_table(items))
+        if data.get("next_cursor"):
+            console.print(f"more: --arg cursor={data['next_cursor']}")
+        rest = {k: v for k, v in data.items() if k not in ("items", "next_cursor")}
+        if rest:
+            console.print(facts("", rest))
+        return
+    console.print(facts("", data))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else str(value)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"checks": {"mqtt": {"ok": true}}}` -> `{"checks.mqtt.ok": true}`: one row per fact."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def facts(title: str, data: Any) -> Table:
+    table = Table(title=title or None, show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    if isinstance(data, dict):
+        for key, value in _flat(data).items():
+            table.add_row(key, _cell(value))
+    else:
+        table.add_row("", _cell(data))
+    return table
+
+
+def items_table(items: list[Any]) -> Table:
+    rows = [_flat(item) if isinstance(item, dict) else {"value": item} for item in items]
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    table = Table()
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    if not items:
+        table.caption = "no items"
+    return table

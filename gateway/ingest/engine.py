@@ -1,0 +1,215 @@
+"""The engine: deliveries in, decoded on arrival, committed in groups, results out.
+
+Deliveries are decoded as they arrive (on the event loop, between socket reads)
+and queued for the commit loop, which commits whatever has gathered in one
+transaction: while one batch commits in the writer's thread, the next one
+gathers. Only after the commit is the `Result` handed back, with the answers to
+publish and the receive ids to acknowledge. An urgent delivery (an alert) is
+committed at once instead of waiting for a batch to gather.
+
+What the database refuses alone, when it refuses a batch for a value it holds
+(the writer isolates it), is rejected (`schema`), quarantined and acknowledged
+like any rejection; the rest is stored and answered as usual
+(docs/decisions/0006-poison-batch-bisection.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import structlog
+
+from gateway.config import WriterConfig
+from gateway.ingest.kinds import Decoded, Kind
+from gateway.lifecycle import Part
+from gateway.metrics import Metrics
+from gateway.seam import Delivery, Result
+from handlers.errors import Error, quarantine_record
+from handlers.records import QuarantineRecord
+from storage.writer import Committed, Writer, WriteSet
+
+log = structlog.get_logger("fieldgate.ingest")
+
+
+class Pending(NamedTuple):
+    delivery: Delivery
+    kind: Kind
+    decoded: Decoded
+
+
+class Engine(Part):
+    """The work on payloads, behind the seam (gateway/seam.py)."""
+
+    name = "engine"
+    critical = True
+    ends_on_stop = True
+
+    def __init__(
+        self,
+        root: str,
+        kinds: Sequence[Kind],
+        writer: Writer,
+        config: WriterConfig,
+        metrics: Metrics,
+        beat_s: float = 1.0,
+    ) -> None:
+        self.root = root
+        self.kinds = {kind.name: kind for kind in kinds}
+        self.order = list(self.kinds)
+        self.writer = writer
+        self.config = config
+        self.metrics = metrics
+        self.beat_s = beat_s
+        """How often the idle loop proves it is alive (the watchdog reads `last_beat`)."""
+        self.last_beat = time.monotonic()
+        self._pending: list[Pending] = []
+        self._arrived = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._closed = False
+        self._callback: Callable[[Result], None] = lambda _result: None
+
+    # -- the seam --------------------------------------------------------------------
+
+    def on_result(self, callback: Callable[[Result], None]) -> None:
+        self._callback = callback
+
+    def submit(self, delivery: Delivery) -> None:
+        kind = self.kinds[delivery.kind]
+        decoded = kind.decode(delivery)
+        for item_id, error in decoded.rejections():
+            self.metrics.rejected.labels(error.code.value).inc()
+            log.info(
+                f"{kind.name} rejected",
+                device_id=delivery.params.get("device_id"),
+                id=item_id,
+                code=error.code.value,
+                path=error.path,
+                reason=error.message,
+            )
+        self._pending.append(Pending(delivery, kind, decoded))
+        if kind.urgent:
+            self._urgent.set()
+        self._arrived.set()
+
+    async def drain(self) -> None:
+        """Take nothing more; the loop commits what it holds, then ends."""
+        self._closed = True
+        self._arrived.set()
+
+    async def stop(self) -> None:
+        await self.drain()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- the commit loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit what has gathered, hand back the results; until drained and empty."""
+        wait_s = self.config.max_wait_ms / 1000
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), timeout=self.beat_s)
+                except TimeoutError:
+                    self.last_beat = time.monotonic()
+                    continue
+                # Gather a batch, unless something urgent is waiting: it goes at once.
+                gather = wait_s and len(self._pending) < self.config.max_messages
+                if gather and not self._urgent.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), timeout=wait_s)
+            self._urgent.clear()
+            self.last_beat = time.monotonic()
+            batch = self._pending[: self.config.max_messages]
+            del self._pending[: len(batch)]
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        started = time.perf_counter()
+        written = await self._store(batch)
+        result = Result(done=[p.delivery.receive_id for p in batch], leased=written.leased)
+        wake: set[str] = {"outbox"} if written.outbox_rows else set()
+        for kind, items in self._by_kind(batch):
+            decoded = [p.decoded for p in items]
+            if kind.observe is not None:
+                wake.update(kind.observe(decoded, written.events.get(kind.step.name, [])))
+            if kind.answer is not None:
+                answered = [(p.delivery, p.decoded) for p in items if not p.delivery.reply]
+                if answered:
+                    result.answers.extend(kind.answer(self.root, answered))
+            if kind.reply is not None:
+                for p in items:
+                    if p.delivery.reply:
+                        result.replies[p.delivery.receive_id] = kind.reply(p.decoded)
+        result.wake = sorted(wake)
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.commit_batch.observe(len(batch))
+        self._callback(result)
+
+    def _by_kind(self, batch: list[Pending]) -> list[tuple[Kind, list[Pending]]]:
+        groups: dict[str, list[Pending]] = {}
+        for pending in batch:
+            groups.setdefault(pending.kind.name, []).append(pending)
+        return [(self.kinds[name], groups[name]) for name in self.order if name in groups]
+
+    async def _store(self, batch: list[Pending]) -> Committed:
+        """Commit the batch; what the database refused alone is rejected and quarantined.
+
+        The writer commits everything else (storage/writer.py). Each refused record
+        becomes a rejection in its payload's answer, and its quarantine row is
+        committed before anything is answered or acked, as every rejection's is.
+        """
+        writes = WriteSet()
+        for pending in batch:
+            writes.records.extend(pending.decoded.records)
+            writes.quarantine.extend(pending.decoded.quarantine)
+        written = await self.writer.commit(writes)
+        if not written.refused:
+            return written
+        owner = {id(record): p for p in batch for record in p.decoded.records}
+        quarantine: list[QuarantineRecord] = []
+        for refusal in written.refused:
+            pending = owner[id(refusal.record)]
+            item_id, error = pending.decoded.refuse(refusal.record, refusal.error)
+            quarantine.append(self._quarantined(pending, item_id, error))
+        await self.writer.commit(WriteSet(quarantine=quarantine), refusable=False)
+        return written
+
+    def _quarantined(self, pending: Pending, item_id: str | None, error: Error) -> QuarantineRecord:
+        """The quarantine row of a refused record, and its log line and count: ids and
+        the error class only, never the payload."""
+        self.metrics.rejected.labels(error.code.value).inc()
+        delivery, kind = pending.delivery, pending.kind
+        device_id = delivery.params.get("device_id")
+        # An alert or a crisis ack that is not stored reaches no operator: say so louder.
+        emit = log.error if kind.urgent else log.warning
+        emit(
+            "refused by the database",
+            kind=kind.name,
+            device_id=device_id,
+            id=item_id,
+            path=error.path,
+            reason=error.message,
+        )
+        return quarantine_record(
+            topic=delivery.topic,
+            device_id=device_id,
+            kind=kind.name,
+            error=error,
+            payload=delivery.payload,
+            received_at_us=delivery.received_at_us,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """For health and stats: how long the engine has made no progress, what waits."""
+        since = self.writer.attempt_started or self.last_beat
+        return {"stuck_s": time.monotonic() - since, "pending": len(self._pending)}

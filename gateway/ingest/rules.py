@@ -1,0 +1,94 @@
+"""The config's sections as the rule objects that handlers and storage take.
+
+Handlers and storage never read the config: the engine gives them plain, frozen
+rules built here, at start and again on every reload.
+"""
+
+from __future__ import annotations
+
+from gateway.config import DEFAULT_CRITICAL_FIELDS, Settings
+from handlers.alerts import AlertNotices, AlertRules
+from handlers.conflicts import Rules, TypeRules
+from handlers.sync import Limits
+from storage.alerts import AlertPolicy
+from storage.conflicts import Detector
+from storage.db import is_sqlite
+from storage.window import WindowCache
+
+
+def sync_limits(settings: Settings) -> Limits:
+    lim = settings.limits
+    return Limits(
+        max_payload_bytes=lim.max_payload_bytes,
+        max_ops=lim.max_ops_per_batch,
+        max_clock_skew_us=int(lim.max_clock_skew_s * 1_000_000),
+        max_device_meta_bytes=lim.max_device_meta_bytes,
+        entity_types=frozenset(settings.sync.entity_types),
+    )
+
+
+def alert_rules(settings: Settings) -> AlertRules:
+    cfg = settings.alerts
+    return AlertRules(
+        crisis_kinds=frozenset(cfg.crisis_kinds),
+        crisis_flags=tuple(cfg.crisis_flags),
+        crisis_mood_max=cfg.crisis_mood_max,
+        crisis_stress_min=cfg.crisis_stress_min,
+        wellness_mood_max=cfg.wellness_mood_max,
+        wellness_stress_min=cfg.wellness_stress_min,
+        max_payload_bytes=settings.limits.max_payload_bytes,
+        max_note_bytes=cfg.max_note_bytes,
+    )
+
+
+def alert_policy(settings: Settings) -> AlertPolicy:
+    cfg = settings.alerts
+    return AlertPolicy(
+        low_mood_max=cfg.wellness_mood_max,
+        sustained_entries=cfg.sustained_low_mood_entries,
+        sustained_window_us=int(cfg.sustained_low_mood_days * 86_400_000_000),
+        escalate_after_us=int(cfg.escalate_after_s * 1_000_000),
+        max_escalations=cfg.max_escalations,
+        wellness_cooldown_us=int(cfg.wellness_cooldown_s * 1_000_000),
+    )
+
+
+def alert_notices(settings: Settings) -> AlertNotices:
+    return AlertNotices(settings.mqtt.topic_root, settings.alerts.suggestions.model_dump())
+
+
+def conflict_rules(settings: Settings) -> Rules:
+    cfg = settings.conflicts
+    types: dict[str, TypeRules] = {}
+    for name in {*settings.sync.entity_types, *cfg.types}:
+        given = cfg.types.get(name)
+        critical = given.critical_fields if given is not None else None
+        if critical is None:
+            critical = DEFAULT_CRITICAL_FIELDS.get(name, [])
+        strategy = given.strategy if given is not None else "last_writer_wins"
+        types[name] = TypeRules(strategy, frozenset(critical))
+    return Rules(
+        window_us=round(cfg.window_s * 1_000_000),
+        manual_at_or_above=cfg.manual_at_or_above,
+        types=types,
+    )
+
+
+def cache_allowed(settings: Settings) -> bool:
+    """Only the database's one writer may trust memory: SQLite, no shared subscription."""
+    return (
+        settings.conflicts.enabled
+        and settings.conflicts.cache_max_ops > 0
+        and settings.mqtt.shared_group is None
+        and is_sqlite(settings.database.url)
+    )
+
+
+def make_detector(settings: Settings) -> Detector:
+    rules = conflict_rules(settings)
+    cache = None
+    if cache_allowed(settings):
+        cache = WindowCache(settings.conflicts.cache_max_ops, keep_us=2 * rules.window_us)
+    return Detector(
+        rules, settings.mqtt.topic_root, enabled=settings.conflicts.enabled, cache=cache
+    )

@@ -1,0 +1,175 @@
+"""The MQTT side of the seam: every received message is routed, held, and acked in order.
+
+A message for the engine (a topic of the message-kind table) crosses the seam
+as a `Delivery` and is PUBACKed when its `Result` says it is committed; an
+admin request is PUBACKed at once and handed to the admin server; anything
+else is acked and dropped. While too many messages are held, the session stops
+reading the socket (backpressure by not reading: the broker queues).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from gateway.lifecycle import Part
+from gateway.metrics import Metrics
+from gateway.mqtt.acks import AckSequencer, Ticket
+from gateway.mqtt.router import Endpoint, Route, Router
+from gateway.mqtt.session import Inbound, MqttSession
+from gateway.seam import Delivery, Engine, Reply, Result
+
+log = structlog.get_logger("fieldgate.intake")
+
+
+class Intake(Part):
+    """Routes the session's messages; holds each until its work is done."""
+
+    name = "intake"
+
+    def __init__(
+        self,
+        root: str,
+        session: MqttSession,
+        engine: Engine,
+        kinds: Sequence[tuple[str, str]],
+        *,
+        max_in_process: int,
+        metrics: Metrics,
+        wake: Mapping[str, Callable[[], None]],
+        publish_leased: Callable[[list[dict[str, Any]]], None],
+    ) -> None:
+        """`kinds`: (name, topic pattern) of each message kind received from MQTT."""
+        self.root = root
+        self.session = session
+        self.engine = engine
+        self.max_in_process = max_in_process
+        self.metrics = metrics
+        self.wake = wake
+        self.publish_leased = publish_leased
+        self.routes = [Route(pattern, self._for_engine(name)) for name, pattern in kinds]
+        self.router = Router(root, self.routes)
+        self.acks = AckSequencer(session.ack)
+        self._ids = itertools.count(1)
+        self._held: dict[int, Ticket] = {}
+        self._calls: dict[int, asyncio.Future[Reply]] = {}
+        self._closed = asyncio.Event()
+        engine.on_result(self._result)
+        metrics.in_flight.set_function(lambda: len(self.acks))
+
+    def mount(self, pattern: str, endpoint: Endpoint) -> None:
+        """Route `pattern` to `endpoint`, which takes its messages at once: they are acked
+        (in order) before it runs (the admin requests, answered on their own topics)."""
+
+        def taken(message: Inbound, params: dict[str, str]) -> None:
+            ticket = self.hold(message)
+            if ticket is None:
+                return
+            self.release([ticket])
+            endpoint(message, params)
+
+        self.routes.append(Route(pattern, taken))
+        self.router = Router(self.root, self.routes)
+
+    def subscriptions(self, shared_group: str | None) -> list[str]:
+        return self.router.subscriptions(shared_group)
+
+    # -- intake (called on the event loop by the session) --------------------------
+
+    def receive(self, message: Inbound) -> None:
+        resolved = self.router.resolve(message.topic)
+        if resolved is None:
+            ticket = self.hold(message)
+            if ticket is not None:
+                self.release([ticket])
+            return
+        endpoint, params = resolved
+        endpoint(message, params)
+
+    def hold(self, message: Inbound) -> Ticket | None:
+        """Take responsibility for a message; None once closed (it stays unacked)."""
+        if self._closed.is_set():
+            return None
+        ticket = self.acks.hold(message)
+        if len(self.acks) >= self.max_in_process:
+            self.session.pause_reading()
+        return ticket
+
+    def release(self, tickets: list[Ticket]) -> None:
+        """The work of these messages is done: PUBACK what is now in order."""
+        self.acks.done(tickets)
+        if self.session.paused and len(self.acks) < self.max_in_process * 3 // 4:
+            self.session.resume_reading()
+
+    def _for_engine(self, kind: str) -> Endpoint:
+        # Every kind's series exists from the start, at 0: a dashboard sees the kinds.
+        received = self.metrics.messages_received.labels(kind)
+
+        def endpoint(message: Inbound, params: dict[str, str]) -> None:
+            ticket = self.hold(message)
+            if ticket is None:
+                return
+            received.inc()
+            receive_id = next(self._ids)
+            self._held[receive_id] = ticket
+            self.engine.submit(
+                Delivery(
+                    receive_id,
+                    kind,
+                    message.topic,
+                    params,
+                    message.payload,
+                    message.received_at_us,
+                    message.response_topic,
+                    message.correlation,
+                )
+            )
+
+        return endpoint
+
+    async def call(self, kind: str, payload: bytes) -> Reply:
+        """Submit a write of an admin command to the engine; its reply once committed."""
+        receive_id = next(self._ids)
+        reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._calls[receive_id] = reply
+        now_us = time.time_ns() // 1000
+        self.engine.submit(Delivery(receive_id, kind, "", {}, payload, now_us, reply=True))
+        return await reply
+
+    # -- results (called on the event loop by the engine) --------------------------
+
+    def _result(self, result: Result) -> None:
+        for outbound in result.answers:
+            self.session.publish(outbound)
+        if result.leased:
+            self.publish_leased(result.leased)
+        for part in result.wake:
+            self.wake[part]()
+        tickets: list[Ticket] = []
+        for receive_id in result.done:
+            ticket = self._held.pop(receive_id, None)
+            if ticket is not None:
+                tickets.append(ticket)
+                continue
+            call = self._calls.pop(receive_id, None)
+            if call is not None and not call.done():
+                call.set_result(result.replies.get(receive_id, Reply()))
+        self.release(tickets)
+        now_us = time.time_ns() // 1000
+        for ticket in tickets:
+            self.metrics.ack_seconds.observe((now_us - ticket.message.received_at_us) / 1e6)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self._closed.wait()
+
+    async def stop(self) -> None:
+        """Stop reading and taking messages; what is held is still acked when done."""
+        self.session.pause_reading()
+        self._closed.set()

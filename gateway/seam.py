@@ -1,0 +1,76 @@
+"""The seam between the MQTT side and the engine: the only things that cross it.
+
+The MQTT side (gateway/mqtt/) keeps the session: it reads, pauses, PUBACKs in
+arrival order and publishes. The engine (gateway/ingest/) does the work on
+payloads: decode, validate, store, detect, build answers. Between them go
+`Delivery`s one way (raw payloads with their topic and a receive id) and
+`Result`s the other way (answer bodies, and the receive ids whose work is
+committed). Nothing else crosses: no handler, record or database object, so the
+engine can live in another process with this seam as its channel's protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+
+class Outbound(msgspec.Struct, array_like=True):
+    """A message to publish; `correlation` is echoed as v5 CorrelationData."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    correlation: bytes | None = None
+
+
+class Delivery(msgspec.Struct, array_like=True):
+    """One message for the engine: a received MQTT message, or a write that an admin
+    command submits (`reply` true: the engine answers it with a `Reply`)."""
+
+    receive_id: int
+    kind: str
+    """The message kind's name (gateway/ingest/kinds.py), resolved from the topic."""
+    topic: str
+    params: dict[str, str]
+    payload: bytes
+    received_at_us: int
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    reply: bool = False
+
+
+class Reply(msgspec.Struct, array_like=True):
+    """The engine's answer to a submitted write: its data, or a typed error."""
+
+    data: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class Result(msgspec.Struct, array_like=True):
+    """What a commit gives back: what to publish now and which deliveries are done."""
+
+    done: list[int] = msgspec.field(default_factory=list)
+    """Receive ids whose work is committed (or rejected and quarantined): PUBACK them."""
+    answers: list[Outbound] = msgspec.field(default_factory=list)
+    replies: dict[int, Reply] = msgspec.field(default_factory=dict)
+    leased: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    """Outbox rows leased to this side by the commit that wrote them: publish at once."""
+    wake: list[str] = msgspec.field(default_factory=list)
+    """Background parts with new work in the database (`outbox`, `escalation`)."""
+
+
+class Engine(Protocol):
+    """The engine as the MQTT side sees it."""
+
+    def submit(self, delivery: Delivery) -> None:
+        """Take a delivery; its `Result` comes back through the callback later."""
+
+    def on_result(self, callback: Callable[[Result], None]) -> None:
+        """Where every `Result` goes, on the MQTT side's event loop."""
+
+    async def drain(self) -> None:
+        """Take nothing more; commit and hand back what was submitted."""

@@ -1,0 +1,178 @@
+"""Health and stats: what `health`/`stats` answer and `<root>/health` carries.
+
+Read from the parts themselves, at the moment of asking: the MQTT session, the
+engine and its writer, the database, Redis, the metrics registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway import __version__
+from gateway.config import Settings
+from gateway.ingest.engine import Engine
+from gateway.metrics import Metrics
+from gateway.mqtt.intake import Intake
+from gateway.mqtt.session import MqttSession
+from handlers.times import rfc3339, to_us
+from storage import outbox
+from storage.writer import Writer
+
+CHECK_TIMEOUT_S = 2.0
+
+
+class Published(Protocol):
+    """A publisher's counts since start (the outbox publisher)."""
+
+    published: int
+    failed: int
+
+
+class Status:
+    """What the daemon can say about itself; shared by the admin commands, the retained
+    health report and the systemd watchdog."""
+
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        started_at: datetime,
+        *,
+        session: MqttSession,
+        intake: Intake,
+        engine: Engine,
+        writer: Writer,
+        database: AsyncEngine,
+        redis: Redis,
+        metrics: Metrics,
+        outbox: Published,
+    ) -> None:
+        self.settings = settings
+        self.started_at = started_at
+        self.session = session
+        self.intake = intake
+        self.engine = engine
+        self.writer = writer
+        self.database = database
+        self.redis = redis
+        self.metrics = metrics
+        self.outbox = outbox
+
+    def writer_stuck_s(self) -> float:
+        """How long the writer has made no progress: the running transaction attempt's
+        age, or, when idle, the time since its loop last woke."""
+        since = self.writer.attempt_started or self.engine.last_beat
+        return time.monotonic() - since
+
+    def writer_alive(self) -> bool:
+        """A database outage is not a wedge (each retry is a new attempt); a statement
+        that never returns is, and then systemd's watchdog restarts the daemon."""
+        return self.writer_stuck_s() < self.settings().health.wedged_after_s
+
+    async def _database(self) -> dict[str, Any]:
+        if not self.writer_alive():
+            return {"ok": False, "detail": f"writer stuck for {self.writer_stuck_s():.0f} s"}
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S), self.database.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure is "not ok", with its kind
+            return {"ok": False, "detail": type(exc).__name__}
+        if not self.writer.healthy:
+            return {"ok": False, "detail": f"commits failing: {self.writer.last_error}"}
+        return {"ok": True}
+
+    async def _redis(self) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await self.redis.ping()
+        except Exception as exc:  # noqa: BLE001
+            return {"ok": False, "detail": type(exc).__name__}
+        return {"ok": True}
+
+    def _mqtt(self) -> dict[str, Any]:
+        session = self.session
+        if session.connected.is_set():
+            return {"ok": True, "reconnects": session.reconnects}
+        return {"ok": False, "detail": session.last_error or "connecting"}
+
+    async def health(self) -> dict[str, Any]:
+        """Healthy means it can take and store operations: broker and database up.
+
+        Redis only serves the webhook dead-letter queue, which waits in the database
+        while Redis is down, so it is reported but does not make the gateway unhealthy.
+        """
+        database, redis = await asyncio.gather(self._database(), self._redis())
+        checks = {
+            "mqtt": self._mqtt(),
+            "database": database,
+            "redis": redis,
+            "model": {"ok": True, "detail": "no model active"},
+        }
+        return {"healthy": bool(checks["mqtt"]["ok"] and database["ok"]), "checks": checks}
+
+    def _value(self, name: str) -> int:
+        return int(self.metrics.registry.get_sample_value(name, {}) or 0)
+
+    def _by_label(self, name: str, label: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and label in sample.labels:
+                    out[sample.labels[label]] = int(sample.value)
+        return out
+
+    async def _outbox_depth(self) -> int | None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S), self.database.connect() as conn:
+                return await outbox.depth(conn, "mqtt")
+        except Exception:  # noqa: BLE001 - depth is best effort; health says why
+            return None
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters since this process started, and the depth of every queue."""
+        ops = self._by_label("fieldgate_sync_ops_total", "status")
+        rejected = self._by_label("fieldgate_rejected_total", "code")
+        return {
+            "since": started_at_text(self.started_at),
+            "uptime_s": round(time.time() - self.started_at.timestamp(), 1),
+            "ops": {
+                "stored": ops.get("stored", 0),
+                "duplicate": ops.get("duplicate", 0),
+                "rejected": sum(rejected.values()),
+            },
+            "rejected_by_code": rejected,
+            "conflicts": self._by_label("fieldgate_conflicts_detected_total", "severity"),
+            "messages": self._by_label("fieldgate_messages_received_total", "kind"),
+            "alerts": self._by_label("fieldgate_alerts_total", "classification"),
+            "open_crises": self._value("fieldgate_open_crises"),
+            "escalations": self._value("fieldgate_crisis_escalations_total"),
+            "commits": self.writer.commits,
+            "queues": {
+                "in_flight": len(self.intake.acks),
+                "pending_commit": self.engine.pending,
+                "outbox": await self._outbox_depth(),
+                "mqtt_outgoing": self.session.outgoing_pending(),
+            },
+            "outbox": {"published": self.outbox.published, "failed": self.outbox.failed},
+        }
+
+    def announcement(self, state: str) -> dict[str, Any]:
+        """The retained `<root>/status` message: `online` on every connect, `offline` as
+        the will and on a clean stop."""
+        return {
+            "state": state,
+            "version": __version__,
+            "instance": self.settings().instance,
+            "started_at": started_at_text(self.started_at),
+        }
+
+
+def started_at_text(moment: datetime) -> str:
+    return rfc3339(to_us(moment))

@@ -1,0 +1,47 @@
+"""Times: integer microseconds since the epoch (UTC) inside, RFC 3339 on the wire.
+
+Integers keep arithmetic exact and identical on SQLite and PostgreSQL (the
+conflict window is compared to the microsecond); this module is the one place
+that turns them into text and back, so that every answer writes a time alike.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Literal, overload
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+HOUR_US = 3_600_000_000
+DAY_US = 86_400_000_000
+
+Digits = Literal[0, 3, 6]
+_SPEC: dict[int, str] = {0: "seconds", 3: "milliseconds", 6: "microseconds"}
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def to_us(moment: datetime) -> int:
+    """An aware datetime as microseconds since the epoch, exactly."""
+    return (moment - EPOCH) // MICROSECOND
+
+
+@overload
+def rfc3339(us: int, digits: Digits | None = 6) -> str: ...
+@overload
+def rfc3339(us: None, digits: Digits | None = 6) -> None: ...
+def rfc3339(us: int | None, digits: Digits | None = 6) -> str | None:
+    """`2026-11-29T12:00:00.123456Z`, with `digits` fractional digits (truncated).
+
+    `digits=None` writes as many as the value needs (0, 3 or 6): a time a device
+    sent in whole seconds comes back as it was sent. None stays None.
+    """
+    if us is None:
+        return None
+    if digits is None:
+        digits = 0 if us % 1_000_000 == 0 else 3 if us % 1000 == 0 else 6
+    moment = EPOCH + timedelta(microseconds=us)
+    return moment.isoformat(timespec=_SPEC[digits]).replace("+00:00", "Z")
