@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -31,12 +30,10 @@ from handlers.errors import (
     quarantine_record,
     refused_message,
 )
+from handlers.fields import AwareTime, DeviceId, Str64, Str128
 from handlers.records import AlertRecord, CrisisAckRecord, OutboxRecord, QuarantineRecord
 from handlers.times import rfc3339, to_us
 
-Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
-DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-AwareTime = Annotated[datetime, Meta(tz=True)]
 Kind = Literal["journal", "panic", "checkin"]
 
 CRISIS = "crisis"
@@ -78,7 +75,7 @@ class AlertIdOnly(msgspec.Struct):
 
 class CrisisAckPayload(msgspec.Struct):
     alert_id: Str64
-    by: Annotated[str, Meta(min_length=1, max_length=128)]
+    by: Str128
 
 
 class AlertRules(msgspec.Struct, frozen=True):

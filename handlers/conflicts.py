@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
-from msgspec import Meta
 
 from handlers.errors import Code, Error, from_msgspec, refused_message
+from handlers.fields import Str64, Str128
 from handlers.records import OutboxRecord, QuarantineRecord, ResolutionRecord
 
 Severity = Literal["low", "medium", "high", "critical"]
@@ -239,9 +239,9 @@ def notices(root: str, event: str, record: dict[str, Any]) -> list[OutboxRecord]
 
 
 class _Resolution(msgspec.Struct, forbid_unknown_fields=True):
-    conflict_id: Annotated[str, Meta(min_length=1, max_length=64)]
-    winner_op_id: Annotated[str, Meta(min_length=1, max_length=64)]
-    by: Annotated[str, Meta(min_length=1, max_length=128)]
+    conflict_id: Str64
+    winner_op_id: Str64
+    by: Str128
 
 
 _resolution_decoder = msgspec.json.Decoder(_Resolution)

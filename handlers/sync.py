@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
-from msgspec import UNSET, Meta, Raw, UnsetType
+from msgspec import UNSET, Raw, UnsetType
 
 from handlers.errors import (
     NUL_ESCAPE,
@@ -25,26 +24,22 @@ from handlers.errors import (
     quarantine_record,
     refused_message,
 )
+from handlers.fields import AwareTime, DeviceId, Str64, Str128, Version
 from handlers.records import OpRecord, QuarantineRecord
 from handlers.times import now_us, to_us
-
-Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
-DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-Version = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-AwareTime = Annotated[datetime, Meta(tz=True)]
 
 
 class Op(msgspec.Struct):
     op_id: Str64
     user_id: Str64
     entity_type: Str64
-    entity_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    entity_id: Str128
     operation: Literal["create", "update", "delete"]
     edited_at: AwareTime
     changes: dict[str, Any] | UnsetType = UNSET
     device_id: DeviceId | UnsetType = UNSET
     base_version: Version | None = None
-    session_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    session_id: Str128 | None = None
     device: Raw = Raw(b"")
     """Kept raw: stored as sent, and its size is known without encoding it again."""
 

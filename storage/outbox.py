@@ -18,28 +18,25 @@ from handlers.records import OutboxRecord
 from storage.schema import outbox
 
 
+def _row(record: OutboxRecord, now_us: int, claimed_until: int | None) -> dict[str, Any]:
+    return {
+        "channel": record.channel,
+        "topic": record.topic,
+        "event_type": record.event_type,
+        "payload": record.payload,
+        "qos": record.qos,
+        "retain": int(record.retain),
+        "created_at": now_us,
+        "attempts": 0 if claimed_until is None else 1,
+        "claimed_until": claimed_until,
+        "sent_at": None,
+        "origin_at": record.origin_at_us,
+    }
+
+
 async def add(conn: AsyncConnection, records: Sequence[OutboxRecord], now_us: int) -> None:
-    if not records:
-        return
-    await conn.execute(
-        outbox.insert(),
-        [
-            {
-                "channel": r.channel,
-                "topic": r.topic,
-                "event_type": r.event_type,
-                "payload": r.payload,
-                "qos": r.qos,
-                "retain": int(r.retain),
-                "created_at": now_us,
-                "attempts": 0,
-                "claimed_until": None,
-                "sent_at": None,
-                "origin_at": r.origin_at_us,
-            }
-            for r in records
-        ],
-    )
+    if records:
+        await conn.execute(outbox.insert(), [_row(r, now_us, None) for r in records])
 
 
 async def add_leased(
@@ -53,22 +50,7 @@ async def add_leased(
     """
     if not records:
         return []
-    rows = [
-        {
-            "channel": r.channel,
-            "topic": r.topic,
-            "event_type": r.event_type,
-            "payload": r.payload,
-            "qos": r.qos,
-            "retain": int(r.retain),
-            "created_at": now_us,
-            "attempts": 1,
-            "claimed_until": now_us + lease_us,
-            "sent_at": None,
-            "origin_at": r.origin_at_us,
-        }
-        for r in records
-    ]
+    rows = [_row(r, now_us, now_us + lease_us) for r in records]
     result = await conn.execute(
         outbox.insert().returning(outbox.c.id, sort_by_parameter_order=True), rows
     )

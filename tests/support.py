@@ -157,7 +157,7 @@ class Mosquitto:
             "max_queued_messages 1000000\n"
             "max_queued_bytes 0\n"
             "max_inflight_messages 10000\n"
-            "message_size_limit 16777216\n"
+            "max_packet_size 16777216\n"
             f"{self._stay_root()}\n"
             f"{self.extra}\n"
         )

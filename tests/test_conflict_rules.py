@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from storage import conflict_store
 from tests.conflict_harness import ROOT, Store
 from tests.conflict_oracle import Expected, as_expected, expected_conflicts
 from tests.support import sync_op
@@ -442,3 +443,37 @@ async def test_entities_of_unknown_history_are_looked_up(tmp_path: Path) -> None
         await store.close()
     assert pairs == [("a", "b")]
     assert skipped == 3
+
+
+async def test_stats_by_user_keeps_the_total_of_all_conflicts(tmp_path: Path) -> None:
+    """Three conflicts, each user in two: `total` is 3, each user's count 2.
+
+    Checked against: the user loop writing each user's all-time count into the
+    variable that later became `total` (the answer said 2)."""
+    store = await Store(f"sqlite+aiosqlite:///{tmp_path}/s.db").start()
+    try:
+        pairs = [("e1", "u1", "u2"), ("e2", "u1", "u3"), ("e3", "u2", "u3")]
+        for n, (entity, first, second) in enumerate(pairs):
+            await store.commit(
+                (
+                    f"d-{first}",
+                    [upd(f"{entity}-a", {"title": "x"}, user_id=first) | {"entity_id": entity}],
+                ),
+                (
+                    f"d-{second}",
+                    [
+                        upd(f"{entity}-b", {"title": f"y{n}"}, user_id=second)
+                        | {"entity_id": entity}
+                    ],
+                ),
+            )
+        async with store.engine.connect() as conn:
+            stats = await conflict_store.stats(conn, None, "user_id", 1_900_000_000_000_000)
+    finally:
+        await store.close()
+    assert stats["total"] == 3
+    assert {g["key"]: (g["count"], g["conflicts_total"]) for g in stats["groups"]} == {
+        "u1": (2, 2),
+        "u2": (2, 2),
+        "u3": (2, 2),
+    }

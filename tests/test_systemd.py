@@ -134,7 +134,7 @@ def test_health_is_false_while_the_writer_is_wedged(
     client: Client,
     notify: NotifySocket,
 ) -> None:
-    """Healthy means it can store operations (gateway/health.py): a wedged writer cannot.
+    """Healthy means it can store operations (gateway/status.py): a wedged writer cannot.
 
     systemd is about to kill the daemon for it; an operator asking `health` at that
     moment must not be told that all is well.

@@ -21,9 +21,6 @@ from handlers.errors import Code, Error
 from handlers.times import to_us
 
 Limit = Annotated[int, Meta(ge=1, le=1000)]
-Str64 = Annotated[str, Meta(min_length=1, max_length=64)]
-Str128 = Annotated[str, Meta(min_length=1, max_length=128)]
-AwareTime = Annotated[datetime, Meta(tz=True)]
 
 Progress = Callable[[int, int], None]
 """`progress(done, total)`: a long command's progress, published as it goes."""

@@ -7,20 +7,9 @@ from typing import Any, Literal
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.admin.args import (
-    AwareTime,
-    Limit,
-    Progress,
-    Str64,
-    Str128,
-    Writes,
-    answer_of,
-    below,
-    invalid,
-    page,
-    us,
-)
+from gateway.admin.args import Limit, Progress, Writes, answer_of, below, invalid, page, us
 from gateway.admin.server import Command
+from handlers.fields import AwareTime, Str64, Str128
 from handlers.times import now_us
 from storage import conflict_store
 

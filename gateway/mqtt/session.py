@@ -44,6 +44,15 @@ def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
+def _echo(message: Outbound) -> Properties | None:
+    """The v5 properties of an answer: the request's correlation data, echoed."""
+    if message.correlation is None:
+        return None
+    properties = _properties(PacketTypes.PUBLISH)
+    properties.CorrelationData = message.correlation
+    return properties
+
+
 class Inbound:
     """One received message and what is needed to answer and acknowledge it."""
 
@@ -373,12 +382,8 @@ class MqttSession(Part):
         inner = self._paho
         if inner is None:
             return False
-        properties = None
-        if message.correlation is not None:
-            properties = _properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = message.correlation
         info = inner.publish(
-            message.topic, message.payload, message.qos, message.retain, properties
+            message.topic, message.payload, message.qos, message.retain, _echo(message)
         )
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
@@ -390,17 +395,13 @@ class MqttSession(Part):
         client = self._client
         if client is None or not self.connected.is_set():
             return False
-        properties = None
-        if message.correlation is not None:
-            properties = _properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = message.correlation
         publish = asyncio.ensure_future(
             client.publish(
                 message.topic,
                 message.payload,
                 qos=message.qos,
                 retain=message.retain,
-                properties=properties,
+                properties=_echo(message),
                 timeout=wait_s,
             )
         )
