@@ -147,10 +147,14 @@ class ConflictsConfig(Section):
     window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 300.0
     manual_at_or_above: Literal["low", "medium", "high", "critical"] = "critical"
     types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)
-    cache_max_ops: Annotated[int, Field(ge=0)] = 0
-    """Operations kept in memory across all entities, about 1 KiB each; 0 (the default):
-    no cache. It never beat the database in the benchmark (docs/benchmarks.md,
-    "Conflict detection")."""
+    cache_max_ops: Annotated[int, Field(ge=0)] | None = None
+    """Gone with conflicts v2 (summaries in the database replace the in-memory window);
+    still read, so that a config file that sets it starts, with a warning."""
+
+
+class OutboxConfig(Section):
+    retention_s: Annotated[float, Field(gt=0)] = 7 * 86400.0
+    """Rows already published are deleted this long after, a few at a time."""
 
 
 class HealthConfig(Section):
@@ -188,6 +192,7 @@ class Settings(BaseSettings):
     sync: SyncConfig = SyncConfig()
     alerts: AlertsConfig = AlertsConfig()
     conflicts: ConflictsConfig = ConflictsConfig()
+    outbox: OutboxConfig = OutboxConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

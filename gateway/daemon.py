@@ -3,8 +3,8 @@
 This is the one place that knows every part; each part is given what it uses.
 The parts, in the order they start (and, reversed, stop):
 
-    mqtt session -> engine -> intake -> admin -> outbox -> escalation -> health
-    report -> watchdog -> ready notice -> metrics endpoint
+    mqtt session -> engine -> intake -> admin -> outbox -> escalation -> outbox
+    cleanup -> health report -> watchdog -> ready notice -> metrics endpoint
 
 so that on a stop the intake stops taking messages before the engine drains,
 and the session, stopped last, still acknowledges what the engine commits.
@@ -44,6 +44,7 @@ from gateway.mqtt.session import MqttSession
 from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
 from gateway.outbound.outbox import OutboxPublisher
+from gateway.outbound.outbox_cleanup import OutboxCleanup
 from gateway.seam import Outbound
 from gateway.status import Status
 from gateway.systemd import ReadyNotice, Watchdog
@@ -103,7 +104,7 @@ class Daemon:
             alerts=AlertStep(rules.alert_policy(settings), rules.alert_notices(settings)),
             crisis_acks=CrisisAckStep(),
             sync=SyncStep(self.detector),
-            resolutions=ResolutionStep(root),
+            resolutions=ResolutionStep(rules.conflict_notices(settings)),
         )
         kinds = table(self.sync, self.alerts, self.steps, Observers(self.metrics))
         self.writer = Writer(self.database, [kind.step for kind in kinds])
@@ -177,6 +178,7 @@ class Daemon:
                 self.admin,
                 self.outbox,
                 self.escalator,
+                OutboxCleanup(self.database, lambda: self.settings.outbox.retention_s),
                 HealthReport(
                     root, self.session, self.status, lambda: self.settings.health.interval_s
                 ),
@@ -221,7 +223,6 @@ class Daemon:
             raise config.ConfigError(problem)
         if self.settings.database.auto_upgrade:
             await migrate.upgrade_async(self.settings.database.url)
-        warmed = await self.detector.warm(self.database, time.time_ns() // 1000)
         _tune_gc()
         log.info(
             "starting",
@@ -229,8 +230,12 @@ class Daemon:
             instance=self.settings.instance,
             database=config.hide_url_password(self.settings.database.url),
             broker=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}",
-            conflict_cache=None if self.detector.cache is None else warmed,
         )
+        if self.settings.conflicts.cache_max_ops is not None:
+            log.warning(
+                "conflicts.cache_max_ops is no longer used: conflicts v2 keep their windows"
+                " in the database; remove the key"
+            )
         self.parts.start()
         stop = asyncio.ensure_future(self._stop.wait())
         failed = asyncio.ensure_future(self.parts.failed.wait())
@@ -284,6 +289,8 @@ class Daemon:
         self.rate_limiter.rate = settings.limits.device_rate
         self.rate_limiter.burst = float(settings.limits.device_burst)
         self.detector.rules = rules.conflict_rules(settings)
+        self.detector.notices = rules.conflict_notices(settings)
         self.detector.enabled = settings.conflicts.enabled
+        self.steps.resolutions.notices = self.detector.notices
         log.info("config reloaded", needs_restart=restart or None)
         return restart

@@ -72,9 +72,19 @@ class Metrics:
             "fieldgate_crisis_escalations", "Crisis escalations published", registry=r
         )
         self.conflicts = Counter(
-            "fieldgate_conflicts_detected",
-            "Conflicts detected, by severity",
+            "fieldgate_conflicts",
+            "Conflicts detected (groups of colliding operations), by severity at detection",
             ["severity"],
+            registry=r,
+        )
+        self.conflict_members = Counter(
+            "fieldgate_conflict_members",
+            "Operations that joined a conflict",
+            registry=r,
+        )
+        self.conflict_merges = Counter(
+            "fieldgate_conflict_merges",
+            "Conflicts absorbed by another that an operation bridged them to",
             registry=r,
         )
         self.conflicts_resolved = Counter(

@@ -23,7 +23,7 @@ from gateway.metrics import Metrics
 from gateway.mqtt.intake import Intake
 from gateway.mqtt.session import MqttSession
 from handlers.times import rfc3339, to_us
-from storage import outbox
+from storage import conflict_store, outbox
 from storage.writer import Writer
 
 CHECK_TIMEOUT_S = 2.0
@@ -128,17 +128,23 @@ class Status:
                     out[sample.labels[label]] = int(sample.value)
         return out
 
-    async def _outbox_depth(self) -> int | None:
+    async def _from_database(self) -> tuple[int | None, dict[str, int] | None, int | None]:
+        """The outbox's depth, and the conflicts and their members now (every instance's):
+        best effort, since `health` says why the database does not answer."""
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S), self.database.connect() as conn:
-                return await outbox.depth(conn, "mqtt")
-        except Exception:  # noqa: BLE001 - depth is best effort; health says why
-            return None
+                depth = await outbox.depth(conn, "mqtt")
+                per_severity, members = await conflict_store.totals(conn)
+        except Exception:  # noqa: BLE001
+            return None, None, None
+        return depth, per_severity, members
 
     async def stats(self) -> dict[str, Any]:
-        """Counters since this process started, and the depth of every queue."""
+        """Counters since this process started, the conflicts as they stand (all
+        instances), and the depth of every queue."""
         ops = self._by_label("fieldgate_sync_ops_total", "status")
         rejected = self._by_label("fieldgate_rejected_total", "code")
+        depth, conflicts, members = await self._from_database()
         return {
             "since": started_at_text(self.started_at),
             "uptime_s": round(time.time() - self.started_at.timestamp(), 1),
@@ -148,7 +154,8 @@ class Status:
                 "rejected": sum(rejected.values()),
             },
             "rejected_by_code": rejected,
-            "conflicts": self._by_label("fieldgate_conflicts_detected_total", "severity"),
+            "conflicts": conflicts,
+            "conflict_members": members,
             "messages": self._by_label("fieldgate_messages_received_total", "kind"),
             "alerts": self._by_label("fieldgate_alerts_total", "classification"),
             "open_crises": self._value("fieldgate_open_crises"),
@@ -157,7 +164,7 @@ class Status:
             "queues": {
                 "in_flight": len(self.intake.acks),
                 "pending_commit": self.engine.pending,
-                "outbox": await self._outbox_depth(),
+                "outbox": depth,
                 "mqtt_outgoing": self.session.outgoing_pending(),
             },
             "outbox": {"published": self.outbox.published, "failed": self.outbox.failed},

@@ -354,6 +354,8 @@ class AlertNotices(msgspec.Struct, frozen=True):
 
     root: str = "fieldgate"
     suggestions: Mapping[str, str] = msgspec.field(default_factory=dict)
+    webhook_events: frozenset[str] = frozenset()
+    """The event types some configured webhook endpoint subscribes to."""
 
     def crisis(
         self, facts: CrisisFacts, escalation: int, origin_at_us: int | None = None
@@ -373,19 +375,24 @@ class AlertNotices(msgspec.Struct, frozen=True):
             }
         )
         event = "alert.crisis" if escalation == 0 else "alert.crisis.escalated"
-        return [
-            OutboxRecord(
-                channel="mqtt",
-                topic=f"{self.root}/alerts/crisis",
-                event_type=event,
-                payload=body,
-                origin_at_us=origin_at_us,
-                urgent=escalation == 0,
-            ),
-            OutboxRecord(
-                channel="webhook", event_type=event, payload=body, origin_at_us=origin_at_us
-            ),
-        ]
+        mqtt = OutboxRecord(
+            channel="mqtt",
+            topic=f"{self.root}/alerts/crisis",
+            event_type=event,
+            payload=body,
+            origin_at_us=origin_at_us,
+            urgent=escalation == 0,
+        )
+        return [mqtt, *self._webhook(event, body, origin_at_us)]
+
+    def _webhook(self, event: str, body: bytes, origin_at_us: int | None) -> list[OutboxRecord]:
+        """The webhook event, when an endpoint subscribes to it (none would send it else)."""
+        if event not in self.webhook_events:
+            return []
+        row = OutboxRecord(
+            channel="webhook", event_type=event, payload=body, origin_at_us=origin_at_us
+        )
+        return [row]
 
     def wellness(
         self, record: AlertRecord, reason: str, notification: str, now_us: int
@@ -401,16 +408,12 @@ class AlertNotices(msgspec.Struct, frozen=True):
             }
         )
         origin = record.received_at_us
-        return [
-            OutboxRecord(
-                channel="mqtt",
-                topic=f"{self.root}/alerts/wellness/{topic_level(record.user_id)}",
-                event_type="alert.wellness",
-                payload=body,
-                origin_at_us=origin,
-                urgent=True,
-            ),
-            OutboxRecord(
-                channel="webhook", event_type="alert.wellness", payload=body, origin_at_us=origin
-            ),
-        ]
+        mqtt = OutboxRecord(
+            channel="mqtt",
+            topic=f"{self.root}/alerts/wellness/{topic_level(record.user_id)}",
+            event_type="alert.wellness",
+            payload=body,
+            origin_at_us=origin,
+            urgent=True,
+        )
+        return [mqtt, *self._webhook("alert.wellness", body, origin)]

@@ -1,11 +1,19 @@
-"""The conflict definition of PROTOCOL.md, as pure functions on two stored operations.
+"""Conflicts v2 (PROTOCOL.md, "Conflicts (v2)"): the pair rule, and the group it builds.
 
-No database, no clock: the detector (`storage.conflicts`) calls these on the
-candidates it fetched, so the rule lives in one place and is tested on its own.
+Two stored operations collide when they are concurrent and their changes meet
+(`judge`); a conflict is a connected group of that relation among one entity's
+operations. `Group` is what a conflict keeps so that a new member, or a merge,
+costs the same whatever the group's size: its fields, severity, devices, users,
+member count, and per field the earliest and latest edit (the winners of both
+strategies), never its members one by one.
+
+No database, no clock: the detector (`storage.conflicts`) calls these on what it
+loaded, so the rule lives in one place and is tested on its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from collections.abc import Iterable, Mapping
@@ -19,12 +27,12 @@ from handlers.records import OutboxRecord, QuarantineRecord, ResolutionRecord
 
 Severity = Literal["low", "medium", "high", "critical"]
 Strategy = Literal["last_writer_wins", "first_writer_wins", "manual"]
-Status = Literal["open", "auto_resolved", "resolved"]
+Status = Literal["open", "auto_resolved", "resolved", "merged"]
 
 SEVERITIES: tuple[Severity, ...] = ("low", "medium", "high", "critical")
 RANK: dict[str, int] = {name: index for index, name in enumerate(SEVERITIES)}
-
-_NAMESPACE = uuid.UUID("8d3e4f1a-5b7c-4c2d-9e0f-1a2b3c4d5e6f")
+MEMBERS_SHOWN = 50
+"""A message or an answer carries at most this many members, the latest stored."""
 
 
 class OpView(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,22 +48,6 @@ class OpView(msgspec.Struct, frozen=True, kw_only=True):
     edited_at_us: int
     version: int
     base_version: int | None = None
-
-
-class Verdict(msgspec.Struct, frozen=True, kw_only=True):
-    """A conflicting pair as the definition sees it, sides in op_id order."""
-
-    a: OpView
-    b: OpView
-    fields: list[str]
-    severity: Severity
-    strategy: Strategy
-    status: Status
-    winner_op_id: str | None
-
-    @property
-    def op_ids(self) -> tuple[str, str]:
-        return (self.a.op_id, self.b.op_id)
 
 
 class TypeRules(msgspec.Struct, frozen=True):
@@ -75,6 +67,9 @@ class Rules(msgspec.Struct, frozen=True):
         return self.types.get(entity_type, self.default)
 
 
+# -- values -----------------------------------------------------------------------
+
+
 def json_equal(x: Any, y: Any) -> bool:
     """Equal as JSON: numbers by value (`1 == 1.0`), but `true` is not `1`."""
     if isinstance(x, bool) or isinstance(y, bool):
@@ -90,6 +85,50 @@ def json_equal(x: Any, y: Any) -> bool:
     if x is None or y is None:
         return x is None and y is None
     return type(x) is type(y) and bool(x == y)
+
+
+_canonical_encode = msgspec.json.Encoder(order="sorted").encode
+MAX_VALUE_KEY = 64
+"""A canonical value longer than this is kept as its digest in the window summaries."""
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with every number that equals an integer written as that integer."""
+    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, list):
+        return [_canonical(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    return value
+
+
+def value_key(value: Any) -> str:
+    """A short text that two values share exactly when they are equal as JSON.
+
+    The canonical JSON (sorted keys, integral floats as integers: `1.0` is `1`,
+    `true` stays `true`), or its 128-bit digest when long.
+    """
+    text = _canonical_encode(_canonical(value))
+    if len(text) <= MAX_VALUE_KEY:
+        return text.decode()
+    return "#" + hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def new_value(change: Any) -> Any:
+    return change.get("new") if isinstance(change, dict) else None
+
+
+# -- the pair rule --------------------------------------------------------------------
+
+
+class Pair(msgspec.Struct, frozen=True):
+    """Two operations that collide: their colliding fields and the pair's severity."""
+
+    fields: tuple[str, ...]
+    severity: Severity
 
 
 def concurrent(a: OpView, b: OpView, window_us: int) -> bool:
@@ -117,11 +156,13 @@ def colliding_fields(a: OpView, b: OpView) -> list[str]:
     return sorted(
         name
         for name in a.changes.keys() & b.changes.keys()
-        if not json_equal(_new(a.changes[name]), _new(b.changes[name]))
+        if not json_equal(new_value(a.changes[name]), new_value(b.changes[name]))
     )
 
 
 def severity(a: OpView, b: OpView, fields: Iterable[str], critical: frozenset[str]) -> Severity:
+    """The first that holds: critical (one side deletes), high (a critical field),
+    medium (two or more fields), low."""
     names = list(fields)
     if (a.operation == "delete") != (b.operation == "delete"):
         return "critical"
@@ -132,18 +173,8 @@ def severity(a: OpView, b: OpView, fields: Iterable[str], critical: frozenset[st
     return "low"
 
 
-def winner(a: OpView, b: OpView, strategy: Strategy) -> str | None:
-    """`last_writer_wins`: later edited_at, ties to the greater op_id; first: the other."""
-    if strategy == "manual":
-        return None
-    later = max(a, b, key=lambda op: (op.edited_at_us, op.op_id))
-    if strategy == "last_writer_wins":
-        return later.op_id
-    return b.op_id if later is a else a.op_id
-
-
-def judge(a: OpView, b: OpView, rules: Rules) -> Verdict | None:
-    """The conflict record's substance if `a` and `b` conflict, else None."""
+def judge(a: OpView, b: OpView, rules: Rules) -> Pair | None:
+    """The pair if `a` and `b` collide, else None."""
     if a.op_id == b.op_id or a.device_id == b.device_id:
         return None
     if a.entity_type != b.entity_type or a.entity_id != b.entity_id:
@@ -153,95 +184,160 @@ def judge(a: OpView, b: OpView, rules: Rules) -> Verdict | None:
     fields = colliding_fields(a, b)
     if not fields:
         return None
-    if b.op_id < a.op_id:
-        a, b = b, a
-    type_rules = rules.for_type(a.entity_type)
-    level = severity(a, b, fields, type_rules.critical_fields)
-    strategy = type_rules.strategy
-    if strategy == "manual" or RANK[level] >= RANK[rules.manual_at_or_above]:
-        status: Status = "open"
-        chosen = None
-    else:
-        status = "auto_resolved"
-        chosen = winner(a, b, strategy)
-    return Verdict(
-        a=a,
-        b=b,
-        fields=fields,
-        severity=level,
-        strategy=strategy,
-        status=status,
-        winner_op_id=chosen,
-    )
+    critical = rules.for_type(a.entity_type).critical_fields
+    return Pair(tuple(fields), severity(a, b, fields, critical))
 
 
-def values(verdict: Verdict) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per colliding field, each side's old and new value, keyed by op_id.
+def higher(a: Severity, b: Severity) -> Severity:
+    return a if RANK[a] >= RANK[b] else b
 
-    A delete that does not list the field has `{"old": null, "new": null}`.
+
+# -- the group ----------------------------------------------------------------------
+
+
+class Edit(msgspec.Struct, frozen=True, array_like=True):
+    """An edit's place in the order of the strategies: `edited_at`, ties by `op_id`."""
+
+    at_us: int
+    op_id: str
+
+
+class Group(msgspec.Struct, kw_only=True):
+    """What a conflict keeps of its members, enough to update it without reading them.
+
+    `first`/`last` hold, per field any member changes, the earliest and latest
+    edit of it (a delete changes every field: `first_delete`/`last_delete`);
+    the winners of `first_writer_wins` and `last_writer_wins` are read off them.
     """
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in verdict.fields:
-        out[name] = {side.op_id: _side(side.changes.get(name)) for side in (verdict.a, verdict.b)}
-    return out
+
+    fields: list[str] = msgspec.field(default_factory=list)
+    severity: Severity = "low"
+    device_ids: list[str] = msgspec.field(default_factory=list)
+    user_ids: list[str] = msgspec.field(default_factory=list)
+    member_count: int = 0
+    first: dict[str, Edit] = msgspec.field(default_factory=dict)
+    last: dict[str, Edit] = msgspec.field(default_factory=dict)
+    first_delete: Edit | None = None
+    last_delete: Edit | None = None
+
+    def add(self, op: OpView) -> None:
+        """A new member (not yet counted)."""
+        self.member_count += 1
+        _insort(self.device_ids, op.device_id)
+        _insort(self.user_ids, op.user_id)
+        edit = Edit(op.edited_at_us, op.op_id)
+        if op.operation == "delete":
+            self.first_delete = _earlier(self.first_delete, edit)
+            self.last_delete = _later(self.last_delete, edit)
+            return
+        for name in op.changes:
+            self.first[name] = _earlier(self.first.get(name), edit)
+            self.last[name] = _later(self.last.get(name), edit)
+
+    def collide(self, fields: Iterable[str], level: Severity) -> None:
+        """A pair of members collides on `fields` with severity `level`."""
+        self.fields = sorted(set(self.fields).union(fields))
+        self.severity = higher(self.severity, level)
+
+    def absorb(self, other: Group) -> None:
+        self.collide(other.fields, other.severity)
+        self.member_count += other.member_count
+        for name in other.device_ids:
+            _insort(self.device_ids, name)
+        for name in other.user_ids:
+            _insort(self.user_ids, name)
+        for name, edit in other.first.items():
+            self.first[name] = _earlier(self.first.get(name), edit)
+        for name, edit in other.last.items():
+            self.last[name] = _later(self.last.get(name), edit)
+        if other.first_delete is not None:
+            self.first_delete = _earlier(self.first_delete, other.first_delete)
+        if other.last_delete is not None:
+            self.last_delete = _later(self.last_delete, other.last_delete)
+
+    def winners(self, strategy: Strategy) -> dict[str, str]:
+        """Per conflict field, the member that wins it: the latest (or earliest) edit among
+        the members that change the field, ties to the greater (or smaller) op_id."""
+        if strategy == "manual":
+            return {}
+        out: dict[str, str] = {}
+        for name in self.fields:
+            if strategy == "last_writer_wins":
+                edits = [e for e in (self.last.get(name), self.last_delete) if e is not None]
+                pick = max
+            else:
+                edits = [e for e in (self.first.get(name), self.first_delete) if e is not None]
+                pick = min
+            if edits:
+                out[name] = pick(edits, key=_order).op_id
+        return out
 
 
-def conflict_id(op_a: str, op_b: str) -> str:
-    """Deterministic from the pair: the same pair is the same conflict everywhere."""
-    first, second = sorted((op_a, op_b))
-    return str(uuid.uuid5(_NAMESPACE, f"{first}\x00{second}"))
+def _insort(names: list[str], name: str) -> None:
+    if name not in names:
+        names.append(name)
+        names.sort()
 
 
-def _new(change: Any) -> Any:
-    return change.get("new") if isinstance(change, dict) else None
+def _order(edit: Edit) -> tuple[int, str]:
+    """`last_writer_wins` picks the greatest (latest, ties to the greater op_id),
+    `first_writer_wins` the least."""
+    return (edit.at_us, edit.op_id)
 
 
-def _side(change: Any) -> dict[str, Any]:
-    if isinstance(change, dict):
-        return {"old": change.get("old"), "new": change.get("new")}
-    return {"old": None, "new": None}
+def _earlier(a: Edit | None, b: Edit) -> Edit:
+    return b if a is None else min(a, b, key=_order)
 
 
-def record_json(verdict: Verdict, detected_at: str) -> dict[str, Any]:
-    """The conflict record of PROTOCOL.md for a new conflict (times already formatted)."""
-    a, b = verdict.a, verdict.b
-    return {
-        "conflict_id": conflict_id(a.op_id, b.op_id),
-        "entity_type": a.entity_type,
-        "entity_id": a.entity_id,
-        "op_ids": [a.op_id, b.op_id],
-        "device_ids": [a.device_id, b.device_id],
-        "user_ids": [a.user_id, b.user_id],
-        "fields": verdict.fields,
-        "values": values(verdict),
-        "severity": verdict.severity,
-        "strategy": verdict.strategy,
-        "status": verdict.status,
-        "winner_op_id": verdict.winner_op_id,
-        "detected_at": detected_at,
-        "resolved_at": None,
-        "resolved_by": None,
-    }
+def _later(a: Edit | None, b: Edit) -> Edit:
+    return b if a is None else max(a, b, key=_order)
 
+
+def automatic_status(level: Severity, strategy: Strategy, rules: Rules) -> Status:
+    """`open` for an operator (strategy `manual`, or at/above `manual_at_or_above`),
+    else `auto_resolved`."""
+    if strategy == "manual" or RANK[level] >= RANK[rules.manual_at_or_above]:
+        return "open"
+    return "auto_resolved"
+
+
+def new_conflict_id() -> str:
+    return str(uuid.uuid4())
+
+
+# -- messages -----------------------------------------------------------------------
 
 _encode = msgspec.json.Encoder().encode
 
 
-def notices(root: str, event: str, record: dict[str, Any]) -> list[OutboxRecord]:
-    """`<root>/conflicts`, each involved device's topic, and the webhook event."""
-    payload = _encode({"event": event, "conflict": record})
-    topics = [f"{root}/conflicts"] + [
-        f"{root}/devices/{device}/conflicts" for device in dict.fromkeys(record["device_ids"])
-    ]
-    rows = [OutboxRecord(channel="mqtt", topic=topic, payload=payload) for topic in topics]
-    rows.append(OutboxRecord(channel="webhook", event_type=event, payload=_encode(record)))
-    return rows
+class ConflictNotices(msgspec.Struct, frozen=True):
+    """The messages of PROTOCOL.md, Conflicts (v2), as outbox records: the operators'
+    topic and the devices' topics; webhook events only for `webhook_events`, the events
+    some configured endpoint subscribes to."""
+
+    root: str = "fieldgate"
+    webhook_events: frozenset[str] = frozenset()
+
+    def event(
+        self, event: str, record: dict[str, Any], devices: Iterable[str], **extra: Any
+    ) -> list[OutboxRecord]:
+        body = _encode({"event": event, "conflict": record, **extra})
+        topics = [f"{self.root}/conflicts"]
+        topics += [f"{self.root}/devices/{device}/conflicts" for device in sorted(set(devices))]
+        rows = [OutboxRecord(channel="mqtt", topic=topic, payload=body) for topic in topics]
+        if event in self.webhook_events:
+            rows.append(OutboxRecord(channel="webhook", event_type=event, payload=body))
+        return rows
+
+
+# -- operators' resolutions ------------------------------------------------------------
 
 
 class _Resolution(msgspec.Struct, forbid_unknown_fields=True):
     conflict_id: Str64
-    winner_op_id: Str64
     by: Str128
+    winner_op_id: Str64 | None = None
+    winners: dict[str, Str64] | None = None
 
 
 _resolution_decoder = msgspec.json.Decoder(_Resolution)
@@ -264,18 +360,24 @@ class ResolutionDecoded(msgspec.Struct):
     def refuse(self, _record: object, error_name: str) -> tuple[str | None, Error]:
         conflict = self.record.conflict_id if self.record is not None else None
         self.record = None
-        self.error = Error(Code.UNAVAILABLE, refused_message("resolution", error_name))
+        self.error = Error(Code.INVALID_ARGS, refused_message("resolution", error_name))
         return conflict, self.error
 
 
 def decode_resolution(payload: bytes) -> ResolutionDecoded:
-    """`{"conflict_id", "winner_op_id", "by"}`; the admin command has checked the same."""
+    """`{"conflict_id", "by", "winner_op_id"?, "winners"?}`; the command checked the same."""
     try:
         given = _resolution_decoder.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         error = from_msgspec(exc, None)
         return ResolutionDecoded(None, Error(Code.INVALID_ARGS, error.message, error.path))
+    if given.winner_op_id is None and not given.winners:
+        error = Error(Code.INVALID_ARGS, "give winner_op_id or winners", "winner_op_id")
+        return ResolutionDecoded(None, error)
     record = ResolutionRecord(
-        conflict_id=given.conflict_id, winner_op_id=given.winner_op_id, by=given.by
+        conflict_id=given.conflict_id,
+        by=given.by,
+        winner_op_id=given.winner_op_id,
+        winners=dict(given.winners or {}),
     )
     return ResolutionDecoded(record, None)

@@ -111,16 +111,22 @@ class CrisisAckRecord(msgspec.Struct, kw_only=True):
     acknowledged_by: str | None = None
 
 
-ResolutionOutcome = Literal["pending", "resolved", "not_found", "not_open", "not_in_pair"]
+ResolutionOutcome = Literal["pending", "resolved", "refused"]
 
 
 class ResolutionRecord(msgspec.Struct, kw_only=True):
-    """An operator's resolution of a conflict (the admin command `conflicts/resolve`)."""
+    """An operator's resolution of a conflict (the admin command `conflicts/resolve`):
+    one member that wins every field it changes, per-field winners, or both."""
 
     conflict_id: str
-    winner_op_id: str
     by: str
+    winner_op_id: str | None = None
+    winners: dict[str, str] = msgspec.field(default_factory=dict)
     # Set by the writer:
     outcome: ResolutionOutcome = "pending"
+    problem: str | None = None
+    """Why it was refused, for the operator."""
+    problem_path: str | None = None
+    """The argument at fault: `conflict_id`, `winner_op_id`, `winners.<field>`..."""
     conflict: dict[str, Any] | None = None
-    """The conflict as the transaction left it (resolved), or as it found it."""
+    """The conflict as the transaction left it."""

@@ -1,4 +1,10 @@
-"""Reading and resolving stored conflicts: what the `conflicts/*` admin commands do."""
+"""Reading conflicts as PROTOCOL.md writes them, and operators' resolutions.
+
+What the `conflicts/*` admin commands and the conflict messages read: a conflict
+record with a page of its members (each with the old and new values of the
+conflict's fields), pages of conflicts, counts per group; and the writer's step
+that applies an operator's resolution.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +12,109 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, literal_column, select, union_all, update
+from sqlalchemy import and_, distinct, func, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from handlers.conflicts import notices
+from handlers.conflicts import MEMBERS_SHOWN, ConflictNotices, Group
 from handlers.records import ResolutionRecord
 from handlers.times import HOUR_US, rfc3339
-from storage.schema import conflicts, user_counters
+from storage.db import chunks
+from storage.schema import (
+    conflict_members,
+    conflict_totals,
+    conflicts,
+    op_counts,
+    sync_log,
+    user_counters,
+)
 from storage.writer import Step, Written
 
 _decode = msgspec.json.decode
+_decode_group = msgspec.json.Decoder(Group).decode
+_encode = msgspec.json.Encoder().encode
 
 GROUPS = ("entity_type", "severity", "user_id", "hour")
 
 
-def row_record(row: Mapping[Any, Any]) -> dict[str, Any]:
-    """A stored row as the conflict record of PROTOCOL.md."""
+# -- records ----------------------------------------------------------------------------
+
+
+def record(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A stored conflict as the record of PROTOCOL.md, without its members."""
     return {
         "conflict_id": row["conflict_id"],
         "entity_type": row["entity_type"],
         "entity_id": row["entity_id"],
-        "op_ids": [row["op_a"], row["op_b"]],
-        "device_ids": [row["device_a"], row["device_b"]],
-        "user_ids": [row["user_a"], row["user_b"]],
-        "fields": _decode(row["fields"]),
-        "values": _decode(row["field_values"]),
+        "status": row["status"],
         "severity": row["severity"],
         "strategy": row["strategy"],
-        "status": row["status"],
-        "winner_op_id": row["winner_op_id"],
+        "fields": _decode(row["fields"]),
+        "winners": _decode(row["winners"]),
+        "member_count": row["member_count"],
+        "device_ids": _decode(row["device_ids"]),
+        "user_ids": _decode(row["user_ids"]),
         "detected_at": rfc3339(row["detected_at"]),
+        "updated_at": rfc3339(row["updated_at"]),
         "resolved_at": rfc3339(row["resolved_at"]),
         "resolved_by": row["resolved_by"],
+        "merged_into": row["merged_into"],
+        "note": row["note"],
     }
 
 
-async def get(conn: AsyncConnection, conflict_id: str) -> dict[str, Any] | None:
+def member(row: Mapping[Any, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """A member as a record shows it: its changes of the conflict's fields only."""
+    changes = _decode(row["changes"])
+    return {
+        "op_id": row["op_id"],
+        "device_id": row["device_id"],
+        "user_id": row["user_id"],
+        "operation": row["operation"],
+        "version": row["version"],
+        "edited_at": rfc3339(row["edited_at"]),
+        "changes": {name: changes[name] for name in fields if name in changes},
+    }
+
+
+async def members(
+    conn: AsyncConnection,
+    conflict_id: str,
+    fields: Sequence[str],
+    *,
+    below_version: int | None = None,
+    limit: int = MEMBERS_SHOWN,
+) -> list[dict[str, Any]]:
+    """The latest stored members first (one index range, whatever the group's size)."""
+    m, s = conflict_members.c, sync_log.c
+    query = (
+        select(m.op_id, m.device_id, m.user_id, m.version, s.operation, s.edited_at, s.changes)
+        .join_from(conflict_members, sync_log, s.op_id == m.op_id)
+        .where(m.conflict_id == conflict_id)
+        .order_by(m.version.desc())
+        .limit(limit)
+    )
+    if below_version is not None:
+        query = query.where(m.version < below_version)
+    return [member(row, fields) for row in (await conn.execute(query)).mappings()]
+
+
+async def get(
+    conn: AsyncConnection,
+    conflict_id: str,
+    *,
+    below_version: int | None = None,
+    limit: int = MEMBERS_SHOWN,
+) -> dict[str, Any] | None:
+    """The record with a page of its members (the latest `limit` by default)."""
     result = await conn.execute(select(conflicts).where(conflicts.c.conflict_id == conflict_id))
     row = result.mappings().first()
-    return None if row is None else row_record(row)
+    if row is None:
+        return None
+    found = record(row)
+    found["members"] = await members(
+        conn, conflict_id, found["fields"], below_version=below_version, limit=limit
+    )
+    return found
 
 
 async def page(
@@ -53,20 +123,196 @@ async def page(
     status: str | None = None,
     severity: str | None = None,
     entity_type: str | None = None,
+    entity_id: str | None = None,
+    device_id: str | None = None,
     below_id: int | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """Up to `limit` rows, newest first, below `below_id` (a keyset page)."""
-    query = select(conflicts).order_by(conflicts.c.id.desc()).limit(limit)
-    if status is not None:
-        query = query.where(conflicts.c.status == status)
-    if severity is not None:
-        query = query.where(conflicts.c.severity == severity)
+    c = conflicts.c
+    query = select(conflicts).order_by(c.id.desc()).limit(limit)
+    for column, value in ((c.status, status), (c.severity, severity)):
+        if value is not None:
+            query = query.where(column == value)
     if entity_type is not None:
-        query = query.where(conflicts.c.entity_type == entity_type)
+        query = query.where(c.entity_type == entity_type)
+    if entity_id is not None:
+        query = query.where(c.entity_id == entity_id)
+    if device_id is not None:
+        with_device = select(conflict_members.c.conflict_id).where(
+            conflict_members.c.device_id == device_id
+        )
+        query = query.where(c.conflict_id.in_(with_device))
     if below_id is not None:
-        query = query.where(conflicts.c.id < below_id)
+        query = query.where(c.id < below_id)
     return [dict(row) for row in (await conn.execute(query)).mappings()]
+
+
+async def entity_ops(
+    conn: AsyncConnection,
+    key: tuple[str, str],
+    *,
+    lo: int | None,
+    hi: int | None,
+    above_version: int | None,
+) -> list[dict[str, Any]]:
+    """An entity's stored operations edited in [lo, hi] (hi None: to the end) or above
+    a version, each with the conflict it is a member of (null: none)."""
+    s, m = sync_log.c, conflict_members.c
+    ranges = []
+    if lo is not None:
+        ranges.append(s.edited_at >= lo if hi is None else s.edited_at.between(lo, hi))
+    if above_version is not None:
+        ranges.append(s.version > above_version)
+    if not ranges:
+        return []
+    query = (
+        select(
+            s.op_id,
+            s.device_id,
+            s.user_id,
+            s.entity_type,
+            s.entity_id,
+            s.operation,
+            s.changes,
+            s.edited_at,
+            s.version,
+            s.base_version,
+            m.conflict_id,
+        )
+        .outerjoin_from(sync_log, conflict_members, m.op_id == s.op_id)
+        .where(s.entity_type == key[0], s.entity_id == key[1], or_(*ranges))
+    )
+    return [dict(row) for row in (await conn.execute(query)).mappings()]
+
+
+# -- counts ---------------------------------------------------------------------------
+
+
+async def stats(
+    conn: AsyncConnection, since_us: int | None, group_by: str, now_us: int
+) -> dict[str, Any]:
+    """Conflicts (not merged) detected since `since_us` and member operations that
+    joined since then, per group, each with the operations stored in the same span
+    and the rates per stored operation.
+
+    Per `user_id`, a conflict counts once for each distinct user among its members,
+    and the operations are the user's all-time count (no per-user time series)."""
+    c, m = conflicts.c, conflict_members.c
+    since = since_us if since_us is not None else 0
+    live = and_(c.status != "merged", c.detected_at >= since)
+    joined = m.joined_at >= since
+    if group_by == "hour":
+        conflict_key: Any = (c.detected_at / literal_column(str(HOUR_US))).label("key")
+        member_key: Any = (m.joined_at / literal_column(str(HOUR_US))).label("key")
+    elif group_by == "severity":
+        conflict_key = c.severity.label("key")
+        member_key = c.severity.label("key")
+    elif group_by == "user_id":
+        conflict_key = m.user_id.label("key")
+        member_key = m.user_id.label("key")
+    else:
+        conflict_key = c.entity_type.label("key")
+        member_key = m.entity_type.label("key")
+    members_from = conflict_members.join(conflicts, c.conflict_id == m.conflict_id)
+    if group_by == "user_id":
+        counted = (
+            select(conflict_key, func.count(distinct(c.conflict_id)))
+            .select_from(members_from)
+            .where(live)
+            .group_by(conflict_key)
+        )
+    else:
+        counted = select(conflict_key, func.count()).where(live).group_by(conflict_key)
+    joined_counts = (
+        select(member_key, func.count())
+        .select_from(members_from)
+        .where(joined, c.status != "merged")
+        .group_by(member_key)
+    )
+    groups: dict[Any, dict[str, Any]] = {}
+    for key, count in await conn.execute(counted):
+        groups.setdefault(key, {"conflicts": 0, "members": 0})["conflicts"] = int(count)
+    for key, count in await conn.execute(joined_counts):
+        groups.setdefault(key, {"conflicts": 0, "members": 0})["members"] = int(count)
+    ops = await _ops(conn, since, group_by, list(groups))
+    total_ops = await _ops_total(conn, since)
+    items = []
+    for key, counts in groups.items():
+        stored = ops.get(key, total_ops if group_by == "severity" else 0)
+        name = rfc3339(int(key) * HOUR_US) if group_by == "hour" else key
+        items.append({"key": name, **counts, **_rates(counts, stored)})
+    if group_by == "hour":
+        items.sort(key=lambda g: str(g["key"]))
+    else:
+        items.sort(key=lambda g: (-g["conflicts"], -g["members"], str(g["key"])))
+    totals = {
+        "conflicts": int(
+            (await conn.execute(select(func.count()).select_from(conflicts).where(live))).scalar()
+            or 0
+        ),
+        "members": int(
+            (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(members_from)
+                    .where(joined, c.status != "merged")
+                )
+            ).scalar()
+            or 0
+        ),
+    }
+    return {
+        "since": rfc3339(since_us),
+        "until": rfc3339(now_us),
+        "group_by": group_by,
+        **totals,
+        **_rates(totals, total_ops),
+        "groups": items,
+    }
+
+
+def _rates(counts: Mapping[str, int], ops: int) -> dict[str, Any]:
+    return {
+        "ops": ops,
+        "conflicts_per_op": round(counts["conflicts"] / ops, 6) if ops else None,
+        "members_per_op": round(counts["members"] / ops, 6) if ops else None,
+    }
+
+
+async def _ops_total(conn: AsyncConnection, since_us: int) -> int:
+    hour = since_us // HOUR_US * HOUR_US
+    result = await conn.execute(select(func.sum(op_counts.c.ops)).where(op_counts.c.hour >= hour))
+    return int(result.scalar() or 0)
+
+
+async def _ops(
+    conn: AsyncConnection, since_us: int, group_by: str, keys: list[Any]
+) -> dict[Any, int]:
+    """The stored operations of each group's span (the rates' denominators)."""
+    hour = since_us // HOUR_US * HOUR_US
+    o = op_counts.c
+    if group_by == "entity_type":
+        query = select(o.entity_type, func.sum(o.ops)).where(o.hour >= hour).group_by(o.entity_type)
+    elif group_by == "hour":
+        query = select(o.hour / literal_column(str(HOUR_US)), func.sum(o.ops)).where(o.hour >= hour)
+        query = query.group_by(o.hour)
+    elif group_by == "user_id":
+        found: dict[Any, int] = {}
+        for part in chunks(sorted(str(k) for k in keys)):
+            result = await conn.execute(
+                select(user_counters.c.user_id, user_counters.c.ops).where(
+                    user_counters.c.user_id.in_(part)
+                )
+            )
+            found.update({user: int(n) for user, n in result})
+        return found
+    else:
+        return {}
+    return {key: int(n) for key, n in await conn.execute(query)}
+
+
+# -- resolutions --------------------------------------------------------------------------
 
 
 class ResolutionStep(Step):
@@ -75,107 +321,129 @@ class ResolutionStep(Step):
     record_type = ResolutionRecord
     name = "resolutions"
 
-    def __init__(self, root: str) -> None:
-        self.root = root
+    def __init__(self, notices: ConflictNotices) -> None:
+        self.notices = notices
 
     async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
         written = Written()
-        for record in records:
-            if await resolve(conn, record, now_us):
-                assert record.conflict is not None
-                written.outbox.extend(notices(self.root, "conflict.resolved", record.conflict))
-                written.events.append(record.conflict)
+        for resolution in records:
+            if await resolve(conn, resolution, now_us):
+                assert resolution.conflict is not None
+                devices = resolution.conflict["device_ids"]
+                written.outbox += self.notices.event(
+                    "conflict.resolved", resolution.conflict, devices
+                )
+                written.events.append(resolution.conflict)
         return written
 
     def reset(self, records: Sequence[ResolutionRecord]) -> None:
-        for record in records:
-            record.outcome = "pending"
-            record.conflict = None
+        for resolution in records:
+            resolution.outcome = "pending"
+            resolution.problem = None
+            resolution.problem_path = None
+            resolution.conflict = None
 
 
-async def resolve(conn: AsyncConnection, record: ResolutionRecord, now_us: int) -> bool:
-    """Resolve an open conflict in the open transaction; set `record.outcome`.
+def _refuse(resolution: ResolutionRecord, message: str, path: str) -> bool:
+    resolution.outcome = "refused"
+    resolution.problem = message
+    resolution.problem_path = path
+    return False
 
-    The UPDATE is conditional on `status = 'open'`, so two operators resolving
-    the same conflict at once (on one instance or two) cannot both succeed.
+
+async def resolve(conn: AsyncConnection, resolution: ResolutionRecord, now_us: int) -> bool:
+    """Resolve a conflict in the open transaction; set the resolution's outcome.
+
+    `winner_op_id` wins every conflict field it changes (a delete: all of them);
+    `winners` names the winner of single fields (and wins over `winner_op_id`).
+    Every field of the conflict gets a winner that is a member changing it, or
+    the resolution is refused, naming the argument at fault. The UPDATE is
+    conditional on the status it read, so of two operators resolving one
+    conflict at once (on one instance or two) only one succeeds.
     """
-    current = await get(conn, record.conflict_id)
-    record.conflict = current
-    if current is None:
-        record.outcome = "not_found"
-        return False
-    if record.winner_op_id not in current["op_ids"]:
-        record.outcome = "not_in_pair"
-        return False
+    found = await get(conn, resolution.conflict_id, limit=0)
+    resolution.conflict = found
+    if found is None:
+        return _refuse(resolution, f"no conflict {resolution.conflict_id!r}", "conflict_id")
+    status = found["status"]
+    if status == "merged":
+        message = f"conflict {resolution.conflict_id} was merged into {found['merged_into']}"
+        return _refuse(resolution, message, "conflict_id")
+    if status == "resolved":
+        message = f"conflict {resolution.conflict_id} is resolved already"
+        return _refuse(resolution, message, "conflict_id")
+    chosen = [resolution.winner_op_id] if resolution.winner_op_id else []
+    chosen += list(resolution.winners.values())
+    changed = await _member_changes(conn, resolution.conflict_id, chosen)
+    fields: list[str] = found["fields"]
+    winners: dict[str, str] = {}
+    if resolution.winner_op_id is not None:
+        if resolution.winner_op_id not in changed:
+            message = f"{resolution.winner_op_id!r} is not a member of this conflict"
+            return _refuse(resolution, message, "winner_op_id")
+        mine = changed[resolution.winner_op_id]
+        winners.update(
+            {name: resolution.winner_op_id for name in fields if mine is None or name in mine}
+        )
+    for name, op_id in sorted(resolution.winners.items()):
+        path = f"winners.{name}"
+        if name not in fields:
+            return _refuse(resolution, f"{name!r} is not a field of this conflict", path)
+        if op_id not in changed:
+            return _refuse(resolution, f"{op_id!r} is not a member of this conflict", path)
+        theirs = changed[op_id]
+        if theirs is not None and name not in theirs:
+            return _refuse(resolution, f"{op_id!r} does not change {name!r}", path)
+        winners[name] = op_id
+    missing = [name for name in fields if name not in winners]
+    if missing:
+        message = f"no winner for {', '.join(missing)}: name them in winners"
+        return _refuse(resolution, message, "winners")
     result = await conn.execute(
         update(conflicts)
-        .where(conflicts.c.conflict_id == record.conflict_id, conflicts.c.status == "open")
+        .where(conflicts.c.conflict_id == resolution.conflict_id, conflicts.c.status == status)
         .values(
             status="resolved",
-            winner_op_id=record.winner_op_id,
+            winners=_encode(winners).decode(),
             resolved_at=now_us,
-            resolved_by=record.by,
+            resolved_by=resolution.by,
+            updated_at=now_us,
         )
     )
     if result.rowcount != 1:
-        record.outcome = "not_open"
-        return False
-    record.conflict = await get(conn, record.conflict_id)
-    record.outcome = "resolved"
+        message = f"conflict {resolution.conflict_id} changed meanwhile; look again"
+        return _refuse(resolution, message, "conflict_id")
+    resolution.conflict = await get(conn, resolution.conflict_id)
+    resolution.outcome = "resolved"
     return True
 
 
-async def stats(
-    conn: AsyncConnection, since_us: int | None, group_by: str, now_us: int
-) -> dict[str, Any]:
-    """Conflicts detected since `since_us`, counted per group, with rates per hour.
-
-    For `user_id`, each conflict counts once for each distinct user in it, and
-    the user's all-time counters give `conflicts_per_op`.
-    """
-    c = conflicts.c
-    where = [c.detected_at >= since_us] if since_us is not None else []
-    if group_by == "user_id":
-        first = select(c.user_a.label("key"), c.detected_at).where(*where)
-        second = select(c.user_b.label("key"), c.detected_at).where(*where, c.user_b != c.user_a)
-        source = union_all(first, second).subquery()
-        key = source.c.key
-        query = select(key, func.count(), func.min(source.c.detected_at)).group_by(key)
-    else:
-        if group_by == "hour":
-            key = (c.detected_at / literal_column(str(HOUR_US))).label("key")
-        else:
-            key = getattr(c, group_by).label("key")
-        query = select(key, func.count(), func.min(c.detected_at)).where(*where).group_by(key)
-    rows = list(await conn.execute(query))
-    total = (await conn.execute(select(func.count()).select_from(conflicts).where(*where))).scalar()
-    earliest = since_us if since_us is not None else min((r[2] for r in rows), default=now_us)
-    hours = max((now_us - earliest) / HOUR_US, 1 / 60)
-    groups: list[dict[str, Any]] = []
-    for group, count, _first in rows:
-        name = rfc3339(int(group) * HOUR_US) if group_by == "hour" else group
-        groups.append({"key": name, "count": int(count), "per_hour": round(count / hours, 4)})
-    if group_by == "user_id" and groups:
-        users = [g["key"] for g in groups]
-        counters = await conn.execute(
-            select(user_counters.c.user_id, user_counters.c.ops, user_counters.c.conflicts).where(
-                user_counters.c.user_id.in_(users)
-            )
-        )
-        known = {user: (ops, n) for user, ops, n in counters}
-        for g in groups:
-            ops, taken_part = known.get(g["key"], (0, 0))
-            g["ops_total"] = ops
-            g["conflicts_total"] = taken_part
-            g["conflicts_per_op"] = round(taken_part / ops, 4) if ops else None
-    groups.sort(key=lambda g: (-g["count"], str(g["key"])))
-    if group_by == "hour":
-        groups.sort(key=lambda g: str(g["key"]))
+async def _member_changes(
+    conn: AsyncConnection, conflict_id: str, op_ids: Sequence[str]
+) -> dict[str, set[str] | None]:
+    """Of `op_ids`, the members of the conflict, with the fields each changes (None for
+    a delete: it changes every field)."""
+    if not op_ids:
+        return {}
+    m, s = conflict_members.c, sync_log.c
+    result = await conn.execute(
+        select(s.op_id, s.operation, s.changes)
+        .join_from(conflict_members, sync_log, s.op_id == m.op_id)
+        .where(m.conflict_id == conflict_id, m.op_id.in_(sorted(set(op_ids))))
+    )
     return {
-        "since": rfc3339(earliest) if rows or since_us is not None else None,
-        "until": rfc3339(now_us),
-        "group_by": group_by,
-        "total": int(total or 0),
-        "per_hour": round(int(total or 0) / hours, 4),
-        "groups": groups,
+        op_id: None if operation == "delete" else set(_decode(changes))
+        for op_id, operation, changes in result
     }
+
+
+async def totals(conn: AsyncConnection) -> tuple[dict[str, int], int]:
+    """Conflicts not merged, per severity, and operations in a conflict: all instances'."""
+    result = await conn.execute(select(conflict_totals.c.key, conflict_totals.c.n))
+    counts = {key: int(n) for key, n in result}
+    per_severity = {
+        key.partition(":")[2]: n
+        for key, n in sorted(counts.items())
+        if key.startswith("severity:") and n
+    }
+    return per_severity, counts.get("members", 0)

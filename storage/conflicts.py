@@ -1,58 +1,201 @@
-"""Incremental conflict detection, inside the transaction that stores the operations.
+"""Incremental conflict detection (v2: groups), inside the transaction that stores the ops.
 
-Called by the writer right after `sync_log.store_ops`, whose version upsert has
-locked every touched entity row (PostgreSQL: until commit). A concurrent writer
-of the same entity, on this instance or another, therefore waits for our commit
-and then, under READ COMMITTED, sees our rows in its own candidate query: every
-pair is compared exactly once, by the transaction that stores the later of the
-two (higher version), whatever the timing.
+Called by the writer's sync step right after `sync_log.store_ops`, whose version
+upsert has locked every touched entity row (PostgreSQL: until commit). A
+concurrent writer of the same entity, on this instance or another, waits for our
+commit: every pair is judged exactly once, by the transaction that stores the
+later of the two (higher version), and an entity's conflicts, members and
+windows only ever change under its lock.
 
-Per batch, one candidate query per 150 entities (not per operation): the
-entity's rows whose `edited_at` lies within the window of the batch's
-operations, and, only if some operation carries `base_version`, a second one
-for the entity's rows above it. Both are ranges on an index, so the cost does not grow with the log.
-The window cache (`storage.window`) answers instead of the database when it
-provably holds every candidate.
+Each new operation N is judged against the entity's stored operations one of two
+ways, both exact:
+
+- **fast** (the common case): from the entity's window summaries
+  (`handlers.conflict_windows`), when they hold N's whole window: N is not a
+  delete, has no `base_version`, no delete lies in its window, the summaries
+  start before its window and no edit of its fields lies past its window. The
+  cost depends on the devices and conflicts in the window, not on its edits;
+- **slow**: the stored operations in N's window from the database, each judged
+  with N (`handlers.conflicts.judge`), as v1 did. It serves deletes,
+  `base_version`, late arrivals, and entities whose summaries do not exist yet
+  (they are built from what it read).
+
+Either way N then joins the conflicts it collides with: a new one, or the
+oldest of them (ties: the smaller id), which absorbs the others; the operations
+in no conflict that it collides with join too. The batch's conflicts, members,
+windows and counters are written with a few statements at the end, and its
+messages (one per conflict and topic) go to the outbox.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from handlers.conflicts import OpView, Rules, Verdict, conflict_id, judge, notices, record_json
+from handlers.conflict_windows import (
+    FieldWindow,
+    Loose,
+    Mark,
+    windows_decoder,
+    windows_encoder,
+)
+from handlers.conflicts import (
+    RANK,
+    ConflictNotices,
+    Group,
+    OpView,
+    Rules,
+    Severity,
+    automatic_status,
+    higher,
+    judge,
+    new_conflict_id,
+    value_key,
+)
 from handlers.records import OpRecord, OutboxRecord
-from handlers.times import rfc3339
+from storage import conflict_store
 from storage.db import chunks
-from storage.schema import conflicts, device_counters, sync_log, user_counters
+from storage.schema import (
+    SUMMARY_ALL,
+    conflict_members,
+    conflict_totals,
+    conflict_windows,
+    conflicts,
+    device_counters,
+    entities,
+    user_counters,
+)
 from storage.sync_log import Prior
-from storage.window import NEVER, Bounds, WindowCache
+
+EntityKey = tuple[str, str]
 
 ENTITIES_PER_QUERY = 150
 """Entities per candidate statement (4 parameters each; SQLite allows 32,766)."""
 
+PRUNE_AFTER = 4
+"""Windows forget what lies more than two windows behind their latest edit once they
+span this many windows."""
+LOOSE_MAX = 512
+"""Loose edits a field's window holds; past it the entity's summaries are dropped and
+rebuilt on demand (an entity one device edits alone, very often)."""
+
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_changes = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_group = msgspec.json.Decoder(Group).decode
 
-_CANDIDATE_COLUMNS = (
-    sync_log.c.op_id,
-    sync_log.c.device_id,
-    sync_log.c.user_id,
-    sync_log.c.entity_type,
-    sync_log.c.entity_id,
-    sync_log.c.operation,
-    sync_log.c.changes,
-    sync_log.c.edited_at,
-    sync_log.c.version,
-    sync_log.c.base_version,
-)
 
-EntityKey = tuple[str, str]
+class Detected(msgspec.Struct):
+    """What a batch's detection wrote to the outbox, and its events for the metrics:
+    `{"event": "detected" | "joined" | "merged", "severity"?: ...}`."""
+
+    outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
+    events: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+
+class _Conflict:
+    """A conflict as this batch holds it: its row's columns and its group."""
+
+    __slots__ = (
+        "changed",
+        "conflict_id",
+        "detected_at",
+        "entity",
+        "group",
+        "merged_into",
+        "new",
+        "note",
+        "resolved_at",
+        "resolved_by",
+        "status",
+        "strategy",
+        "winners",
+    )
+
+    def __init__(self, row: Any | None = None, *, entity: EntityKey | None = None) -> None:
+        self.changed = False
+        self.new = row is None
+        if row is None:
+            assert entity is not None
+            self.conflict_id = new_conflict_id()
+            self.entity = entity
+            self.group = Group()
+            self.status = "open"
+            self.strategy = "last_writer_wins"
+            self.winners: dict[str, str] = {}
+            self.detected_at = 0
+            self.resolved_at: int | None = None
+            self.resolved_by: str | None = None
+            self.merged_into: str | None = None
+            self.note: str | None = None
+            return
+        self.conflict_id = row["conflict_id"]
+        self.entity = (row["entity_type"], row["entity_id"])
+        self.group = _decode_group(row["state"])
+        self.status = row["status"]
+        self.strategy = row["strategy"]
+        self.winners = msgspec.json.decode(row["winners"], type=dict[str, str])
+        self.detected_at = row["detected_at"]
+        self.resolved_at = row["resolved_at"]
+        self.resolved_by = row["resolved_by"]
+        self.merged_into = row["merged_into"]
+        self.note = row["note"]
+
+    def order(self) -> tuple[int, str]:
+        """Which absorbs which: detected first, ties to the smaller conflict_id."""
+        return (self.detected_at, self.conflict_id)
+
+
+class _Touch:
+    """What happened to a root conflict in this batch: what its message says."""
+
+    __slots__ = ("absorbed", "joined", "severity_before")
+
+    def __init__(self, severity_before: Severity | None) -> None:
+        self.joined: list[str] = []
+        self.absorbed: list[str] = []
+        self.severity_before = severity_before
+
+
+class _Hits(msgspec.Struct):
+    """What a new operation collides with: conflicts (roots), operations in none yet
+    (by op_id, as views), and the fields and highest severity of those pairs."""
+
+    groups: set[str] = msgspec.field(default_factory=set)
+    loose: dict[str, OpView] = msgspec.field(default_factory=dict)
+    fields: set[str] = msgspec.field(default_factory=set)
+    severity: Severity | None = None
+
+    def pair(self, fields: Iterable[str], level: Severity) -> None:
+        self.fields.update(fields)
+        self.severity = level if self.severity is None else higher(self.severity, level)
+
+
+class _Entity:
+    """One entity's state in this batch."""
+
+    __slots__ = ("candidates", "delete_max", "key", "rebuild", "summary_from", "windows")
+
+    def __init__(self, key: EntityKey, summary_from: int | None, delete_max: int | None) -> None:
+        self.key = key
+        self.summary_from = summary_from
+        self.delete_max = delete_max
+        self.windows: dict[str, FieldWindow] = {}
+        self.candidates: list[tuple[OpView, str | None]] | None = None
+        """The slow path's stored operations (with their conflict), once read."""
+        self.rebuild = summary_from is None
+        """No summaries yet: every op goes the slow path, and the summaries are built
+        from what it read."""
+
+    def window(self, field: str) -> FieldWindow:
+        found = self.windows.get(field)
+        if found is None:
+            found = self.windows[field] = FieldWindow()
+        return found
 
 
 def view(record: OpRecord) -> OpView:
@@ -71,342 +214,644 @@ def view(record: OpRecord) -> OpView:
     )
 
 
-def row_view(row: Sequence[Any]) -> OpView:
-    op_id, device_id, user_id, entity_type, entity_id, operation, changes, edited, ver, base = row
-    return OpView(
-        op_id=op_id,
-        device_id=device_id,
-        user_id=user_id,
-        entity_type=entity_type,
-        entity_id=entity_id,
-        operation=operation,
-        changes=_decode(changes),
-        edited_at_us=edited,
-        version=ver,
-        base_version=base,
-    )
-
-
 class Detector:
-    """Finds, records and announces the conflicts of one committed batch.
-
-    `use_cache` may only be true when this process is the database's one writer
-    (SQLite, no shared subscription): the cache cannot see other writers' rows.
-    """
+    """Finds, records and announces the conflicts of each committed batch."""
 
     def __init__(
         self,
         rules: Rules,
-        topic_root: str,
+        notices: ConflictNotices,
         *,
         enabled: bool = True,
-        cache: WindowCache | None = None,
+        windows: bool = True,
     ) -> None:
         self.rules = rules
-        self.root = topic_root
+        self.notices = notices
         self.enabled = enabled
-        self.cache = cache
-        self.queries = 0
-        self.skipped = 0
-        """Entities not looked up: nothing stored before could be concurrent."""
+        self.windows = windows
+        """False: every operation takes the slow path (tests hold the two against each
+        other: they must agree exactly)."""
+        self.fast = 0
+        self.slow = 0
+        """Operations judged each way since start (the benchmarks read them)."""
 
     async def run(
-        self,
-        conn: AsyncConnection,
-        records: Sequence[OpRecord],
-        now_us: int,
-        prior: Prior | None = None,
-    ) -> tuple[list[dict[str, Any]], list[OutboxRecord]]:
-        """Detect and store the batch's conflicts; return their records (for metrics)
-        and their notices, for the writer to put in the outbox.
-
-        `prior` (from `store_ops`) says what each entity held before the batch;
-        without it every entity is looked up.
-        """
+        self, conn: AsyncConnection, records: Sequence[OpRecord], now_us: int, prior: Prior
+    ) -> Detected:
+        """Detect and store the conflicts of the batch's stored operations."""
         stored = [record for record in records if record.status == "stored"]
         if not stored:
-            return [], []
-        found: list[dict[str, Any]] = []
-        if not self.enabled and self.cache is not None and len(self.cache):
-            # Ops stored without detection never reach the cache: forget it all,
-            # so that detection turned back on asks the database again.
-            self.cache.discard()
-        if self.enabled:
-            per_entity: dict[EntityKey, list[OpView]] = {}
-            for record in stored:
-                key = (record.entity_type, record.entity_id)
-                per_entity.setdefault(key, []).append(view(record))
-            candidates = await self._candidates(conn, per_entity, prior or {})
-            verdicts: list[Verdict] = []
-            for key, fresh in per_entity.items():
-                verdicts.extend(self._compare(fresh, candidates.get(key, [])))
-            if verdicts:
-                found = await self._record(conn, verdicts, now_us)
-        # Counters last, users then devices, keys sorted, one statement each: the
-        # same lock order in every transaction, so two instances cannot deadlock.
-        await bump_counters(conn, stored, found, now_us)
-        rows = [row for record in found for row in notices(self.root, "conflict.detected", record)]
-        return found, rows
+            return Detected()
+        if not self.enabled:
+            keys = sorted({(r.entity_type, r.entity_id) for r in stored})
+            await _forget_summaries(conn, keys)
+            await bump_counters(conn, stored, {}, now_us)
+            return Detected()
+        batch = _Batch(self, conn, now_us)
+        per_entity: dict[EntityKey, list[OpView]] = {}
+        for record in sorted(stored, key=lambda r: (r.entity_type, r.entity_id, r.version or 0)):
+            per_entity.setdefault((record.entity_type, record.entity_id), []).append(view(record))
+        await batch.load(per_entity, prior)
+        for key, ops in per_entity.items():
+            await batch.entity(key, ops)
+        await batch.write()
+        await bump_counters(conn, stored, batch.user_members, now_us)
+        return Detected(await batch.announce(), batch.events)
 
-    def _compare(self, fresh: list[OpView], candidates: list[OpView]) -> list[Verdict]:
-        """Each new op against every candidate stored before it (lower version)."""
-        by_id = {op.op_id: op for op in candidates}
-        by_id.update({op.op_id: op for op in fresh})
-        ordered = sorted(by_id.values(), key=lambda op: op.version)
-        out: list[Verdict] = []
-        for new in fresh:
-            for old in ordered:
-                if old.version >= new.version:
-                    break
-                verdict = judge(old, new, self.rules)
-                if verdict is not None:
-                    out.append(verdict)
-        return out
+
+class _Batch:
+    """The detection of one batch: loaded state, decisions, then the writes."""
+
+    def __init__(self, detector: Detector, conn: AsyncConnection, now_us: int) -> None:
+        self.detector = detector
+        self.rules = detector.rules
+        self.conn = conn
+        self.now_us = now_us
+        self.entities: dict[EntityKey, _Entity] = {}
+        self.conflicts: dict[str, _Conflict] = {}
+        self.roots: dict[str, str] = {}
+        """op_id -> conflict of the members that joined in this batch."""
+        self.absorbed: dict[str, str] = {}
+        """conflict_id -> the conflict that absorbed it in this batch."""
+        self.members: list[dict[str, Any]] = []
+        self.touched: dict[str, _Touch] = {}
+        self.events: list[dict[str, Any]] = []
+        self.user_members: dict[str, int] = {}
+        self.totals: dict[str, int] = {}
+
+    # -- loading ----------------------------------------------------------------------
+
+    async def load(self, per_entity: dict[EntityKey, list[OpView]], prior: Prior) -> None:
+        """Each entity's summaries (windows) and the conflicts they name."""
+        summarized: list[EntityKey] = []
+        for key in per_entity:
+            before, summary_from, delete_max = prior.get(key, (0, None, None))
+            if before == 0:
+                summary_from = SUMMARY_ALL
+            state = self.entities[key] = _Entity(key, summary_from, delete_max)
+            if before and not state.rebuild:
+                summarized.append(key)
+        names: set[str] = set()
+        for part in chunks(summarized, ENTITIES_PER_QUERY):
+            result = await self.conn.execute(
+                select(conflict_windows).where(
+                    tuple_(conflict_windows.c.entity_type, conflict_windows.c.entity_id).in_(
+                        list(part)
+                    )
+                )
+            )
+            for row in result.mappings():
+                windows = windows_decoder.decode(row["body"])
+                self.entities[(row["entity_type"], row["entity_id"])].windows = windows
+                for window in windows.values():
+                    names.update(window.groups)
+        await self._load_conflicts(names)
+
+    async def _load_conflicts(self, names: Iterable[str]) -> None:
+        missing = sorted(set(names) - self.conflicts.keys())
+        for part in chunks(missing):
+            result = await self.conn.execute(
+                select(conflicts).where(conflicts.c.conflict_id.in_(part))
+            )
+            for row in result.mappings():
+                self.conflicts[row["conflict_id"]] = _Conflict(row)
+
+    def root(self, conflict_id: str) -> str:
+        """Where a conflict lives now, after this batch's absorptions."""
+        while conflict_id in self.absorbed:
+            conflict_id = self.absorbed[conflict_id]
+        return conflict_id
+
+    def conflict_of(self, op_id: str, stored: str | None) -> str | None:
+        """The conflict an operation is in now: joined in this batch, or as stored
+        (`stored`), followed through this batch's absorptions."""
+        found = self.roots.get(op_id) or stored
+        return None if found is None else self.root(found)
+
+    # -- one entity -------------------------------------------------------------------
+
+    async def entity(self, key: EntityKey, ops: list[OpView]) -> None:
+        state = self.entities[key]
+        for index, op in enumerate(ops):
+            fast = self.detector.windows and not state.rebuild
+            hits = self._fast(state, op) if fast else None
+            if hits is None:
+                self.detector.slow += 1
+                hits = await self._slow(state, op, ops[index:])
+            else:
+                self.detector.fast += 1
+            self._apply(state, op, hits)
+        if state.rebuild:
+            self._build_windows(state, ops)
+        else:
+            self._prune(state)
+
+    def _fast(self, state: _Entity, op: OpView) -> _Hits | None:
+        """The pairs of `op` from the windows, or None when they cannot tell exactly."""
+        window_us = self.rules.window_us
+        since = op.edited_at_us - window_us
+        assert state.summary_from is not None
+        if op.operation == "delete" or op.base_version is not None:
+            return None
+        if state.summary_from > since:
+            return None
+        if state.delete_max is not None and state.delete_max >= since:
+            return None
+        hits = _Hits()
+        critical = self.rules.for_type(op.entity_type).critical_fields
+        group_fields: dict[str, int] = {}
+        loose: dict[str, list[str]] = {}
+        for name, change in op.changes.items():
+            window = state.windows.get(name)
+            if window is None:
+                continue
+            if window.high is not None and window.high > op.edited_at_us + window_us:
+                return None
+            value = value_key(change.get("new") if isinstance(change, dict) else None)
+            groups, edits = window.hits(op.device_id, value, since)
+            for conflict_id in groups:
+                group_fields[conflict_id] = group_fields.get(conflict_id, 0) + 1
+                hits.groups.add(conflict_id)
+                hits.pair([name], "high" if name in critical else "low")
+            for edit in edits:
+                loose.setdefault(edit.op_id, []).append(name)
+        for op_id, names in loose.items():
+            hits.loose[op_id] = self._loose_view(state, op, op_id)
+            hits.pair(names, _pair_level(names, critical))
+        level: Severity = hits.severity or "low"
+        for conflict_id in hits.groups:
+            level = higher(level, self.conflicts[conflict_id].group.severity)
+        if RANK[level] < RANK["medium"] and any(n >= 2 for n in group_fields.values()):
+            return None  # a member may collide on two fields: only the members can tell
+        return hits
+
+    def _loose_view(self, state: _Entity, op: OpView, op_id: str) -> OpView:
+        """A loose operation as the group needs it, from its edits in the windows."""
+        edits = {
+            name: edit
+            for name, window in state.windows.items()
+            for edit in window.loose
+            if edit.op_id == op_id
+        }
+        first = next(iter(edits.values()))
+        return OpView(
+            op_id=op_id,
+            device_id=first.device_id,
+            user_id=first.user_id,
+            entity_type=op.entity_type,
+            entity_id=op.entity_id,
+            operation="update",
+            changes={name: None for name in edits},
+            edited_at_us=first.at_us,
+            version=first.version,
+        )
+
+    async def _slow(self, state: _Entity, op: OpView, remaining: list[OpView]) -> _Hits:
+        """The pairs of `op` judged one by one against the stored operations."""
+        if state.candidates is None:
+            state.candidates = await self._candidates(state, remaining)
+        hits = _Hits()
+        for other, conflict_id in state.candidates:
+            if other.version >= op.version:
+                continue
+            pair = judge(other, op, self.rules)
+            if pair is None:
+                continue
+            hits.pair(pair.fields, pair.severity)
+            root = self.conflict_of(other.op_id, conflict_id)
+            if root:
+                hits.groups.add(root)
+            else:
+                hits.loose[other.op_id] = other
+        await self._load_conflicts(hits.groups)
+        return hits
 
     async def _candidates(
-        self,
-        conn: AsyncConnection,
-        per_entity: dict[EntityKey, list[OpView]],
-        prior: Prior,
-    ) -> dict[EntityKey, list[OpView]]:
-        window = self.rules.window_us
-        bounds: dict[EntityKey, Bounds] = {}
-        for key, fresh in per_entity.items():
-            plain = [op.edited_at_us for op in fresh if op.base_version is None]
-            based = [op.base_version for op in fresh if op.base_version is not None]
-            wanted = Bounds(
-                lo=min(plain) - window if plain else None,
-                hi=max(plain) + window if plain else None,
-                above_version=min(based) if based else None,
-                first_new_version=min(op.version for op in fresh),
+        self, state: _Entity, remaining: list[OpView]
+    ) -> list[tuple[OpView, str | None]]:
+        """The entity's stored operations that any of `remaining` may collide with,
+        each with its conflict; all of them from the window's start when the
+        summaries are to be built from them."""
+        window_us = self.rules.window_us
+        plain = [op.edited_at_us for op in remaining if op.base_version is None]
+        based = [op.base_version for op in remaining if op.base_version is not None]
+        lo = min(plain) - window_us if plain else None
+        hi = None if state.rebuild or not plain else max(plain) + window_us
+        if state.rebuild:
+            lo = min(op.edited_at_us for op in remaining) - window_us
+            state.summary_from = lo
+        rows = await conflict_store.entity_ops(
+            self.conn, state.key, lo=lo, hi=hi, above_version=min(based) if based else None
+        )
+        found: dict[str, tuple[OpView, str | None]] = {}
+        for row in rows:
+            found[row["op_id"]] = (_row_view(row), row["conflict_id"])
+        await self._load_conflicts(c for _v, c in found.values() if c)
+        return sorted(found.values(), key=lambda item: item[0].version)
+
+    # -- joining ----------------------------------------------------------------------
+
+    def _apply(self, state: _Entity, op: OpView, hits: _Hits) -> None:
+        if not hits.groups and not hits.loose:
+            if not state.rebuild:
+                self._mark_loose(state, op)
+            return
+        groups = [self.conflicts[c] for c in sorted(hits.groups)]
+        target = min(groups, key=_Conflict.order) if groups else self._new(state.key)
+        for other in groups:
+            if other is not target:
+                self._absorb(state, target, other)
+        touch = self._touch(target)
+        for joiner in hits.loose.values():
+            self._join(state, target, joiner, touch, fresh=False)
+        self._join(state, target, op, touch, fresh=True)
+        assert hits.severity is not None
+        target.group.collide(hits.fields, hits.severity)
+        self._settle(target)
+
+    def _new(self, key: EntityKey) -> _Conflict:
+        created = _Conflict(entity=key)
+        created.detected_at = self.now_us
+        created.changed = True
+        self.conflicts[created.conflict_id] = created
+        self.touched[created.conflict_id] = _Touch(None)
+        return created
+
+    def _touch(self, conflict: _Conflict) -> _Touch:
+        touch = self.touched.get(conflict.conflict_id)
+        if touch is None:
+            touch = self.touched[conflict.conflict_id] = _Touch(conflict.group.severity)
+        return touch
+
+    def _absorb(self, state: _Entity, target: _Conflict, other: _Conflict) -> None:
+        self._touch(target).absorbed.append(other.conflict_id)
+        target.group.absorb(other.group)
+        other.status = "merged"
+        other.merged_into = target.conflict_id
+        other.changed = True
+        self.absorbed[other.conflict_id] = target.conflict_id
+        for window in state.windows.values():
+            window.fold(other.conflict_id, target.conflict_id)
+        gone = self.touched.pop(other.conflict_id, None)
+        if gone is not None:
+            # Absorbed in the batch that made or changed it: its news is the target's.
+            self._touch(target).joined.extend(gone.joined)
+            self._touch(target).absorbed.extend(gone.absorbed)
+            if gone.severity_before is not None:
+                self._count(f"severity:{gone.severity_before}", -1)
+        else:
+            self._count(f"severity:{other.group.severity}", -1)
+        self.events.append({"event": "merged"})
+
+    def _join(
+        self, state: _Entity, target: _Conflict, op: OpView, touch: _Touch, *, fresh: bool
+    ) -> None:
+        """`op` joins `target`; `fresh`: it is the operation being judged (in no window
+        yet), else a stored one whose loose edits move into the target's marks."""
+        target.group.add(op)
+        touch.joined.append(op.op_id)
+        self.roots[op.op_id] = target.conflict_id
+        self.user_members[op.user_id] = self.user_members.get(op.user_id, 0) + 1
+        self._count("members", 1)
+        self.events.append({"event": "joined"})
+        self.members.append(
+            {
+                "op_id": op.op_id,
+                "conflict_id": target.conflict_id,
+                "entity_type": op.entity_type,
+                "entity_id": op.entity_id,
+                "device_id": op.device_id,
+                "user_id": op.user_id,
+                "version": op.version,
+                "joined_at": self.now_us,
+            }
+        )
+        if state.rebuild or op.operation == "delete":
+            return
+        assert state.summary_from is not None
+        if not fresh:
+            for window in state.windows.values():
+                edit = window.take_loose(op.op_id)
+                if edit is not None:
+                    mark = Mark(edit.at_us, edit.value)
+                    window.add_member(target.conflict_id, edit.device_id, mark)
+            return
+        if op.edited_at_us < state.summary_from:
+            return
+        for name, change in op.changes.items():
+            value = value_key(change.get("new") if isinstance(change, dict) else None)
+            state.window(name).add_member(
+                target.conflict_id, op.device_id, Mark(op.edited_at_us, value)
             )
-            if not _may_have_candidates(wanted, prior.get(key)):
-                self.skipped += 1
+
+    def _mark_loose(self, state: _Entity, op: OpView) -> None:
+        assert state.summary_from is not None
+        if op.operation == "delete" or op.edited_at_us < state.summary_from:
+            return
+        for name, change in op.changes.items():
+            value = value_key(change.get("new") if isinstance(change, dict) else None)
+            state.window(name).add_loose(
+                Loose(op.edited_at_us, op.device_id, value, op.op_id, op.user_id, op.version)
+            )
+
+    def _settle(self, conflict: _Conflict) -> None:
+        """Status and winners again, after members joined: automatic when the rules
+        allow it, `open` for an operator otherwise, and always `open` again for a
+        conflict an operator had resolved."""
+        rules = self.rules.for_type(conflict.entity[0])
+        conflict.strategy = rules.strategy
+        if conflict.status == "resolved":
+            conflict.note = (
+                f"open again: new members after the resolution by {conflict.resolved_by}"
+            )
+            conflict.status = "open"
+            conflict.resolved_at = None
+            conflict.resolved_by = None
+        else:
+            conflict.status = automatic_status(conflict.group.severity, rules.strategy, self.rules)
+        auto = conflict.status == "auto_resolved"
+        conflict.winners = conflict.group.winners(rules.strategy) if auto else {}
+        conflict.changed = True
+
+    def _count(self, key: str, delta: int) -> None:
+        self.totals[key] = self.totals.get(key, 0) + delta
+
+    # -- summaries ----------------------------------------------------------------------
+
+    def _build_windows(self, state: _Entity, ops: list[OpView]) -> None:
+        """The summaries of an entity that had none, from what the slow path read."""
+        assert state.candidates is not None and state.summary_from is not None
+        state.windows = {}
+        known = {view.op_id: (view, conflict_id) for view, conflict_id in state.candidates}
+        for op in ops:
+            known.setdefault(op.op_id, (op, None))
+        for view, conflict_id in sorted(known.values(), key=lambda item: item[0].version):
+            if view.operation == "delete" or view.edited_at_us < state.summary_from:
                 continue
-            bounds[key] = wanted
-        found: dict[EntityKey, list[OpView]] = {}
-        missing = list(bounds)
-        cache = self.cache
-        if cache is not None:
-            missing = []
-            for key, wanted in bounds.items():
-                answer = cache.lookup(key, wanted)
-                if answer is None:
-                    missing.append(key)
-                    bounds[key] = cache.fill_bounds(wanted)
+            root = self.conflict_of(view.op_id, conflict_id)
+            for name, change in view.changes.items():
+                value = value_key(change.get("new") if isinstance(change, dict) else None)
+                if root:
+                    state.window(name).add_member(
+                        root, view.device_id, Mark(view.edited_at_us, value)
+                    )
                 else:
-                    found[key] = answer
-        windows = [(key, bounds[key]) for key in sorted(missing) if bounds[key].lo is not None]
-        versioned = [
-            (key, bounds[key]) for key in sorted(missing) if bounds[key].above_version is not None
-        ]
-        for op in await self._fetch(conn, windows, by_version=False):
-            found.setdefault((op.entity_type, op.entity_id), []).append(op)
-        for op in await self._fetch(conn, versioned, by_version=True):
-            found.setdefault((op.entity_type, op.entity_id), []).append(op)
-        if cache is not None:
-            for key in missing:
-                cache.stage_fill(key, bounds[key], found.get(key, []))
-            for key, fresh in per_entity.items():
-                cache.stage_add(key, fresh)
-        return found
+                    state.window(name).add_loose(
+                        Loose(
+                            view.edited_at_us,
+                            view.device_id,
+                            value,
+                            view.op_id,
+                            view.user_id,
+                            view.version,
+                        )
+                    )
+        state.rebuild = False
+        self._prune(state)
 
-    async def _fetch(
-        self, conn: AsyncConnection, wanted: list[tuple[EntityKey, Bounds]], *, by_version: bool
-    ) -> list[OpView]:
-        """The stored ops of each entity in its edited_at range (or above its version).
+    def _prune(self, state: _Entity) -> None:
+        """Keep the summaries about two windows deep; drop them when loose edits pile up."""
+        window_us = self.rules.window_us
+        highs = [w.high for w in state.windows.values() if w.high is not None]
+        assert state.summary_from is not None
+        if highs:
+            since = max(highs) - 2 * window_us
+            if since - state.summary_from > (PRUNE_AFTER - 2) * window_us:
+                state.summary_from = since
+                for window in state.windows.values():
+                    window.prune(since)
+        if any(len(w.loose) > LOOSE_MAX for w in state.windows.values()):
+            state.summary_from = None
+            state.windows = {}
 
-        Plain SQL joined to a VALUES list: one statement per chunk of entities, an
-        index range per entity, and nothing for SQLAlchemy to build per row (which
-        cost more than the query itself, measured).
-        """
-        out: list[OpView] = []
-        postgres = conn.dialect.name == "postgresql"
-        for part in chunks(wanted, ENTITIES_PER_QUERY):
-            self.queries += 1
-            params: list[Any] = []
-            for (entity_type, entity_id), b in part:
-                if by_version:
-                    params += (entity_type, entity_id, b.above_version)
-                else:
-                    assert b.lo is not None
-                    params += (entity_type, entity_id, b.lo, NEVER if b.hi is None else b.hi)
-            sql = _candidate_sql(len(part), postgres=postgres, by_version=by_version)
-            result = await conn.exec_driver_sql(sql, tuple(params))
-            out.extend(row_view(row) for row in result)
+    # -- writing ------------------------------------------------------------------------
+
+    async def write(self) -> None:
+        conn = self.conn
+        for conflict in self.conflicts.values():
+            if conflict.merged_into is not None:
+                conflict.merged_into = self.root(conflict.merged_into)
+        fresh = [c for c in self.conflicts.values() if c.changed and c.new]
+        changed = [c for c in self.conflicts.values() if c.changed and not c.new]
+        for conflict in fresh:
+            if conflict.conflict_id in self.touched:
+                self._count(f"severity:{conflict.group.severity}", 1)
+                self.events.append({"event": "detected", "severity": conflict.group.severity})
+        for conflict in changed:
+            touch = self.touched.get(conflict.conflict_id)
+            before = touch.severity_before if touch else None
+            if before is not None and before != conflict.group.severity:
+                self._count(f"severity:{before}", -1)
+                self._count(f"severity:{conflict.group.severity}", 1)
+        if fresh:
+            await conn.execute(conflicts.insert(), [_conflict_row(c, self.now_us) for c in fresh])
+        if changed:
+            await conn.execute(
+                update(conflicts)
+                .where(conflicts.c.conflict_id == bindparam("key"))
+                .values({name: bindparam(name) for name in _UPDATED}),
+                [_conflict_update(c, self.now_us) for c in changed],
+            )
+        for absorbed, target in sorted(self.absorbed.items()):
+            root = self.root(target)
+            await conn.execute(
+                update(conflicts)
+                .where(conflicts.c.merged_into == absorbed)
+                .values(merged_into=root)
+            )
+            await conn.execute(
+                update(conflict_members)
+                .where(conflict_members.c.conflict_id == absorbed)
+                .values(conflict_id=root)
+            )
+        if self.members:
+            for member in self.members:
+                member["conflict_id"] = self.root(member["conflict_id"])
+            await conn.execute(conflict_members.insert(), self.members)
+        await self._write_windows()
+        await _add_totals(conn, self.totals)
+
+    async def _write_windows(self) -> None:
+        conn = self.conn
+        rows: list[dict[str, Any]] = []
+        bounds: list[dict[str, Any]] = []
+        dropped: list[EntityKey] = []
+        for key, state in sorted(self.entities.items()):
+            bounds.append({"t": key[0], "i": key[1], "summary_from": state.summary_from})
+            if state.summary_from is None:
+                dropped.append(key)
+                continue
+            body = windows_encoder.encode(state.windows)
+            rows.append({"entity_type": key[0], "entity_id": key[1], "body": body})
+        if bounds:
+            await conn.execute(
+                update(entities)
+                .where(
+                    entities.c.entity_type == bindparam("t"), entities.c.entity_id == bindparam("i")
+                )
+                .values(summary_from=bindparam("summary_from")),
+                bounds,
+            )
+        for part in chunks(dropped, ENTITIES_PER_QUERY):
+            await conn.execute(
+                conflict_windows.delete().where(
+                    tuple_(conflict_windows.c.entity_type, conflict_windows.c.entity_id).in_(
+                        list(part)
+                    )
+                )
+            )
+        if rows:
+            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            base = insert(conflict_windows)
+            await conn.execute(
+                base.on_conflict_do_update(
+                    index_elements=[conflict_windows.c.entity_type, conflict_windows.c.entity_id],
+                    set_={"body": base.excluded.body},
+                ),
+                rows,
+            )
+
+    # -- messages -----------------------------------------------------------------------
+
+    async def announce(self) -> list[OutboxRecord]:
+        """One message per conflict and topic: `conflict.detected` for a conflict this
+        batch made (to every member's device), `conflict.updated` for one it changed
+        (to the devices of the members that joined)."""
+        out: list[OutboxRecord] = []
+        notices = self.detector.notices
+        for conflict_id, touch in self.touched.items():
+            conflict = self.conflicts[conflict_id]
+            record = await conflict_store.get(self.conn, conflict_id)
+            assert record is not None
+            if conflict.new:
+                out += notices.event("conflict.detected", record, conflict.group.device_ids)
+                continue
+            devices = {m["device_id"] for m in self.members if m["op_id"] in set(touch.joined)}
+            out += notices.event(
+                "conflict.updated",
+                record,
+                devices,
+                joined=touch.joined,
+                absorbed=touch.absorbed,
+            )
         return out
 
-    async def warm(self, engine: AsyncEngine, now_us: int) -> int:
-        """Fill the cache for the most recently written entities; return how many.
 
-        Each gets every operation edited since `now - keep` (and later), so
-        operations arriving in real time are answered from memory at once.
-        """
-        cache = self.cache
-        if cache is None or cache.max_ops == 0:
-            return 0
-        recent = (
-            select(sync_log.c.entity_type, sync_log.c.entity_id)
-            .order_by(sync_log.c.id.desc())
-            .limit(cache.max_ops)
-            .subquery()
-        )
-        async with engine.connect() as conn:
-            result = await conn.execute(select(recent.c.entity_type, recent.c.entity_id).distinct())
-            keys: list[EntityKey] = sorted(result)
-            lo = now_us - cache.keep_us
-            for part in chunks(keys, ENTITIES_PER_QUERY):
-                found: dict[EntityKey, list[OpView]] = {}
-                asked = [(key, Bounds(lo, NEVER, None, NEVER)) for key in part]
-                for op in await self._fetch(conn, asked, by_version=False):
-                    found.setdefault((op.entity_type, op.entity_id), []).append(op)
-                for entity_type, entity_id, version in await _versions(conn, part):
-                    key = (entity_type, entity_id)
-                    filled = Bounds(lo, NEVER, None, first_new_version=version + 1)
-                    cache.stage_fill(key, filled, found.get(key, []))
-            cache.commit()
-        return len(keys)
-
-    def committed(self) -> None:
-        """The writer's transaction committed: what it staged in the cache is true now."""
-        if self.cache is not None:
-            self.cache.commit()
-
-    def failed(self) -> None:
-        if self.cache is not None:
-            self.cache.discard()
-
-    async def _record(
-        self, conn: AsyncConnection, verdicts: list[Verdict], now_us: int
-    ) -> list[dict[str, Any]]:
-        detected_at = rfc3339(now_us)
-        unique: dict[str, Verdict] = {}
-        for verdict in verdicts:
-            unique.setdefault(conflict_id(*verdict.op_ids), verdict)
-        candidates = [record_json(verdict, detected_at) for verdict in unique.values()]
-        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        stmt = (
-            insert(conflicts)
-            .on_conflict_do_nothing()
-            .returning(conflicts.c.conflict_id, sort_by_parameter_order=True)
-        )
-        # RETURNING lists only the rows actually inserted: a pair already
-        # recorded gets no second record and no second notice.
-        result = await conn.execute(
-            stmt, [_conflict_row(r, unique[r["conflict_id"]], now_us) for r in candidates]
-        )
-        inserted = set(result.scalars())
-        return [r for r in candidates if r["conflict_id"] in inserted]
+_UPDATED = (
+    "status",
+    "severity",
+    "strategy",
+    "fields",
+    "winners",
+    "member_count",
+    "device_ids",
+    "user_ids",
+    "state",
+    "updated_at",
+    "resolved_at",
+    "resolved_by",
+    "merged_into",
+    "note",
+)
 
 
-def _may_have_candidates(wanted: Bounds, before: tuple[int, int | None] | None) -> bool:
-    """False when the entity's earlier ops provably hold no candidate.
-
-    No earlier op at all; or every earlier op edited before the window opens
-    (`max_edited_at < lo`) and no op here reaches back by `base_version` to a
-    version that exists. Unknown history (`None`) is always looked up.
-    """
-    if before is None:
-        return True
-    versions, max_edited = before
-    if versions == 0:
-        return False
-    if wanted.above_version is not None and wanted.above_version < versions:
-        return True
-    if wanted.lo is None:
-        return False
-    return max_edited is None or max_edited >= wanted.lo
+def _pair_level(fields: Sequence[str], critical: frozenset[str]) -> Severity:
+    """The severity of a pair of non-deletes colliding on `fields`."""
+    if critical.intersection(fields):
+        return "high"
+    return "medium" if len(fields) >= 2 else "low"
 
 
-_SQL_CACHE: dict[tuple[int, bool, bool], str] = {}
+def _conflict_update(conflict: _Conflict, now_us: int) -> dict[str, Any]:
+    row = _conflict_row(conflict, now_us)
+    return {"key": conflict.conflict_id, **{name: row[name] for name in _UPDATED}}
 
 
-async def _versions(conn: AsyncConnection, keys: Sequence[EntityKey]) -> list[Any]:
-    """The current version of each entity, by index lookups (a row-value IN list
-    made SQLite scan the whole entities table, measured: seconds at 500k entities)."""
-    postgres = conn.dialect.name == "postgresql"
-    text_p, join = ("%s::varchar", "JOIN") if postgres else ("?", "CROSS JOIN")
-    rows = ", ".join([f"({text_p}, {text_p})"] * len(keys))
-    sql = (
-        f"WITH w(t, i) AS (VALUES {rows}) "  # noqa: S608 - placeholders only
-        f"SELECT e.entity_type, e.entity_id, e.version FROM w {join} entities AS e "
-        "ON e.entity_type = w.t AND e.entity_id = w.i"
-    )
-    params = tuple(part for key in keys for part in key)
-    return list(await conn.exec_driver_sql(sql, params))
-
-
-def _candidate_sql(count: int, *, postgres: bool, by_version: bool) -> str:
-    key = (count, postgres, by_version)
-    sql = _SQL_CACHE.get(key)
-    if sql is not None:
-        return sql
-    if postgres:
-        text_p, int_p, join = "%s::varchar", "%s::bigint", "JOIN"
-    else:
-        # CROSS JOIN makes SQLite loop over the small VALUES list, using the index inside.
-        text_p, int_p, join = "?", "?", "CROSS JOIN"
-    columns = ", ".join(f"s.{c.name}" for c in _CANDIDATE_COLUMNS)
-    if by_version:
-        row = f"({text_p}, {text_p}, {int_p})"
-        names, match = "t, i, v", "s.version > w.v"
-    else:
-        row = f"({text_p}, {text_p}, {int_p}, {int_p})"
-        names, match = "t, i, lo, hi", "s.edited_at >= w.lo AND s.edited_at <= w.hi"
-    # Only placeholders and this module's constant identifiers go into the text.
-    sql = (
-        f"WITH w({names}) AS (VALUES {', '.join([row] * count)}) "  # noqa: S608
-        f"SELECT {columns} FROM w {join} sync_log AS s "
-        f"ON s.entity_type = w.t AND s.entity_id = w.i AND {match}"
-    )
-    if len(_SQL_CACHE) < 4096:
-        _SQL_CACHE[key] = sql
-    return sql
-
-
-def _conflict_row(record: dict[str, Any], verdict: Verdict, now_us: int) -> dict[str, Any]:
+def _conflict_row(conflict: _Conflict, now_us: int) -> dict[str, Any]:
+    group = conflict.group
     return {
-        "conflict_id": record["conflict_id"],
-        "entity_type": record["entity_type"],
-        "entity_id": record["entity_id"],
-        "op_a": verdict.a.op_id,
-        "op_b": verdict.b.op_id,
-        "device_a": verdict.a.device_id,
-        "device_b": verdict.b.device_id,
-        "user_a": verdict.a.user_id,
-        "user_b": verdict.b.user_id,
-        "fields": _encode(record["fields"]).decode(),
-        "field_values": _encode(record["values"]).decode(),
-        "severity": record["severity"],
-        "strategy": record["strategy"],
-        "status": record["status"],
-        "winner_op_id": record["winner_op_id"],
-        "detected_at": now_us,
-        "resolved_at": None,
-        "resolved_by": None,
+        "conflict_id": conflict.conflict_id,
+        "entity_type": conflict.entity[0],
+        "entity_id": conflict.entity[1],
+        "status": conflict.status,
+        "severity": group.severity,
+        "strategy": conflict.strategy,
+        "fields": _encode(group.fields).decode(),
+        "winners": _encode(conflict.winners).decode(),
+        "member_count": group.member_count,
+        "device_ids": _encode(group.device_ids).decode(),
+        "user_ids": _encode(group.user_ids).decode(),
+        "state": _encode(group).decode(),
+        "detected_at": conflict.detected_at,
+        "updated_at": now_us,
+        "resolved_at": conflict.resolved_at,
+        "resolved_by": conflict.resolved_by,
+        "merged_into": conflict.merged_into,
+        "note": conflict.note,
     }
+
+
+def _row_view(row: Any) -> OpView:
+    return OpView(
+        op_id=row["op_id"],
+        device_id=row["device_id"],
+        user_id=row["user_id"],
+        entity_type=row["entity_type"],
+        entity_id=row["entity_id"],
+        operation=row["operation"],
+        changes=_decode_changes(row["changes"]),
+        edited_at_us=row["edited_at"],
+        version=row["version"],
+        base_version=row["base_version"],
+    )
+
+
+async def _forget_summaries(conn: AsyncConnection, keys: Sequence[EntityKey]) -> None:
+    """Operations stored without detection are in no window: the summaries of their
+    entities no longer hold every edit, and are rebuilt when detection is on again."""
+    for part in chunks(keys, ENTITIES_PER_QUERY):
+        await conn.execute(
+            update(entities)
+            .where(tuple_(entities.c.entity_type, entities.c.entity_id).in_(list(part)))
+            .values(summary_from=None)
+        )
+
+
+async def _add_totals(conn: AsyncConnection, deltas: dict[str, int]) -> None:
+    changes = {key: n for key, n in sorted(deltas.items()) if n}
+    if not changes:
+        return
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    base = insert(conflict_totals)
+    await conn.execute(
+        base.on_conflict_do_update(
+            index_elements=[conflict_totals.c.key],
+            set_={"n": conflict_totals.c.n + base.excluded.n},
+        ),
+        [{"key": key, "n": n} for key, n in changes.items()],
+    )
 
 
 async def bump_counters(
     conn: AsyncConnection,
     stored: Sequence[OpRecord],
-    found: Sequence[dict[str, Any]],
+    user_members: dict[str, int],
     now_us: int,
 ) -> None:
-    """Per user: +ops, +conflicts; per device: +ops and the last sync; atomic upserts.
+    """Per user: +ops, +ops that joined a conflict; per device: +ops and the last sync.
 
-    Keys are sorted so that two instances lock counter rows in the same order.
+    Atomic upserts, keys sorted so that two instances lock counter rows in the same
+    order (users, then devices: after every conflict row of the batch).
     """
     users: dict[str, tuple[int, int]] = {}
     devices: dict[str, int] = {}
     for record in stored:
-        ops, conflicts_n = users.get(record.user_id, (0, 0))
-        users[record.user_id] = (ops + 1, conflicts_n)
+        ops, joined = users.get(record.user_id, (0, 0))
+        users[record.user_id] = (ops + 1, joined)
         devices[record.device_id] = devices.get(record.device_id, 0) + 1
-    for conflict in found:
-        for user in set(conflict["user_ids"]):
-            ops, conflicts_n = users.get(user, (0, 0))
-            users[user] = (ops, conflicts_n + 1)
+    for user, joined in user_members.items():
+        ops, before = users.get(user, (0, 0))
+        users[user] = (ops, before + joined)
     await _bump_users(conn, users)
     postgres = conn.dialect.name == "postgresql"
     insert = postgresql.insert if postgres else sqlite.insert

@@ -109,3 +109,20 @@ async def depth(conn: AsyncConnection, channel: str) -> int:
         .where(and_(outbox.c.channel == channel, outbox.c.sent_at.is_(None)))
     )
     return int(result.scalar_one())
+
+
+async def prune(engine: AsyncEngine, sent_before_us: int, limit: int) -> int:
+    """Delete up to `limit` rows published before `sent_before_us`, oldest first, in a
+    transaction of their own (short: the writer's commits do not wait behind it).
+    Returns how many went."""
+    async with engine.begin() as conn:
+        old = (
+            select(outbox.c.id)
+            .where(outbox.c.sent_at.is_not(None), outbox.c.sent_at < sent_before_us)
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        ids = [row_id for (row_id,) in await conn.execute(old)]
+        if ids:
+            await conn.execute(outbox.delete().where(outbox.c.id.in_(ids)))
+    return len(ids)

@@ -63,11 +63,14 @@ entities = Table(
     Column("version", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
     Column("max_edited_at", BigInteger, nullable=True),
-    Column("prev_max_edited_at", BigInteger, nullable=True),
+    Column("delete_max_edited_at", BigInteger, nullable=True),
+    Column("summary_from", BigInteger, nullable=True),
 )
 """`max_edited_at`: the greatest `edited_at` of the entity's ops (null for entities
-older than the column); `prev_max_edited_at`: its value before the last upsert,
-how that upsert hands the previous value back (RETURNING shows new values only)."""
+older than the column); `delete_max_edited_at`: the greatest `edited_at` of its
+deletes; `summary_from`: the conflict windows (`conflict_windows`) hold every edit
+of the entity made at or after it (`SUMMARY_ALL`: all of them), null when they do
+not exist."""
 
 quarantine = Table(
     "quarantine",
@@ -158,28 +161,84 @@ conflicts = Table(
     Column("conflict_id", String(36), nullable=False),
     Column("entity_type", String(64), nullable=False),
     Column("entity_id", String(128), nullable=False),
-    Column("op_a", String(64), nullable=False),
-    Column("op_b", String(64), nullable=False),
-    Column("device_a", String(64), nullable=False),
-    Column("device_b", String(64), nullable=False),
-    Column("user_a", String(64), nullable=False),
-    Column("user_b", String(64), nullable=False),
-    Column("fields", Text, nullable=False),
-    Column("field_values", Text, nullable=False),
+    Column("status", String(16), nullable=False),
     Column("severity", String(8), nullable=False),
     Column("strategy", String(24), nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("winner_op_id", String(64), nullable=True),
+    Column("fields", Text, nullable=False),
+    Column("winners", Text, nullable=False),
+    Column("member_count", BigInteger, nullable=False),
+    Column("device_ids", Text, nullable=False),
+    Column("user_ids", Text, nullable=False),
+    Column("state", Text, nullable=False),
     Column("detected_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
     Column("resolved_at", BigInteger, nullable=True),
     Column("resolved_by", String(128), nullable=True),
+    Column("merged_into", String(36), nullable=True),
+    Column("note", Text, nullable=True),
     UniqueConstraint("conflict_id"),
-    UniqueConstraint("op_a", "op_b"),
     Index(None, "status", "id"),
+    Index(None, "severity", "id"),
     Index(None, "entity_type", "entity_id", "id"),
     Index(None, "detected_at"),
+    Index(None, "merged_into"),
 )
-"""One row per conflicting pair, `op_a < op_b`; `id` orders newest first."""
+"""One row per conflict (a group of colliding operations, PROTOCOL.md v2); `id` orders
+them as detected. `state` is the group's summary (`handlers.conflicts.Group`: fields,
+severity, devices, users, per field the first and last edit); `merged_into` names the
+conflict that absorbed this one (always the root: merges repoint earlier absorptions)."""
+
+conflict_members = Table(
+    "conflict_members",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("op_id", String(64), nullable=False),
+    Column("conflict_id", String(36), nullable=False),
+    Column("entity_type", String(64), nullable=False),
+    Column("entity_id", String(128), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("joined_at", BigInteger, nullable=False),
+    UniqueConstraint("op_id"),
+    Index(None, "conflict_id", "version"),
+    Index(None, "device_id", "conflict_id"),
+    Index(None, "user_id"),
+)
+"""Operation -> the conflict it joined (its root is that row's `merged_into`, if set)."""
+
+conflict_windows = Table(
+    "conflict_windows",
+    metadata,
+    Column("entity_type", String(64), primary_key=True),
+    Column("entity_id", String(128), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+)
+"""Per entity, the summary of its recent edits that detection reads instead of the
+edits themselves: field -> `handlers.conflict_windows.FieldWindow`, as JSON (field
+names are a device's words, and stay inside it)."""
+
+conflict_totals = Table(
+    "conflict_totals",
+    metadata,
+    Column("key", String(32), primary_key=True),
+    Column("n", BigInteger, nullable=False),
+)
+"""Current counts kept by atomic increments: `severity:<level>` (conflicts not merged)
+and `members` (operations in a conflict)."""
+
+op_counts = Table(
+    "op_counts",
+    metadata,
+    Column("hour", BigInteger, primary_key=True),
+    Column("entity_type", String(64), primary_key=True),
+    Column("ops", BigInteger, nullable=False),
+)
+"""Operations stored, per hour of `received_at` and entity type: the denominators of
+`conflicts/stats` without a scan of the log."""
+
+SUMMARY_ALL = -(2**62)
+"""`entities.summary_from` of an entity whose windows hold every edit it ever had."""
 
 user_counters = Table(
     "user_counters",
@@ -188,7 +247,7 @@ user_counters = Table(
     Column("ops", BigInteger, nullable=False),
     Column("conflicts", BigInteger, nullable=False),
 )
-"""Per user: operations stored and conflicts taken part in (atomic increments)."""
+"""Per user: operations stored, and of them those in a conflict (atomic increments)."""
 
 device_counters = Table(
     "device_counters",

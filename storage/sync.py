@@ -19,8 +19,8 @@ from storage.writer import Step, Written
 
 class SyncStep(Step):
     """Stores operations exactly once with their versions; the detector (when given)
-    finds their conflicts and keeps the per-user and per-device counters. The events
-    it reports are the conflict records the batch created."""
+    finds their conflicts and keeps the per-user and per-device counters. Its events
+    are the detector's (`storage.conflicts.Detected`)."""
 
     record_type = OpRecord
     name = "ops"
@@ -32,18 +32,10 @@ class SyncStep(Step):
         prior = await sync_log.store_ops(conn, records, now_us)
         if self.detector is None:
             return Written()
-        found, notices = await self.detector.run(conn, records, now_us, prior)
-        return Written(outbox=notices, events=found)
+        detected = await self.detector.run(conn, records, now_us, prior)
+        return Written(outbox=detected.outbox, events=detected.events)
 
     def reset(self, records: Sequence[OpRecord]) -> None:
         for record in records:
             record.status = "pending"
             record.version = None
-
-    def committed(self) -> None:
-        if self.detector is not None:
-            self.detector.committed()
-
-    def failed(self) -> None:
-        if self.detector is not None:
-            self.detector.failed()

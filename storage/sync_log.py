@@ -15,12 +15,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from handlers.records import OpRecord
+from handlers.times import HOUR_US
 from storage.db import chunks
-from storage.schema import entities, sync_log
+from storage.schema import entities, op_counts, sync_log
 
-Prior = dict[tuple[str, str], tuple[int, int | None]]
-"""Per entity touched: (its version before this batch, the greatest `edited_at` among
-its ops stored before, or None when that is unknown: rows older than the column)."""
+Prior = dict[tuple[str, str], tuple[int, int | None, int | None]]
+"""Per entity touched: its version before this batch; where its conflict windows
+start (`entities.summary_from`); the greatest `edited_at` of its deletes, this
+batch's included."""
 
 
 async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: int) -> Prior:
@@ -49,6 +51,7 @@ async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: 
     if new:
         prior = await _assign_versions(conn, new, now_us)
         await conn.execute(sync_log.insert(), [_row(record, now_us) for record in new])
+        await _count(conn, new)
         for record in new:
             record.status = "stored"
     for record in records:
@@ -73,8 +76,8 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
     Entities are locked in sorted order so two instances writing overlapping sets
     cannot deadlock; the ops of one entity take the k versions below the result,
     in arrival order. The same statement keeps the entity's greatest `edited_at`
-    and hands back the previous one (SET expressions read the row as it was),
-    which lets conflict detection skip entities with no recent edit.
+    and that of its deletes, and hands back where its conflict windows start:
+    what detection needs to choose its fast path.
     """
     prior: Prior = {}
     per_entity: dict[tuple[str, str], list[OpRecord]] = {}
@@ -91,17 +94,25 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
             set_={
                 "version": entities.c.version + base.excluded.version,
                 "updated_at": base.excluded.updated_at,
-                "prev_max_edited_at": entities.c.max_edited_at,
                 "max_edited_at": greatest(
                     func.coalesce(entities.c.max_edited_at, base.excluded.max_edited_at),
                     base.excluded.max_edited_at,
+                ),
+                "delete_max_edited_at": greatest(
+                    func.coalesce(
+                        entities.c.delete_max_edited_at, base.excluded.delete_max_edited_at
+                    ),
+                    func.coalesce(
+                        base.excluded.delete_max_edited_at, entities.c.delete_max_edited_at
+                    ),
                 ),
             },
         ).returning(
             entities.c.entity_type,
             entities.c.entity_id,
             entities.c.version,
-            entities.c.prev_max_edited_at,
+            entities.c.summary_from,
+            entities.c.delete_max_edited_at,
         )
         rows = [
             {
@@ -110,19 +121,38 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
                 "version": len(per_entity[key]),
                 "updated_at": now_us,
                 "max_edited_at": max(record.edited_at_us for record in per_entity[key]),
-                "prev_max_edited_at": None,
+                "delete_max_edited_at": max(
+                    (r.edited_at_us for r in per_entity[key] if r.operation == "delete"),
+                    default=None,
+                ),
+                "summary_from": None,
             }
             for key in part
         ]
         result = await conn.execute(stmt, rows)
-        for entity_type, entity_id, version, prev_max in result:
+        for entity_type, entity_id, version, summary_from, delete_max in result:
             ops = per_entity[(entity_type, entity_id)]
             for offset, record in enumerate(ops):
                 record.version = version - len(ops) + 1 + offset
-            before = version - len(ops)
-            # A row just inserted returns its own (null) prev column: nothing before.
-            prior[(entity_type, entity_id)] = (before, prev_max if before else None)
+            prior[(entity_type, entity_id)] = (version - len(ops), summary_from, delete_max)
     return prior
+
+
+async def _count(conn: AsyncConnection, new: Sequence[OpRecord]) -> None:
+    """Operations per hour (of receipt) and entity type: one upsert per batch."""
+    counts: dict[tuple[int, str], int] = {}
+    for record in new:
+        key = (record.received_at_us // HOUR_US * HOUR_US, record.entity_type)
+        counts[key] = counts.get(key, 0) + 1
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    base = insert(op_counts)
+    await conn.execute(
+        base.on_conflict_do_update(
+            index_elements=[op_counts.c.hour, op_counts.c.entity_type],
+            set_={"ops": op_counts.c.ops + base.excluded.ops},
+        ),
+        [{"hour": h, "entity_type": t, "ops": n} for (h, t), n in sorted(counts.items())],
+    )
 
 
 def _row(record: OpRecord, now_us: int) -> dict[str, Any]:

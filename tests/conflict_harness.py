@@ -1,15 +1,15 @@
-"""The storage layer as the daemon drives it, without MQTT: decode, commit, read back.
+"""A conflict detector on a real database, without the daemon around it.
 
-Used by the rule table and the property test, which need thousands of exact
-commits per second more than they need a broker in between; the daemon tests
-cover the same path end to end.
+`Store` is one "process": a writer with the sync step and a detector built from
+a config as the daemon builds them, on the database at `url`. Tests commit
+operations as devices would have sent them and read back the records, the
+members, the outbox and the counters, exactly as stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import msgspec
@@ -21,37 +21,36 @@ from handlers.records import OpRecord
 from handlers.sync import SyncHandler
 from storage import conflict_store, migrate
 from storage.db import create_engine
-from storage.schema import conflicts, device_counters, outbox, user_counters
+from storage.schema import conflict_members, conflicts, device_counters, outbox, user_counters
 from storage.sync import SyncStep
 from storage.writer import Committed, Writer, WriteSet
 
-ROOT = "fg"
+ROOT = "fgtest"
 
 
 def settings(url: str, **conflicts_cfg: Any) -> config.Settings:
     return config.Settings(
-        database=config.DatabaseConfig(url=url),
         mqtt=config.MqttConfig(topic_root=ROOT),
+        database=config.DatabaseConfig(url=url),
         conflicts=config.ConflictsConfig(**conflicts_cfg),
     )
 
 
 class Store:
-    """One "process": an engine, a detector and a writer on the database at `url`."""
+    """One "process": a detector and a writer on the database at `url`; `windows`
+    False takes the slow path for every operation."""
 
-    def __init__(self, url: str, **conflicts_cfg: Any) -> None:
+    def __init__(self, url: str, *, windows: bool = True, **conflicts_cfg: Any) -> None:
         self.settings = settings(url, **conflicts_cfg)
         self.url = url
         self.handler = SyncHandler(sync_limits(self.settings))
         self.engine = create_engine(url)
         self.detector = make_detector(self.settings)
+        self.detector.windows = windows
         self.writer = Writer(self.engine, [SyncStep(self.detector)])
 
-    async def start(self, warm_at_us: int | None = None) -> Store:
-        """Migrate, then warm the window cache as the daemon does at `warm_at_us` (now)."""
+    async def start(self) -> Store:
         await asyncio.to_thread(migrate.upgrade, self.url)
-        now = time.time_ns() // 1000 if warm_at_us is None else warm_at_us
-        self.warmed = await self.detector.warm(self.engine, now)
         return self
 
     def decode(self, device: str, ops: list[dict[str, Any]]) -> list[OpRecord]:
@@ -69,10 +68,32 @@ class Store:
             batch.records.extend(self.decode(device, ops))
         return await self.writer.commit(batch)
 
-    async def conflicts(self) -> list[dict[str, Any]]:
+    async def conflicts(self, *, merged: bool = False) -> list[dict[str, Any]]:
+        """Every conflict's record with all its members' op_ids (`member_ids`), the
+        merged ones only when asked."""
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(conflicts).order_by(conflicts.c.id))
-            return [conflict_store.row_record(row) for row in rows.mappings()]
+            rows = list((await conn.execute(select(conflicts).order_by(conflicts.c.id))).mappings())
+            found = await conn.execute(
+                select(conflict_members.c.conflict_id, conflict_members.c.op_id)
+            )
+            members: dict[str, list[str]] = {}
+            for conflict_id, op_id in found:
+                members.setdefault(conflict_id, []).append(op_id)
+        out = []
+        for row in rows:
+            if row["status"] == "merged" and not merged:
+                continue
+            record = conflict_store.record(row)
+            record["member_ids"] = sorted(members.get(row["conflict_id"], []))
+            out.append(record)
+        return out
+
+    async def record(self, conflict_id: str) -> dict[str, Any]:
+        """The record as messages carry it: the latest 50 members."""
+        async with self.engine.connect() as conn:
+            found = await conflict_store.get(conn, conflict_id)
+        assert found is not None
+        return found
 
     async def notices(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:

@@ -1,8 +1,9 @@
-"""A brute-force reading of PROTOCOL.md's Conflicts section, written from the text.
+"""A brute-force reading of PROTOCOL.md's "Conflicts (v2)", written from the text.
 
 Deliberately independent of `handlers.conflicts`: every pair of stored operations
-is checked against the definition as a person would read it, with nothing shared
-but the words. Tests compare the gateway's records with what this computes.
+is checked against the definition as a person would read it, the pairs are
+joined into connected groups, and each group's fields, severity, status and
+winners follow from the words. Tests compare the gateway's records with it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ LEVELS = ["low", "medium", "high", "critical"]
 class Expected:
     """What a conflict record must say, apart from its id and times."""
 
-    op_ids: tuple[str, str]
+    members: tuple[str, ...]
     fields: tuple[str, ...]
     severity: str
     status: str
-    winner: str | None
+    winners: tuple[tuple[str, str], ...] = ()
 
 
 def _micros(text: str) -> int:
@@ -51,6 +52,40 @@ def _same_json(x: Any, y: Any) -> bool:
         return {k: canon(i) for k, i in v.items()}
 
     return json.dumps(canon(x), sort_keys=True) == json.dumps(canon(y), sort_keys=True)
+
+
+def _pair(
+    earlier: tuple[int, dict[str, Any], str],
+    later: tuple[int, dict[str, Any], str],
+    window_s: float,
+    critical: dict[str, set[str]],
+) -> tuple[set[str], str] | None:
+    """The colliding fields and severity of two stored ops (`later` stored after)."""
+    (v_earlier, a, da), (_v_later, b, db) = earlier, later
+    if (a["entity_type"], a["entity_id"]) != (b["entity_type"], b["entity_id"]) or da == db:
+        return None
+    if b.get("base_version") is not None:
+        if not v_earlier > b["base_version"]:
+            return None
+    elif abs(_micros(a["edited_at"]) - _micros(b["edited_at"])) > round(window_s * 1e6):
+        return None
+    a_del, b_del = a["operation"] == "delete", b["operation"] == "delete"
+    if a_del and b_del:
+        return None
+    if a_del:
+        fields = set(b.get("changes") or {})
+    elif b_del:
+        fields = set(a.get("changes") or {})
+    else:
+        both = set(a["changes"]) & set(b["changes"])
+        fields = {f for f in both if not _same_json(a["changes"][f]["new"], b["changes"][f]["new"])}
+    if not fields:
+        return None
+    if a_del != b_del:
+        return fields, "critical"
+    if fields & critical.get(a["entity_type"], set()):
+        return fields, "high"
+    return fields, "medium" if len(fields) >= 2 else "low"
 
 
 def expected_conflicts(
@@ -74,59 +109,55 @@ def expected_conflicts(
         key = (op["entity_type"], op["entity_id"])
         versions[key] = versions.get(key, 0) + 1
         log.append((versions[key], op, device))
+    parent: dict[str, str] = {}
+
+    def find(op_id: str) -> str:
+        while parent.setdefault(op_id, op_id) != op_id:
+            op_id = parent[op_id]
+        return op_id
+
+    pairs: list[tuple[str, str, set[str], str]] = []
+    for earlier, later in itertools.combinations(log, 2):  # in storing order
+        found = _pair(earlier, later, window_s, critical)
+        if found is not None:
+            a, b = earlier[1]["op_id"], later[1]["op_id"]
+            pairs.append((a, b, *found))
+            parent[find(a)] = find(b)
+    by_op = {op["op_id"]: op for _v, op, _d in log}
+    groups: dict[str, list[tuple[str, str, set[str], str]]] = {}
+    for pair in pairs:
+        groups.setdefault(find(pair[0]), []).append(pair)
     out: set[Expected] = set()
-    for (vi, a, da), (_vj, b, db) in itertools.combinations(log, 2):
-        if (a["entity_type"], a["entity_id"]) != (b["entity_type"], b["entity_id"]):
-            continue
-        if da == db:
-            continue
-        later, v_earlier = b, vi  # combinations keep the storing order: b came later
-        if later.get("base_version") is not None:
-            if not v_earlier > later["base_version"]:
-                continue
-        elif abs(_micros(a["edited_at"]) - _micros(b["edited_at"])) > round(window_s * 1e6):
-            continue
-        a_del, b_del = a["operation"] == "delete", b["operation"] == "delete"
-        if a_del and b_del:
-            continue
-        if a_del:
-            fields = set(b.get("changes") or {})
-        elif b_del:
-            fields = set(a.get("changes") or {})
-        else:
-            both = set(a["changes"]) & set(b["changes"])
-            fields = {
-                f for f in both if not _same_json(a["changes"][f]["new"], b["changes"][f]["new"])
-            }
-        if not fields:
-            continue
-        if a_del != b_del:
-            level = "critical"
-        elif fields & critical.get(a["entity_type"], set()):
-            level = "high"
-        elif len(fields) >= 2:
-            level = "medium"
-        else:
-            level = "low"
-        strategy = strategies.get(a["entity_type"], "last_writer_wins")
+    for group in groups.values():
+        members = sorted({op_id for a, b, _f, _s in group for op_id in (a, b)})
+        fields = sorted(set().union(*(f for _a, _b, f, _s in group)))
+        level = max((s for _a, _b, _f, s in group), key=LEVELS.index)
+        entity_type = by_op[members[0]]["entity_type"]
+        strategy = strategies.get(entity_type, "last_writer_wins")
         if strategy == "manual" or LEVELS.index(level) >= LEVELS.index(manual_at_or_above):
-            status, winner = "open", None
-        else:
-            status = "auto_resolved"
-            ka = (_micros(a["edited_at"]), a["op_id"])
-            kb = (_micros(b["edited_at"]), b["op_id"])
-            last, first = (a, b) if ka > kb else (b, a)
-            winner = last["op_id"] if strategy == "last_writer_wins" else first["op_id"]
-        pair = sorted((a["op_id"], b["op_id"]))
-        out.add(Expected((pair[0], pair[1]), tuple(sorted(fields)), level, status, winner))
+            out.add(Expected(tuple(members), tuple(fields), level, "open"))
+            continue
+        winners = []
+        for name in fields:
+            changing = [
+                by_op[m] for m in members
+                if by_op[m]["operation"] == "delete" or name in (by_op[m].get("changes") or {})
+            ]  # fmt: skip
+            order = sorted(changing, key=lambda op: (_micros(op["edited_at"]), op["op_id"]))
+            winner = order[-1] if strategy == "last_writer_wins" else order[0]
+            winners.append((name, winner["op_id"]))
+        out.add(Expected(tuple(members), tuple(fields), level, "auto_resolved", tuple(winners)))
     return out
 
 
-def as_expected(record: dict[str, Any]) -> Expected:
+def as_expected(record: dict[str, Any], members: list[str]) -> Expected:
+    """A gateway record (and all its members' op_ids) in the oracle's terms; the count it
+    keeps must be the members it has."""
+    assert record["member_count"] == len(members), (record, members)
     return Expected(
-        (record["op_ids"][0], record["op_ids"][1]),
+        tuple(sorted(members)),
         tuple(record["fields"]),
         record["severity"],
         record["status"],
-        record["winner_op_id"],
+        tuple(sorted(record["winners"].items())),
     )

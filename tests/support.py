@@ -60,6 +60,7 @@ STATS_KEYS = frozenset(
         "open_crises",
         "escalations",
         "conflicts",
+        "conflict_members",
     }
 )
 """Every key of the `stats` answer (also carried by the retained health report)."""
@@ -782,21 +783,27 @@ class OpStream:
 
 # -- conflict records ------------------------------------------------------------
 
-CONFLICT_ROWS = "select op_a, op_b, fields, severity, status, winner_op_id from conflicts"
-"""A daemon's conflict records, as `records_from_rows` reads them."""
 
-
-def records_from_rows(rows: list[tuple[Any, ...]]) -> list[Expected]:
-    """`CONFLICT_ROWS` rows as the oracle's `Expected` records, to compare with it."""
+def stored_conflicts(url: str) -> list[Expected]:
+    """A daemon's conflicts (not merged), read from its database in the oracle's terms."""
+    members: dict[str, list[str]] = {}
+    for conflict_id, op_id in db_rows(url, "select conflict_id, op_id from conflict_members"):
+        members.setdefault(conflict_id, []).append(op_id)
+    rows = db_rows(
+        url,
+        "select conflict_id, fields, severity, status, winners, member_count from conflicts"
+        " where status != 'merged'",
+    )
     return [
         as_expected(
             {
-                "op_ids": [a, b],
                 "fields": json.loads(fields),
                 "severity": severity,
                 "status": status,
-                "winner_op_id": winner,
-            }
+                "winners": json.loads(winners),
+                "member_count": count,
+            },
+            members.get(conflict_id, []),
         )
-        for a, b, fields, severity, status, winner in rows
+        for conflict_id, fields, severity, status, winners, count in rows
     ]

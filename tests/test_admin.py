@@ -437,7 +437,9 @@ def test_config_get_hides_every_secret(
         "log",
         "alerts",
         "conflicts",
+        "outbox",
     }
+    assert data["outbox"] == {"retention_s": 604800.0}
     info = admin.data("info")
     assert info["database"] == data["database"]["url"]
 

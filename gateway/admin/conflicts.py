@@ -7,8 +7,19 @@ from typing import Any, Literal
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.admin.args import Limit, Progress, Writes, answer_of, below, invalid, page, us
+from gateway.admin.args import (
+    Limit,
+    Progress,
+    Writes,
+    answer_of,
+    below,
+    encode_cursor,
+    invalid,
+    page,
+    us,
+)
 from gateway.admin.server import Command
+from handlers.conflicts import MEMBERS_SHOWN
 from handlers.fields import AwareTime, Str64, Str128
 from handlers.times import now_us
 from storage import conflict_store
@@ -17,21 +28,26 @@ _encode = msgspec.json.Encoder().encode
 
 
 class ListArgs(msgspec.Struct, forbid_unknown_fields=True):
-    status: Literal["open", "auto_resolved", "resolved"] | None = None
+    status: Literal["open", "auto_resolved", "resolved", "merged"] | None = None
     severity: Literal["low", "medium", "high", "critical"] | None = None
     entity_type: Str64 | None = None
+    entity_id: Str128 | None = None
+    device_id: Str64 | None = None
     limit: Limit = 100
     cursor: str | None = None
 
 
 class GetArgs(msgspec.Struct, forbid_unknown_fields=True):
     conflict_id: Str64
+    limit: Limit = MEMBERS_SHOWN
+    cursor: str | None = None
 
 
 class ResolveArgs(msgspec.Struct, forbid_unknown_fields=True):
     conflict_id: Str64
-    winner_op_id: Str64
     by: Str128
+    winner_op_id: Str64 | None = None
+    winners: dict[str, Str64] | None = None
 
 
 class StatsArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,28 +72,47 @@ class ConflictCommands:
         ]
 
     async def list(self, args: ListArgs, _progress: Progress) -> dict[str, Any]:
+        """Newest first (as detected), members left out."""
         async with self.database.connect() as conn:
             rows = await conflict_store.page(
                 conn,
                 status=args.status,
                 severity=args.severity,
                 entity_type=args.entity_type,
+                entity_id=args.entity_id,
+                device_id=args.device_id,
                 below_id=below(args.cursor),
                 limit=args.limit + 1,
             )
-        return page(rows, args.limit, conflict_store.row_record)
+        return page(rows, args.limit, conflict_store.record)
 
     async def get(self, args: GetArgs, _progress: Progress) -> dict[str, Any]:
+        """The conflict and a page of its members, the latest stored first; each member
+        with the old and new values of the conflict's fields."""
         async with self.database.connect() as conn:
-            record = await conflict_store.get(conn, args.conflict_id)
-        if record is None:
+            found = await conflict_store.get(
+                conn, args.conflict_id, below_version=below(args.cursor), limit=args.limit + 1
+            )
+        if found is None:
             raise invalid(f"no conflict {args.conflict_id!r}", "conflict_id")
-        return record
+        members = found["members"]
+        more = len(members) > args.limit
+        found["members"] = members[: args.limit]
+        cursor = encode_cursor(found["members"][-1]["version"]) if more else None
+        return {"conflict": found, "next_cursor": cursor}
 
     async def resolve(self, args: ResolveArgs, _progress: Progress) -> dict[str, Any]:
-        """Resolve an open conflict; the record and `conflict.resolved` commit together."""
+        """`winner_op_id` wins every field it changes, `winners` single fields; the
+        resolution and `conflict.resolved` commit together."""
+        if args.winner_op_id is None and not args.winners:
+            raise invalid("give winner_op_id (a member) or winners (field -> member)", "winners")
         body = _encode(
-            {"conflict_id": args.conflict_id, "winner_op_id": args.winner_op_id, "by": args.by}
+            {
+                "conflict_id": args.conflict_id,
+                "by": args.by,
+                "winner_op_id": args.winner_op_id,
+                "winners": args.winners or {},
+            }
         )
         return answer_of(await self.writes("conflict_resolution", body))
 

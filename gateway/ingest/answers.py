@@ -113,17 +113,10 @@ def crisis_ack_reply(decoded: AckDecoded) -> Reply:
 
 
 def resolution_reply(decoded: ResolutionDecoded) -> Reply:
-    """`conflicts/resolve`: the resolved conflict, or why it could not be resolved."""
+    """`conflicts/resolve`: the resolved conflict, or why it was not resolved."""
     record = decoded.record
     if record is None:
         return _error(decoded.error or Error(Code.INVALID_ARGS, "not a resolution"))
-    current = record.conflict
-    if record.outcome == "resolved" and current is not None:
-        return Reply(data=current)
-    if record.outcome == "not_in_pair" and current is not None:
-        message = f"winner_op_id must be one of {current['op_ids']}, not {record.winner_op_id!r}"
-        return _error(Error(Code.INVALID_ARGS, message, "winner_op_id"))
-    if record.outcome == "not_open" and current is not None:
-        message = f"conflict {record.conflict_id} is {current['status']}, not open"
-        return _error(Error(Code.INVALID_ARGS, message, "conflict_id"))
-    return _error(Error(Code.INVALID_ARGS, f"no conflict {record.conflict_id!r}", "conflict_id"))
+    if record.outcome == "resolved" and record.conflict is not None:
+        return Reply(data=record.conflict)
+    return _error(Error(Code.INVALID_ARGS, record.problem or "not resolved", record.problem_path))

@@ -24,7 +24,7 @@ class Observers:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def sync(self, decoded: Sequence[Decoded], conflicts: Sequence[Any]) -> list[str]:
+    def sync(self, decoded: Sequence[Decoded], events: Sequence[Any]) -> list[str]:
         counts = {"stored": 0, "duplicate": 0}
         for payload in decoded:
             for record in payload.records:
@@ -32,8 +32,13 @@ class Observers:
                     counts[record.status] += 1
         for status, count in counts.items():
             self.metrics.ops.labels(status).inc(count)
-        for conflict in conflicts:
-            self.metrics.conflicts.labels(conflict["severity"]).inc()
+        for event in events:
+            if event["event"] == "detected":
+                self.metrics.conflicts.labels(event["severity"]).inc()
+            elif event["event"] == "joined":
+                self.metrics.conflict_members.inc()
+            else:
+                self.metrics.conflict_merges.inc()
         return []
 
     def alerts(self, decoded: Sequence[AlertDecoded], _events: Sequence[Any]) -> list[str]:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from gateway.config import DEFAULT_CRITICAL_FIELDS, Settings
 from handlers.alerts import AlertNotices, AlertRules
-from handlers.conflicts import Rules, TypeRules
+from handlers.conflicts import ConflictNotices, Rules, TypeRules
 from handlers.sync import Limits
 from storage.alerts import AlertPolicy
 from storage.conflicts import Detector
-from storage.db import is_sqlite
-from storage.window import WindowCache
 
 
 def sync_limits(settings: Settings) -> Limits:
@@ -54,7 +52,11 @@ def alert_policy(settings: Settings) -> AlertPolicy:
 
 
 def alert_notices(settings: Settings) -> AlertNotices:
-    return AlertNotices(settings.mqtt.topic_root, settings.alerts.suggestions.model_dump())
+    return AlertNotices(
+        settings.mqtt.topic_root,
+        settings.alerts.suggestions.model_dump(),
+        webhook_events(settings),
+    )
 
 
 def conflict_rules(settings: Settings) -> Rules:
@@ -74,21 +76,17 @@ def conflict_rules(settings: Settings) -> Rules:
     )
 
 
-def cache_allowed(settings: Settings) -> bool:
-    """Only the database's one writer may trust memory: SQLite, no shared subscription."""
-    return (
-        settings.conflicts.enabled
-        and settings.conflicts.cache_max_ops > 0
-        and settings.mqtt.shared_group is None
-        and is_sqlite(settings.database.url)
-    )
+def webhook_events(settings: Settings) -> frozenset[str]:
+    """The event types some configured webhook endpoint subscribes to: none yet, so the
+    outbox holds no webhook rows that nothing would ever send."""
+    return frozenset()
+
+
+def conflict_notices(settings: Settings) -> ConflictNotices:
+    return ConflictNotices(settings.mqtt.topic_root, webhook_events(settings))
 
 
 def make_detector(settings: Settings) -> Detector:
-    rules = conflict_rules(settings)
-    cache = None
-    if cache_allowed(settings):
-        cache = WindowCache(settings.conflicts.cache_max_ops, keep_us=2 * rules.window_us)
     return Detector(
-        rules, settings.mqtt.topic_root, enabled=settings.conflicts.enabled, cache=cache
+        conflict_rules(settings), conflict_notices(settings), enabled=settings.conflicts.enabled
     )
