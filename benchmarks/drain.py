@@ -63,7 +63,9 @@ from gateway.config import load as load_config
 from loadgen.generator import GeneratorOptions, generate
 from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port
 
-VARIANTS = ("bare", "naive", "gateway")
+VARIANTS = ("bare", "naive", "gateway", "gateway-off")
+"""`gateway` runs the shipped config (conflict detection on); `gateway-off` the same
+with `conflicts.enabled = false`, the baseline of what detection costs."""
 SESSION_EXPIRY_S = 3600
 CONFIG = ROOT / "config" / "fieldgate.toml"
 
@@ -608,7 +610,14 @@ def run_one(
                 workdir,
                 profile,
                 args.profile_format,
-                dict(kv.split("=", 1) for kv in args.gateway_env),
+                {
+                    **dict(kv.split("=", 1) for kv in args.gateway_env),
+                    **(
+                        {"FIELDGATE_CONFLICTS__ENABLED": "false"}
+                        if variant == "gateway-off"
+                        else {}
+                    ),
+                },
             )
         cpu = result.extra.get("cpu_s", {})
         result.extra["cpu_us_per_msg"] = {
@@ -665,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated: bare,naive,gateway"
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated: {','.join(VARIANTS)}"
     )
     parser.add_argument(
         "--device-meta-share", type=float, default=0.0, help="share of ops with `device` metadata"
@@ -736,6 +745,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["gateway_over_ceiling"] = round(medians["gateway"] / medians["bare"], 3)
         if "naive" in medians:
             report["gateway_over_naive"] = round(medians["gateway"] / medians["naive"], 2)
+        if "gateway-off" in medians:
+            report["detection_on_over_off"] = round(medians["gateway"] / medians["gateway-off"], 3)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -750,30 +761,31 @@ def _text(report: dict[str, Any]) -> str:
         f"QoS 1, {report['repeat']} run(s) each, medians; "
         f"{m['nproc']} CPUs {m['cpu']}, Python {m['python']}, Mosquitto {m['mosquitto']}",
         "",
-        f"{'variant':<9}{'msg/s':>10}   runs            timed from",
+        f"{'variant':<12}{'msg/s':>10}   runs            timed from",
     ]
     for variant, runs in report["runs"].items():
         each = ", ".join(f"{r['rate']:,.0f}" for r in runs)
         lines.append(
-            f"{variant:<9}{report['median_rate'][variant]:>10,.0f}   {each:<15} "
+            f"{variant:<12}{report['median_rate'][variant]:>10,.0f}   {each:<15} "
             f"{runs[0]['timed_from']}"
         )
-        if variant == "gateway":
+        if variant.startswith("gateway"):
             ready = [r.get("rate_from_ready") for r in runs if r.get("rate_from_ready")]
             if ready:
                 lines.append(
-                    f"{'':<9}{statistics.median(ready):>10,.0f}   (from READY=1 to the last answer)"
+                    f"{'':<12}{statistics.median(ready):>10,.0f}"
+                    "   (from READY=1 to the last answer)"
                 )
     lines.append("")
     for variant, runs in report["runs"].items():
         for r in runs:
             cpu = r.get("cpu_s", {})
             detail = (
-                f"{variant:<9}{r['seconds']:>8.2f} s  CPU main thread {cpu.get('main', 0):.2f} s, "
+                f"{variant:<12}{r['seconds']:>8.2f} s  CPU main thread {cpu.get('main', 0):.2f} s, "
                 f"other threads {cpu.get('threads', 0):.2f} s, "
                 f"broker {r.get('broker_cpu_s', 0):.2f} s"
             )
-            if variant == "gateway":
+            if variant.startswith("gateway"):
                 detail += (
                     f"; {r.get('commits', 0):.0f} commits of {r.get('commit_batch_mean', 0):.0f} "
                     f"messages, {r.get('commit_s_total', 0):.2f} s in commit; "
@@ -792,6 +804,8 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(f"\ngateway / ceiling (bare paho): {report['gateway_over_ceiling']:.2f}")
     if "gateway_over_naive" in report:
         lines.append(f"gateway / naive baseline:      {report['gateway_over_naive']:.1f}x")
+    if "detection_on_over_off" in report:
+        lines.append(f"detection on / off:            {report['detection_on_over_off']:.2f}")
     return "\n".join(lines)
 
 

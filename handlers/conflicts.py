@@ -286,11 +286,15 @@ def _order(edit: Edit) -> tuple[int, str]:
 
 
 def _earlier(a: Edit | None, b: Edit) -> Edit:
-    return b if a is None else min(a, b, key=_order)
+    if a is None or (b.at_us, b.op_id) < (a.at_us, a.op_id):
+        return b
+    return a
 
 
 def _later(a: Edit | None, b: Edit) -> Edit:
-    return b if a is None else max(a, b, key=_order)
+    if a is None or (b.at_us, b.op_id) > (a.at_us, a.op_id):
+        return b
+    return a
 
 
 def automatic_status(level: Severity, strategy: Strategy, rules: Rules) -> Status:

@@ -45,6 +45,7 @@ from handlers.conflict_windows import (
     windows_encoder,
 )
 from handlers.conflicts import (
+    MEMBERS_SHOWN,
     RANK,
     ConflictNotices,
     Group,
@@ -55,9 +56,11 @@ from handlers.conflicts import (
     higher,
     judge,
     new_conflict_id,
+    new_value,
     value_key,
 )
 from handlers.records import OpRecord, OutboxRecord
+from handlers.times import rfc3339
 from storage import conflict_store
 from storage.db import chunks
 from storage.schema import (
@@ -91,7 +94,8 @@ _decode_group = msgspec.json.Decoder(Group).decode
 
 class Detected(msgspec.Struct):
     """What a batch's detection wrote to the outbox, and its events for the metrics:
-    `{"event": "detected" | "joined" | "merged", "severity"?: ...}`."""
+    `{"event": "detected", "severity"}` per new conflict, `{"event": "joined" |
+    "merged", "count"}` per batch."""
 
     outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
     events: list[dict[str, Any]] = msgspec.field(default_factory=list)
@@ -153,11 +157,13 @@ class _Conflict:
 class _Touch:
     """What happened to a root conflict in this batch: what its message says."""
 
-    __slots__ = ("absorbed", "joined", "severity_before")
+    __slots__ = ("absorbed", "fresh", "joined", "severity_before")
 
     def __init__(self, severity_before: Severity | None) -> None:
         self.joined: list[str] = []
         self.absorbed: list[str] = []
+        self.fresh: list[OpView] = []
+        """The members stored by this very batch: the latest of all its members."""
         self.severity_before = severity_before
 
 
@@ -256,7 +262,10 @@ class Detector:
             await batch.entity(key, ops)
         await batch.write()
         await bump_counters(conn, stored, batch.user_members, now_us)
-        return Detected(await batch.announce(), batch.events)
+        events = batch.events + [
+            {"event": event, "count": n} for event, n in sorted(batch.tallies.items())
+        ]
+        return Detected(await batch.announce(), events)
 
 
 class _Batch:
@@ -273,11 +282,15 @@ class _Batch:
         """op_id -> conflict of the members that joined in this batch."""
         self.absorbed: dict[str, str] = {}
         """conflict_id -> the conflict that absorbed it in this batch."""
-        self.members: list[dict[str, Any]] = []
+        self.members: list[tuple[OpView, str]] = []
+        """Operations that joined, with the conflict they joined (its root at the end)."""
         self.touched: dict[str, _Touch] = {}
         self.events: list[dict[str, Any]] = []
         self.user_members: dict[str, int] = {}
         self.totals: dict[str, int] = {}
+        self.tallies: dict[str, int] = {}
+        """Members joined and conflicts merged in this batch, for the metrics."""
+        self.values: dict[str, dict[str, str]] = {}
 
     # -- loading ----------------------------------------------------------------------
 
@@ -361,14 +374,13 @@ class _Batch:
         critical = self.rules.for_type(op.entity_type).critical_fields
         group_fields: dict[str, int] = {}
         loose: dict[str, list[str]] = {}
-        for name, change in op.changes.items():
+        for name in op.changes:
             window = state.windows.get(name)
             if window is None:
                 continue
             if window.high is not None and window.high > op.edited_at_us + window_us:
                 return None
-            value = value_key(change.get("new") if isinstance(change, dict) else None)
-            groups, edits = window.hits(op.device_id, value, since)
+            groups, edits = window.hits(op.device_id, self._values(op)[name], since)
             for conflict_id in groups:
                 group_fields[conflict_id] = group_fields.get(conflict_id, 0) + 1
                 hits.groups.add(conflict_id)
@@ -384,6 +396,15 @@ class _Batch:
         if RANK[level] < RANK["medium"] and any(n >= 2 for n in group_fields.values()):
             return None  # a member may collide on two fields: only the members can tell
         return hits
+
+    def _values(self, op: OpView) -> dict[str, str]:
+        """The keys of the new values `op` sets, per field (computed once per op)."""
+        found = self.values.get(op.op_id)
+        if found is None:
+            found = self.values[op.op_id] = {
+                name: value_key(new_value(change)) for name, change in op.changes.items()
+            }
+        return found
 
     def _loose_view(self, state: _Entity, op: OpView, op_id: str) -> OpView:
         """A loose operation as the group needs it, from its edits in the windows."""
@@ -467,7 +488,7 @@ class _Batch:
         self._join(state, target, op, touch, fresh=True)
         assert hits.severity is not None
         target.group.collide(hits.fields, hits.severity)
-        self._settle(target)
+        target.changed = True
 
     def _new(self, key: EntityKey) -> _Conflict:
         created = _Conflict(entity=key)
@@ -497,11 +518,12 @@ class _Batch:
             # Absorbed in the batch that made or changed it: its news is the target's.
             self._touch(target).joined.extend(gone.joined)
             self._touch(target).absorbed.extend(gone.absorbed)
+            self._touch(target).fresh.extend(gone.fresh)
             if gone.severity_before is not None:
                 self._count(f"severity:{gone.severity_before}", -1)
         else:
             self._count(f"severity:{other.group.severity}", -1)
-        self.events.append({"event": "merged"})
+        self._count_event("merged")
 
     def _join(
         self, state: _Entity, target: _Conflict, op: OpView, touch: _Touch, *, fresh: bool
@@ -510,22 +532,13 @@ class _Batch:
         yet), else a stored one whose loose edits move into the target's marks."""
         target.group.add(op)
         touch.joined.append(op.op_id)
+        if fresh:
+            touch.fresh.append(op)
         self.roots[op.op_id] = target.conflict_id
         self.user_members[op.user_id] = self.user_members.get(op.user_id, 0) + 1
         self._count("members", 1)
-        self.events.append({"event": "joined"})
-        self.members.append(
-            {
-                "op_id": op.op_id,
-                "conflict_id": target.conflict_id,
-                "entity_type": op.entity_type,
-                "entity_id": op.entity_id,
-                "device_id": op.device_id,
-                "user_id": op.user_id,
-                "version": op.version,
-                "joined_at": self.now_us,
-            }
-        )
+        self._count_event("joined")
+        self.members.append((op, target.conflict_id))
         if state.rebuild or op.operation == "delete":
             return
         assert state.summary_from is not None
@@ -538,8 +551,7 @@ class _Batch:
             return
         if op.edited_at_us < state.summary_from:
             return
-        for name, change in op.changes.items():
-            value = value_key(change.get("new") if isinstance(change, dict) else None)
+        for name, value in self._values(op).items():
             state.window(name).add_member(
                 target.conflict_id, op.device_id, Mark(op.edited_at_us, value)
             )
@@ -548,16 +560,15 @@ class _Batch:
         assert state.summary_from is not None
         if op.operation == "delete" or op.edited_at_us < state.summary_from:
             return
-        for name, change in op.changes.items():
-            value = value_key(change.get("new") if isinstance(change, dict) else None)
+        for name, value in self._values(op).items():
             state.window(name).add_loose(
                 Loose(op.edited_at_us, op.device_id, value, op.op_id, op.user_id, op.version)
             )
 
     def _settle(self, conflict: _Conflict) -> None:
-        """Status and winners again, after members joined: automatic when the rules
-        allow it, `open` for an operator otherwise, and always `open` again for a
-        conflict an operator had resolved."""
+        """Status and winners again, once per batch, after members joined: automatic
+        when the rules allow it, `open` for an operator otherwise, and always `open`
+        again for a conflict an operator had resolved."""
         rules = self.rules.for_type(conflict.entity[0])
         conflict.strategy = rules.strategy
         if conflict.status == "resolved":
@@ -571,10 +582,12 @@ class _Batch:
             conflict.status = automatic_status(conflict.group.severity, rules.strategy, self.rules)
         auto = conflict.status == "auto_resolved"
         conflict.winners = conflict.group.winners(rules.strategy) if auto else {}
-        conflict.changed = True
 
     def _count(self, key: str, delta: int) -> None:
         self.totals[key] = self.totals.get(key, 0) + delta
+
+    def _count_event(self, event: str) -> None:
+        self.tallies[event] = self.tallies.get(event, 0) + 1
 
     # -- summaries ----------------------------------------------------------------------
 
@@ -628,6 +641,8 @@ class _Batch:
 
     async def write(self) -> None:
         conn = self.conn
+        for conflict_id in self.touched:
+            self._settle(self.conflicts[conflict_id])
         for conflict in self.conflicts.values():
             if conflict.merged_into is not None:
                 conflict.merged_into = self.root(conflict.merged_into)
@@ -665,9 +680,25 @@ class _Batch:
                 .values(conflict_id=root)
             )
         if self.members:
-            for member in self.members:
-                member["conflict_id"] = self.root(member["conflict_id"])
-            await conn.execute(conflict_members.insert(), self.members)
+            # Plain SQL, one executemany: a row per joining op, and SQLAlchemy's work
+            # per row would cost more than the database's (measured).
+            sql = _INSERT_MEMBERS_PG if conn.dialect.name == "postgresql" else _INSERT_MEMBERS
+            await conn.exec_driver_sql(
+                sql,
+                [
+                    (
+                        op.op_id,
+                        self.root(conflict_id),
+                        op.entity_type,
+                        op.entity_id,
+                        op.device_id,
+                        op.user_id,
+                        op.version,
+                        self.now_us,
+                    )
+                    for op, conflict_id in self.members
+                ],
+            )
         await self._write_windows()
         await _add_totals(conn, self.totals)
 
@@ -721,12 +752,12 @@ class _Batch:
         notices = self.detector.notices
         for conflict_id, touch in self.touched.items():
             conflict = self.conflicts[conflict_id]
-            record = await conflict_store.get(self.conn, conflict_id)
-            assert record is not None
+            record = await self._record(conflict, touch)
             if conflict.new:
                 out += notices.event("conflict.detected", record, conflict.group.device_ids)
                 continue
-            devices = {m["device_id"] for m in self.members if m["op_id"] in set(touch.joined)}
+            joined = set(touch.joined)
+            devices = {op.device_id for op, _c in self.members if op.op_id in joined}
             out += notices.event(
                 "conflict.updated",
                 record,
@@ -736,7 +767,39 @@ class _Batch:
             )
         return out
 
+    async def _record(self, conflict: _Conflict, touch: _Touch) -> dict[str, Any]:
+        """The record as the message carries it, with its latest members: from memory
+        when this batch stored at least that many of them, else from the database."""
+        record = conflict_store.record(_conflict_row(conflict, self.now_us))
+        fields = record["fields"]
+        latest = sorted(touch.fresh, key=lambda op: op.version, reverse=True)[:MEMBERS_SHOWN]
+        if len(latest) == min(MEMBERS_SHOWN, conflict.group.member_count):
+            record["members"] = [_member(op, fields) for op in latest]
+        else:
+            record["members"] = await conflict_store.members(
+                self.conn, conflict.conflict_id, fields
+            )
+        return record
 
+
+def _member(op: OpView, fields: Sequence[str]) -> dict[str, Any]:
+    """A member as `conflict_store.member` shows it, from the operation in hand."""
+    return {
+        "op_id": op.op_id,
+        "device_id": op.device_id,
+        "user_id": op.user_id,
+        "operation": op.operation,
+        "version": op.version,
+        "edited_at": rfc3339(op.edited_at_us),
+        "changes": {name: op.changes[name] for name in fields if name in op.changes},
+    }
+
+
+_INSERT_MEMBERS = (
+    "INSERT INTO conflict_members (op_id, conflict_id, entity_type, entity_id, device_id,"
+    " user_id, version, joined_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_MEMBERS_PG = _INSERT_MEMBERS.replace("?", "%s")
 _UPDATED = (
     "status",
     "severity",

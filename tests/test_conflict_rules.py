@@ -444,9 +444,8 @@ async def test_record_and_messages_exactly(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert committed.events["ops"] == [
-        {"event": "joined"},
-        {"event": "joined"},
         {"event": "detected", "severity": "high"},
+        {"event": "joined", "count": 2},
     ]
     times = {name: record.pop(name) for name in ("detected_at", "updated_at")}
     assert all(value.endswith("Z") for value in times.values())

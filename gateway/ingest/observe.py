@@ -36,9 +36,9 @@ class Observers:
             if event["event"] == "detected":
                 self.metrics.conflicts.labels(event["severity"]).inc()
             elif event["event"] == "joined":
-                self.metrics.conflict_members.inc()
+                self.metrics.conflict_members.inc(event["count"])
             else:
-                self.metrics.conflict_merges.inc()
+                self.metrics.conflict_merges.inc(event["count"])
         return []
 
     def alerts(self, decoded: Sequence[AlertDecoded], _events: Sequence[Any]) -> list[str]:

@@ -1,0 +1,159 @@
+"""Conflict storm: many devices editing a few hot records at once, detection off and on.
+
+    .venv/bin/python -m benchmarks.conflict_storm [--ops 3000] [--devices 20]
+        [--entities 6] [--repeat 3]
+
+The workload of issue 11: `--ops` single operations from `--devices` devices on
+`--entities` hot work orders, each changing one or two of two fields (`status`,
+a critical field, and `notes`) to values that mostly disagree, all edited within
+60 s. Every pair of edits of a field from two devices collides: v1 made a record
+per pair (the square of the edits), v2 one conflict per entity.
+
+For each repetition, detection `off` and then `on`, each on a database of its
+own: the backlog is queued at a test-owned broker for the daemon's persistent
+session, the daemon started, and the drain rate measured from the database
+(the first op's `received_at` to the last op's `stored_at`). Printed: the rates
+and their ratio (target: on >= 0.8 of off), the conflict records (target <= 300)
+and the conflict messages written to the outbox (target <= 9,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.conflicts import SqliteStore, cpu_s, publish
+from benchmarks.drain import _start_profiler
+from tests.support import Daemon, Mosquitto, daemon_env, end_process, wait_for
+
+
+def log(message: str) -> None:
+    print(f"[storm {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def workload(ops: int, devices: int, entities: int, seed: int) -> list[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    now = datetime.now(UTC).timestamp()
+    out = []
+    for n in range(ops):
+        fields = rng.sample(["status", "notes"], rng.choice((1, 2)))
+        changes = {name: {"old": "a", "new": f"v{rng.randrange(6)}"} for name in fields}
+        op = {
+            "op_id": f"s{seed}-{n}",
+            "user_id": f"user{rng.randrange(devices):02d}",
+            "entity_type": "work_order",
+            "entity_id": f"wo-hot-{rng.randrange(entities)}",
+            "operation": "update",
+            "changes": changes,
+            "edited_at": datetime.fromtimestamp(now - rng.uniform(0, 60), UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+        }
+        out.append((f"dev{rng.randrange(devices):02d}", json.dumps(op).encode()))
+    return out
+
+
+def run_once(
+    broker: Mosquitto,
+    workdir: Path,
+    detection: bool,
+    items: list[tuple[str, bytes]],
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    run = f"storm-{uuid.uuid4().hex[:6]}"
+    store = SqliteStore(workdir / f"{run}.db")
+    env = daemon_env(workdir / run, broker.port, store.url)
+    env["FIELDGATE_CONFLICTS__ENABLED"] = "true" if detection else "false"
+    daemon = Daemon(workdir / run, env)
+    try:
+        daemon.start()
+        daemon.terminate()
+        publish(broker.port, env["FIELDGATE_MQTT__TOPIC_ROOT"], items)
+        daemon.start(wait_ready=False)
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        spy = None
+        if profile is not None:
+            suffix = "on" if detection else "off"
+            spy = _start_profiler(pid, profile.with_suffix(f".{suffix}.txt"), "raw")
+
+        def drained() -> bool:
+            return bool(store.one("select count(*) from sync_log")[0] >= len(items))
+
+        wait_for(drained, timeout=900, interval=0.2)
+        cpu = cpu_s(pid)
+        if spy is not None:
+            end_process(spy, signal.SIGINT)
+        daemon.terminate(120)
+    finally:
+        daemon.stop()
+    first, last = store.one("select min(received_at), max(stored_at) from sync_log")
+    records = store.one("select count(*) from conflicts where status != 'merged'")[0]
+    all_records = store.one("select count(*) from conflicts")[0]
+    messages = store.one("select count(*) from outbox where topic like '%/conflicts'")[0]
+    members = store.one("select count(*) from conflict_members")[0]
+    rate = len(items) / ((last - first) / 1e6)
+    result = {
+        "detection": detection,
+        "rate": round(rate),
+        "cpu_us_per_op": round(cpu / len(items) * 1e6),
+        "records": records,
+        "records_with_merged": all_records,
+        "members": members,
+        "messages": messages,
+    }
+    log(json.dumps(result))
+    store.discard()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ops", type=int, default=3000)
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--entities", type=int, default=6)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", type=Path, help="py-spy raw stacks of each run (path)")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="fg-storm-"))
+    broker = Mosquitto(workdir / "mosquitto", persistence=False).start()
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    try:
+        for repeat in range(args.repeat):
+            items = workload(args.ops, args.devices, args.entities, seed=repeat)
+            for detection in (False, True):
+                runs[detection].append(run_once(broker, workdir, detection, items, args.profile))
+    finally:
+        broker.stop()
+    off = statistics.median(r["rate"] for r in runs[False])
+    on = statistics.median(r["rate"] for r in runs[True])
+    summary = {
+        "ops": args.ops,
+        "devices": args.devices,
+        "entities": args.entities,
+        "rate_off": round(off),
+        "rate_on": round(on),
+        "on_over_off": round(on / off, 3),
+        "records": max(r["records"] for r in runs[True]),
+        "messages": max(r["messages"] for r in runs[True]),
+        "runs": runs,
+    }
+    print(json.dumps(summary, indent=1))
+    log(
+        f"on/off {summary['on_over_off']} (target >= 0.8); records {summary['records']}"
+        f" (<= 300); messages {summary['messages']} (<= 9000)"
+    )
+
+
+if __name__ == "__main__":
+    main()
