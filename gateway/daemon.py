@@ -247,9 +247,9 @@ class Daemon:
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
-            log.info("stopping: draining what is in hand")
-            systemd.notify("STOPPING=1")
             self._stop.set()
+            systemd.notify("STOPPING=1")
+            log.info("stopping: draining what is in hand")
 
     async def _shutdown(self) -> None:
         started = time.monotonic()

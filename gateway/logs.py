@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
-from typing import Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -16,6 +18,35 @@ LEVELS = {
 }
 
 Format = Literal["auto", "json", "console"]
+
+
+class LineWriter:
+    """A structlog logger that writes one line per event and never raises.
+
+    When stdout goes away (journald restarted, the pipe's reader gone) a write
+    raises; from a signal handler that would swallow SIGTERM and leave a daemon
+    that cannot be stopped. A lost log line is the lesser harm: from the first
+    failed write on, stdout is /dev/null (as the Python docs advise for SIGPIPE),
+    so that the exit's final flush does not fail either and turn a clean stop
+    into exit status 120.
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def msg(self, message: str) -> None:
+        try:
+            self._file.write(message + "\n")
+            self._file.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._file.fileno())
+
+    debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _line_writer(*_args: Any) -> LineWriter:
+    return LineWriter(sys.stdout)
 
 
 def setup(level: str = "info", fmt: Format = "auto") -> None:
@@ -35,7 +66,7 @@ def setup(level: str = "info", fmt: Format = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=_line_writer,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(

@@ -13,9 +13,10 @@ loaded, so the rule lives in one place and is tested on its own.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
-import uuid
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -306,7 +307,10 @@ def automatic_status(level: Severity, strategy: Strategy, rules: Rules) -> Statu
 
 
 def new_conflict_id() -> str:
-    return str(uuid.uuid4())
+    """13 characters of base32 (64 random bits): unique among billions of conflicts,
+    and short enough that `conflicts/list` fits a 100-column terminal and an operator
+    can read one out over the phone."""
+    return base64.b32encode(secrets.token_bytes(8)).decode().rstrip("=").lower()
 
 
 # -- messages -----------------------------------------------------------------------

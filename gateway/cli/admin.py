@@ -101,7 +101,7 @@ def admin(
     if as_json:
         typer.echo(json.dumps(answer, indent=None if not sys.stdout.isatty() else 2))
     else:
-        render.show(answer)
+        render.show(command, answer)
     if not ok:
         raise typer.Exit(EXIT_ERROR)
 

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
+from gateway.cli import conflict_views
 
-def show(answer: dict[str, Any]) -> None:
-    """An admin answer: its error in one line, its items as a table, the rest as rows."""
+View = Callable[[dict[str, Any], int], list[RenderableType]]
+"""A view takes the answer's data and the terminal's width."""
+
+VIEWS: dict[str, View] = {
+    "conflicts/list": conflict_views.conflicts_list,
+    "conflicts/get": conflict_views.conflict_get,
+}
+"""Commands whose answers have a chosen layout; every other answer gets the generic
+one (items as a table, the rest as rows). A new view is a row here and a module."""
+
+
+def show(command: str, answer: dict[str, Any]) -> None:
+    """An admin answer: its error in one line, else its view, else the generic layout."""
     console = Console()
     if answer.get("status") != "ok":
         error = answer.get("error") or {}
@@ -18,6 +31,11 @@ def show(answer: dict[str, Any]) -> None:
         console.print(f"[red]error[/red] {error.get('code')}: {error.get('message')}{path}")
         return
     data = answer.get("data") or {}
+    view = VIEWS.get(command)
+    if view is not None:
+        for part in view(data, console.width):
+            console.print(part)
+        return
     items = data.get("items") if isinstance(data, dict) else None
     if isinstance(items, list):
         console.print(items_table(items))
