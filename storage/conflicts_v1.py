@@ -12,6 +12,11 @@ by that operator: it is `open`, and its `note` says why. Any other group is
 `open` when one of its pairs was (the strategy was `manual` or the severity at or
 above `manual_at_or_above` when it was judged), and `auto_resolved` otherwise,
 with the winners of v2 (per field, among the members that change it).
+
+A group keeps the `conflict_id` of its first pair (the earliest detected), so a
+resolved pair, and the first of every knot, is found again under the id that an
+operator, a ticket or a webhook receiver knew; the later pairs' ids are gone, and
+`conflicts/list` by entity finds their group.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from typing import Any
 
 import msgspec
 
-from handlers.conflicts import Group, OpView, Severity, Strategy, new_conflict_id
+from handlers.conflicts import Group, OpView, Severity, Strategy
 
 
 class V1Pair(msgspec.Struct, frozen=True, kw_only=True):
     """A v1 conflict row, as much of it as v2 needs."""
 
+    conflict_id: str
     op_a: str
     op_b: str
     entity_type: str
@@ -112,7 +118,7 @@ def _migrated(pairs: Sequence[V1Pair], ops: Mapping[str, OpView]) -> Migrated:
         winners = group.winners(first.strategy)
     times = [p.detected_at for p in pairs] + [p.resolved_at for p in resolved if p.resolved_at]
     return Migrated(
-        conflict_id=new_conflict_id(),
+        conflict_id=first.conflict_id,
         entity_type=first.entity_type,
         entity_id=first.entity_id,
         status=status,

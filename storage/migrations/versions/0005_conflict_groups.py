@@ -57,6 +57,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("summary_from", sa.BigInteger, nullable=True))
     pairs = [
         conflicts_v1.V1Pair(
+            conflict_id=row["conflict_id"],
             op_a=row["op_a"],
             op_b=row["op_b"],
             entity_type=row["entity_type"],
