@@ -16,6 +16,7 @@ import pytest
 from gateway.config import LimitsConfig, SyncConfig
 from handlers.records import OpRecord
 from handlers.sync import Decoded, Limits, Rejected, SyncHandler
+from tests.support import iso, us
 
 TOPIC = "fg/devices/d1/sync"
 DEVICE = "d1"
@@ -37,14 +38,6 @@ def limits() -> Limits:
         max_device_meta_bytes=LIMITS_CONFIG.max_device_meta_bytes,
         entity_types=frozenset(SyncConfig().entity_types),
     )
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
-
-
-def us(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 def make_op(**mutations: Any) -> dict[str, Any]:
@@ -277,8 +270,7 @@ def test_field_rule(mutations: dict[str, Any], expected: Any) -> None:
     assert len(decoded.items) == 1, decoded.items
     (item,) = decoded.items
     if expected == STORED:
-        assert isinstance(item, OpRecord), item
-        assert item.op_id == op["op_id"]
+        assert item == expected_record(op)
         assert decoded.quarantine == []
         return
     code, path, op_id = expected
@@ -288,6 +280,34 @@ def test_field_rule(mutations: dict[str, Any], expected: Any) -> None:
     (record,) = decoded.quarantine
     assert record.payload == payload
     assert record.payload_bytes == len(payload)
+
+
+def expected_record(op: dict[str, Any], device_id: str = DEVICE) -> OpRecord:
+    """The record an accepted op must become, worked out from the op itself: `old`
+    defaults to null, `changes` is kept as compact JSON, `device` as it was sent."""
+    changes = {
+        name: {"old": change.get("old"), "new": change["new"]}
+        for name, change in op.get("changes", {}).items()
+    }
+    device = op.get("device")
+    return OpRecord(
+        op_id=op["op_id"],
+        device_id=device_id,
+        user_id=op["user_id"],
+        entity_type=op["entity_type"],
+        entity_id=op["entity_id"],
+        operation=op["operation"],
+        changes=changes,
+        changes_json=json.dumps(changes, separators=(",", ":")),
+        edited_at_us=us(op["edited_at"]),
+        received_at_us=RECEIVED_AT_US,
+        base_version=op.get("base_version"),
+        session_id=op.get("session_id"),
+        device_meta=None if device is None else json.dumps(device),
+        batch_id=None,
+        status="pending",
+        version=None,
+    )
 
 
 def test_accepted_op_becomes_this_record() -> None:
@@ -322,17 +342,14 @@ def test_accepted_op_becomes_this_record() -> None:
 
 def test_device_comes_from_the_topic_not_the_payload() -> None:
     decoded = decode(encode(make_op()), device_id="van-7.north_2")
-    (record,) = decoded.records
-    assert record.device_id == "van-7.north_2"
+    assert decoded.items == [expected_record(make_op(), device_id="van-7.north_2")]
 
 
 def test_device_metadata_is_kept() -> None:
     meta = {"platform": "android", "app_version": "3.2.1", "network": "wifi", "model": "X2"}
     decoded = decode(encode(make_op(device=meta)))
-    assert len(decoded.records) == 1, decoded.items
-    record = decoded.records[0]
-    assert record.device_meta is not None
-    assert json.loads(record.device_meta) == meta
+    assert decoded.items == [expected_record(make_op(device=meta))]
+    assert decoded.items[0].device_meta == json.dumps(meta)
 
 
 # -- batches ------------------------------------------------------------------
@@ -343,15 +360,17 @@ def test_batch_of_good_ops_is_accepted_in_order() -> None:
     decoded = decode(encode({"batch_id": "b-17", "ops": ops}))
     assert decoded.batch_id == "b-17"
     assert decoded.quarantine == []
-    assert [item.op_id for item in decoded.items] == [f"o{i}" for i in range(MAX_OPS)]
-    assert all(isinstance(item, OpRecord) for item in decoded.items)
-    assert {record.batch_id for record in decoded.records} == {"b-17"}
+    expected = [expected_record(op) for op in ops]
+    for record in expected:
+        record.batch_id = "b-17"
+    assert decoded.items == expected
 
 
 def test_batch_without_batch_id() -> None:
-    decoded = decode(encode({"ops": [make_op(op_id="o1"), make_op(op_id="o2")]}))
+    ops = [make_op(op_id="o1"), make_op(op_id="o2")]
+    decoded = decode(encode({"ops": ops}))
     assert decoded.batch_id is None
-    assert [record.op_id for record in decoded.records] == ["o1", "o2"]
+    assert decoded.items == [expected_record(op) for op in ops]
 
 
 @pytest.mark.parametrize(
@@ -428,12 +447,13 @@ def test_one_bad_op_in_a_batch_rejects_itself_alone(
     payload, raws = _batch_with(bad)
     decoded = decode(payload)
     assert decoded.batch_id == "b-9"
-    assert [item.op_id for item in decoded.items] == ["g0", op_id, "g2"]
     good0, rejected, good2 = decoded.items
-    assert isinstance(good0, OpRecord)
-    assert isinstance(good2, OpRecord)
+    for good, index in ((good0, 0), (good2, 2)):
+        expected = expected_record(make_op(op_id=f"g{index}", entity_id=f"t{index}"))
+        expected.batch_id = "b-9"
+        assert good == expected
     assert isinstance(rejected, Rejected)
-    assert (rejected.error.code.value, rejected.error.path) == (code, path)
+    assert (rejected.op_id, rejected.error.code.value, rejected.error.path) == (op_id, code, path)
     (record,) = decoded.quarantine
     assert record.payload == raws[1]
     assert record.payload_bytes == len(raws[1])
@@ -465,7 +485,7 @@ def test_payload_over_the_limit_is_too_large() -> None:
     payload = encode(op)
     assert len(payload) > MAX_PAYLOAD
     item = assert_rejected_whole(decode(payload), payload, "too_large")
-    assert str(MAX_PAYLOAD) in item.error.message
+    assert item.error.message == f"payload is {len(payload)} bytes, over the limit of 262144"
 
 
 def test_payload_at_the_limit_is_decoded() -> None:
@@ -474,8 +494,7 @@ def test_payload_at_the_limit_is_decoded() -> None:
     op["changes"]["note"]["new"] = "n" * filler
     payload = encode(op)
     assert len(payload) == MAX_PAYLOAD
-    (record,) = decode(payload).records
-    assert record.op_id == "a1"
+    assert decode(payload).items == [expected_record(op)]
 
 
 MALFORMED_CASES: list[Any] = [
@@ -515,44 +534,46 @@ def _in_change(value: bytes) -> bytes:
     return template.replace(b'"@@"', value)
 
 
+TOO_DEEP = ("malformed", None, "the JSON is nested too deeply")
+NOT_AN_OBJECT = ("malformed", None, "the payload is not a JSON object")
+
+# payload -> (code, path, message) of the one rejection; op_id is null in every case:
+# an op too deep to read has no op_id that can be read either.
 DEEP_CASES: list[Any] = [
-    pytest.param(_deep_array(), id="whole-payload-arrays"),
-    pytest.param(b"[" * DEPTH, id="whole-payload-unclosed"),
-    pytest.param(
-        _deep_object(),
-        id="whole-payload-objects",
-    ),
-    pytest.param(
-        _in_change(_deep_array()),
-        id="change-value-arrays",
-    ),
-    pytest.param(
-        _in_change(_deep_object()),
-        id="change-value-objects",
-    ),
-    pytest.param(
-        b'{"batch_id": "b", "ops": [' + _deep_array() + b"]}",
-        id="batch-item",
-    ),
+    # msgspec stops at the first `[`: not an object, whatever follows.
+    pytest.param(_deep_array(), NOT_AN_OBJECT, id="whole-payload-arrays"),
+    pytest.param(b"[" * DEPTH, NOT_AN_OBJECT, id="whole-payload-unclosed"),
+    pytest.param(_deep_object(), TOO_DEEP, id="whole-payload-objects"),
+    pytest.param(_in_change(_deep_array()), TOO_DEEP, id="change-value-arrays"),
+    pytest.param(_in_change(_deep_object()), TOO_DEEP, id="change-value-objects"),
+    pytest.param(b'{"batch_id": "b", "ops": [' + _deep_array() + b"]}", TOO_DEEP, id="batch-item"),
     pytest.param(
         b'{"batch_id": "b", "ops": [' + _in_change(_deep_array()) + b"]}",
+        TOO_DEEP,
         id="batch-change-value",
     ),
+    # A string expected: msgspec refuses the array at its first `[`, before any depth.
     pytest.param(
         encode(make_op()).replace(b'"u1"', _deep_array()),
+        ("schema", "user_id", "Expected `str`, got `array`"),
         id="user-id",
     ),
 ]
 
 
-@pytest.mark.parametrize("payload", DEEP_CASES)
-def test_deep_nesting_is_rejected_not_raised(payload: bytes) -> None:
+@pytest.mark.parametrize(("payload", "expected"), DEEP_CASES)
+def test_deep_nesting_is_rejected_not_raised(
+    payload: bytes, expected: tuple[str, str | None, str]
+) -> None:
     assert len(payload) <= MAX_PAYLOAD
     decoded = decode(payload)
-    assert decoded.records == []
     item = only_rejection(decoded)
-    assert item.error.code.value in {"malformed", "schema"}
+    assert (item.op_id, item.error.code.value, item.error.path, item.error.message) == (
+        None,
+        *expected,
+    )
     (record,) = decoded.quarantine
+    assert record.payload == payload
     assert record.payload_bytes == len(payload)
 
 
