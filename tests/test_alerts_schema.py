@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from handlers.alerts import AlertDecoded, AlertHandler, AlertRules, classify
+from handlers.records import AlertRecord
+from tests.support import us
 
 TOPIC = "fg/devices/d1/alerts"
 RECEIVED_AT_US = 1_790_000_000_000_000
@@ -114,11 +116,46 @@ FIELD_CASES: list[Any] = [
 ]
 
 
+def expected_record(alert: dict[str, Any], payload: bytes) -> AlertRecord:
+    """The record an accepted alert must become, worked out from the alert itself (its
+    classification by `classify`, which test_classification pins case by case)."""
+
+    def scale(name: str) -> int | None:
+        value = alert.get(name)
+        return None if value is None else int(value)
+
+    mood, stress = scale("mood"), scale("stress")
+    flags = alert.get("flags") or []
+    classification, reasons = classify(RULES, alert["kind"], mood, stress, flags)
+    return AlertRecord(
+        alert_id=alert["alert_id"],
+        device_id="d1",
+        user_id=alert["user_id"],
+        kind=alert["kind"],
+        occurred_at_us=us(alert["occurred_at"]),
+        received_at_us=RECEIVED_AT_US,
+        mood=mood,
+        stress=stress,
+        energy=scale("energy"),
+        flags=flags,
+        site_id=alert.get("site_id"),
+        note=alert.get("note"),
+        payload=payload,
+        base_classification=classification,
+        base_reasons=reasons,
+        low_mood_journal=alert["kind"] == "journal" and mood is not None and mood <= 4,
+    )
+
+
 @pytest.mark.parametrize(("mutations", "expected"), FIELD_CASES)
 def test_field(mutations: dict[str, Any], expected: Any) -> None:
-    decoded = decode(json.dumps(make_alert(**mutations)).encode())
+    alert = make_alert(**mutations)
+    payload = json.dumps(alert).encode()
+    decoded = decode(payload)
     if expected == STORED:
         assert decoded.error is None, decoded.error
+        assert decoded.record == expected_record(alert, payload)
+        assert decoded.alert_id == alert["alert_id"]
         return
     code, path, alert_id = expected
     assert decoded.error is not None
@@ -135,26 +172,28 @@ def test_record_keeps_every_field_and_the_whole_payload() -> None:
     )
     payload = json.dumps(alert).encode()
     decoded = decode(payload)
-    record = decoded.record
-    assert record is not None
-    assert (record.alert_id, record.user_id, record.kind, record.device_id) == (
-        "al-1",
-        "u1",
-        "journal",
-        "d1",
+    assert decoded.record == AlertRecord(
+        alert_id="al-1",
+        device_id="d1",
+        user_id="u1",
+        kind="journal",
+        occurred_at_us=1_795_953_600_123_000,
+        received_at_us=RECEIVED_AT_US,
+        mood=3,
+        stress=2,
+        energy=7,
+        flags=["x"],
+        site_id="s9",
+        note="mine",
+        payload=payload,
+        base_classification="wellness",
+        base_reasons=["low_mood"],
+        low_mood_journal=True,
+        status="pending",
+        classification=None,
+        reasons=[],
+        notified=None,
     )
-    assert (record.mood, record.stress, record.energy, record.flags, record.site_id) == (
-        3,
-        2,
-        7,
-        ["x"],
-        "s9",
-    )
-    assert record.note == "mine"
-    assert record.payload == payload
-    assert record.occurred_at_us == 1_795_953_600_123_000
-    assert record.received_at_us == RECEIVED_AT_US
-    assert record.low_mood_journal
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,9 @@ def db_rows(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with contextlib.closing(sqlite3.connect(sqlite_path(url), timeout=30)) as conn:
             return conn.execute(query, params).fetchall()
     with psycopg.connect(plain_url(url)) as conn:
-        return [tuple(row) for row in conn.execute(query, params).fetchall()]
+        # Without parameters, no placeholders: a `%` in a LIKE pattern stays as it is.
+        rows = conn.execute(query, params).fetchall() if params else conn.execute(query).fetchall()
+        return [tuple(row) for row in rows]
 
 
 def plain_writer(engine: Any) -> Writer:
