@@ -60,6 +60,8 @@ class Admin:
         self.root = root
         self.token = token
         self.reply_to = reply_to
+        self.sent = 0
+        """How many requests this client has sent."""
         client.subscribe(reply_to or f"{root}/admin/response/#")
 
     def answer_topic(self, command: str) -> str:
@@ -87,6 +89,7 @@ class Admin:
             response_topic=self.reply_to,
             wait=wait,
         )
+        self.sent += 1
         return transaction
 
     def answers(self, command: str, transaction: Any) -> list[dict[str, Any]]:
