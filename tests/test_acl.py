@@ -23,7 +23,16 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support import HEALTHY, ROOT, Client, Daemon, Mosquitto, sync_op, wait_for
+from tests.support import (
+    ROOT,
+    Client,
+    Daemon,
+    Mosquitto,
+    require,
+    results_of,
+    sync_op,
+    wait_for,
+)
 
 PASSWORDS = {
     "fieldgate": "gw-Pass-1",
@@ -72,9 +81,9 @@ def login(port: int, user: str) -> Device:
 
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    require("mosquitto_passwd")
     passwd_tool = shutil.which("mosquitto_passwd")
-    if passwd_tool is None:
-        pytest.skip("mosquitto_passwd is not installed")
+    assert passwd_tool is not None
     # Started as root, Mosquitto may drop to the `mosquitto` user before it reads the
     # password and ACL files, so they live where that user can read them, not in
     # this test's private directory.
@@ -116,7 +125,7 @@ def gateway(acl_broker: Mosquitto, make_daemon: Callable[..., Daemon]) -> Daemon
 
 
 def results(client: Client, topic: str) -> list[dict[str, Any]]:
-    return [r for m in list(client.all) if m.topic == topic for r in m.json()["results"]]
+    return results_of(client.on(topic))
 
 
 def stored_devices(daemon: Daemon) -> list[tuple[str, str]]:
@@ -175,7 +184,9 @@ def test_devices_write_and_read_only_their_own_topics(
         dev2.close()
 
 
-def test_admin_only_for_operators(acl_broker: Mosquitto, gateway: Daemon) -> None:
+def test_admin_only_for_operators(
+    acl_broker: Mosquitto, gateway: Daemon, healthy: dict[str, Any]
+) -> None:
     dev1 = login(acl_broker.port, "dev1")
     operator = login(acl_broker.port, "operator")
     try:
@@ -202,7 +213,7 @@ def test_admin_only_for_operators(acl_broker: Mosquitto, gateway: Daemon) -> Non
         assert answer.json() == {
             "transaction": "op-1",
             "status": "ok",
-            "data": HEALTHY,
+            "data": healthy,
         }
         # a fence for dev1: an answer of its own, after the refused request; before
         # it, no admin answer and no retained status or health reached the device

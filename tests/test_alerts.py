@@ -33,7 +33,7 @@ SUGGESTIONS = {
     "high_stress": "Pause for a few slow breaths; ask for help with what can wait.",
 }
 
-CASES: list[tuple[dict[str, Any], str, list[str], str | None]] = [
+CASES: list[tuple[dict[str, Any], str, list[str], Any]] = [
     # (fields, classification, reasons, wellness notification reason)
     ({"kind": "panic"}, "crisis", ["panic"], None),
     ({"mood": 2, "stress": 5}, "crisis", ["low_mood_high_stress"], None),

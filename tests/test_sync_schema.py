@@ -349,7 +349,7 @@ def test_device_metadata_is_kept() -> None:
     meta = {"platform": "android", "app_version": "3.2.1", "network": "wifi", "model": "X2"}
     decoded = decode(encode(make_op(device=meta)))
     assert decoded.items == [expected_record(make_op(device=meta))]
-    assert decoded.items[0].device_meta == json.dumps(meta)
+    assert decoded.records[0].device_meta == json.dumps(meta)
 
 
 # -- batches ------------------------------------------------------------------

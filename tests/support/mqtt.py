@@ -101,7 +101,7 @@ class Client:
         """Subscribe at QoS 1 and wait for the SUBACK; its reason code (1: granted QoS 1,
         0x80 and above: refused, e.g. 0x87 not authorized)."""
         rc, mid = self.paho.subscribe(topic, qos=1)
-        assert rc == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(rc)
+        assert rc == mqtt.MQTT_ERR_SUCCESS and mid is not None, mqtt.error_string(rc)
         with self._subacked:
             if not self._subacked.wait_for(lambda: mid in self._subacks, SUBACK_TIMEOUT_S):
                 raise TimeoutError(f"no SUBACK for {topic!r}")
