@@ -88,17 +88,24 @@ def test_sigkill_mid_stream_loses_nothing_and_stores_once(
     daemon = make_daemon(own_broker.port, **SPINE_ONLY)
     ops = stream_ops(COUNT, "k")
     acks = AckRecorder(own_broker.port, daemon.root).start()
-    stream = OpStream(own_broker.port, daemon.root, ops, chunk=100, pause_s=0.02).start()
+    # The stream holds before each kill's mark: the daemon answers what it has at its
+    # own pace, then the stream resumes and the kill lands while it flows.
+    kills = [(COUNT // 10, COUNT // 5), (COUNT // 2, 2 * COUNT // 3)]
+    holds = [hold for _, hold in kills]
+    stream = OpStream(
+        own_broker.port, daemon.root, ops, chunk=100, pause_s=0.02, holds=holds
+    ).start()
     acked_before_kill: dict[str, int] = {}
     published_at_kill: list[int] = []
     try:
         # Kill twice while the stream flows, restarting at once each time.
-        for threshold in (COUNT // 10, COUNT // 2):
+        for threshold, _ in kills:
 
             def answered(at_least: int = threshold) -> bool:
-                return len(acks.results()) >= at_least
+                return len({r["op_id"] for r in acks.results()}) >= at_least
 
-            wait_for(answered, timeout=30, interval=0.005)
+            wait_for(answered, timeout=60, interval=0.005)
+            stream.resume()
             daemon.kill()
             published_at_kill.append(len(stream.infos))
             acked_before_kill.update({r["op_id"]: r["version"] for r in acks.results()})
