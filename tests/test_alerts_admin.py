@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ from tests.support import (
     days_ago,
     db_rows,
     free_port,
+    from_us,
+    iso,
     shortest,
     wait_for,
 )
@@ -172,3 +175,59 @@ def test_rules_from_the_config_file_and_reload(
     watch.send(alert("r5", kind="checkin", flags=["injury"]))
     assert watch.ack_of("r4")["classification"] == "none"
     assert watch.ack_of("r5")["classification"] == "crisis"
+
+
+def test_quarantine_list_never_shows_a_rejected_alert(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """A rejected alert's raw bytes may hold a person's note: `quarantine/list` shows
+    `payload` null and its exact size (PROTOCOL.md, Errors); other kinds show theirs.
+
+    Checked against: `shown_payload` showing an alert's bytes like any other kind's."""
+    daemon = make_daemon(broker.port)
+    root = daemon.root
+    watch = Watch(client, root)
+    admin = Admin(client, root)
+    raw_alert = json.dumps(alert("q-1", mood=11, note="private words")).encode()
+    watch.send(raw_alert)
+    watch.ack_of("q-1")
+    raw_ack = b'{"alert_id": "q-1"}'
+    client.publish(f"{root}/alerts/crisis/ack", raw_ack)
+    wait_for(lambda: db_rows(daemon.db_url, "select count(*) from quarantine") == [(2,)])
+    ids = [row[0] for row in db_rows(daemon.db_url, "select id from quarantine order by id")]
+    # quarantine/list writes every time to the microsecond
+    received = [
+        iso(from_us(r), "microseconds")
+        for (r,) in db_rows(daemon.db_url, "select received_at from quarantine order by id")
+    ]
+    page = admin.data("quarantine/list")
+    assert page == {
+        "items": [
+            {
+                "id": ids[1],
+                "received_at": received[1],
+                "topic": f"{root}/alerts/crisis/ack",
+                "device_id": None,
+                "kind": "crisis_ack",
+                "error": {
+                    "code": "schema",
+                    "message": "Object missing required field `by`",
+                    "path": "by",
+                },
+                "payload": raw_ack.decode(),
+                "payload_bytes": len(raw_ack),
+            },
+            {
+                "id": ids[0],
+                "received_at": received[0],
+                "topic": f"{root}/devices/d1/alerts",
+                "device_id": "d1",
+                "kind": "alert",
+                "error": {"code": "schema", "message": "Expected `float` <= 10.0", "path": "mood"},
+                "payload": None,
+                "payload_bytes": len(raw_alert),
+            },
+        ],
+        "next_cursor": None,
+    }
+    assert b"private words" not in b"".join(m.payload for m in client.all if "admin" in m.topic)
