@@ -12,12 +12,16 @@ import json
 import re
 import signal
 import threading
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from gateway import __version__
+from gateway.admin.server import MAX_CONCURRENT
 from tests.support import (
     STATS_KEYS,
     Admin,
@@ -28,9 +32,11 @@ from tests.support import (
     alert,
     db_rows,
     free_port,
+    plain_url,
     results_on,
     send_one,
     shortest,
+    stored,
     sync_op,
     wait_for,
 )
@@ -869,3 +875,51 @@ def test_a_read_asked_again_answers_with_the_figures_of_now(
     assert first["data"]["items"] == []
     assert [item["op_id"] for item in second["data"]["items"]] == ["op-1"]
     assert done_lines(daemon, "sync/history") == 2
+
+
+def test_admin_commands_stuck_on_the_database_do_not_stall_ingest(
+    pg_url: str, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """PROTOCOL.md: admin work never stalls ingest. More `quarantine/list` requests than
+    the admin runs at once wait on a lock the test holds on the quarantine table (they
+    hold as many database connections); meanwhile valid operations are stored, acked
+    and PUBACKed, and a crisis alert is published; every request is answered after.
+
+    Checked against: a request's PUBACK withheld until its command is done (the ops'
+    PUBACKs come in arrival order, after it: in flight stays above 0)."""
+    metrics_port = free_port()
+    daemon = make_daemon(broker.port, pg_url, METRICS__LISTEN=f"127.0.0.1:{metrics_port}")
+    root = daemon.root
+    admin = Admin(client, root)
+    watch = Watch(client, root)
+    client.subscribe(f"{root}/devices/d1/sync/ack")
+    waiting = (
+        "select count(*) from pg_locks where not granted and relation = 'quarantine'::regclass"
+    )
+    with psycopg.connect(plain_url(pg_url)) as locker:
+        locker.execute("LOCK TABLE quarantine IN ACCESS EXCLUSIVE MODE")
+        sent = [admin.send("quarantine/list", wait=False) for _ in range(MAX_CONCURRENT + 4)]
+        # (a pool that the admin shares holds 15 connections: 5, and 10 more at most)
+        wait_for(lambda: db_rows(pg_url, waiting)[0][0] >= min(MAX_CONCURRENT, 15))
+        for n in range(5):
+            assert send_one(client, root, "d1", sync_op(f"op-{n}")) == stored(f"op-{n}", n + 1)
+        watch.send(alert("crisis-1", kind="panic"))
+        assert [c["alert_id"] for c in watch.wait_crises(1)] == ["crisis-1"]
+        wait_for(lambda: in_flight(metrics_port) == 0)
+        assert all(admin.answers("quarantine/list", tx) == [] for tx in sent)
+        locker.rollback()
+    for tx in sent:
+        assert admin.answer("quarantine/list", tx) == {
+            "transaction": tx,
+            "status": "ok",
+            "data": {"items": [], "next_cursor": None},
+        }
+
+
+def in_flight(metrics_port: int) -> float:
+    """The daemon's `fieldgate_in_flight_messages`: received and not yet PUBACKed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("fieldgate_in_flight_messages "):
+                return float(line.split()[1])
+    raise AssertionError("no fieldgate_in_flight_messages series")
