@@ -88,8 +88,11 @@ def test_escalation_across_a_sigkill_neither_skips_nor_doubles(
     client.publish(f"{daemon.root}/devices/d1/alerts", alert("kill-1", kind="panic"))
     wait_for(lambda: 1 in distinct_levels(client, topic, "kill-1"))
     daemon.kill()
-    # Down long enough for the next escalation to fall due while no process runs.
-    time.sleep(1.5)
+    # Down until the next escalation falls due, while no process runs.
+    ((due_us,),) = db_rows(
+        daemon.db_url, "select next_escalation_at from alerts where alert_id = 'kill-1'"
+    )
+    wait_for(lambda: time.time_ns() // 1000 > due_us, timeout=10)
     daemon.start()
     wait_for(lambda: 4 in distinct_levels(client, topic, "kill-1"), timeout=30)
     # None is scheduled any more, and all that was written has been published.
