@@ -22,6 +22,7 @@ from tests.support import (
     ack_topic,
     db_rows,
     expect_results,
+    send_one,
     sqlite_path,
     stored,
     sync_fence,
@@ -644,3 +645,58 @@ def test_a_topic_whose_device_id_breaks_the_pattern_is_refused(
         )
     ]
     assert stored_ops(daemon) == []
+
+
+RATE_MESSAGE = "the device is over its operation rate; retry later"
+NO_REFILL = "0.001"
+"""Operations a second: none comes back within a test (tests/test_rate_limit.py)."""
+
+
+def rate_limited(op_id: str | None, path: str | None = None) -> dict[str, Any]:
+    error = {"code": "rate_limited", "message": RATE_MESSAGE}
+    if path is not None:
+        error["path"] = path
+    return {"op_id": op_id, "status": "rejected", "error": error}
+
+
+def test_rate_limited_per_device(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """Per device, answered and quarantined, counted as rejections; another device
+    has its own bucket.
+
+    Checked against: the limiter left out of the daemon's sync handler (all stored)."""
+    daemon = make_daemon(broker.port, LIMITS__DEVICE_RATE=NO_REFILL, LIMITS__DEVICE_BURST="3")
+    root = daemon.root
+    client.subscribe(f"{root}/devices/d1/sync/ack", f"{root}/devices/d2/sync/ack")
+    batch = {"batch_id": "b-5", "ops": [sync_op(f"a{i}", entity_id=f"e{i}") for i in range(5)]}
+    client.publish(f"{root}/devices/d1/sync", batch)
+    (ack,) = client.expect(1)
+    assert ack.json() == {
+        "batch_id": "b-5",
+        "results": [
+            stored("a0", 1),
+            stored("a1", 1),
+            stored("a2", 1),
+            rate_limited("a3", "ops[3]"),
+            rate_limited("a4", "ops[4]"),
+        ],
+    }
+    assert send_one(client, root, "d2", sync_op("b0")) == stored("b0", 1)
+    assert send_one(client, root, "d1", sync_op("a5")) == rate_limited("a5")
+    assert db_rows(daemon.db_url, "select op_id from sync_log order by id") == [
+        ("a0",),
+        ("a1",),
+        ("a2",),
+        ("b0",),
+    ]
+    assert db_rows(daemon.db_url, "select device_id, code, path from quarantine order by id") == [
+        ("d1", "rate_limited", "ops[3]"),
+        ("d1", "rate_limited", "ops[4]"),
+        ("d1", "rate_limited", None),
+    ]
+    stats = Admin(client, root).data("stats")
+    assert (stats["ops"], stats["rejected_by_code"]) == (
+        {"stored": 4, "duplicate": 0, "rejected": 3},
+        {"rate_limited": 3},
+    )

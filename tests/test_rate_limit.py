@@ -1,5 +1,6 @@
 """`rate_limited` (PROTOCOL.md, Errors): over `limits.device_rate` operations a second,
-with bursts of `limits.device_burst`, per device; off by default.
+with bursts of `limits.device_burst`, per device; off by default. (End to end:
+tests/test_ingest.py.)
 
 The limiter refills with time; these tests set a rate so low (one operation in
 1,000 s) that nothing refills while they run, so every count is exact.
@@ -8,7 +9,6 @@ The limiter refills with time; these tests set a rate so low (one operation in
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Settings
@@ -16,7 +16,7 @@ from gateway.ingest.rules import sync_limits
 from handlers.ratelimit import DeviceRateLimiter
 from handlers.records import OpRecord
 from handlers.sync import Rejected, SyncHandler
-from tests.support import Admin, Client, Daemon, Mosquitto, db_rows, send_one, stored, sync_op
+from tests.support import sync_op
 
 DEVICE = "d1"
 TOPIC = f"fg/devices/{DEVICE}/sync"
@@ -26,13 +26,6 @@ NO_REFILL = 0.001
 """Operations a second: none comes back within a test."""
 
 RATE_MESSAGE = "the device is over its operation rate; retry later"
-
-
-def rate_limited(op_id: str | None, path: str | None = None) -> dict[str, Any]:
-    error = {"code": "rate_limited", "message": RATE_MESSAGE}
-    if path is not None:
-        error["path"] = path
-    return {"op_id": op_id, "status": "rejected", "error": error}
 
 
 def test_a_burst_then_nothing_per_device() -> None:
@@ -112,46 +105,3 @@ def test_the_last_operations_of_a_batch_are_refused_and_quarantined() -> None:
     assert [(q.code, q.path, q.payload) for q in again.quarantine] == [
         ("rate_limited", None, single)
     ]
-
-
-def test_rate_limited_end_to_end(
-    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
-) -> None:
-    """Per device, answered and quarantined, counted as rejections; another device
-    has its own bucket.
-
-    Checked against: the limiter left out of the daemon's sync handler (all stored)."""
-    daemon = make_daemon(broker.port, LIMITS__DEVICE_RATE=str(NO_REFILL), LIMITS__DEVICE_BURST="3")
-    root = daemon.root
-    client.subscribe(f"{root}/devices/d1/sync/ack", f"{root}/devices/d2/sync/ack")
-    batch = {"batch_id": "b-5", "ops": [sync_op(f"a{i}", entity_id=f"e{i}") for i in range(5)]}
-    client.publish(f"{root}/devices/d1/sync", batch)
-    (ack,) = client.expect(1)
-    assert ack.json() == {
-        "batch_id": "b-5",
-        "results": [
-            stored("a0", 1),
-            stored("a1", 1),
-            stored("a2", 1),
-            rate_limited("a3", "ops[3]"),
-            rate_limited("a4", "ops[4]"),
-        ],
-    }
-    assert send_one(client, root, "d2", sync_op("b0")) == stored("b0", 1)
-    assert send_one(client, root, "d1", sync_op("a5")) == rate_limited("a5")
-    assert db_rows(daemon.db_url, "select op_id from sync_log order by id") == [
-        ("a0",),
-        ("a1",),
-        ("a2",),
-        ("b0",),
-    ]
-    assert db_rows(daemon.db_url, "select device_id, code, path from quarantine order by id") == [
-        ("d1", "rate_limited", "ops[3]"),
-        ("d1", "rate_limited", "ops[4]"),
-        ("d1", "rate_limited", None),
-    ]
-    stats = Admin(client, root).data("stats")
-    assert (stats["ops"], stats["rejected_by_code"]) == (
-        {"stored": 4, "duplicate": 0, "rejected": 3},
-        {"rate_limited": 3},
-    )
