@@ -134,6 +134,7 @@ def test_a_reason_without_a_suggestion_gets_an_empty_one() -> None:
         ("50%", "50%25"),
         ("n\x00l", "n%00l"),
         ("é ok", "é ok"),
+        ("X/Y", "X%2FY"),
     ],
 )
 def test_a_user_id_as_one_topic_level(user_id: str, level: str) -> None:

@@ -328,3 +328,9 @@ def test_redacted_shows_every_setting_and_no_secret(tmp_path: Path) -> None:
     assert shown == expected
     for secret in ("mqtt-pw", "adm-tok", "db-pw", "redis-pw"):
         assert secret not in repr(shown)
+
+
+def test_a_section_in_the_file_keeps_the_defaults_it_does_not_name(tmp_path: Path) -> None:
+    """Its defaults are made when the file is read (default factories), not only once."""
+    settings = load(write(tmp_path, "[alerts]\nmax_note_bytes = 1\n"))
+    assert settings.alerts.model_dump() == {**DEFAULTS["alerts"], "max_note_bytes": 1}

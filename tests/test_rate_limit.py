@@ -14,7 +14,7 @@ from typing import Any
 from gateway.config import Settings
 from gateway.ingest.rules import sync_limits
 from handlers.ratelimit import DeviceRateLimiter
-from handlers.records import OpRecord
+from handlers.records import OpRecord, QuarantineRecord
 from handlers.sync import Rejected, SyncHandler
 from tests.support import sync_op
 
@@ -50,12 +50,16 @@ def test_buckets_refill_at_the_rate() -> None:
 
 
 def test_full_buckets_are_forgotten_past_max_devices() -> None:
-    """Past `max_devices`, buckets that have refilled are dropped: memory stays bounded
-    (here they refill at once). Checked against: never evicting."""
+    """At `max_devices` buckets, a new device first drops those that have refilled
+    (here, at once): memory stays bounded. Checked against: never evicting, and
+    evicting only past `max_devices`."""
     limiter = DeviceRateLimiter(1e12, 2, max_devices=2)
-    for device in ("a", "b", "c", "d"):
+    sizes = []
+    for device in ("a", "b", "c", "d", "d"):
         assert limiter(device, 1) == 1
-    assert len(limiter._buckets) <= 2
+        sizes.append(sorted(limiter._buckets))
+    assert sizes == [["a"], ["a", "b"], ["c"], ["c", "d"], ["c", "d"]]
+    assert DeviceRateLimiter(1, 1).max_devices == 100_000
 
 
 def test_a_bucket_not_yet_full_is_kept_past_max_devices() -> None:
@@ -91,10 +95,22 @@ def test_the_last_operations_of_a_batch_are_refused_and_quarantined() -> None:
         "message": RATE_MESSAGE,
         "path": "ops[3]",
     }
+    assert decoded.batch_id == "b-1"
     assert [(q.code, q.path, q.payload) for q in decoded.quarantine] == [
         ("schema", "ops[1].changes", raws[1]),
         ("rate_limited", "ops[3]", raws[3]),
     ]
+    assert decoded.quarantine[1] == QuarantineRecord(
+        received_at_us=RECEIVED_AT_US,
+        topic=TOPIC,
+        device_id=DEVICE,
+        kind="sync",
+        code="rate_limited",
+        message=RATE_MESSAGE,
+        path="ops[3]",
+        payload=raws[3],
+        payload_bytes=len(raws[3]),
+    )
     assert [r.op_id for r in decoded.records if isinstance(r, OpRecord)] == ["o0", "o2"]
     # The bucket is empty: the next single op is refused whole, without a path.
     single = json.dumps(sync_op("o4")).encode()
@@ -105,3 +121,13 @@ def test_the_last_operations_of_a_batch_are_refused_and_quarantined() -> None:
     assert [(q.code, q.path, q.payload) for q in again.quarantine] == [
         ("rate_limited", None, single)
     ]
+
+
+def test_the_handler_keeps_a_bucket_per_device() -> None:
+    """Checked against: the handler asking the limiter without the device's id."""
+    handler = SyncHandler(sync_limits(Settings()), DeviceRateLimiter(NO_REFILL, 1))
+    for device in ("d1", "d2"):
+        decoded = handler.decode(
+            f"fg/devices/{device}/sync", device, json.dumps(sync_op("o")).encode(), 0
+        )
+        assert [type(item).__name__ for item in decoded.items] == ["OpRecord"]

@@ -15,6 +15,7 @@ T = 1_795_953_600_000_000
 
 def test_to_us_is_exact_in_any_offset() -> None:
     assert to_us(datetime(2026, 11, 29, 12, tzinfo=UTC)) == T
+    assert type(to_us(datetime(2026, 11, 29, 12, tzinfo=UTC))) is int
     plus_two = timezone(timedelta(hours=2))
     assert to_us(datetime(2026, 11, 29, 14, 0, 0, 123456, tzinfo=plus_two)) == T + 123456
     assert to_us(datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)) == -1
@@ -55,6 +56,7 @@ def test_now_is_the_clock_in_microseconds() -> None:
     now = now_us()
     after = time.time_ns() // 1000
     assert before <= now <= after
+    assert type(now) is int
 
 
 def test_the_units() -> None:
