@@ -209,6 +209,10 @@ def test_a_crisis_ack_is_a_record() -> None:
             },
         ),
         (
+            b'{"alert_id": "a1", "by": "o", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            {"code": "malformed", "message": "the payload is nested too deeply"},
+        ),
+        (
             b'{"alert_id": "a1", "by": "' + b"b" * 129 + b'"}',
             {
                 "code": "schema",
@@ -217,7 +221,7 @@ def test_a_crisis_ack_is_a_record() -> None:
             },
         ),
     ],
-    ids=["too-large", "malformed", "missing", "type", "nul-id", "nul-by", "by-129"],
+    ids=["too-large", "malformed", "missing", "type", "nul-id", "nul-by", "deep", "by-129"],
 )
 def test_a_bad_crisis_ack_is_rejected_and_quarantined(
     payload: bytes, error: dict[str, str]
@@ -268,3 +272,11 @@ def test_an_alert_the_database_refused() -> None:
         {"code": "schema", "message": "the database refused this alert (IntegrityError)"},
     )
     assert (decoded.record, decoded.records, decoded.rejections()) == (None, [], [("a1", error)])
+
+
+def test_a_crisis_ack_of_exactly_the_limit_is_read() -> None:
+    payload = b'{"alert_id": "a1", "by": "o"}'.ljust(1024)
+    decoded = AlertHandler(AlertRules(max_payload_bytes=1024)).decode_ack(ACK_TOPIC, payload, 7)
+    assert decoded.record == CrisisAckRecord(alert_id="a1", by="o", received_at_us=7)
+    over = AlertHandler(AlertRules(max_payload_bytes=1023)).decode_ack(ACK_TOPIC, payload, 7)
+    assert over.error is not None and over.error.code.value == "too_large"

@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.config import Settings
 from gateway.ingest.rules import sync_limits
+from handlers.errors import Code, Error
 from handlers.ratelimit import DeviceRateLimiter
 from handlers.records import OpRecord, QuarantineRecord
 from handlers.sync import Rejected, SyncHandler
@@ -131,3 +132,12 @@ def test_the_handler_keeps_a_bucket_per_device() -> None:
             f"fg/devices/{device}/sync", device, json.dumps(sync_op("o")).encode(), 0
         )
         assert [type(item).__name__ for item in decoded.items] == ["OpRecord"]
+
+
+def test_a_batch_of_one_refused_is_named_by_its_path() -> None:
+    handler = SyncHandler(sync_limits(Settings()), DeviceRateLimiter(NO_REFILL, 1))
+    first = json.dumps(sync_op("o0")).encode()
+    assert [r.op_id for r in handler.decode(TOPIC, DEVICE, first, 0).records] == ["o0"]
+    batch = json.dumps({"batch_id": "b-1", "ops": [sync_op("o1")]}).encode()
+    (item,) = handler.decode(TOPIC, DEVICE, batch, 0).items
+    assert item == Rejected("o1", Error(Code.RATE_LIMITED, RATE_MESSAGE, "ops[0]"))

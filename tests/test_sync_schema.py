@@ -339,7 +339,7 @@ def expected_record(op: dict[str, Any], device_id: str = DEVICE) -> OpRecord:
         entity_id=op["entity_id"],
         operation=op["operation"],
         changes=changes,
-        changes_json=json.dumps(changes, separators=(",", ":")),
+        changes_json=json.dumps(changes, separators=(",", ":"), ensure_ascii=False),
         edited_at_us=us(op["edited_at"]),
         received_at_us=RECEIVED_AT_US,
         base_version=op.get("base_version"),
@@ -767,19 +767,26 @@ def test_the_quarantine_cuts_the_device_id_and_the_topic_to_their_columns() -> N
 
 
 @pytest.mark.parametrize(
-    ("batch", "index", "path"),
-    [(None, 0, None), ("b-1", 0, "ops[0]"), ("b-1", 2, "ops[2]"), (None, 1, "ops[1]")],
-    ids=["single-op", "batch", "batch-third", "batch-without-id"],
+    ("batch", "count", "index", "path"),
+    [
+        (None, 1, 0, None),
+        ("b-1", 3, 0, "ops[0]"),
+        ("b-1", 3, 2, "ops[2]"),
+        ("b-1", 1, 0, "ops[0]"),
+        (None, 2, 1, "ops[1]"),
+    ],
+    ids=["single-op", "batch", "batch-third", "batch-of-one", "batch-without-id"],
 )
 def test_an_op_the_database_refused_is_rejected_in_place(
-    batch: str | None, index: int, path: str | None
+    batch: str | None, count: int, index: int, path: str | None
 ) -> None:
     """`refuse`: the database refused this record alone (the writer found it); it
-    becomes this payload's rejection at its place, named by its path."""
-    if batch is None and index == 0:
-        decoded = decode(encode(make_op()))
+    becomes this payload's rejection at its place, named by its path: `ops[i]` in a
+    batch (one with an id, or of several ops), none for a payload of one op."""
+    ops = [make_op(op_id=f"o{i}", entity_id=f"t{i}") for i in range(count)]
+    if batch is None and count == 1:
+        decoded = decode(encode(ops[0]))
     else:
-        ops = [make_op(op_id=f"o{i}", entity_id=f"t{i}") for i in range(3)]
         decoded = decode(encode({"batch_id": batch, "ops": ops} if batch else {"ops": ops}))
     record = decoded.items[index]
     before = list(decoded.items)
@@ -805,3 +812,21 @@ def test_an_op_the_database_refused_is_rejected_in_place(
 )
 def test_join_path(prefix: str | None, path: str | None, joined: str | None) -> None:
     assert join_path(prefix, path) == joined
+
+
+@pytest.mark.parametrize("device", ["bad id", "é", "d" * 65, ""], ids=["space", "é", "65", "empty"])
+def test_a_device_id_in_the_topic_that_breaks_the_pattern(device: str) -> None:
+    payload = encode(make_op())
+    decoded = SyncHandler(limits()).decode(TOPIC, device, payload, RECEIVED_AT_US)
+    message = "the device id in the topic is not [A-Za-z0-9_.-]{1,64}"
+    assert decoded.items == [Rejected(None, Error(Code.SCHEMA, message))]
+    (record,) = decoded.quarantine
+    assert (record.device_id, record.payload) == (device[:64], payload)
+
+
+def test_a_one_character_field_name_and_text_beyond_ascii() -> None:
+    op = make_op(changes={"a": {"old": "é", "new": "ü"}}, user_id="ünïcode")
+    assert decode(encode(op)).items == [expected_record(op)]
+    raw = json.dumps(op, ensure_ascii=False).encode()
+    assert not raw.isascii()
+    assert decode(raw).items == [expected_record(op)]
