@@ -124,10 +124,6 @@ def gateway(acl_broker: Mosquitto, make_daemon: Callable[..., Daemon]) -> Daemon
     )
 
 
-def results(client: Client, topic: str) -> list[dict[str, Any]]:
-    return results_of(client.on(topic))
-
-
 def stored_devices(daemon: Daemon) -> list[tuple[str, str]]:
     with sqlite3.connect(daemon.db_url.split("///", 1)[1]) as conn:
         rows = conn.execute("SELECT device_id, op_id FROM sync_log ORDER BY op_id").fetchall()
@@ -160,7 +156,7 @@ def test_devices_write_and_read_only_their_own_topics(
         # its own topic: stored and acked
         info = dev1.publish("fieldgate/devices/dev1/sync", sync_op("a-1"))
         assert dev1.puback(info) == 0
-        assert wait_for(lambda: results(dev1, "fieldgate/devices/dev1/sync/ack")) == [
+        assert wait_for(lambda: results_of(dev1.on("fieldgate/devices/dev1/sync/ack"))) == [
             {"op_id": "a-1", "status": "stored", "version": 1}
         ]
 
@@ -171,12 +167,12 @@ def test_devices_write_and_read_only_their_own_topics(
         # dev2's own ops are acked to dev2, and dev1 reads none of those acks
         info = dev2.publish("fieldgate/devices/dev2/sync", sync_op("b-1", entity_id="t2"))
         assert dev2.puback(info) == 0
-        assert wait_for(lambda: results(dev2, "fieldgate/devices/dev2/sync/ack")) == [
+        assert wait_for(lambda: results_of(dev2.on("fieldgate/devices/dev2/sync/ack"))) == [
             {"op_id": "b-1", "status": "stored", "version": 1}
         ]
         # a fence: dev1's next ack comes after anything the broker would have sent it before
         dev1.publish("fieldgate/devices/dev1/sync", sync_op("a-2", entity_id="t3"))
-        wait_for(lambda: len(results(dev1, "fieldgate/devices/dev1/sync/ack")) == 2)
+        wait_for(lambda: len(results_of(dev1.on("fieldgate/devices/dev1/sync/ack"))) == 2)
         assert [m.topic for m in dev1.all] == ["fieldgate/devices/dev1/sync/ack"] * 2
         assert stored_devices(gateway) == [("dev1", "a-1"), ("dev1", "a-2"), ("dev2", "b-1")]
     finally:
@@ -219,7 +215,7 @@ def test_admin_only_for_operators(
         # it, no admin answer and no retained status or health reached the device
         dev1.subscribe("fieldgate/devices/dev1/sync/ack")
         dev1.publish("fieldgate/devices/dev1/sync", sync_op("a-1"))
-        wait_for(lambda: results(dev1, "fieldgate/devices/dev1/sync/ack"))
+        wait_for(lambda: results_of(dev1.on("fieldgate/devices/dev1/sync/ack")))
         assert [m.topic for m in dev1.all] == ["fieldgate/devices/dev1/sync/ack"]
         # the device's request never reached the gateway: no answer, nothing logged
         admin_lines = [

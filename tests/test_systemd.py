@@ -52,10 +52,6 @@ def notify() -> Iterator[NotifySocket]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def ack_results(client: Client, topic: str) -> list[dict[str, Any]]:
-    return results_of(client.on(topic))
-
-
 def wedged_lines(daemon: Daemon) -> int:
     return sum(
         1
@@ -93,7 +89,7 @@ def test_ready_watchdog_wedge_and_stopping(
     # READY means subscribed: a message published right now reaches the daemon
     # (the broker would drop it for a client that has not subscribed yet).
     client.publish(f"{root}/devices/d1/sync", sync_op("op-1"))
-    assert wait_for(lambda: ack_results(client, ack)) == [
+    assert wait_for(lambda: results_of(client.on(ack))) == [
         {"op_id": "op-1", "status": "stored", "version": 1}
     ]
     wait_for(lambda: notify.count("WATCHDOG=1") >= 3)
@@ -115,12 +111,12 @@ def test_ready_watchdog_wedge_and_stopping(
         # five more rounds of the watchdog loop (WATCHDOG_USEC/2 each): no ping
         wait_for(lambda: wedged_lines(daemon) >= withheld + 5)
         assert notify.count("WATCHDOG=1") == pings
-        assert len(ack_results(client, ack)) == 1  # op-2 is not acked while stuck
+        assert len(results_of(client.on(ack))) == 1  # op-2 is not acked while stuck
         assert daemon.proc is not None and daemon.proc.poll() is None
         locker.rollback()
 
     # Released: the op commits, is acked, and the pings resume.
-    assert wait_for(lambda: ack_results(client, ack)[1:]) == [
+    assert wait_for(lambda: results_of(client.on(ack))[1:]) == [
         {"op_id": "op-2", "status": "stored", "version": 2}
     ]
     wait_for(lambda: notify.count("WATCHDOG=1") >= pings + 2)
@@ -193,7 +189,7 @@ def test_no_notify_socket_no_watchdog(
     ack = f"{root}/devices/d1/sync/ack"
     client.subscribe(ack)
     client.publish(f"{root}/devices/d1/sync", sync_op("op-1"))
-    assert wait_for(lambda: ack_results(client, ack)) == [
+    assert wait_for(lambda: results_of(client.on(ack))) == [
         {"op_id": "op-1", "status": "stored", "version": 1}
     ]
     assert daemon.terminate() == 0
