@@ -23,6 +23,7 @@ import psycopg
 from gateway import __version__
 from gateway.admin.server import MAX_CONCURRENT
 from tests.support import (
+    CONFIG_DEFAULTS,
     STATS_KEYS,
     Admin,
     Client,
@@ -341,19 +342,12 @@ def test_config_get_hides_every_secret(
     assert data["redis"] == {"url": "redis://:***@127.0.0.1:6379/0"}
     assert data["database"]["url"] == pg_url.replace("postgres@", "postgres:***@", 1)
     assert data["mqtt"] == {
-        "host": "127.0.0.1",
+        **CONFIG_DEFAULTS["mqtt"],
         "port": broker.port,
         "topic_root": root,
         "client_id": daemon.env["FIELDGATE_MQTT__CLIENT_ID"],
         "username": "gateway",
         "password": "***",
-        "tls_ca": None,
-        "keepalive_s": 30,
-        "session_expiry_s": 604800,
-        "receive_maximum": 10000,
-        "max_outgoing_inflight": 1000,
-        "shared_group": None,
-        "reconnect_min_s": 0.5,
         "reconnect_max_s": 1.0,
     }
     assert data["instance"] == daemon.env["FIELDGATE_INSTANCE"]

@@ -19,6 +19,7 @@ from tests.support import (
     Watch,
     alert,
     db_rows,
+    outbox_sent,
     sqlite_path,
     wait_for,
 )
@@ -65,15 +66,7 @@ def test_crisis_survives_a_broker_outage(
             (1,)
         ]
         assert outbox_levels(daemon, "out-1", "mqtt") == [0, 1]
-        wait_for(
-            lambda: (
-                db_rows(
-                    daemon.db_url,
-                    "select count(*) from outbox where sent_at is null and channel = 'mqtt'",
-                )
-                == [(0,)]
-            )
-        )
+        wait_for(lambda: outbox_sent(daemon.db_url))
     finally:
         device.close()
         subscriber.close()

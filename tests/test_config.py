@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from gateway import config
 from gateway.config import ConfigError, Settings, hide_url_password, load, redacted
+from tests.support import CONFIG_DEFAULTS
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +69,7 @@ def test_a_missing_default_file_means_every_default(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no config/fieldgate.toml here
     assert load() == Settings()
-    assert load().model_dump() == DEFAULTS
+    assert load().model_dump() == CONFIG_DEFAULTS
 
 
 def test_the_default_file_is_read_when_it_exists(
@@ -211,80 +212,6 @@ def test_sections_are_frozen() -> None:
         settings.mqtt.port = 1
 
 
-# -- the defaults (docs/configuration.md) ------------------------------------------------
-
-DEFAULTS: dict[str, Any] = {
-    "instance": "fieldgate-1",
-    "mqtt": {
-        "host": "127.0.0.1",
-        "port": 1883,
-        "topic_root": "fieldgate",
-        "client_id": "fieldgate-1",
-        "username": None,
-        "password": None,
-        "tls_ca": None,
-        "keepalive_s": 30,
-        "session_expiry_s": 604800,
-        "receive_maximum": 10000,
-        "max_outgoing_inflight": 1000,
-        "shared_group": None,
-        "reconnect_min_s": 0.5,
-        "reconnect_max_s": 30.0,
-    },
-    "database": {
-        "url": "sqlite+aiosqlite:///var/fieldgate.db",
-        "auto_upgrade": True,
-        "echo": False,
-        "pool_size": 5,
-    },
-    "redis": {"url": SecretStr("redis://127.0.0.1:6379/0")},
-    "admin": {"token": None},
-    "limits": {
-        "max_payload_bytes": 262144,
-        "max_ops_per_batch": 500,
-        "max_clock_skew_s": 300.0,
-        "max_device_meta_bytes": 4096,
-        "device_rate": 0.0,
-        "device_burst": 1000,
-    },
-    "writer": {"max_messages": 1000, "max_wait_ms": 5.0, "max_in_process": 20000},
-    "sync": {"entity_types": ["work_order", "task", "asset", "attendance"]},
-    "alerts": {
-        "crisis_kinds": ["panic"],
-        "crisis_flags": ["self_harm_risk", "suicidal_ideation", "violence", "injury"],
-        "crisis_mood_max": 2,
-        "crisis_stress_min": 5,
-        "wellness_mood_max": 4,
-        "wellness_stress_min": 4,
-        "sustained_low_mood_entries": 3,
-        "sustained_low_mood_days": 7.0,
-        "escalate_after_s": 300.0,
-        "max_escalations": 3,
-        "escalation_poll_s": 1.0,
-        "wellness_cooldown_s": 86400.0,
-        "max_note_bytes": 8192,
-        "suggestions": {
-            "sustained_low_mood": (
-                "Several low days in a row: consider talking to your supervisor"
-                " or the support line."
-            ),
-            "low_mood": "Take a short break, get some water, and check in with a colleague.",
-            "high_stress": "Pause for a few slow breaths; ask for help with what can wait.",
-        },
-    },
-    "conflicts": {
-        "enabled": True,
-        "window_s": 300.0,
-        "manual_at_or_above": "critical",
-        "types": {},
-        "cache_max_ops": 0,
-    },
-    "health": {"interval_s": 60.0, "wedged_after_s": 30.0},
-    "metrics": {"listen": ""},
-    "log": {"level": "info", "format": "auto"},
-}
-
-
 # -- what may be shown -------------------------------------------------------------------
 
 
@@ -315,13 +242,18 @@ def test_redacted_shows_every_setting_and_no_secret(tmp_path: Path) -> None:
     )
     shown = redacted(load(path))
     expected = {
-        **DEFAULTS,
-        "mqtt": {**DEFAULTS["mqtt"], "username": "gw", "password": "***", "tls_ca": "/etc/ca.pem"},
+        **CONFIG_DEFAULTS,
+        "mqtt": {
+            **CONFIG_DEFAULTS["mqtt"],
+            "username": "gw",
+            "password": "***",
+            "tls_ca": "/etc/ca.pem",
+        },
         "admin": {"token": "***"},
-        "database": {**DEFAULTS["database"], "url": "postgresql+psycopg://gw:***@db/fg"},
+        "database": {**CONFIG_DEFAULTS["database"], "url": "postgresql+psycopg://gw:***@db/fg"},
         "redis": {"url": "redis://:***@127.0.0.1:6379/0"},
         "conflicts": {
-            **DEFAULTS["conflicts"],
+            **CONFIG_DEFAULTS["conflicts"],
             "types": {"task": {"strategy": "manual", "critical_fields": ["status"]}},
         },
     }
@@ -333,4 +265,4 @@ def test_redacted_shows_every_setting_and_no_secret(tmp_path: Path) -> None:
 def test_a_section_in_the_file_keeps_the_defaults_it_does_not_name(tmp_path: Path) -> None:
     """Its defaults are made when the file is read (default factories), not only once."""
     settings = load(write(tmp_path, "[alerts]\nmax_note_bytes = 1\n"))
-    assert settings.alerts.model_dump() == {**DEFAULTS["alerts"], "max_note_bytes": 1}
+    assert settings.alerts.model_dump() == {**CONFIG_DEFAULTS["alerts"], "max_note_bytes": 1}

@@ -18,7 +18,7 @@ import contextlib
 import json
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from tests.support import (
     PostgresServer,
     alert,
     db_rows,
+    pg_database,
     plain_url,
     plain_writer,
     sqlite_path,
@@ -76,22 +77,9 @@ def refuse(url: str, table: str, column: str, value: str) -> str:
     return "CheckViolation"
 
 
-@contextlib.contextmanager
-def latin1_database(admin_url: str) -> Iterator[str]:
-    """A database in LATIN1, as old clusters initialised under a Latin-1 locale have:
-    it stores `é` but not `Ω`, and psycopg refuses to send what it cannot encode."""
-    name = f"fg_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
-            " TEMPLATE template0"
-        )
-    base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+LATIN1 = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+"""A database as old clusters initialised under a Latin-1 locale have: it stores `é`
+but not `Ω`, and psycopg refuses to send what it cannot encode."""
 
 
 # -- validation: what no database here can store never reaches the writer -----------
@@ -283,7 +271,7 @@ def test_a_database_not_in_utf8_is_refused_at_start(
     """In LATIN1 every op with an `Ω` in an id would be refused and rejected one by one,
     and a quarantine row holding one would stall ingest: the daemon does not start,
     says why in one line, and exits 2 (the unit file does not restart it)."""
-    with latin1_database(pg_admin) as url:
+    with pg_database(pg_admin, LATIN1) as url:
         daemon = make_daemon(broker.port, url, start=False)
         daemon.start(wait_ready=False)
         assert daemon.proc is not None

@@ -12,6 +12,7 @@ from tests.support.alerts import Watch, alert, stored_reasons
 from tests.support.conflicts import CONFLICT_ROWS, records_from_rows
 from tests.support.database import (
     db_rows,
+    outbox_sent,
     pg_admin_url,
     pg_available,
     pg_database,
@@ -34,6 +35,7 @@ from tests.support.processes import (
     wait_port,
 )
 from tests.support.requirements import in_ci, require
+from tests.support.settings import CONFIG_DEFAULTS
 from tests.support.sync import (
     SPINE_ONLY,
     AckRecorder,
@@ -51,6 +53,7 @@ from tests.support.sync import (
 from tests.support.times import EPOCH, NOW, days_ago, from_us, iso, shortest, us
 
 __all__ = [
+    "CONFIG_DEFAULTS",
     "CONFLICT_ROWS",
     "EPOCH",
     "HEALTHY",
@@ -81,6 +84,7 @@ __all__ = [
     "from_us",
     "in_ci",
     "iso",
+    "outbox_sent",
     "pg_admin_url",
     "pg_available",
     "pg_database",

@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from tests.support.database import db_rows
+from tests.support.database import db_rows, outbox_sent
 from tests.support.mqtt import Client, Received
 from tests.support.processes import Daemon, wait_for
 from tests.support.times import NOW, iso
@@ -85,15 +85,7 @@ class Watch:
         """Every outbox message written so far has been published and PUBACKed, and has
         reached this client: the broker routed it before it PUBACKed it, so before the
         client's own fence, published after."""
-        wait_for(
-            lambda: (
-                db_rows(
-                    daemon.db_url,
-                    "select count(*) from outbox where sent_at is null and channel = 'mqtt'",
-                )
-                == [(0,)]
-            )
-        )
+        wait_for(lambda: outbox_sent(daemon.db_url))
         self.client.fence()
 
 

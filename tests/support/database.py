@@ -40,11 +40,12 @@ def plain_url(url: str) -> str:
 
 
 @contextlib.contextmanager
-def pg_database(admin_url: str) -> Iterator[str]:
-    """A fresh database for one test; dropped after. Yields a SQLAlchemy async URL."""
+def pg_database(admin_url: str, options: str = "") -> Iterator[str]:
+    """A fresh database for one test (`options` of CREATE DATABASE: an encoding...);
+    dropped after. Yields a SQLAlchemy async URL."""
     name = f"fg_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" {options}')
     base = admin_url.rsplit("/", 1)[0]
     try:
         yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
@@ -75,3 +76,9 @@ def plain_writer(engine: Any) -> Writer:
     """A writer of ops, alerts and crisis acks with the default rules, no conflict
     detection: the daemon's writer without what these tests do not look at."""
     return Writer(engine, [AlertStep(AlertPolicy(), AlertNotices()), CrisisAckStep(), SyncStep()])
+
+
+def outbox_sent(url: str) -> bool:
+    """Whether every MQTT message of the outbox has been published and PUBACKed."""
+    unsent = "select count(*) from outbox where sent_at is null and channel = 'mqtt'"
+    return db_rows(url, unsent) == [(0,)]
