@@ -97,7 +97,8 @@ def test_escalation_across_a_sigkill_neither_skips_nor_doubles(
             == [(None,)]
         )
     )
-    Watch(client, daemon.root).settled(daemon)
+    # A row the killed process had claimed waits out its lease (30 s) to be published.
+    Watch(client, daemon.root).settled(daemon, timeout=45)
     assert distinct_levels(client, topic, "kill-1") == [0, 1, 2, 3, 4]
     # Exactly one outbox row per escalation, in each channel: none doubled, none skipped.
     assert outbox_levels(daemon, "kill-1", "mqtt") == [0, 1, 2, 3, 4]

@@ -81,11 +81,11 @@ class Watch:
             "classification": "none",
         }
 
-    def settled(self, daemon: Daemon) -> None:
+    def settled(self, daemon: Daemon, timeout: float = 15.0) -> None:
         """Every outbox message written so far has been published and PUBACKed, and has
         reached this client: the broker routed it before it PUBACKed it, so before the
         client's own fence, published after."""
-        wait_for(lambda: outbox_sent(daemon.db_url))
+        wait_for(lambda: outbox_sent(daemon.db_url), timeout)
         self.client.fence()
 
 
