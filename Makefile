@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 CONFIG ?= config/fieldgate.toml
 
-.PHONY: run test lint services venv bench clean
+.PHONY: run test lint services venv bench mutation clean
 
 run: services venv
 	$(BIN)/fieldgate db upgrade --config $(CONFIG)
@@ -37,5 +37,14 @@ $(VENV)/.installed: pyproject.toml
 bench: venv
 	$(BIN)/python -m benchmarks.drain
 
+# Opt-in: mutation testing of the pure modules with their fast tests (docs/testing.md).
+mutation: venv
+	$(BIN)/pip install -q -e '.[dev,mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/mutmut export-cicd-stats
+	$(BIN)/mutmut results
+	$(BIN)/python scripts/mutation_score.py
+
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache mutants

@@ -12,7 +12,14 @@ broker-to-subscriber hop: what an operator's console sees.
 The daemon's own view (receipt to the broker's PUBACK of the crisis message,
 `fieldgate_crisis_publish_seconds`) is read from its metrics endpoint.
 
+With `--escalate-after-s` shorter than the run (e.g. 1), no crisis is acknowledged
+and each escalates `--escalations` times: how late each escalation was written
+after it fell due (its outbox row's time minus the previous one's, minus the
+interval) is reported too. Its upper bound was a test's once (`gap < 10 s` in
+tests/test_alerts.py); a wall-clock bound belongs here, on a quiet machine.
+
     .venv/bin/python -m benchmarks.crisis_latency [--rate 1000] [--crises 300]
+    .venv/bin/python -m benchmarks.crisis_latency --crises 20 --escalate-after-s 1
 
 Counts are taken at the receiving end (DESIGN.md: never trust a publisher's count).
 """
@@ -20,6 +27,7 @@ Counts are taken at the receiving end (DESIGN.md: never trust a publisher's coun
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import shutil
@@ -37,6 +45,7 @@ from tests.support import (
     Daemon,
     Mosquitto,
     daemon_env,
+    db_rows,
     free_port,
     pg_admin_url,
     pg_database,
@@ -130,6 +139,8 @@ def run(
     devices: int,
     warmup_s: float,
     db_url: str | None = None,
+    escalate_after_s: float = 300.0,
+    escalations: int = 3,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fg-crisis-bench-"))
     broker = Mosquitto(workdir / "mosquitto", extra="user root").start()
@@ -139,6 +150,8 @@ def run(
         broker.port,
         db_url,
         METRICS__LISTEN=f"127.0.0.1:{metrics_port}",
+        ALERTS__ESCALATE_AFTER_S=str(escalate_after_s),
+        ALERTS__MAX_ESCALATIONS=str(escalations),
     )
     daemon = Daemon(workdir / "daemon", env)
     load: SyncLoad | None = None
@@ -176,6 +189,11 @@ def run(
             time.sleep(spacing_s)
         elapsed = time.monotonic() - started
         wait_for(lambda: len(arrived) >= crises, timeout=60)
+        lateness_ms = (
+            escalation_lateness_ms(daemon, escalate_after_s, escalations)
+            if escalate_after_s * escalations < 120
+            else None
+        )
         load.stop()
         ops_sent = load.sent
         latencies_ms = [(arrived[a] - sent[a]) * 1000 for a in sent]
@@ -207,6 +225,15 @@ def run(
                 "mean": round(statistics.fmean(latencies_ms), 2),
             },
             "commit_seconds": commits,
+            "escalation_lateness_ms": None
+            if lateness_ms is None
+            else {
+                "escalations": len(lateness_ms),
+                "p50": round(percentile(lateness_ms, 50), 2),
+                "p99": round(percentile(lateness_ms, 99), 2),
+                "max": round(max(lateness_ms), 2),
+                "min": round(min(lateness_ms), 2),
+            },
             "daemon_histogram": {
                 k: v
                 for k, v in daemon_view.items()
@@ -224,6 +251,32 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def escalation_lateness_ms(daemon: Daemon, after_s: float, escalations: int) -> list[float]:
+    """Once every crisis has escalated `escalations` times: how late each escalation's
+    outbox row was written after it fell due (negative would be early: a bug)."""
+    wait_for(
+        lambda: (
+            db_rows(
+                daemon.db_url, "select count(*) from alerts where next_escalation_at is not null"
+            )
+            == [(0,)]
+        ),
+        timeout=after_s * escalations + 120,
+    )
+    written: dict[str, list[int]] = {}
+    for payload, created_at in db_rows(
+        daemon.db_url,
+        "select payload, created_at from outbox where channel = 'mqtt'"
+        " and event_type like 'alert.crisis%' order by id",
+    ):
+        written.setdefault(json.loads(payload)["alert_id"], []).append(created_at)
+    return [
+        (later - earlier) / 1000 - after_s * 1000
+        for times in written.values()
+        for earlier, later in itertools.pairwise(times)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=1000.0, help="sync ops/s in total")
@@ -234,13 +287,23 @@ def main() -> None:
     parser.add_argument(
         "--postgres", action="store_true", help="a fresh database on FIELDGATE_TEST_PG_URL"
     )
+    parser.add_argument(
+        "--escalate-after-s",
+        type=float,
+        default=300.0,
+        help="with escalations x this < 120 s, crises escalate during the run and their"
+        " lateness is measured",
+    )
+    parser.add_argument("--escalations", type=int, default=3)
     args = parser.parse_args()
     spacing_s = args.spacing_ms / 1000
+    options = (args.rate, args.crises, spacing_s, args.devices, args.warmup_s)
+    schedule = {"escalate_after_s": args.escalate_after_s, "escalations": args.escalations}
     if args.postgres:
         with pg_database(pg_admin_url()) as url:
-            result = run(args.rate, args.crises, spacing_s, args.devices, args.warmup_s, url)
+            result = run(*options, url, **schedule)
     else:
-        result = run(args.rate, args.crises, spacing_s, args.devices, args.warmup_s)
+        result = run(*options, **schedule)
     result["database"] = "postgresql" if args.postgres else "sqlite"
     print(json.dumps(result, indent=2))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the services fieldgate needs are installed and running on this machine.
 #   scripts/services.sh          Mosquitto and Redis (for `make run`)
-#   scripts/services.sh --test   the same, plus PostgreSQL's server binaries (for `make test`)
+#   scripts/services.sh --test   the same, plus what the tests use: PostgreSQL's server
+#                                binaries, systemd-analyze, script (for `make test`)
 # Installs from the distribution's packages (Debian/Ubuntu) when missing; needs root or sudo
 # only then. A service already listening on its port is used as it is.
 set -euo pipefail
@@ -20,8 +21,11 @@ command -v mosquitto >/dev/null || missing+=(mosquitto)
 command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 command -v redis-server >/dev/null || missing+=(redis-server)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-if [ "$want_pg" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  missing+=(postgresql)
+if [ "$want_pg" = 1 ]; then
+  # The tests' own tools: a test missing one skips locally and fails in CI (CI=true).
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v script >/dev/null || missing+=(bsdutils)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "services: installing ${missing[*]}"

@@ -23,7 +23,16 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support import HEALTHY, ROOT, Client, Daemon, Mosquitto, sync_op, wait_for
+from tests.support import (
+    ROOT,
+    Client,
+    Daemon,
+    Mosquitto,
+    require,
+    results_of,
+    sync_op,
+    wait_for,
+)
 
 PASSWORDS = {
     "fieldgate": "gw-Pass-1",
@@ -72,9 +81,9 @@ def login(port: int, user: str) -> Device:
 
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    require("mosquitto_passwd")
     passwd_tool = shutil.which("mosquitto_passwd")
-    if passwd_tool is None:
-        pytest.skip("mosquitto_passwd is not installed")
+    assert passwd_tool is not None
     # Started as root, Mosquitto may drop to the `mosquitto` user before it reads the
     # password and ACL files, so they live where that user can read them, not in
     # this test's private directory.
@@ -115,10 +124,6 @@ def gateway(acl_broker: Mosquitto, make_daemon: Callable[..., Daemon]) -> Daemon
     )
 
 
-def results(client: Client, topic: str) -> list[dict[str, Any]]:
-    return [r for m in list(client.all) if m.topic == topic for r in m.json()["results"]]
-
-
 def stored_devices(daemon: Daemon) -> list[tuple[str, str]]:
     with sqlite3.connect(daemon.db_url.split("///", 1)[1]) as conn:
         rows = conn.execute("SELECT device_id, op_id FROM sync_log ORDER BY op_id").fetchall()
@@ -151,7 +156,7 @@ def test_devices_write_and_read_only_their_own_topics(
         # its own topic: stored and acked
         info = dev1.publish("fieldgate/devices/dev1/sync", sync_op("a-1"))
         assert dev1.puback(info) == 0
-        assert wait_for(lambda: results(dev1, "fieldgate/devices/dev1/sync/ack")) == [
+        assert wait_for(lambda: results_of(dev1.on("fieldgate/devices/dev1/sync/ack"))) == [
             {"op_id": "a-1", "status": "stored", "version": 1}
         ]
 
@@ -162,12 +167,12 @@ def test_devices_write_and_read_only_their_own_topics(
         # dev2's own ops are acked to dev2, and dev1 reads none of those acks
         info = dev2.publish("fieldgate/devices/dev2/sync", sync_op("b-1", entity_id="t2"))
         assert dev2.puback(info) == 0
-        assert wait_for(lambda: results(dev2, "fieldgate/devices/dev2/sync/ack")) == [
+        assert wait_for(lambda: results_of(dev2.on("fieldgate/devices/dev2/sync/ack"))) == [
             {"op_id": "b-1", "status": "stored", "version": 1}
         ]
         # a fence: dev1's next ack comes after anything the broker would have sent it before
         dev1.publish("fieldgate/devices/dev1/sync", sync_op("a-2", entity_id="t3"))
-        wait_for(lambda: len(results(dev1, "fieldgate/devices/dev1/sync/ack")) == 2)
+        wait_for(lambda: len(results_of(dev1.on("fieldgate/devices/dev1/sync/ack"))) == 2)
         assert [m.topic for m in dev1.all] == ["fieldgate/devices/dev1/sync/ack"] * 2
         assert stored_devices(gateway) == [("dev1", "a-1"), ("dev1", "a-2"), ("dev2", "b-1")]
     finally:
@@ -175,7 +180,9 @@ def test_devices_write_and_read_only_their_own_topics(
         dev2.close()
 
 
-def test_admin_only_for_operators(acl_broker: Mosquitto, gateway: Daemon) -> None:
+def test_admin_only_for_operators(
+    acl_broker: Mosquitto, gateway: Daemon, healthy: dict[str, Any]
+) -> None:
     dev1 = login(acl_broker.port, "dev1")
     operator = login(acl_broker.port, "operator")
     try:
@@ -202,13 +209,13 @@ def test_admin_only_for_operators(acl_broker: Mosquitto, gateway: Daemon) -> Non
         assert answer.json() == {
             "transaction": "op-1",
             "status": "ok",
-            "data": HEALTHY,
+            "data": healthy,
         }
         # a fence for dev1: an answer of its own, after the refused request; before
         # it, no admin answer and no retained status or health reached the device
         dev1.subscribe("fieldgate/devices/dev1/sync/ack")
         dev1.publish("fieldgate/devices/dev1/sync", sync_op("a-1"))
-        wait_for(lambda: results(dev1, "fieldgate/devices/dev1/sync/ack"))
+        wait_for(lambda: results_of(dev1.on("fieldgate/devices/dev1/sync/ack")))
         assert [m.topic for m in dev1.all] == ["fieldgate/devices/dev1/sync/ack"]
         # the device's request never reached the gateway: no answer, nothing logged
         admin_lines = [

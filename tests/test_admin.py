@@ -12,101 +12,38 @@ import json
 import re
 import signal
 import threading
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from gateway import __version__
+from gateway.admin.server import MAX_CONCURRENT
 from tests.support import (
-    HEALTHY,
+    CONFIG_DEFAULTS,
     STATS_KEYS,
+    Admin,
     Client,
     Daemon,
     Mosquitto,
+    Watch,
+    alert,
+    db_rows,
     free_port,
+    plain_url,
+    results_on,
+    send_one,
+    shortest,
+    stored,
     sync_op,
     wait_for,
 )
 
 ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-
-# -- helpers -------------------------------------------------------------------
-
-
-class Admin:
-    """Sends admin requests and finds the answer that carries the same transaction."""
-
-    def __init__(self, client: Client, root: str, token: str | None = None) -> None:
-        self.client = client
-        self.root = root
-        self.token = token
-        client.subscribe(f"{root}/admin/response/#")
-
-    def send(
-        self,
-        command: str,
-        args: dict[str, Any] | None = None,
-        *,
-        transaction: Any = None,
-        token: str | None = None,
-        wait: bool = True,
-    ) -> Any:
-        """Publish one request; returns its transaction."""
-        if transaction is None:
-            transaction = f"tx-{uuid.uuid4().hex[:12]}"
-        body: dict[str, Any] = {"transaction": transaction, **(args or {})}
-        token = token if token is not None else self.token
-        if token is not None:
-            body["token"] = token
-        self.client.publish(f"{self.root}/admin/request/{command}", body, wait=wait)
-        return transaction
-
-    def answers(self, command: str, transaction: Any) -> list[dict[str, Any]]:
-        topic = f"{self.root}/admin/response/{command}"
-        found = []
-        for message in list(self.client.all):
-            if message.topic == topic:
-                body = message.json()
-                if body.get("transaction") == transaction:
-                    found.append(body)
-        return found
-
-    def answer(self, command: str, transaction: Any, timeout: float = 15.0) -> dict[str, Any]:
-        found: list[dict[str, Any]] = wait_for(lambda: self.answers(command, transaction), timeout)
-        assert len(found) == 1, found
-        return found[0]
-
-    def __call__(self, command: str, **args: Any) -> dict[str, Any]:
-        return self.answer(command, self.send(command, args))
-
-    def data(self, command: str, **args: Any) -> dict[str, Any]:
-        answer = self(command, **args)
-        assert answer["status"] == "ok", answer
-        assert set(answer) == {"transaction", "status", "data"}, answer
-        data: dict[str, Any] = answer["data"]
-        return data
-
-
-def ack_results(client: Client, root: str, device: str) -> list[dict[str, Any]]:
-    """Every sync result that `device` got so far, in order of arrival."""
-    topic = f"{root}/devices/{device}/sync/ack"
-    out: list[dict[str, Any]] = []
-    for message in list(client.all):
-        if message.topic == topic:
-            out.extend(message.json()["results"])
-    return out
-
-
-def publish_op(client: Client, root: str, device: str, payload: Any) -> dict[str, Any]:
-    """Publish one sync payload, wait for its one result (one at a time: versions in order)."""
-    before = len(ack_results(client, root, device))
-    client.publish(f"{root}/devices/{device}/sync", payload)
-    results = wait_for(lambda: ack_results(client, root, device)[before:])
-    assert len(results) == 1, results
-    result: dict[str, Any] = results[0]
-    return result
 
 
 def done_lines(daemon: Daemon, command: str) -> int:
@@ -121,14 +58,19 @@ def done_lines(daemon: Daemon, command: str) -> int:
 # -- each command: a good request and its exact answer -----------------------------
 
 
-def test_health(broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client) -> None:
+def test_health(
+    broker: Mosquitto,
+    make_daemon: Callable[..., Daemon],
+    client: Client,
+    healthy: dict[str, Any],
+) -> None:
     daemon = make_daemon(broker.port)
     admin = Admin(client, daemon.root)
     tx = admin.send("health")
     assert admin.answer("health", tx) == {
         "transaction": tx,
         "status": "ok",
-        "data": HEALTHY,
+        "data": healthy,
     }
 
 
@@ -158,19 +100,19 @@ def test_stats_count_what_the_daemon_stored(
     client.subscribe(f"{root}/devices/d1/sync/ack")
     admin = Admin(client, root)
     for n in (1, 2, 3):
-        assert publish_op(client, root, "d1", sync_op(f"op-{n}"))["status"] == "stored"
+        assert send_one(client, root, "d1", sync_op(f"op-{n}"))["status"] == "stored"
     stats = admin.data("stats")
     assert stats["ops"] == {"stored": 3, "duplicate": 0, "rejected": 0}
     assert stats["rejected_by_code"] == {}
     assert stats["messages"] == {"alert": 0, "crisis_ack": 0, "sync": 3, "admin": 1}
 
     # a duplicate and a rejected operation move their counters, and only those
-    assert publish_op(client, root, "d1", sync_op("op-1")) == {
+    assert send_one(client, root, "d1", sync_op("op-1")) == {
         "op_id": "op-1",
         "status": "duplicate",
         "version": 1,
     }
-    assert publish_op(client, root, "d1", sync_op("op-4", operation="explode"))["status"] == (
+    assert send_one(client, root, "d1", sync_op("op-4", operation="explode"))["status"] == (
         "rejected"
     )
     # settled: nothing in flight, nothing waiting for a commit or for the broker
@@ -183,14 +125,8 @@ def test_stats_count_what_the_daemon_stored(
     )
     assert stats["ops"] == {"stored": 3, "duplicate": 1, "rejected": 1}
     assert stats["rejected_by_code"] == {"schema": 1}
-    admin_requests = stats["messages"]["admin"]
-    assert admin_requests >= 2
-    assert stats["messages"] == {
-        "alert": 0,
-        "crisis_ack": 0,
-        "sync": 5,
-        "admin": admin_requests,
-    }
+    # every request this test sent, the one answered here included
+    assert stats["messages"] == {"alert": 0, "crisis_ack": 0, "sync": 5, "admin": admin.sent}
     assert set(stats) == STATS_KEYS
     assert stats["since"] == admin.data("info")["started_at"]
     assert isinstance(stats["uptime_s"], int | float) and stats["uptime_s"] >= 0
@@ -206,7 +142,7 @@ def test_sync_history_lists_the_entity_newest_first(
     root = daemon.root
     client.subscribe(f"{root}/devices/d1/sync/ack", f"{root}/devices/d2/sync/ack")
     admin = Admin(client, root)
-    publish_op(
+    send_one(
         client,
         root,
         "d1",
@@ -217,7 +153,7 @@ def test_sync_history_lists_the_entity_newest_first(
             edited_at="2026-11-29T12:00:00Z",
         ),
     )
-    publish_op(
+    send_one(
         client,
         root,
         "d2",
@@ -234,8 +170,8 @@ def test_sync_history_lists_the_entity_newest_first(
             ],
         },
     )
-    publish_op(client, root, "d1", sync_op("op-3", operation="delete", changes={}))
-    publish_op(client, root, "d1", sync_op("other", entity_id="t2"))
+    send_one(client, root, "d1", sync_op("op-3", operation="delete", changes={}))
+    send_one(client, root, "d1", sync_op("other", entity_id="t2"))
 
     data = admin.data("sync/history", entity_type="task", entity_id="t1")
     received = [item.pop("received_at") for item in data["items"]]
@@ -328,7 +264,7 @@ def test_quarantine_list_pages_newest_first(
     admin = Admin(client, root)
     errors = []
     for payload, _ in BAD_PAYLOADS:
-        result = publish_op(client, root, "d1", payload)
+        result = send_one(client, root, "d1", payload)
         assert result["status"] == "rejected", result
         errors.append(result["error"])
     assert errors == [expected for _, expected in BAD_PAYLOADS]
@@ -406,19 +342,12 @@ def test_config_get_hides_every_secret(
     assert data["redis"] == {"url": "redis://:***@127.0.0.1:6379/0"}
     assert data["database"]["url"] == pg_url.replace("postgres@", "postgres:***@", 1)
     assert data["mqtt"] == {
-        "host": "127.0.0.1",
+        **CONFIG_DEFAULTS["mqtt"],
         "port": broker.port,
         "topic_root": root,
         "client_id": daemon.env["FIELDGATE_MQTT__CLIENT_ID"],
         "username": "gateway",
         "password": "***",
-        "tls_ca": None,
-        "keepalive_s": 30,
-        "session_expiry_s": 604800,
-        "receive_maximum": 10000,
-        "max_outgoing_inflight": 1000,
-        "shared_group": None,
-        "reconnect_min_s": 0.5,
         "reconnect_max_s": 1.0,
     }
     assert data["instance"] == daemon.env["FIELDGATE_INSTANCE"]
@@ -678,7 +607,10 @@ def test_unknown_argument_and_wrong_type_are_invalid_args(
 
 
 def test_token_is_required_and_refusals_do_nothing(
-    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+    broker: Mosquitto,
+    make_daemon: Callable[..., Daemon],
+    client: Client,
+    healthy: dict[str, Any],
 ) -> None:
     daemon = make_daemon(broker.port, ADMIN__TOKEN="s3cret")
     admin = Admin(client, daemon.root)
@@ -707,7 +639,7 @@ def test_token_is_required_and_refusals_do_nothing(
     assert admin.answer("health", tx) == {
         "transaction": tx,
         "status": "ok",
-        "data": HEALTHY,
+        "data": healthy,
     }
     assert done_lines(daemon, "health") == 1
     tx = admin.send("log_level", {"level": "warning"}, token="s3cret")
@@ -753,7 +685,7 @@ def test_refused_admin_flood_does_not_stall_ingest(
         flooded_before = len(sent)
         for n in range(20):
             client.publish(f"{root}/devices/d1/sync", sync_op(f"op-{n}", entity_id=f"t{n}"))
-        results = wait_for(lambda: len(r := ack_results(client, root, "d1")) >= 20 and r)
+        results = wait_for(lambda: len(r := results_on(client, root, "d1")) >= 20 and r)
         # still flooding while the ops were stored and acked
         assert len(sent) > flooded_before
         assert thread.is_alive()
@@ -818,7 +750,10 @@ def test_v311_client_gets_the_named_topic(
         assert body["transaction"] == "v3"
         assert body["status"] == "ok"
         assert body["data"]["mqtt"]["topic_root"] == root
-        assert old.quiet(0.3) == []
+        # one answer, and only there: the next message is a later request's answer
+        old.publish(f"{root}/admin/request/health", {"transaction": "v3-fence"})
+        before, fence = old.until(lambda m: m.json().get("transaction") == "v3-fence")
+        assert (before, fence.topic) == ([], f"{root}/admin/response/health")
     finally:
         old.close()
 
@@ -848,3 +783,139 @@ def test_twenty_requests_at_once_all_answered(
         assert answer["transaction"] == transaction
     answered = [m for m in client.all if m.topic.startswith(f"{daemon.root}/admin/response/")]
     assert len(answered) == 20
+
+
+# -- the transaction as an idempotency key ----------------------------------------------
+
+
+def test_a_redelivered_write_runs_once_and_gets_the_first_answer(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """The same request twice (as an MQTT redelivery brings it: same command, same
+    transaction, same bytes) acts once, and both deliveries get the first answer,
+    whether the second comes while the first runs or after it was answered. Another
+    transaction is another request.
+
+    Checked against: the server without its memory of recent writes (the second
+    `alerts/ack` answers `already_acknowledged`, and runs: two `done` lines)."""
+    daemon = make_daemon(broker.port)
+    root = daemon.root
+    admin = Admin(client, root)
+    watch = Watch(client, root)
+    watch.send(alert("r-1", kind="panic"))
+    watch.ack_of("r-1")
+
+    ack = {"alert_id": "r-1", "by": "officer-1"}
+    admin.send("alerts/ack", ack, transaction="tx-ack")
+    admin.send("alerts/ack", ack, transaction="tx-ack")  # while the first is under way
+    (first, second) = wait_for(lambda: (a := admin.answers("alerts/ack", "tx-ack"))[1:] and a)
+    ((acked_at,),) = db_rows(
+        daemon.db_url, "select acknowledged_at from alerts where alert_id = 'r-1'"
+    )
+    acked = {
+        "alert_id": "r-1",
+        "status": "acknowledged",
+        "acknowledged_at": shortest(acked_at),
+        "acknowledged_by": "officer-1",
+    }
+    answer = {"transaction": "tx-ack", "status": "ok", "data": acked}
+    assert first == second == answer
+    admin.send("alerts/ack", ack, transaction="tx-ack")  # after it was answered
+    wait_for(lambda: len(admin.answers("alerts/ack", "tx-ack")) == 3)
+    assert admin.answers("alerts/ack", "tx-ack")[2] == answer
+    assert done_lines(daemon, "alerts/ack") == 1
+    assert crisis_acks(daemon) == [("r-1", "acknowledged")]
+
+    # Another transaction is another request: it runs, and says what it finds.
+    again = admin.data("alerts/ack", alert_id="r-1", by="officer-2")
+    assert again == {**acked, "status": "already_acknowledged"}
+    assert done_lines(daemon, "alerts/ack") == 2
+
+    # The same for the gateway's own writes.
+    for _ in range(2):
+        admin.send("log_level", {"level": "warning"}, transaction="tx-level")
+    wait_for(lambda: len(admin.answers("log_level", "tx-level")) == 2)
+    assert (
+        admin.answers("log_level", "tx-level")
+        == [{"transaction": "tx-level", "status": "ok", "data": {"level": "warning"}}] * 2
+    )
+
+
+def crisis_acks(daemon: Daemon) -> list[tuple[str, str]]:
+    """The crisis acks the engine committed, as logged: (alert_id, outcome)."""
+    return [
+        (line["alert_id"], line["outcome"])
+        for line in daemon.log_lines()
+        if line.get("event") == "crisis ack"
+    ]
+
+
+def test_a_read_asked_again_answers_with_the_figures_of_now(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """Reads are not remembered: a read has no effect to double, and the same request
+    again answers with what holds now.
+
+    Checked against: remembering every command (the second `sync/history` would
+    answer the first's empty page)."""
+    daemon = make_daemon(broker.port)
+    root = daemon.root
+    admin = Admin(client, root)
+    client.subscribe(f"{root}/devices/d1/sync/ack")
+    args = {"entity_type": "task", "entity_id": "t1"}
+    admin.send("sync/history", args, transaction="tx-read")
+    wait_for(lambda: admin.answers("sync/history", "tx-read"))
+    send_one(client, root, "d1", sync_op("op-1"))
+    admin.send("sync/history", args, transaction="tx-read")
+    (first, second) = wait_for(lambda: (a := admin.answers("sync/history", "tx-read"))[1:] and a)
+    assert first["data"]["items"] == []
+    assert [item["op_id"] for item in second["data"]["items"]] == ["op-1"]
+    assert done_lines(daemon, "sync/history") == 2
+
+
+def test_admin_commands_stuck_on_the_database_do_not_stall_ingest(
+    pg_url: str, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """PROTOCOL.md: admin work never stalls ingest. More `quarantine/list` requests than
+    the admin runs at once wait on a lock the test holds on the quarantine table (they
+    hold as many database connections); meanwhile valid operations are stored, acked
+    and PUBACKed, and a crisis alert is published; every request is answered after.
+
+    Checked against: a request's PUBACK withheld until its command is done (the ops'
+    PUBACKs come in arrival order, after it: in flight stays above 0)."""
+    metrics_port = free_port()
+    daemon = make_daemon(broker.port, pg_url, METRICS__LISTEN=f"127.0.0.1:{metrics_port}")
+    root = daemon.root
+    admin = Admin(client, root)
+    watch = Watch(client, root)
+    client.subscribe(f"{root}/devices/d1/sync/ack")
+    waiting = (
+        "select count(*) from pg_locks where not granted and relation = 'quarantine'::regclass"
+    )
+    with psycopg.connect(plain_url(pg_url)) as locker:
+        locker.execute("LOCK TABLE quarantine IN ACCESS EXCLUSIVE MODE")
+        sent = [admin.send("quarantine/list", wait=False) for _ in range(MAX_CONCURRENT + 4)]
+        # (a pool that the admin shares holds 15 connections: 5, and 10 more at most)
+        wait_for(lambda: db_rows(pg_url, waiting)[0][0] >= min(MAX_CONCURRENT, 15))
+        for n in range(5):
+            assert send_one(client, root, "d1", sync_op(f"op-{n}")) == stored(f"op-{n}", n + 1)
+        watch.send(alert("crisis-1", kind="panic"))
+        assert [c["alert_id"] for c in watch.wait_crises(1)] == ["crisis-1"]
+        wait_for(lambda: in_flight(metrics_port) == 0)
+        assert all(admin.answers("quarantine/list", tx) == [] for tx in sent)
+        locker.rollback()
+    for tx in sent:
+        assert admin.answer("quarantine/list", tx) == {
+            "transaction": tx,
+            "status": "ok",
+            "data": {"items": [], "next_cursor": None},
+        }
+
+
+def in_flight(metrics_port: int) -> float:
+    """The daemon's `fieldgate_in_flight_messages`: received and not yet PUBACKed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("fieldgate_in_flight_messages "):
+                return float(line.split()[1])
+    raise AssertionError("no fieldgate_in_flight_messages series")

@@ -6,15 +6,23 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
-from tests.alerts_support import Watch, alert, db_path, query
-from tests.support import Client, Daemon, Mosquitto, PersistentClient, wait_for
-from tests.test_alerts_admin import admin
+from tests.support import (
+    Admin,
+    Client,
+    Daemon,
+    Mosquitto,
+    PersistentClient,
+    Watch,
+    alert,
+    db_rows,
+    outbox_sent,
+    sqlite_path,
+    wait_for,
+)
 
 
 def distinct_levels(client: Client, topic: str, alert_id: str) -> list[int]:
@@ -30,31 +38,18 @@ def distinct_levels(client: Client, topic: str, alert_id: str) -> list[int]:
 
 
 def outbox_levels(daemon: Daemon, alert_id: str, channel: str) -> list[int]:
-    rows = query(daemon, "select payload from outbox where channel = ? order by id", channel)
+    rows = db_rows(
+        daemon.db_url, "select payload from outbox where channel = ? order by id", channel
+    )
     bodies = [json.loads(payload) for (payload,) in rows]
     return [b["escalation"] for b in bodies if b.get("alert_id") == alert_id]
 
 
-@pytest.fixture
-def persistent_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A test-owned broker whose persistence works under root too.
-
-    Started as root, Mosquitto drops to the `mosquitto` user, which cannot write a
-    root-owned temporary directory: it then silently keeps nothing across a restart
-    (the plain `own_broker` fixture has that problem). `user root` keeps it as it is;
-    Mosquitto ignores the option when not started as root.
-    """
-    mosq = Mosquitto(tmp_path / "mosquitto", extra="user root").start()
-    yield mosq
-    mosq.stop()
-
-
 def test_crisis_survives_a_broker_outage(
-    persistent_broker: Mosquitto, make_daemon: Callable[..., Daemon]
+    own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
     """Stored once, published at least once, though the broker was down for 10 s; the
     escalation that fell due during the outage is published when it returns."""
-    own_broker = persistent_broker
     daemon = make_daemon(own_broker.port, ALERTS__ESCALATE_AFTER_S="3", ALERTS__MAX_ESCALATIONS="1")
     topic = f"{daemon.root}/alerts/crisis"
     subscriber = PersistentClient(own_broker.port).connect()
@@ -67,16 +62,11 @@ def test_crisis_survives_a_broker_outage(
         # its PUBACK.
         own_broker.restart(down_s=10)
         wait_for(lambda: distinct_levels(subscriber, topic, "out-1") == [0, 1], timeout=30)
-        assert query(daemon, "select count(*) from alerts where alert_id = 'out-1'") == [(1,)]
+        assert db_rows(daemon.db_url, "select count(*) from alerts where alert_id = 'out-1'") == [
+            (1,)
+        ]
         assert outbox_levels(daemon, "out-1", "mqtt") == [0, 1]
-        wait_for(
-            lambda: (
-                query(
-                    daemon, "select count(*) from outbox where sent_at is null and channel = 'mqtt'"
-                )
-                == [(0,)]
-            )
-        )
+        wait_for(lambda: outbox_sent(daemon.db_url))
     finally:
         device.close()
         subscriber.close()
@@ -91,18 +81,42 @@ def test_escalation_across_a_sigkill_neither_skips_nor_doubles(
     client.publish(f"{daemon.root}/devices/d1/alerts", alert("kill-1", kind="panic"))
     wait_for(lambda: 1 in distinct_levels(client, topic, "kill-1"))
     daemon.kill()
-    # Down long enough for the next escalation to fall due while no process runs.
-    time.sleep(1.5)
+    # Down until the next escalation falls due, while no process runs.
+    ((due_us,),) = db_rows(
+        daemon.db_url, "select next_escalation_at from alerts where alert_id = 'kill-1'"
+    )
+    wait_for(lambda: time.time_ns() // 1000 > due_us, timeout=10)
     daemon.start()
     wait_for(lambda: 4 in distinct_levels(client, topic, "kill-1"), timeout=30)
-    client.quiet(2.0)
+    # None is scheduled any more, and all that was written has been published.
+    wait_for(
+        lambda: (
+            db_rows(
+                daemon.db_url, "select next_escalation_at from alerts where alert_id = 'kill-1'"
+            )
+            == [(None,)]
+        )
+    )
+    # A row the killed process had claimed waits out its lease (30 s) to be published.
+    Watch(client, daemon.root).settled(daemon, timeout=45)
     assert distinct_levels(client, topic, "kill-1") == [0, 1, 2, 3, 4]
     # Exactly one outbox row per escalation, in each channel: none doubled, none skipped.
     assert outbox_levels(daemon, "kill-1", "mqtt") == [0, 1, 2, 3, 4]
     assert outbox_levels(daemon, "kill-1", "webhook") == []  # no endpoint subscribes
-    assert query(
-        daemon, "select escalation, next_escalation_at from alerts where alert_id = 'kill-1'"
+    assert db_rows(
+        daemon.db_url, "select escalation, next_escalation_at from alerts where alert_id = 'kill-1'"
     ) == [(4, None)]
+
+
+VIEWS: list[tuple[str, dict[str, Any]]] = [
+    ("alerts/list", {}),
+    ("alerts/list", {"classification": "crisis"}),
+    ("quarantine/list", {}),
+    ("stats", {}),
+    ("alerts/get", {"alert_id": "p-crisis"}),
+    ("alerts/get", {"alert_id": "p-well"}),
+]
+"""Every admin view of alerts and of the quarantine."""
 
 
 def test_a_note_goes_nowhere_but_the_stored_record(
@@ -118,6 +132,7 @@ def test_a_note_goes_nowhere_but_the_stored_record(
     root = daemon.root
     spy = Client(broker.port).connect().subscribe(f"{root}/#")
     watch = Watch(client, root)
+    admin = Admin(client, root)
     try:
         note = f"I wrote this myself {marker}"
         sent: list[dict[str, Any] | bytes] = [
@@ -139,27 +154,31 @@ def test_a_note_goes_nowhere_but_the_stored_record(
         wait_for(watch.wellness)
         client.publish(f"{root}/alerts/crisis/ack", {"alert_id": "p-flag", "by": "officer"})
         # Every admin view of alerts and of the quarantine.
-        answers = [
-            admin(client, root, "alerts/list"),
-            admin(client, root, "alerts/list", classification="crisis"),
-            admin(client, root, "quarantine/list"),
-            admin(client, root, "stats"),
-            *(admin(client, root, "alerts/get", alert_id=a) for a in ("p-crisis", "p-well")),
-        ]
-        assert all(answer["status"] == "ok" for answer in answers)
-        wait_for(
-            lambda: (
-                query(
-                    daemon, "select count(*) from outbox where sent_at is null and channel = 'mqtt'"
-                )
-                == [(0,)]
-            )
-        )
-        spy.quiet(0.5)
+        for command, args in VIEWS:
+            admin.data(command, **args)
+        # Every outbox message published and routed: the spy has it all before its fence.
+        watch.settled(daemon)
+        spy.fence()
         # Published: nothing but the devices' own messages carries the marker.
         inputs = f"{root}/devices/d1/alerts"
         published = [m for m in spy.all if m.topic != inputs]
-        assert len(published) > 20
+        outbox_topics = Counter(
+            topic
+            for (topic,) in db_rows(
+                daemon.db_url, "select topic from outbox where channel = 'mqtt'"
+            )
+        )
+        assert outbox_topics[f"{root}/alerts/wellness/u1"] == 1
+        requests = Counter(command for command, _ in VIEWS)
+        assert Counter(m.topic for m in published) == {
+            f"{root}/status": 1,
+            f"{root}/health": 1,
+            f"{root}/devices/d1/alerts/ack": len(sent),
+            f"{root}/alerts/crisis/ack": 1,
+            **outbox_topics,
+            **{f"{root}/admin/request/{command}": n for command, n in requests.items()},
+            **{f"{root}/admin/response/{command}": n for command, n in requests.items()},
+        }
         leaks = [m.topic for m in published if marker.encode() in m.payload]
         assert leaks == []
         # Logged: never.
@@ -167,7 +186,7 @@ def test_a_note_goes_nowhere_but_the_stored_record(
         assert "I wrote this" not in daemon.log()
         # Everything written (the outbox included):
         # only the stored alert records hold it, and the quarantine's raw bytes.
-        with sqlite3.connect(db_path(daemon)) as conn:
+        with sqlite3.connect(sqlite_path(daemon.db_url)) as conn:
             tables = [
                 name
                 for (name,) in conn.execute("select name from sqlite_master where type = 'table'")
@@ -177,12 +196,13 @@ def test_a_note_goes_nowhere_but_the_stored_record(
                 for row in conn.execute(f"select * from {table}"):
                     if any(marker in str(value) for value in row):
                         holders[table] = holders.get(table, 0) + 1
-            webhook_events = conn.execute(
-                "select count(*) from outbox where channel = 'webhook'"
-            ).fetchone()
+            events = conn.execute("select channel, event_type from outbox").fetchall()
             notes = dict(conn.execute("select alert_id, note from alerts").fetchall())
         assert holders == {"alerts": 4, "quarantine": 5}
-        assert webhook_events[0] == 0  # no endpoint subscribes: nothing waits for one
+        # No endpoint subscribes: no webhook row; each message out has its outbox row.
+        assert [event for channel, event in events if channel == "webhook"] == []
+        mqtt_events = Counter(event for channel, event in events if channel == "mqtt")
+        assert sum(mqtt_events.values()) == sum(outbox_topics.values())
         assert notes == {a: note for a in ("p-crisis", "p-flag", "p-well", "p-none")}
     finally:
         spy.close()

@@ -8,24 +8,12 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
-import psycopg
-import pytest
-
-from tests.alerts_support import alert, days_ago
-from tests.support import Client, Daemon, Mosquitto, wait_for
-
-pytestmark = pytest.mark.postgres
+from tests.support import Client, Daemon, Mosquitto, alert, days_ago, db_rows, wait_for
 
 USERS = [f"user-{n}" for n in range(6)]
 CRISES = [f"crisis-{n}" for n in range(4)]
 MAX_ESCALATIONS = 3
-
-
-def rows(pg_url: str, sql: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://", 1)) as conn:
-        return list(conn.execute(sql).fetchall())
 
 
 def test_two_instances_share_history_escalations_and_cooldowns(
@@ -56,13 +44,13 @@ def test_two_instances_share_history_escalations_and_cooldowns(
     for instance in instances:
         assert any(line.get("event") == "alert stored" for line in instance.log_lines())
     # The history rule: for each user exactly one entry completed the pattern.
-    stored = rows(pg_url, "select user_id, reasons from alerts where kind = 'journal'")
+    stored = db_rows(pg_url, "select user_id, reasons from alerts where kind = 'journal'")
     sustained = Counter(user for user, reasons in stored if "sustained_low_mood" in reasons)
     assert sustained == dict.fromkeys(USERS, 1)
 
     # The cooldown: one notification per user and reason, whichever instance stored it.
     def notifications() -> Counter[tuple[str, str]]:
-        found = rows(
+        found = db_rows(
             pg_url,
             "select payload from outbox where channel = 'mqtt' and event_type = 'alert.wellness'",
         )
@@ -78,7 +66,7 @@ def test_two_instances_share_history_escalations_and_cooldowns(
 
     # Escalations: every level once, though both instances run the schedule.
     def levels() -> dict[str, list[int]]:
-        found = rows(
+        found = db_rows(
             pg_url,
             "select payload from outbox where channel = 'mqtt' and topic like '%/alerts/crisis' "
             "order by id",
@@ -91,7 +79,7 @@ def test_two_instances_share_history_escalations_and_cooldowns(
 
     wait_for(
         lambda: (
-            rows(pg_url, "select count(*) from alerts where next_escalation_at is not null")
+            db_rows(pg_url, "select count(*) from alerts where next_escalation_at is not null")
             == [(0,)]
         ),
         timeout=30,

@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 
 from handlers.alerts import AlertDecoded, AlertHandler, AlertRules, classify
+from handlers.errors import NUL_MESSAGE, Code, Error
+from handlers.records import AlertRecord
+from tests.support import us
 
 TOPIC = "fg/devices/d1/alerts"
 RECEIVED_AT_US = 1_790_000_000_000_000
@@ -78,6 +81,8 @@ FIELD_CASES: list[Any] = [
     pytest.param({"occurred_at": DROP}, ("schema", "occurred_at", "al-1"), id="time-missing"),
     pytest.param({"mood": 1}, STORED, id="mood-1"),
     pytest.param({"mood": 10}, STORED, id="mood-10"),
+    pytest.param({"mood": 4}, STORED, id="mood-4-a-low-mood-journal"),
+    pytest.param({"mood": 5}, STORED, id="mood-5-not-low"),
     pytest.param({"mood": 0}, ("schema", "mood", "al-1"), id="mood-0"),
     pytest.param({"mood": 11}, ("schema", "mood", "al-1"), id="mood-11"),
     pytest.param({"mood": 2.5}, ("schema", "mood", "al-1"), id="mood-float"),
@@ -114,19 +119,85 @@ FIELD_CASES: list[Any] = [
 ]
 
 
+def expected_record(alert: dict[str, Any], payload: bytes) -> AlertRecord:
+    """The record an accepted alert must become, worked out from the alert itself (its
+    classification by `classify`, which test_classification pins case by case)."""
+
+    def scale(name: str) -> int | None:
+        value = alert.get(name)
+        return None if value is None else int(value)
+
+    mood, stress = scale("mood"), scale("stress")
+    flags = alert.get("flags") or []
+    classification, reasons = classify(RULES, alert["kind"], mood, stress, flags)
+    return AlertRecord(
+        alert_id=alert["alert_id"],
+        device_id="d1",
+        user_id=alert["user_id"],
+        kind=alert["kind"],
+        occurred_at_us=us(alert["occurred_at"]),
+        received_at_us=RECEIVED_AT_US,
+        mood=mood,
+        stress=stress,
+        energy=scale("energy"),
+        flags=flags,
+        site_id=alert.get("site_id"),
+        note=alert.get("note"),
+        payload=payload,
+        base_classification=classification,
+        base_reasons=reasons,
+        low_mood_journal=alert["kind"] == "journal" and mood is not None and mood <= 4,
+    )
+
+
+ALERT_MESSAGES: dict[str, str] = {
+    "alert_id-65": "Expected `str` of length <= 64",
+    "alert_id-empty": "Expected `str` of length >= 1",
+    "alert_id-missing": "Object missing required field `alert_id`",
+    "alert_id-int": "Expected `str`, got `int`",
+    "user_id-65": "Expected `str` of length <= 64",
+    "user_id-missing": "Object missing required field `user_id`",
+    "kind-case": "Invalid enum value",
+    "kind-missing": "Object missing required field `kind`",
+    "no-offset": "Expected `datetime` with a timezone component",
+    "not-time": "Invalid RFC3339 encoded datetime",
+    "time-missing": "Object missing required field `occurred_at`",
+    "mood-0": "Expected `float` >= 1.0",
+    "mood-11": "Expected `float` <= 10.0",
+    "mood-float": "Expected `int`",
+    "stress-float": "Expected `int`",
+    "energy-huge": "Expected `float` <= 10.0",
+    "mood-bool": "Expected `float | null`, got `bool`",
+    "mood-string": "Expected `float | null`, got `str`",
+    "stress-0": "Expected `float` >= 1.0",
+    "stress-6": "Expected `float` <= 5.0",
+    "energy-11": "Expected `float` <= 10.0",
+    "flags-not-list": "Expected `array | null`, got `str`",
+    "flags-not-str": "Expected `str`, got `int`",
+    "site_id-129": "Expected `str` of length <= 128",
+    "site_id-int": "Expected `str | null`, got `int`",
+    "note-over-8KiB": "note is over 8192 bytes",
+    "note-8KiB-in-bytes": "note is over 8192 bytes",
+    "note-int": "Expected `str | null`, got `int`",
+    "mismatch": "device_id is not the topic's device",
+    "device_id-bad": "Expected `str` matching regex '^[A-Za-z0-9_.-]{1,64}$'",
+}
+"""The message of each rejected case of FIELD_CASES, by its id."""
+
+
 @pytest.mark.parametrize(("mutations", "expected"), FIELD_CASES)
-def test_field(mutations: dict[str, Any], expected: Any) -> None:
-    decoded = decode(json.dumps(make_alert(**mutations)).encode())
+def test_field(mutations: dict[str, Any], expected: Any, request: pytest.FixtureRequest) -> None:
+    alert = make_alert(**mutations)
+    payload = json.dumps(alert).encode()
+    decoded = decode(payload)
     if expected == STORED:
         assert decoded.error is None, decoded.error
+        assert decoded.record == expected_record(alert, payload)
+        assert decoded.alert_id == alert["alert_id"]
         return
     code, path, alert_id = expected
-    assert decoded.error is not None
-    assert (decoded.error.code.value, decoded.error.path, decoded.alert_id) == (
-        code,
-        path,
-        alert_id,
-    )
+    message = ALERT_MESSAGES[request.node.callspec.id]
+    assert (decoded.alert_id, decoded.error) == (alert_id, Error(Code(code), message, path))
 
 
 def test_record_keeps_every_field_and_the_whole_payload() -> None:
@@ -135,46 +206,63 @@ def test_record_keeps_every_field_and_the_whole_payload() -> None:
     )
     payload = json.dumps(alert).encode()
     decoded = decode(payload)
-    record = decoded.record
-    assert record is not None
-    assert (record.alert_id, record.user_id, record.kind, record.device_id) == (
-        "al-1",
-        "u1",
-        "journal",
-        "d1",
+    assert decoded.record == AlertRecord(
+        alert_id="al-1",
+        device_id="d1",
+        user_id="u1",
+        kind="journal",
+        occurred_at_us=1_795_953_600_123_000,
+        received_at_us=RECEIVED_AT_US,
+        mood=3,
+        stress=2,
+        energy=7,
+        flags=["x"],
+        site_id="s9",
+        note="mine",
+        payload=payload,
+        base_classification="wellness",
+        base_reasons=["low_mood"],
+        low_mood_journal=True,
+        status="pending",
+        classification=None,
+        reasons=[],
+        notified=None,
     )
-    assert (record.mood, record.stress, record.energy, record.flags, record.site_id) == (
-        3,
-        2,
-        7,
-        ["x"],
-        "s9",
-    )
-    assert record.note == "mine"
-    assert record.payload == payload
-    assert record.occurred_at_us == 1_795_953_600_123_000
-    assert record.received_at_us == RECEIVED_AT_US
-    assert record.low_mood_journal
+
+
+MINIMAL = json.dumps(make_alert()).encode()
+DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
 @pytest.mark.parametrize(
-    ("payload", "code"),
+    ("payload", "code", "message"),
     [
-        (b"not json", "malformed"),
-        (b"[1, 2]", "malformed"),
-        (b'"text"', "malformed"),
-        (b'{"alert_id": "\xff"}', "malformed"),
-        (b"", "malformed"),
-        (b"{" + b'"a": [' * 5000 + b"]" * 5000 + b"}", "malformed"),
-        (b'{"alert_id": "x", "note": "' + b"n" * (256 * 1024) + b'"}', "too_large"),
+        (b"not json", "malformed", "not valid JSON: JSON is malformed: invalid character (byte 4)"),
+        (b"[1, 2]", "malformed", "the payload is not a JSON object"),
+        (b'"text"', "malformed", "the payload is not a JSON object"),
+        (b'{"alert_id": "\xff"}', "malformed", "the payload is not UTF-8"),
+        (b"", "malformed", "not valid JSON: Input data was truncated"),
+        (
+            b"{" + b'"a": [' * 5000 + b"]" * 5000 + b"}",
+            "malformed",
+            "not valid JSON: JSON is malformed: expected ',' or ']' (byte 10)",
+        ),
+        (
+            MINIMAL[:-1] + b', "extra": ' + DEEP + b"}",
+            "malformed",
+            "the payload is nested too deeply",
+        ),
+        (
+            b'{"alert_id": "x", "note": "' + b"n" * (256 * 1024) + b'"}',
+            "too_large",
+            "payload is 262173 bytes, over the limit of 262144",
+        ),
     ],
-    ids=["not-json", "array", "string", "not-utf8", "empty", "deep", "too-large"],
+    ids=["not-json", "array", "string", "not-utf8", "empty", "broken", "deep", "too-large"],
 )
-def test_whole_payload_errors(payload: bytes, code: str) -> None:
+def test_whole_payload_errors(payload: bytes, code: str, message: str) -> None:
     decoded = decode(payload)
-    assert decoded.error is not None
-    assert decoded.error.code.value == code
-    assert decoded.alert_id is None
+    assert (decoded.alert_id, decoded.error) == (None, Error(Code(code), message))
 
 
 def test_errors_never_echo_a_value_of_the_payload() -> None:
@@ -305,3 +393,41 @@ def test_sustained_low_mood_window(stored: list[int], at: int, expected: bool) -
     from storage.alerts import sustained
 
     assert sustained([at, *stored], at, WEEK, 3) is expected
+
+
+# -- the edges of the rules, one by one ----------------------------------------------
+
+
+def test_a_payload_of_exactly_the_limit_is_read() -> None:
+    alert = make_alert(note="")
+    alert["note"] = "n" * (2048 - len(json.dumps(alert)))
+    payload = json.dumps(alert).encode()
+    assert len(payload) == 2048
+    rules = AlertRules(max_payload_bytes=2048, max_note_bytes=2048)
+    decoded = decode(payload, rules)
+    assert decoded.error is None
+    over = decode(payload + b" ", rules)
+    assert over.error == Error(Code.TOO_LARGE, "payload is 2049 bytes, over the limit of 2048")
+
+
+@pytest.mark.parametrize("name", ["alert_id", "user_id", "site_id", "note"])
+def test_a_nul_in_a_text_column_is_rejected(name: str) -> None:
+    alert = make_alert(site_id="s1", note="n")
+    alert[name] = "x\x00"
+    decoded = decode(json.dumps(alert).encode())
+    assert (decoded.alert_id, decoded.error) == (
+        alert["alert_id"],
+        Error(Code.SCHEMA, NUL_MESSAGE, name),
+    )
+
+
+def test_a_nul_in_the_flags_is_kept_as_sent() -> None:
+    alert = make_alert(flags=["x\x00"])
+    payload = json.dumps(alert).encode()
+    assert decode(payload).record == expected_record(alert, payload)
+
+
+def test_an_alert_id_that_can_be_read_is_reported_at_any_length_it_may_have() -> None:
+    for alert_id in ("a", "a" * 64):
+        decoded = decode(json.dumps(make_alert(alert_id=alert_id, mood=0)).encode())
+        assert (decoded.alert_id, decoded.error is not None) == (alert_id, True)

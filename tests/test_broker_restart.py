@@ -40,9 +40,14 @@ def test_broker_restart_mid_stream(
         for index in range(COUNT)
     ]
     acks = AckRecorder(own_broker.port, daemon.root).start()
-    stream = OpStream(own_broker.port, daemon.root, ops, chunk=50, pause_s=0.02).start()
+    # The stream holds at half-way until the daemon has answered a quarter; then it
+    # resumes and the broker restarts while it flows, however slow the machine.
+    stream = OpStream(
+        own_broker.port, daemon.root, ops, chunk=50, pause_s=0.02, holds=[COUNT // 2]
+    ).start()
     try:
-        wait_for(lambda: len(acks.results()) >= COUNT // 4, timeout=30, interval=0.005)
+        wait_for(lambda: len(acks.results()) >= COUNT // 4, timeout=60, interval=0.005)
+        stream.resume()
         published_at_restart = len(stream.infos)
         own_broker.restart(down_s=1)
         stream.puback_all(timeout=60)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,14 +21,15 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, Client, Daemon, Mosquitto, sync_op, wait_for
+from tests.support import ROOT, Client, Daemon, Mosquitto, require, sync_op, wait_for
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LONG_TASK = "task-replace-the-hvac-filter-in-building-seven"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("script") is None, reason="util-linux `script` is not installed"
-)
+
+@pytest.fixture(autouse=True)
+def terminal() -> None:
+    require("script")
 
 
 def in_a_terminal(args: list[str], columns: int) -> tuple[int, list[str]]:

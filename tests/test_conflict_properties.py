@@ -32,7 +32,7 @@ from storage import migrate
 from storage.db import create_engine
 from tests.conflict_harness import Store
 from tests.conflict_oracle import DEFAULT_CRITICAL, Expected, as_expected, expected_conflicts
-from tests.test_conflict_rules import at
+from tests.support import at
 
 EXAMPLES = int(os.environ.get("FIELDGATE_HYPOTHESIS_EXAMPLES", "80"))
 FIELDS = ["status", "title", "notes"]

@@ -9,9 +9,7 @@ answer too, so that the property tests that lean on it lean on something checked
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +18,9 @@ import pytest
 from storage import conflict_store
 from tests.conflict_harness import ROOT, Store
 from tests.conflict_oracle import DEFAULT_CRITICAL, Expected, as_expected, expected_conflicts
-from tests.support import sync_op
+from tests.support import at, sync_op
 
 T0 = "2026-11-29T12:00:00Z"
-
-
-def at(seconds: float) -> str:
-    """T0 plus `seconds`, to the microsecond."""
-    moment = datetime(2026, 11, 29, 12, tzinfo=UTC) + timedelta(
-        microseconds=round(seconds * 1_000_000)
-    )
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def upd(op_id: str, changes: dict[str, Any], edited: float = 0.0, **extra: Any) -> dict[str, Any]:
@@ -373,14 +363,6 @@ CASES = [
         {"types": {"task": {"critical_fields": ["title"]}}},
     ),
 ]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/rules.db"
-    else:
-        yield request.getfixturevalue("pg_url")
 
 
 def oracle_config(config: dict[str, Any]) -> dict[str, Any]:

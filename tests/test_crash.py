@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.support import (
     SPINE_ONLY,
     AckRecorder,
@@ -82,39 +84,58 @@ def assert_stored_once(daemon: Daemon, ops: list[tuple[str, dict[str, Any]]]) ->
     return dict(rows)
 
 
+@pytest.mark.parametrize(
+    ("count", "kills"),
+    [
+        pytest.param(COUNT, 2, id="2-kills"),
+        pytest.param(30_000, 10, id="soak-10-kills", marks=pytest.mark.slow),
+    ],
+)
 def test_sigkill_mid_stream_loses_nothing_and_stores_once(
-    own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
+    own_broker: Mosquitto, make_daemon: Callable[..., Daemon], count: int, kills: int
 ) -> None:
     daemon = make_daemon(own_broker.port, **SPINE_ONLY)
-    ops = stream_ops(COUNT, "k")
+    ops = stream_ops(count, "k")
     acks = AckRecorder(own_broker.port, daemon.root).start()
-    stream = OpStream(own_broker.port, daemon.root, ops, chunk=100, pause_s=0.02).start()
+    # The stream holds before each kill's mark: the daemon answers what it has at its
+    # own pace, then the stream resumes and the kill lands while it flows. The k-th
+    # kill waits for (2k - 1) / (2 kills + 1) of the ops answered, the stream holding
+    # at 2k / (2 kills + 1).
+    marks = [
+        (count * (2 * k - 1) // (2 * kills + 1), count * 2 * k // (2 * kills + 1))
+        for k in range(1, kills + 1)
+    ]
+    holds = [hold for _, hold in marks]
+    stream = OpStream(
+        own_broker.port, daemon.root, ops, chunk=100, pause_s=0.02, holds=holds
+    ).start()
     acked_before_kill: dict[str, int] = {}
     published_at_kill: list[int] = []
     try:
-        # Kill twice while the stream flows, restarting at once each time.
-        for threshold in (COUNT // 10, COUNT // 2):
+        # Kill while the stream flows, restarting at once each time.
+        for threshold, _ in marks:
 
             def answered(at_least: int = threshold) -> bool:
-                return len(acks.results()) >= at_least
+                return len({r["op_id"] for r in acks.results()}) >= at_least
 
-            wait_for(answered, timeout=30, interval=0.005)
+            wait_for(answered, timeout=60, interval=0.005)
+            stream.resume()
             daemon.kill()
             published_at_kill.append(len(stream.infos))
             acked_before_kill.update({r["op_id"]: r["version"] for r in acks.results()})
             daemon.start()
         # The broker was up all along: it PUBACKed every op without a republish.
         assert stream.puback_all(timeout=60) == 0
-        wait_for(lambda: stored_count(daemon) >= COUNT, timeout=60, interval=0.1)
-        wait_for(lambda: len({r["op_id"] for r in acks.results()}) >= COUNT, timeout=30)
+        wait_for(lambda: stored_count(daemon) >= count, timeout=120, interval=0.1)
+        wait_for(lambda: len({r["op_id"] for r in acks.results()}) >= count, timeout=60)
     finally:
         stream.close()
         acks.close()
 
-    assert published_at_kill[0] < COUNT, "the first kill came after the stream ended"
+    assert published_at_kill[-1] < count, "the last kill came after the stream ended"
     stored = assert_stored_once(daemon, ops)
     # Acked before a kill: stored, once, with the version that was promised.
-    assert len(acked_before_kill) >= COUNT // 10
+    assert len(acked_before_kill) >= marks[-1][0]
     for op_id, version in acked_before_kill.items():
         assert stored[op_id] == version, op_id
     # Every op was answered, with its stored version; none was answered `stored` twice.
@@ -126,8 +147,8 @@ def test_sigkill_mid_stream_loses_nothing_and_stores_once(
     stored_answers = Counter(r["op_id"] for r in results if r["status"] == "stored")
     assert [op_id for op_id, n in stored_answers.items() if n > 1] == []
     entities = assert_versions_gapless(daemon.db_url)
-    assert sum(entities.values()) == COUNT
-    assert daemon.log().count('"event": "ready"') == 3
+    assert sum(entities.values()) == count
+    assert daemon.log().count('"event": "ready"') == kills + 1
     assert daemon.terminate() == 0
 
 

@@ -8,41 +8,36 @@ flight the tests match results by op_id, as a device does.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from tests.support import (
+    Admin,
     Client,
     Daemon,
     Mosquitto,
+    ack_topic,
     db_rows,
     expect_results,
+    send_one,
+    sqlite_path,
+    stored,
+    sync_fence,
     sync_op,
+    sync_topic,
+    us,
+    wait_for,
 )
 
 MAX_PAYLOAD = 256 * 1024
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def us(text: str) -> int:
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return (moment - EPOCH) // timedelta(microseconds=1)
 
 
 @pytest.fixture
 def daemon(broker: Mosquitto, make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon(broker.port)
-
-
-def sync_topic(daemon: Daemon, device: str = "d1") -> str:
-    return f"{daemon.root}/devices/{device}/sync"
-
-
-def ack_topic(daemon: Daemon, device: str = "d1") -> str:
-    return f"{daemon.root}/devices/{device}/sync/ack"
 
 
 def stored_ops(daemon: Daemon) -> list[tuple[Any, ...]]:
@@ -62,9 +57,9 @@ def quarantined(daemon: Daemon) -> list[tuple[Any, ...]]:
 
 def assert_still_serving(daemon: Daemon, client: Client, op_id: str = "after-1") -> None:
     """A valid op after whatever came before is stored and acked `stored`."""
-    client.publish(sync_topic(daemon), sync_op(op_id, entity_id="after"))
+    client.publish(sync_topic(daemon.root), sync_op(op_id, entity_id="after"))
     (ack,) = client.expect(1, timeout=15)
-    assert ack.topic == ack_topic(daemon)
+    assert ack.topic == ack_topic(daemon.root)
     assert ack.json() == {
         "batch_id": None,
         "results": [{"op_id": op_id, "status": "stored", "version": 1}],
@@ -78,7 +73,7 @@ def assert_still_serving(daemon: Daemon, client: Client, op_id: str = "after-1")
 
 
 def test_single_op_is_stored_with_every_field(daemon: Daemon, client: Client) -> None:
-    client.subscribe(ack_topic(daemon, "van-7"))
+    client.subscribe(ack_topic(daemon.root, "van-7"))
     op = sync_op(
         "op-1",
         entity_type="work_order",
@@ -90,9 +85,9 @@ def test_single_op_is_stored_with_every_field(daemon: Daemon, client: Client) ->
         session_id="sess-9",
         device_id="van-7",
     )
-    client.publish(sync_topic(daemon, "van-7"), op)
+    client.publish(sync_topic(daemon.root, "van-7"), op)
     (ack,) = client.expect(1)
-    assert ack.topic == ack_topic(daemon, "van-7")
+    assert ack.topic == ack_topic(daemon.root, "van-7")
     assert ack.json() == {
         "batch_id": None,
         "results": [{"op_id": "op-1", "status": "stored", "version": 1}],
@@ -114,7 +109,7 @@ def test_single_op_is_stored_with_every_field(daemon: Daemon, client: Client) ->
 
 
 def test_batch_gets_one_ack_with_every_result(daemon: Daemon, client: Client) -> None:
-    client.subscribe(ack_topic(daemon))
+    client.subscribe(ack_topic(daemon.root))
     batch = {
         "batch_id": "b-17",
         "ops": [
@@ -131,7 +126,7 @@ def test_batch_gets_one_ack_with_every_result(daemon: Daemon, client: Client) ->
             sync_op("a5", entity_id="t2", operation="delete", changes={}),
         ],
     }
-    client.publish(sync_topic(daemon), batch)
+    client.publish(sync_topic(daemon.root), batch)
     (ack,) = client.expect(1)
     assert ack.json() == {
         "batch_id": "b-17",
@@ -154,20 +149,22 @@ def test_batch_gets_one_ack_with_every_result(daemon: Daemon, client: Client) ->
         ("a4", "asset", "pump-3", "create", 1, "b-17"),
         ("a5", "task", "t2", "delete", 2, "b-17"),
     ]
-    assert client.quiet(0.5) == []
+    assert sync_fence(client, daemon.root) == []
 
 
 def test_many_payloads_of_one_device_match_by_op_id(daemon: Daemon, client: Client) -> None:
     """Sent back to back, they may share ack messages; every op gets one result, in order."""
-    client.subscribe(ack_topic(daemon))
+    client.subscribe(ack_topic(daemon.root))
     for index in range(60):
-        client.publish(sync_topic(daemon), sync_op(f"s{index:02d}", entity_id="t1"), wait=False)
+        client.publish(
+            sync_topic(daemon.root), sync_op(f"s{index:02d}", entity_id="t1"), wait=False
+        )
     results = expect_results(client, 60)
     assert sorted(results, key=lambda r: r["op_id"]) == [
         {"op_id": f"s{index:02d}", "status": "stored", "version": index + 1} for index in range(60)
     ]
-    assert client.quiet(0.5) == []
     assert [row[0] for row in stored_ops(daemon)] == [f"s{index:02d}" for index in range(60)]
+    assert sync_fence(client, daemon.root) == []
 
 
 # -- where the answer goes ---------------------------------------------------
@@ -176,12 +173,12 @@ def test_many_payloads_of_one_device_match_by_op_id(daemon: Daemon, client: Clie
 def test_v5_response_topic_gets_the_answer_with_correlation(daemon: Daemon, client: Client) -> None:
     reply_a = f"{daemon.root}/replies/a"
     reply_b = f"{daemon.root}/replies/b"
-    client.subscribe(ack_topic(daemon), reply_a, reply_b)
+    client.subscribe(ack_topic(daemon.root), reply_a, reply_b)
     client.publish(
-        sync_topic(daemon), sync_op("r1"), response_topic=reply_a, correlation=b"\x00corr-1"
+        sync_topic(daemon.root), sync_op("r1"), response_topic=reply_a, correlation=b"\x00corr-1"
     )
     client.publish(
-        sync_topic(daemon),
+        sync_topic(daemon.root),
         {"batch_id": "rb", "ops": [sync_op("r2"), sync_op("r3", entity_id="t2")]},
         response_topic=reply_b,
         correlation=b"corr-2",
@@ -201,34 +198,42 @@ def test_v5_response_topic_gets_the_answer_with_correlation(daemon: Daemon, clie
             {"op_id": "r3", "status": "stored", "version": 1},
         ],
     }
-    # The answer goes there, and only there.
-    assert client.quiet(1.0) == []
+    # The answer goes there, and only there: nothing came on the ack topic before a
+    # later answer.
+    assert sync_fence(client, daemon.root) == []
 
 
 def test_v5_response_topic_gets_rejections_too(daemon: Daemon, client: Client) -> None:
     reply = f"{daemon.root}/replies/x"
-    client.subscribe(ack_topic(daemon), reply)
-    client.publish(sync_topic(daemon), b"{nope", response_topic=reply, correlation=b"c-9")
+    client.subscribe(ack_topic(daemon.root), reply)
+    client.publish(sync_topic(daemon.root), b"{nope", response_topic=reply, correlation=b"c-9")
     (answer,) = client.expect(1)
     assert (answer.topic, answer.correlation) == (reply, b"c-9")
-    body = answer.json()
-    assert body["batch_id"] is None
-    (result,) = body["results"]
-    assert (result["op_id"], result["status"], result["error"]["code"]) == (
-        None,
-        "rejected",
-        "malformed",
-    )
-    assert client.quiet(0.5) == []
+    assert answer.json() == {
+        "batch_id": None,
+        "results": [
+            {
+                "op_id": None,
+                "status": "rejected",
+                "error": {
+                    "code": "malformed",
+                    "message": (
+                        "not valid JSON: JSON is malformed: object keys must be strings (byte 1)"
+                    ),
+                },
+            }
+        ],
+    }
+    assert sync_fence(client, daemon.root) == []
 
 
 def test_v311_client_is_answered_on_the_ack_topic(broker: Mosquitto, daemon: Daemon) -> None:
     old = Client(broker.port, v5=False).connect()
     try:
-        old.subscribe(ack_topic(daemon, "legacy-1"))
-        old.publish(sync_topic(daemon, "legacy-1"), sync_op("v3-1"))
+        old.subscribe(ack_topic(daemon.root, "legacy-1"))
+        old.publish(sync_topic(daemon.root, "legacy-1"), sync_op("v3-1"))
         (ack,) = old.expect(1)
-        assert ack.topic == ack_topic(daemon, "legacy-1")
+        assert ack.topic == ack_topic(daemon.root, "legacy-1")
         assert ack.json() == {
             "batch_id": None,
             "results": [{"op_id": "v3-1", "status": "stored", "version": 1}],
@@ -239,16 +244,16 @@ def test_v311_client_is_answered_on_the_ack_topic(broker: Mosquitto, daemon: Dae
 
 
 def test_answers_go_to_the_device_that_sent(daemon: Daemon, client: Client) -> None:
-    client.subscribe(ack_topic(daemon, "d1"), ack_topic(daemon, "d2"))
-    client.publish(sync_topic(daemon, "d1"), sync_op("from-d1", entity_id="shared"))
-    client.publish(sync_topic(daemon, "d2"), sync_op("from-d2", entity_id="shared"))
+    client.subscribe(ack_topic(daemon.root, "d1"), ack_topic(daemon.root, "d2"))
+    client.publish(sync_topic(daemon.root, "d1"), sync_op("from-d1", entity_id="shared"))
+    client.publish(sync_topic(daemon.root, "d2"), sync_op("from-d2", entity_id="shared"))
     acks = {m.topic: m.json() for m in client.expect(2)}
     assert acks == {
-        ack_topic(daemon, "d1"): {
+        ack_topic(daemon.root, "d1"): {
             "batch_id": None,
             "results": [{"op_id": "from-d1", "status": "stored", "version": 1}],
         },
-        ack_topic(daemon, "d2"): {
+        ack_topic(daemon.root, "d2"): {
             "batch_id": None,
             "results": [{"op_id": "from-d2", "status": "stored", "version": 2}],
         },
@@ -259,7 +264,7 @@ def test_answers_go_to_the_device_that_sent(daemon: Daemon, client: Client) -> N
 
 
 def test_the_same_ops_twice_are_stored_once(daemon: Daemon, client: Client) -> None:
-    client.subscribe(ack_topic(daemon))
+    client.subscribe(ack_topic(daemon.root))
     batch = {
         "batch_id": "b-1",
         "ops": [
@@ -268,7 +273,7 @@ def test_the_same_ops_twice_are_stored_once(daemon: Daemon, client: Client) -> N
             sync_op("e3", entity_id="t2"),
         ],
     }
-    client.publish(sync_topic(daemon), batch)
+    client.publish(sync_topic(daemon.root), batch)
     (first,) = client.expect(1)
     assert first.json() == {
         "batch_id": "b-1",
@@ -278,7 +283,7 @@ def test_the_same_ops_twice_are_stored_once(daemon: Daemon, client: Client) -> N
             {"op_id": "e3", "status": "stored", "version": 1},
         ],
     }
-    client.publish(sync_topic(daemon), batch)
+    client.publish(sync_topic(daemon.root), batch)
     (second,) = client.expect(1)
     assert second.json() == {
         "batch_id": "b-1",
@@ -289,10 +294,10 @@ def test_the_same_ops_twice_are_stored_once(daemon: Daemon, client: Client) -> N
         ],
     }
     # One op of the batch again, alone, from another device's topic: still one row.
-    client.subscribe(ack_topic(daemon, "d2"))
-    client.publish(sync_topic(daemon, "d2"), sync_op("e2", entity_id="t1"))
+    client.subscribe(ack_topic(daemon.root, "d2"))
+    client.publish(sync_topic(daemon.root, "d2"), sync_op("e2", entity_id="t1"))
     (third,) = client.expect(1)
-    assert third.topic == ack_topic(daemon, "d2")
+    assert third.topic == ack_topic(daemon.root, "d2")
     assert third.json() == {
         "batch_id": None,
         "results": [{"op_id": "e2", "status": "duplicate", "version": 2}],
@@ -310,9 +315,9 @@ def test_the_same_ops_twice_are_stored_once(daemon: Daemon, client: Client) -> N
 
 def test_duplicates_within_one_commit(daemon: Daemon, client: Client) -> None:
     """The same op twice in a batch, and twice back to back: one row, one version."""
-    client.subscribe(ack_topic(daemon))
+    client.subscribe(ack_topic(daemon.root))
     client.publish(
-        sync_topic(daemon),
+        sync_topic(daemon.root),
         {"batch_id": "b-2", "ops": [sync_op("w1"), sync_op("w2"), sync_op("w1")]},
     )
     (ack,) = client.expect(1)
@@ -325,12 +330,12 @@ def test_duplicates_within_one_commit(daemon: Daemon, client: Client) -> None:
         ],
     }
     for _ in range(5):
-        client.publish(sync_topic(daemon), sync_op("w3"), wait=False)
+        client.publish(sync_topic(daemon.root), sync_op("w3"), wait=False)
     results = expect_results(client, 5)
     assert sorted(r["status"] for r in results) == ["duplicate"] * 4 + ["stored"]
     assert {(r["op_id"], r["version"]) for r in results} == {("w3", 3)}
-    assert client.quiet(0.5) == []
     assert [(row[0], row[4]) for row in stored_ops(daemon)] == [("w1", 1), ("w2", 2), ("w3", 3)]
+    assert sync_fence(client, daemon.root) == []
 
 
 # -- what is refused ---------------------------------------------------------
@@ -349,115 +354,154 @@ def _with_bad_op() -> bytes:
     ).encode()
 
 
-# payload, code, path, op_id (None: the payload as a whole)
+# payload, the one result's op_id (None: the payload as a whole) and error
 REFUSED: list[Any] = [
-    pytest.param(b"this is not json", "malformed", None, None, id="not-json"),
-    pytest.param(b'{"op_id": "\xff\xfe"}', "malformed", None, None, id="not-utf8"),
-    pytest.param(json.dumps([sync_op("arr-1")]).encode(), "malformed", None, None, id="array"),
-    pytest.param(b"12345", "malformed", None, None, id="number"),
-    pytest.param(b"x" * (10 * 1024 * 1024), "too_large", None, None, id="10MB"),
-    pytest.param(DEEP_ARRAY, "malformed", None, None, id="deep-nesting"),
+    pytest.param(
+        b"this is not json",
+        None,
+        {
+            "code": "malformed",
+            "message": "not valid JSON: JSON is malformed: invalid character (byte 4)",
+        },
+        id="not-json",
+    ),
+    pytest.param(
+        b'{"op_id": "\xff\xfe"}',
+        None,
+        {"code": "malformed", "message": "the payload is not UTF-8"},
+        id="not-utf8",
+    ),
+    pytest.param(
+        json.dumps([sync_op("arr-1")]).encode(),
+        None,
+        {"code": "malformed", "message": "the payload is not a JSON object"},
+        id="array",
+    ),
+    pytest.param(
+        b"12345",
+        None,
+        {"code": "malformed", "message": "the payload is not a JSON object"},
+        id="number",
+    ),
+    pytest.param(
+        b"x" * (10 * 1024 * 1024),
+        None,
+        {"code": "too_large", "message": "payload is 10485760 bytes, over the limit of 262144"},
+        id="10MB",
+    ),
+    pytest.param(
+        DEEP_ARRAY,
+        None,
+        {"code": "malformed", "message": "the payload is not a JSON object"},
+        id="deep-nesting",
+    ),
     pytest.param(
         json.dumps({**sync_op("wt-1"), "entity_id": 17}).encode(),
-        "schema",
-        "entity_id",
         "wt-1",
+        {"code": "schema", "message": "Expected `str`, got `int`", "path": "entity_id"},
         id="wrong-type",
     ),
     pytest.param(
         json.dumps(sync_op("wt-2", base_version="7")).encode(),
-        "schema",
-        "base_version",
         "wt-2",
+        {
+            "code": "schema",
+            "message": "Expected `int | null`, got `str`",
+            "path": "base_version",
+        },
         id="wrong-type-version",
     ),
     pytest.param(
         json.dumps({"batch_id": "b", "ops": "all of them"}).encode(),
-        "schema",
-        "ops",
         None,
+        {"code": "schema", "message": "ops must be a list of operations", "path": "ops"},
         id="ops-not-a-list",
     ),
-    pytest.param(_deep_in_change(), "malformed", None, "deep-1", id="deep-in-change"),
+    # Too deep to be read at all: its op_id cannot be read either.
+    pytest.param(
+        _deep_in_change(),
+        None,
+        {"code": "malformed", "message": "the JSON is nested too deeply"},
+        id="deep-in-change",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("payload", "code", "path", "op_id"), REFUSED)
+@pytest.mark.parametrize(("payload", "op_id", "error"), REFUSED)
 def test_refused_payload_is_answered_and_quarantined(
-    daemon: Daemon,
-    client: Client,
-    payload: bytes,
-    code: str,
-    path: str | None,
-    op_id: str | None,
+    daemon: Daemon, client: Client, payload: bytes, op_id: str | None, error: dict[str, str]
 ) -> None:
-    client.subscribe(ack_topic(daemon))
-    client.publish(sync_topic(daemon), payload)
+    client.subscribe(ack_topic(daemon.root))
+    client.publish(sync_topic(daemon.root), payload)
     (ack,) = client.expect(1)
-    body = ack.json()
-    assert set(body) == {"batch_id", "results"}
-    (result,) = body["results"]
-    assert result["status"] == "rejected"
-    assert "version" not in result
-    if op_id == "deep-1":  # deep nesting may be reported as schema or malformed
-        assert result["error"]["code"] in {"malformed", "schema"}
-        code, path = result["error"]["code"], result["error"].get("path")
-        op_id = result["op_id"]
-    assert result["op_id"] == op_id
-    assert result["error"]["code"] == code
-    assert result["error"].get("path") == path
-    assert result["error"]["message"]
+    assert ack.json() == {
+        "batch_id": None,
+        "results": [{"op_id": op_id, "status": "rejected", "error": error}],
+    }
     assert quarantined(daemon) == [
-        (sync_topic(daemon), "d1", "sync", code, path, payload[:MAX_PAYLOAD], len(payload))
+        (
+            sync_topic(daemon.root),
+            "d1",
+            "sync",
+            error["code"],
+            error.get("path"),
+            payload[:MAX_PAYLOAD],
+            len(payload),
+        )
     ]
     assert stored_ops(daemon) == []
     assert_still_serving(daemon, client)
 
 
 def test_one_bad_op_in_a_batch_is_refused_alone(daemon: Daemon, client: Client) -> None:
-    client.subscribe(ack_topic(daemon))
+    client.subscribe(ack_topic(daemon.root))
     payload = _with_bad_op()
-    client.publish(sync_topic(daemon), payload)
+    client.publish(sync_topic(daemon.root), payload)
     (ack,) = client.expect(1)
-    body = ack.json()
-    assert body["batch_id"] == "mixed"
-    assert [r["op_id"] for r in body["results"]] == ["m1", "m2", "m3"]
-    assert body["results"][0] == {"op_id": "m1", "status": "stored", "version": 1}
-    assert body["results"][2] == {"op_id": "m3", "status": "stored", "version": 2}
-    bad = body["results"][1]
-    assert (bad["status"], bad["error"]["code"], bad["error"]["path"]) == (
-        "rejected",
-        "schema",
-        "ops[1].changes",
-    )
+    assert ack.json() == {
+        "batch_id": "mixed",
+        "results": [
+            stored("m1", 1),
+            {
+                "op_id": "m2",
+                "status": "rejected",
+                "error": {
+                    "code": "schema",
+                    "message": "an update changes at least one field",
+                    "path": "ops[1].changes",
+                },
+            },
+            stored("m3", 2),
+        ],
+    }
     raw_bad = json.dumps(sync_op("m2", changes={})).encode()
     assert quarantined(daemon) == [
-        (sync_topic(daemon), "d1", "sync", "schema", "ops[1].changes", raw_bad, len(raw_bad))
+        (sync_topic(daemon.root), "d1", "sync", "schema", "ops[1].changes", raw_bad, len(raw_bad))
     ]
     assert [row[0] for row in stored_ops(daemon)] == ["m1", "m3"]
 
 
 def test_device_metadata_is_stored(daemon: Daemon, client: Client) -> None:
-    client.subscribe(ack_topic(daemon))
+    client.subscribe(ack_topic(daemon.root))
     meta = {"platform": "android", "app_version": "3.2.1", "network": "offline"}
-    client.publish(sync_topic(daemon), sync_op("meta-1", device=meta))
+    client.publish(sync_topic(daemon.root), sync_op("meta-1", device=meta))
     (ack,) = client.expect(1)
     assert ack.json() == {
         "batch_id": None,
         "results": [{"op_id": "meta-1", "status": "stored", "version": 1}],
     }
-    ((stored,),) = db_rows(daemon.db_url, "select device_meta from sync_log")
-    assert json.loads(stored) == meta
+    ((meta_json,),) = db_rows(daemon.db_url, "select device_meta from sync_log")
+    assert json.loads(meta_json) == meta
 
 
 def test_refusals_and_valid_ops_in_one_stream(daemon: Daemon, client: Client) -> None:
     """Bad payloads between good ones refuse themselves alone; the good ones are stored."""
-    client.subscribe(ack_topic(daemon))
+    client.subscribe(ack_topic(daemon.root))
     bad = [b"{", b"[]", json.dumps(sync_op("bad-x", entity_type="invoice")).encode()]
     for index in range(9):
-        client.publish(sync_topic(daemon), sync_op(f"g{index}", entity_id="t1"), wait=False)
+        client.publish(sync_topic(daemon.root), sync_op(f"g{index}", entity_id="t1"), wait=False)
         if index % 3 == 2:
-            client.publish(sync_topic(daemon), bad[index // 3], wait=False)
+            client.publish(sync_topic(daemon.root), bad[index // 3], wait=False)
     results = expect_results(client, 12)
     by_op: dict[str | None, list[dict[str, Any]]] = {}
     for result in results:
@@ -466,13 +510,30 @@ def test_refusals_and_valid_ops_in_one_stream(daemon: Daemon, client: Client) ->
         assert by_op[f"g{index}"] == [
             {"op_id": f"g{index}", "status": "stored", "version": index + 1}
         ]
-    assert sorted(r["error"]["code"] for r in by_op[None]) == ["malformed", "malformed"]
-    ((unknown,),) = [by_op["bad-x"]]
-    assert (unknown["status"], unknown["error"]["code"], unknown["error"]["path"]) == (
-        "rejected",
-        "unknown_entity_type",
-        "entity_type",
-    )
+    assert sorted(by_op[None], key=lambda r: r["error"]["message"]) == [
+        {
+            "op_id": None,
+            "status": "rejected",
+            "error": {"code": "malformed", "message": "not valid JSON: Input data was truncated"},
+        },
+        {
+            "op_id": None,
+            "status": "rejected",
+            "error": {"code": "malformed", "message": "the payload is not a JSON object"},
+        },
+    ]
+    assert by_op["bad-x"] == [
+        {
+            "op_id": "bad-x",
+            "status": "rejected",
+            "error": {
+                "code": "unknown_entity_type",
+                "message": "unknown entity type 'invoice'",
+                "path": "entity_type",
+            },
+        }
+    ]
+    assert set(by_op) == {None, "bad-x", *(f"g{index}" for index in range(9))}
     assert sorted(row[3] for row in quarantined(daemon)) == [
         "malformed",
         "malformed",
@@ -481,4 +542,161 @@ def test_refusals_and_valid_ops_in_one_stream(daemon: Daemon, client: Client) ->
     assert [(row[0], row[4]) for row in stored_ops(daemon)] == [
         (f"g{index}", index + 1) for index in range(9)
     ]
-    assert client.quiet(0.5) == []
+    assert sync_fence(client, daemon.root) == []
+
+
+def test_payloads_committed_together_share_one_ack_per_device(
+    daemon: Daemon, client: Client
+) -> None:
+    """One ack message per device per commit (PROTOCOL.md): `{"batch_ids", "results"}`
+    for several payloads, `batch_ids` the batches' ids only, results in arrival order;
+    `{"batch_id", "results"}` for a device with one payload in the commit; a payload
+    with a v5 response topic answered there alone.
+
+    The commit is made deterministic: the test holds SQLite's write lock while a
+    first payload's commit waits on it, and the others gather behind it.
+
+    Checked against: `batch_ids` listing every payload's batch_id (null included);
+    one ack message per payload; the response-topic payload's results folded into
+    its device's ack."""
+    root = daemon.root
+    reply = f"{root}/replies/coalesced"
+    client.subscribe(*(ack_topic(root, d) for d in ("d0", "d1", "d2")), reply)
+    admin = Admin(client, root)
+
+    def queues() -> dict[str, int]:
+        queued: dict[str, int] = admin.data("stats")["queues"]
+        return queued
+
+    lock = sqlite3.connect(sqlite_path(daemon.db_url), isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        client.publish(sync_topic(root, "d0"), sync_op("first", entity_id="e0"))
+        # Taken into a commit that waits for the lock: held, and no longer pending.
+        wait_for(lambda: (q := queues())["in_flight"] >= 1 and q["pending_commit"] == 0)
+        client.publish(sync_topic(root, "d1"), {"batch_id": "b-a", "ops": [sync_op("a1")]})
+        client.publish(sync_topic(root, "d2"), {"batch_id": "b-d", "ops": [sync_op("d1-op")]})
+        client.publish(sync_topic(root, "d1"), sync_op("b1", entity_id="e1"))
+        client.publish(sync_topic(root, "d1"), sync_op("r1", entity_id="e2"), response_topic=reply)
+        client.publish(
+            sync_topic(root, "d1"),
+            {"batch_id": "b-c", "ops": [sync_op("c1"), sync_op("c2", entity_id="e1")]},
+        )
+        wait_for(lambda: queues()["pending_commit"] == 5)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    wait_for(lambda: len(client.on(ack_topic(root, "d1"))) and len(client.on(reply)))
+    assert [m.json() for m in client.on(ack_topic(root, "d0"))] == [
+        {"batch_id": None, "results": [stored("first", 1)]}
+    ]
+    assert [m.json() for m in client.on(ack_topic(root, "d1"))] == [
+        {
+            "batch_ids": ["b-a", "b-c"],
+            "results": [stored("a1", 1), stored("b1", 1), stored("c1", 3), stored("c2", 2)],
+        }
+    ]
+    assert [m.json() for m in client.on(ack_topic(root, "d2"))] == [
+        {"batch_id": "b-d", "results": [stored("d1-op", 2)]}
+    ]
+    assert [m.json() for m in client.on(reply)] == [
+        {"batch_id": None, "results": [stored("r1", 1)]}
+    ]
+
+
+@pytest.mark.parametrize(
+    "device", ["bad id", "semi;colon", "é", "d" * 65], ids=["space", "semicolon", "accent", "65"]
+)
+def test_a_topic_whose_device_id_breaks_the_pattern_is_refused(
+    daemon: Daemon, client: Client, device: str
+) -> None:
+    """`device_id` is `[A-Za-z0-9_.-]{1,64}` (PROTOCOL.md, Conventions), the topic's too:
+    the payload is rejected whole, answered on that topic's ack, quarantined with the
+    device id cut to its column, and nothing is stored.
+
+    Checked against: the handler without its device-id check (stored, `version` 1)."""
+    client.subscribe(ack_topic(daemon.root, device))
+    payload = json.dumps(sync_op("dev-1")).encode()
+    client.publish(sync_topic(daemon.root, device), payload)
+    (ack,) = client.expect(1)
+    assert ack.topic == ack_topic(daemon.root, device)
+    assert ack.json() == {
+        "batch_id": None,
+        "results": [
+            {
+                "op_id": None,
+                "status": "rejected",
+                "error": {
+                    "code": "schema",
+                    "message": "the device id in the topic is not [A-Za-z0-9_.-]{1,64}",
+                },
+            }
+        ],
+    }
+    assert quarantined(daemon) == [
+        (
+            sync_topic(daemon.root, device),
+            device[:64],
+            "sync",
+            "schema",
+            None,
+            payload,
+            len(payload),
+        )
+    ]
+    assert stored_ops(daemon) == []
+
+
+RATE_MESSAGE = "the device is over its operation rate; retry later"
+NO_REFILL = "0.001"
+"""Operations a second: none comes back within a test (tests/test_rate_limit.py)."""
+
+
+def rate_limited(op_id: str | None, path: str | None = None) -> dict[str, Any]:
+    error = {"code": "rate_limited", "message": RATE_MESSAGE}
+    if path is not None:
+        error["path"] = path
+    return {"op_id": op_id, "status": "rejected", "error": error}
+
+
+def test_rate_limited_per_device(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """Per device, answered and quarantined, counted as rejections; another device
+    has its own bucket.
+
+    Checked against: the limiter left out of the daemon's sync handler (all stored)."""
+    daemon = make_daemon(broker.port, LIMITS__DEVICE_RATE=NO_REFILL, LIMITS__DEVICE_BURST="3")
+    root = daemon.root
+    client.subscribe(f"{root}/devices/d1/sync/ack", f"{root}/devices/d2/sync/ack")
+    batch = {"batch_id": "b-5", "ops": [sync_op(f"a{i}", entity_id=f"e{i}") for i in range(5)]}
+    client.publish(f"{root}/devices/d1/sync", batch)
+    (ack,) = client.expect(1)
+    assert ack.json() == {
+        "batch_id": "b-5",
+        "results": [
+            stored("a0", 1),
+            stored("a1", 1),
+            stored("a2", 1),
+            rate_limited("a3", "ops[3]"),
+            rate_limited("a4", "ops[4]"),
+        ],
+    }
+    assert send_one(client, root, "d2", sync_op("b0")) == stored("b0", 1)
+    assert send_one(client, root, "d1", sync_op("a5")) == rate_limited("a5")
+    assert db_rows(daemon.db_url, "select op_id from sync_log order by id") == [
+        ("a0",),
+        ("a1",),
+        ("a2",),
+        ("b0",),
+    ]
+    assert db_rows(daemon.db_url, "select device_id, code, path from quarantine order by id") == [
+        ("d1", "rate_limited", "ops[3]"),
+        ("d1", "rate_limited", "ops[4]"),
+        ("d1", "rate_limited", None),
+    ]
+    stats = Admin(client, root).data("stats")
+    assert (stats["ops"], stats["rejected_by_code"]) == (
+        {"stored": 4, "duplicate": 0, "rejected": 3},
+        {"rate_limited": 3},
+    )

@@ -26,13 +26,10 @@ FIXTURE = json.loads((Path(__file__).parent / "data" / "v1_conflicts.json").read
 V1_PAIRS = {(p["op_a"], p["op_b"]): p for p in FIXTURE["conflicts"]}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture
+def url(db_url: str) -> Iterator[str]:
     """A database at revision 0004 holding v1's rows, upgraded to head."""
-    if request.param == "sqlite":
-        found = f"sqlite+aiosqlite:///{tmp_path}/v1.db"
-    else:
-        found = str(request.getfixturevalue("pg_url"))
+    found = db_url
     assert FIXTURE["revision"] == "0004"
     migrate.upgrade(found, "0004")
     engine = create_engine(found.replace("+aiosqlite", ""))
@@ -47,7 +44,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
                 ),
                 rows,
             )
-            if request.param == "postgres" and "id" in columns:
+            if found.startswith("postgresql") and "id" in columns:
                 # rows written with their ids: move the sequence past them, as v1's were
                 conn.execute(
                     text(

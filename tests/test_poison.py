@@ -18,9 +18,8 @@ import contextlib
 import json
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -31,36 +30,33 @@ from handlers.records import AlertRecord, OpRecord, QuarantineRecord
 from storage import migrate
 from storage.db import create_engine
 from storage.writer import Writer, WriteSet
-from tests.alerts_support import alert
 from tests.support import (
     AckRecorder,
+    Admin,
     Client,
     Daemon,
     Mosquitto,
     PostgresServer,
+    alert,
     db_rows,
+    pg_database,
+    plain_url,
     plain_writer,
+    sqlite_path,
     sync_op,
     wait_for,
 )
-from tests.test_alerts_admin import admin
-
-postgres = pytest.mark.postgres
-
-
-def plain(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
 def execute(url: str, *statements: str) -> None:
     """DDL straight on a database, as an operator (or a test) would run it."""
     if url.startswith("sqlite"):
-        with contextlib.closing(sqlite3.connect(url.split("///", 1)[1], timeout=30)) as conn:
+        with contextlib.closing(sqlite3.connect(sqlite_path(url), timeout=30)) as conn:
             for statement in statements:
                 conn.execute(statement)
             conn.commit()
         return
-    with psycopg.connect(plain(url), autocommit=True) as conn:
+    with psycopg.connect(plain_url(url), autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement)
 
@@ -81,30 +77,9 @@ def refuse(url: str, table: str, column: str, value: str) -> str:
     return "CheckViolation"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/poison.db"
-    else:
-        yield request.getfixturevalue("pg_url")
-
-
-@contextlib.contextmanager
-def latin1_database(admin_url: str) -> Iterator[str]:
-    """A database in LATIN1, as old clusters initialised under a Latin-1 locale have:
-    it stores `é` but not `Ω`, and psycopg refuses to send what it cannot encode."""
-    name = f"fg_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
-            " TEMPLATE template0"
-        )
-    base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+LATIN1 = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+"""A database as old clusters initialised under a Latin-1 locale have: it stores `é`
+but not `Ω`, and psycopg refuses to send what it cannot encode."""
 
 
 # -- validation: what no database here can store never reaches the writer -----------
@@ -284,30 +259,19 @@ MARKER = "private-marker-58"
 """In the poison op's change: must never reach the log."""
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("postgres", marks=postgres),
-    ]
-)
-def poison(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Poison]:
+@pytest.fixture
+def poison(db_url: str) -> Poison:
     op = sync_op("poison", entity_id="ep", changes={"note": {"old": None, "new": MARKER}})
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path}/poison.db"
-        yield Poison(url, op, lambda: refuse(url, "sync_log", "op_id", "poison"))
-    else:
-        url = request.getfixturevalue("pg_url")
-        yield Poison(url, op, lambda: refuse(url, "sync_log", "op_id", "poison"))
+    return Poison(db_url, op, lambda: refuse(db_url, "sync_log", "op_id", "poison"))
 
 
-@postgres
 def test_a_database_not_in_utf8_is_refused_at_start(
     pg_admin: str, broker: Mosquitto, make_daemon: Callable[..., Daemon]
 ) -> None:
     """In LATIN1 every op with an `Ω` in an id would be refused and rejected one by one,
     and a quarantine row holding one would stall ingest: the daemon does not start,
     says why in one line, and exits 2 (the unit file does not restart it)."""
-    with latin1_database(pg_admin) as url:
+    with pg_database(pg_admin, LATIN1) as url:
         daemon = make_daemon(broker.port, url, start=False)
         daemon.start(wait_ready=False)
         assert daemon.proc is not None
@@ -417,7 +381,7 @@ def test_a_poison_op_is_rejected_and_every_other_message_stored_once(
         assert "commit failed, retrying" not in [e["event"] for e in lines]
 
         # Counted, and nothing held: every message was PUBACKed.
-        stats = admin(device, root, "stats")["data"]
+        stats = Admin(device, root).data("stats")
         assert stats["rejected_by_code"] == {"schema": 1}
         assert (stats["queues"]["in_flight"], stats["queues"]["pending_commit"]) == (0, 0)
 
@@ -587,18 +551,6 @@ async def until(predicate: Callable[[], Any]) -> None:
 # -- a real outage in the middle of an isolation --------------------------------------
 
 
-@pytest.fixture
-def private_pg() -> Iterator[PostgresServer]:
-    """A cluster of this test's own, which it stops and starts again."""
-    if PostgresServer.binaries() is None:
-        pytest.skip("no PostgreSQL binaries")
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def waiting_on_lock(url: str) -> bool:
     rows = db_rows(
         url,
@@ -608,7 +560,6 @@ def waiting_on_lock(url: str) -> bool:
     return bool(rows[0][0])
 
 
-@postgres
 async def test_an_outage_during_the_isolation_is_retried_not_refused(
     private_pg: PostgresServer,
 ) -> None:
@@ -624,7 +575,7 @@ async def test_an_outage_during_the_isolation_is_retried_not_refused(
         await writer.commit(WriteSet([op("seed", "b-locked")]))
         # Entities are upserted in sorted order: the poison's row fails before the lock.
         error_name = refuse(url, "entities", "entity_id", "a-poison")
-        holder = psycopg.connect(plain(url))
+        holder = psycopg.connect(plain_url(url))
         holder.execute("select * from entities where entity_id = 'b-locked' for update")
         poison, locked, free = op("p", "a-poison"), op("g-1", "b-locked"), op("g-2", "c-free")
         commit = asyncio.ensure_future(writer.commit(WriteSet([poison, locked, free])))

@@ -7,36 +7,39 @@ has announced it will remove.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, wait_port
+from tests.support import ROOT, free_port, require, wait_for, wait_port
 
 CONFIGS = ROOT / "config"
 
 
 def mosquitto_says(conf_text: str, tmp_path: Path) -> str:
     """Everything Mosquitto logs while it loads `conf_text` and starts listening."""
+    require("mosquitto")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
+    log = tmp_path / "mosquitto.log"
+    # As root it would drop to the `mosquitto` user, who cannot write this test's log.
+    stay = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stdout\n{conf_text}"
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n{stay}log_dest file {log}\n{conf_text}"
     )
-    with subprocess.Popen(
-        ["mosquitto", "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as proc:
+    with subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.STDOUT) as proc:
         try:
             wait_port(port)
-            time.sleep(0.2)
+            # Its last start-up line: whatever it had to say about the config came before.
+            wait_for(lambda: log.exists() and " running" in log.read_text())
         finally:
             proc.terminate()
-        out, _ = proc.communicate(timeout=10)
-    return out.decode()
+            proc.wait(10)
+    return log.read_text()
 
 
 def broker_settings(name: str) -> str:

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from gateway.config import LimitsConfig, SyncConfig
+from handlers.errors import NUL_MESSAGE, Code, Error, join_path
 from handlers.records import OpRecord
 from handlers.sync import Decoded, Limits, Rejected, SyncHandler
+from tests.support import iso, us
 
 TOPIC = "fg/devices/d1/sync"
 DEVICE = "d1"
@@ -37,14 +39,6 @@ def limits() -> Limits:
         max_device_meta_bytes=LIMITS_CONFIG.max_device_meta_bytes,
         entity_types=frozenset(SyncConfig().entity_types),
     )
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
-
-
-def us(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 def make_op(**mutations: Any) -> dict[str, Any]:
@@ -103,14 +97,11 @@ def only_rejection(decoded: Decoded) -> Rejected:
 
 
 def assert_rejected_whole(
-    decoded: Decoded, payload: bytes, code: str, path: str | None = None
+    decoded: Decoded, payload: bytes, code: str, message: str, path: str | None = None
 ) -> Rejected:
     """One result with op_id null, and the whole payload in quarantine."""
     item = only_rejection(decoded)
-    assert item.op_id is None
-    assert item.error.code.value == code
-    assert item.error.path == path
-    assert item.error.message
+    assert (item.op_id, item.error) == (None, Error(Code(code), message, path))
     (record,) = decoded.quarantine
     assert record.payload == payload[:MAX_PAYLOAD]
     assert record.payload_bytes == len(payload)
@@ -268,8 +259,51 @@ FIELD_CASES: list[Any] = [
 ]
 
 
+FIELD_MESSAGES: dict[str, str] = {
+    "op_id-missing": "Object missing required field `op_id`",
+    "op_id-empty": "Expected `str` of length >= 1",
+    "op_id-65-chars": "Expected `str` of length <= 64",
+    "op_id-not-a-string": "Expected `str`, got `int`",
+    "user_id-missing": "Object missing required field `user_id`",
+    "user_id-empty": "Expected `str` of length >= 1",
+    "user_id-65-chars": "Expected `str` of length <= 64",
+    "user_id-null": "Expected `str`, got `null`",
+    "entity_type-unknown": "unknown entity type 'invoice'",
+    "entity_type-not-str": "Expected `str`, got `int`",
+    "entity_id-129": "Expected `str` of length <= 128",
+    "entity_id-empty": "Expected `str` of length >= 1",
+    "operation-bad": "Invalid enum value 'upsert'",
+    "operation-case": "Invalid enum value 'UPDATE'",
+    "changes-missing-update": "changes is required for update",
+    "changes-empty-update": "an update changes at least one field",
+    "changes-missing-create": "changes is required for create",
+    "changes-create-with-old": "a create has no old value",
+    "changes-without-new": "Object missing required field `new`",
+    "changes-value-not-object": "Expected `object`, got `str`",
+    "changes-not-object": "Expected `object`, got `array`",
+    "edited_at-no-offset": "Expected `datetime` with a timezone component",
+    "edited_at-not-a-date": "Invalid RFC3339 encoded datetime",
+    "edited_at-number": "Expected `datetime`, got `int`",
+    "edited_at-missing": "Object missing required field `edited_at`",
+    "edited_at-an-hour-ahead": "edited_at is more than 300 s ahead of the gateway's clock",
+    "base_version-neg": "Expected `int` >= 0",
+    "base_version-2**63": "Expected `int` <= 9223372036854775807",
+    "base_version-string": "Expected `int | null`, got `str`",
+    "base_version-float": "Expected `int | null`, got `float`",
+    "session_id-not-str": "Expected `str | null`, got `int`",
+    "device-not-object": "Expected `object`",
+    "device-list": "Expected `object`",
+    "device-over-4KiB": "device metadata is over 4096 bytes",
+    "device_id-mismatch": "device_id 'd2' is not the topic's 'd1'",
+    "device_id-not-str": "Expected `str`, got `int`",
+}
+"""The message of each rejected case of FIELD_CASES, by its id."""
+
+
 @pytest.mark.parametrize(("mutations", "expected"), FIELD_CASES)
-def test_field_rule(mutations: dict[str, Any], expected: Any) -> None:
+def test_field_rule(
+    mutations: dict[str, Any], expected: Any, request: pytest.FixtureRequest
+) -> None:
     op = make_op(**mutations)
     payload = encode(op)
     decoded = decode(payload)
@@ -277,17 +311,44 @@ def test_field_rule(mutations: dict[str, Any], expected: Any) -> None:
     assert len(decoded.items) == 1, decoded.items
     (item,) = decoded.items
     if expected == STORED:
-        assert isinstance(item, OpRecord), item
-        assert item.op_id == op["op_id"]
+        assert item == expected_record(op)
         assert decoded.quarantine == []
         return
     code, path, op_id = expected
     assert isinstance(item, Rejected), item
-    assert (item.op_id, item.error.code.value, item.error.path) == (op_id, code, path)
-    assert item.error.message
+    message = FIELD_MESSAGES[request.node.callspec.id]
+    assert (item.op_id, item.error) == (op_id, Error(Code(code), message, path))
     (record,) = decoded.quarantine
     assert record.payload == payload
     assert record.payload_bytes == len(payload)
+
+
+def expected_record(op: dict[str, Any], device_id: str = DEVICE) -> OpRecord:
+    """The record an accepted op must become, worked out from the op itself: `old`
+    defaults to null, `changes` is kept as compact JSON, `device` as it was sent."""
+    changes = {
+        name: {"old": change.get("old"), "new": change["new"]}
+        for name, change in op.get("changes", {}).items()
+    }
+    device = op.get("device")
+    return OpRecord(
+        op_id=op["op_id"],
+        device_id=device_id,
+        user_id=op["user_id"],
+        entity_type=op["entity_type"],
+        entity_id=op["entity_id"],
+        operation=op["operation"],
+        changes=changes,
+        changes_json=json.dumps(changes, separators=(",", ":"), ensure_ascii=False),
+        edited_at_us=us(op["edited_at"]),
+        received_at_us=RECEIVED_AT_US,
+        base_version=op.get("base_version"),
+        session_id=op.get("session_id"),
+        device_meta=None if device is None else json.dumps(device),
+        batch_id=None,
+        status="pending",
+        version=None,
+    )
 
 
 def test_accepted_op_becomes_this_record() -> None:
@@ -322,17 +383,14 @@ def test_accepted_op_becomes_this_record() -> None:
 
 def test_device_comes_from_the_topic_not_the_payload() -> None:
     decoded = decode(encode(make_op()), device_id="van-7.north_2")
-    (record,) = decoded.records
-    assert record.device_id == "van-7.north_2"
+    assert decoded.items == [expected_record(make_op(), device_id="van-7.north_2")]
 
 
 def test_device_metadata_is_kept() -> None:
     meta = {"platform": "android", "app_version": "3.2.1", "network": "wifi", "model": "X2"}
     decoded = decode(encode(make_op(device=meta)))
-    assert len(decoded.records) == 1, decoded.items
-    record = decoded.records[0]
-    assert record.device_meta is not None
-    assert json.loads(record.device_meta) == meta
+    assert decoded.items == [expected_record(make_op(device=meta))]
+    assert decoded.records[0].device_meta == json.dumps(meta)
 
 
 # -- batches ------------------------------------------------------------------
@@ -343,15 +401,20 @@ def test_batch_of_good_ops_is_accepted_in_order() -> None:
     decoded = decode(encode({"batch_id": "b-17", "ops": ops}))
     assert decoded.batch_id == "b-17"
     assert decoded.quarantine == []
-    assert [item.op_id for item in decoded.items] == [f"o{i}" for i in range(MAX_OPS)]
-    assert all(isinstance(item, OpRecord) for item in decoded.items)
-    assert {record.batch_id for record in decoded.records} == {"b-17"}
+    expected = [expected_record(op) for op in ops]
+    for record in expected:
+        record.batch_id = "b-17"
+    assert decoded.items == expected
 
 
 def test_batch_without_batch_id() -> None:
-    decoded = decode(encode({"ops": [make_op(op_id="o1"), make_op(op_id="o2")]}))
+    ops = [make_op(op_id="o1"), make_op(op_id="o2")]
+    decoded = decode(encode({"ops": ops}))
     assert decoded.batch_id is None
-    assert [record.op_id for record in decoded.records] == ["o1", "o2"]
+    assert decoded.items == [expected_record(op) for op in ops]
+
+
+OPS_NOT_A_LIST = "ops must be a list of operations"
 
 
 @pytest.mark.parametrize(
@@ -359,19 +422,27 @@ def test_batch_without_batch_id() -> None:
 )
 def test_batch_whose_ops_is_not_a_list(ops: Any) -> None:
     payload = encode({"batch_id": "b-1", "ops": ops})
-    assert_rejected_whole(decode(payload), payload, "schema", "ops")
+    assert_rejected_whole(decode(payload), payload, "schema", OPS_NOT_A_LIST, "ops")
 
 
 def test_empty_batch() -> None:
     payload = encode({"batch_id": "b-1", "ops": []})
-    assert_rejected_whole(decode(payload), payload, "schema", "ops")
+    assert_rejected_whole(
+        decode(payload), payload, "schema", "a batch holds 1 to 500 operations", "ops"
+    )
 
 
 def test_501_ops_is_too_many() -> None:
     ops = [make_op(op_id=f"o{i}") for i in range(MAX_OPS + 1)]
     payload = encode({"batch_id": "b-1", "ops": ops})
     assert len(payload) < MAX_PAYLOAD
-    assert_rejected_whole(decode(payload), payload, "too_many_ops", "ops")
+    assert_rejected_whole(
+        decode(payload),
+        payload,
+        "too_many_ops",
+        "batch has 501 operations, over the limit of 500",
+        "ops",
+    )
 
 
 def test_batch_id_of_the_wrong_type() -> None:
@@ -421,19 +492,35 @@ BAD_OP_CASES: list[Any] = [
 ]
 
 
+BAD_OP_MESSAGES: dict[str, str] = {
+    "rule": "an update changes at least one field",
+    "type": "Expected `str`, got `int`",
+    "entity-type": "unknown entity type 'invoice'",
+    "device-mismatch": "device_id 'd9' is not the topic's 'd1'",
+    "future": "edited_at is more than 300 s ahead of the gateway's clock",
+    "empty-op-id": "Expected `str` of length >= 1",
+    "item-a-number": "Expected `object`, got `int`",
+    "item-a-list": "Expected `object`, got `array`",
+    "item-null": "Expected `object`, got `null`",
+}
+"""The message of each case of BAD_OP_CASES, by its id."""
+
+
 @pytest.mark.parametrize(("bad", "op_id", "code", "path"), BAD_OP_CASES)
 def test_one_bad_op_in_a_batch_rejects_itself_alone(
-    bad: Any, op_id: str | None, code: str, path: str
+    bad: Any, op_id: str | None, code: str, path: str, request: pytest.FixtureRequest
 ) -> None:
     payload, raws = _batch_with(bad)
     decoded = decode(payload)
     assert decoded.batch_id == "b-9"
-    assert [item.op_id for item in decoded.items] == ["g0", op_id, "g2"]
     good0, rejected, good2 = decoded.items
-    assert isinstance(good0, OpRecord)
-    assert isinstance(good2, OpRecord)
+    for good, index in ((good0, 0), (good2, 2)):
+        expected = expected_record(make_op(op_id=f"g{index}", entity_id=f"t{index}"))
+        expected.batch_id = "b-9"
+        assert good == expected
     assert isinstance(rejected, Rejected)
-    assert (rejected.error.code.value, rejected.error.path) == (code, path)
+    message = BAD_OP_MESSAGES[request.node.callspec.id]
+    assert (rejected.op_id, rejected.error) == (op_id, Error(Code(code), message, path))
     (record,) = decoded.quarantine
     assert record.payload == raws[1]
     assert record.payload_bytes == len(raws[1])
@@ -464,8 +551,12 @@ def test_payload_over_the_limit_is_too_large() -> None:
     op = make_op(changes={"note": {"old": None, "new": "n" * MAX_PAYLOAD}})
     payload = encode(op)
     assert len(payload) > MAX_PAYLOAD
-    item = assert_rejected_whole(decode(payload), payload, "too_large")
-    assert str(MAX_PAYLOAD) in item.error.message
+    assert_rejected_whole(
+        decode(payload),
+        payload,
+        "too_large",
+        f"payload is {len(payload)} bytes, over the limit of 262144",
+    )
 
 
 def test_payload_at_the_limit_is_decoded() -> None:
@@ -474,29 +565,37 @@ def test_payload_at_the_limit_is_decoded() -> None:
     op["changes"]["note"]["new"] = "n" * filler
     payload = encode(op)
     assert len(payload) == MAX_PAYLOAD
-    (record,) = decode(payload).records
-    assert record.op_id == "a1"
+    assert decode(payload).items == [expected_record(op)]
 
 
+NOT_UTF8 = "the payload is not UTF-8"
+NOT_AN_OBJECT_MESSAGE = "the payload is not a JSON object"
+TRUNCATED = "not valid JSON: Input data was truncated"
 MALFORMED_CASES: list[Any] = [
-    pytest.param(b"hello", id="not-json"),
-    pytest.param(b"", id="empty"),
-    pytest.param(b'{"op_id": "a1", ', id="truncated"),
-    pytest.param(encode(make_op()) + b" {}", id="trailing-garbage"),
-    pytest.param(b'{"op_id": "a\xff\xfe1", "user_id": "u1"}', id="not-utf8-in-string"),
-    pytest.param("{}".encode("utf-16"), id="utf16"),
-    pytest.param(b"\xff\xfe\xfd", id="binary"),
-    pytest.param(encode([make_op()]), id="json-array"),
-    pytest.param(b"42", id="json-number"),
-    pytest.param(b'"op"', id="json-string"),
-    pytest.param(b"null", id="json-null"),
-    pytest.param(b"true", id="json-bool"),
+    pytest.param(
+        b"hello", "not valid JSON: JSON is malformed: invalid character (byte 0)", id="not-json"
+    ),
+    pytest.param(b"", TRUNCATED, id="empty"),
+    pytest.param(b'{"op_id": "a1", ', TRUNCATED, id="truncated"),
+    pytest.param(
+        encode(make_op()) + b" {}",
+        "not valid JSON: JSON is malformed: trailing characters (byte 195)",
+        id="trailing-garbage",
+    ),
+    pytest.param(b'{"op_id": "a\xff\xfe1", "user_id": "u1"}', NOT_UTF8, id="not-utf8-in-string"),
+    pytest.param("{}".encode("utf-16"), NOT_UTF8, id="utf16"),
+    pytest.param(b"\xff\xfe\xfd", NOT_UTF8, id="binary"),
+    pytest.param(encode([make_op()]), NOT_AN_OBJECT_MESSAGE, id="json-array"),
+    pytest.param(b"42", NOT_AN_OBJECT_MESSAGE, id="json-number"),
+    pytest.param(b'"op"', NOT_AN_OBJECT_MESSAGE, id="json-string"),
+    pytest.param(b"null", NOT_AN_OBJECT_MESSAGE, id="json-null"),
+    pytest.param(b"true", NOT_AN_OBJECT_MESSAGE, id="json-bool"),
 ]
 
 
-@pytest.mark.parametrize("payload", MALFORMED_CASES)
-def test_malformed_payload(payload: bytes) -> None:
-    assert_rejected_whole(decode(payload), payload, "malformed")
+@pytest.mark.parametrize(("payload", "message"), MALFORMED_CASES)
+def test_malformed_payload(payload: bytes, message: str) -> None:
+    assert_rejected_whole(decode(payload), payload, "malformed", message)
 
 
 DEPTH = 100_000
@@ -515,44 +614,46 @@ def _in_change(value: bytes) -> bytes:
     return template.replace(b'"@@"', value)
 
 
+TOO_DEEP = ("malformed", None, "the JSON is nested too deeply")
+NOT_AN_OBJECT = ("malformed", None, "the payload is not a JSON object")
+
+# payload -> (code, path, message) of the one rejection; op_id is null in every case:
+# an op too deep to read has no op_id that can be read either.
 DEEP_CASES: list[Any] = [
-    pytest.param(_deep_array(), id="whole-payload-arrays"),
-    pytest.param(b"[" * DEPTH, id="whole-payload-unclosed"),
-    pytest.param(
-        _deep_object(),
-        id="whole-payload-objects",
-    ),
-    pytest.param(
-        _in_change(_deep_array()),
-        id="change-value-arrays",
-    ),
-    pytest.param(
-        _in_change(_deep_object()),
-        id="change-value-objects",
-    ),
-    pytest.param(
-        b'{"batch_id": "b", "ops": [' + _deep_array() + b"]}",
-        id="batch-item",
-    ),
+    # msgspec stops at the first `[`: not an object, whatever follows.
+    pytest.param(_deep_array(), NOT_AN_OBJECT, id="whole-payload-arrays"),
+    pytest.param(b"[" * DEPTH, NOT_AN_OBJECT, id="whole-payload-unclosed"),
+    pytest.param(_deep_object(), TOO_DEEP, id="whole-payload-objects"),
+    pytest.param(_in_change(_deep_array()), TOO_DEEP, id="change-value-arrays"),
+    pytest.param(_in_change(_deep_object()), TOO_DEEP, id="change-value-objects"),
+    pytest.param(b'{"batch_id": "b", "ops": [' + _deep_array() + b"]}", TOO_DEEP, id="batch-item"),
     pytest.param(
         b'{"batch_id": "b", "ops": [' + _in_change(_deep_array()) + b"]}",
+        TOO_DEEP,
         id="batch-change-value",
     ),
+    # A string expected: msgspec refuses the array at its first `[`, before any depth.
     pytest.param(
         encode(make_op()).replace(b'"u1"', _deep_array()),
+        ("schema", "user_id", "Expected `str`, got `array`"),
         id="user-id",
     ),
 ]
 
 
-@pytest.mark.parametrize("payload", DEEP_CASES)
-def test_deep_nesting_is_rejected_not_raised(payload: bytes) -> None:
+@pytest.mark.parametrize(("payload", "expected"), DEEP_CASES)
+def test_deep_nesting_is_rejected_not_raised(
+    payload: bytes, expected: tuple[str, str | None, str]
+) -> None:
     assert len(payload) <= MAX_PAYLOAD
     decoded = decode(payload)
-    assert decoded.records == []
     item = only_rejection(decoded)
-    assert item.error.code.value in {"malformed", "schema"}
+    assert (item.op_id, item.error.code.value, item.error.path, item.error.message) == (
+        None,
+        *expected,
+    )
     (record,) = decoded.quarantine
+    assert record.payload == payload
     assert record.payload_bytes == len(payload)
 
 
@@ -581,3 +682,151 @@ def test_decoding_is_independent_per_payload() -> None:
     assert len(bad.quarantine) == 1
     assert good.quarantine == []
     assert [r.op_id for r in good.records] == ["a1"]
+
+
+# -- the edges of the rules, one by one ----------------------------------------------
+
+
+def test_a_whole_payload_error_names_no_op_even_if_the_payload_has_an_op_id() -> None:
+    payload = encode({"op_id": "x1", "batch_id": "b", "ops": 5})
+    assert_rejected_whole(decode(payload), payload, "schema", OPS_NOT_A_LIST, "ops")
+
+
+def test_an_op_id_that_can_be_read_is_reported_at_any_length_it_may_have() -> None:
+    for op_id in ("x", "x" * 64):
+        (item,) = decode(encode(make_op(op_id=op_id, entity_id=5))).items
+        assert (item.op_id, item.error.path) == (op_id, "entity_id")  # type: ignore[union-attr]
+
+
+def test_a_value_that_quotes_msgspec_s_path_marker_keeps_its_path() -> None:
+    """msgspec ends its message with ` - at `$.path``: the last one is the path."""
+    (item,) = decode(encode(make_op(operation=" - at `$.x"))).items
+    assert item == Rejected(
+        "a1", Error(Code.SCHEMA, "Invalid enum value ' - at `$.x'", "operation")
+    )
+
+
+def test_field_names_of_1_to_128_characters() -> None:
+    ok = make_op(changes={"k" * 128: {"new": 1}})
+    assert decode(encode(ok)).items == [expected_record(ok)]
+    for name in ("", "k" * 129):
+        (item,) = decode(encode(make_op(changes={name: {"new": 1}}))).items
+        assert item == Rejected(
+            "a1", Error(Code.SCHEMA, "a field name is 1 to 128 characters", "changes")
+        )
+
+
+def test_the_first_unknown_key_of_a_change_is_named() -> None:
+    (item,) = decode(encode(make_op(changes={"status": {"new": 1, "b": 2, "a": 3}}))).items
+    assert item == Rejected(
+        "a1", Error(Code.SCHEMA, "Object contains unknown field `a`", "changes.status.a")
+    )
+
+
+def test_device_metadata_of_exactly_the_limit_is_kept() -> None:
+    meta = {"notes": ""}
+    meta["notes"] = "n" * (4096 - len(json.dumps(meta)))
+    assert len(json.dumps(meta)) == 4096
+    assert decode(encode(make_op(device=meta))).items == [expected_record(make_op(device=meta))]
+
+
+NUL_CASES: list[Any] = [
+    # (payload, the op's id and the error's path); strings of text columns only
+    pytest.param(make_op(op_id="a\x00"), "a\x00", "op_id", id="op_id"),
+    pytest.param(make_op(user_id="u\x00"), "a1", "user_id", id="user_id"),
+    pytest.param(make_op(entity_id="t\x00"), "a1", "entity_id", id="entity_id"),
+    pytest.param(make_op(session_id="s\x00"), "a1", "session_id", id="session_id"),
+]
+
+
+@pytest.mark.parametrize(("op", "op_id", "path"), NUL_CASES)
+def test_a_nul_in_a_text_column_is_rejected(op: dict[str, Any], op_id: str, path: str) -> None:
+    assert decode(encode(op)).items == [Rejected(op_id, Error(Code.SCHEMA, NUL_MESSAGE, path))]
+
+
+def test_a_nul_in_a_batch() -> None:
+    payload = encode({"batch_id": "b\x00", "ops": [make_op()]})
+    assert_rejected_whole(decode(payload), payload, "schema", NUL_MESSAGE, "batch_id")
+    batch = {"batch_id": "b", "ops": [make_op(op_id="o0"), make_op(op_id="o1", entity_id="\x00")]}
+    decoded = decode(encode(batch))
+    assert decoded.items[1] == Rejected("o1", Error(Code.SCHEMA, NUL_MESSAGE, "ops[1].entity_id"))
+    assert isinstance(decoded.items[0], OpRecord)
+
+
+def test_a_nul_inside_json_is_kept_as_sent() -> None:
+    op = make_op(changes={"n\x00": {"old": None, "new": "v\x00"}}, device={"p": "\x00"})
+    assert decode(encode(op)).items == [expected_record(op)]
+
+
+def test_the_quarantine_cuts_the_device_id_and_the_topic_to_their_columns() -> None:
+    device = "d" * 65
+    topic = "fg/devices/" + device + "/sync" + "/x" * 300
+    decoded = SyncHandler(limits()).decode(topic, device, b"{", RECEIVED_AT_US)
+    (record,) = decoded.quarantine
+    assert (record.device_id, record.topic) == ("d" * 64, topic[:512])
+
+
+@pytest.mark.parametrize(
+    ("batch", "count", "index", "path"),
+    [
+        (None, 1, 0, None),
+        ("b-1", 3, 0, "ops[0]"),
+        ("b-1", 3, 2, "ops[2]"),
+        ("b-1", 1, 0, "ops[0]"),
+        (None, 2, 1, "ops[1]"),
+    ],
+    ids=["single-op", "batch", "batch-third", "batch-of-one", "batch-without-id"],
+)
+def test_an_op_the_database_refused_is_rejected_in_place(
+    batch: str | None, count: int, index: int, path: str | None
+) -> None:
+    """`refuse`: the database refused this record alone (the writer found it); it
+    becomes this payload's rejection at its place, named by its path: `ops[i]` in a
+    batch (one with an id, or of several ops), none for a payload of one op."""
+    ops = [make_op(op_id=f"o{i}", entity_id=f"t{i}") for i in range(count)]
+    if batch is None and count == 1:
+        decoded = decode(encode(ops[0]))
+    else:
+        decoded = decode(encode({"batch_id": batch, "ops": ops} if batch else {"ops": ops}))
+    record = decoded.items[index]
+    before = list(decoded.items)
+    refused = decoded.refuse(record, "CheckViolation")
+    error = Error(Code.SCHEMA, "the database refused this operation (CheckViolation)", path)
+    assert refused == (record.op_id, error)
+    assert decoded.items == [
+        Rejected(record.op_id, error) if i == index else item for i, item in enumerate(before)
+    ]
+    assert decoded.rejections() == [(record.op_id, error)]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path", "joined"),
+    [
+        ("ops[3]", "changes.status", "ops[3].changes.status"),
+        ("ops[3]", "[0]", "ops[3][0]"),
+        ("ops[3]", None, "ops[3]"),
+        (None, "op_id", "op_id"),
+        ("", "op_id", "op_id"),
+        (None, None, None),
+    ],
+)
+def test_join_path(prefix: str | None, path: str | None, joined: str | None) -> None:
+    assert join_path(prefix, path) == joined
+
+
+@pytest.mark.parametrize("device", ["bad id", "é", "d" * 65, ""], ids=["space", "é", "65", "empty"])
+def test_a_device_id_in_the_topic_that_breaks_the_pattern(device: str) -> None:
+    payload = encode(make_op())
+    decoded = SyncHandler(limits()).decode(TOPIC, device, payload, RECEIVED_AT_US)
+    message = "the device id in the topic is not [A-Za-z0-9_.-]{1,64}"
+    assert decoded.items == [Rejected(None, Error(Code.SCHEMA, message))]
+    (record,) = decoded.quarantine
+    assert (record.device_id, record.payload) == (device[:64], payload)
+
+
+def test_a_one_character_field_name_and_text_beyond_ascii() -> None:
+    op = make_op(changes={"a": {"old": "é", "new": "ü"}}, user_id="ünïcode")
+    assert decode(encode(op)).items == [expected_record(op)]
+    raw = json.dumps(op, ensure_ascii=False).encode()
+    assert not raw.isascii()
+    assert decode(raw).items == [expected_record(op)]

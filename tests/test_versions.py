@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,14 +23,6 @@ from tests.support import plain_writer
 
 ENTITIES = ["e0", "e1", "e2"]
 BATCH_SIZES = [1, 7, 3, 12, 5, 9, 2, 15, 4, 8]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/versions.db"
-    else:
-        yield request.getfixturevalue("pg_url")
 
 
 def record(op_id: str, entity_id: str, device_id: str) -> OpRecord:

@@ -75,7 +75,7 @@ class AlertCommands:
         return [
             Command("alerts/list", self.list, ListArgs),
             Command("alerts/get", self.get, GetArgs),
-            Command("alerts/ack", self.ack, AckArgs),
+            Command("alerts/ack", self.ack, AckArgs, writes=True),
         ]
 
     async def list(self, args: ListArgs, _progress: Progress) -> dict[str, Any]:

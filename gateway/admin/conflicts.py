@@ -67,7 +67,7 @@ class ConflictCommands:
         return [
             Command("conflicts/list", self.list, ListArgs),
             Command("conflicts/get", self.get, GetArgs),
-            Command("conflicts/resolve", self.resolve, ResolveArgs),
+            Command("conflicts/resolve", self.resolve, ResolveArgs, writes=True),
             Command("conflicts/stats", self.stats, StatsArgs),
         ]
 

@@ -5,7 +5,8 @@ commands in a module of gateway/admin/ gives its rows, and the daemon puts them
 together), and one place here that wraps every answer and every error. Each
 request runs in its own task, so a slow command never blocks a fast one nor the
 ingest path; a long command answers `accepted` at once, reports progress, then
-answers with its result.
+answers with its result. A write redelivered under the same transaction is
+answered as the first time, and not run again (gateway/admin/replay.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 
 from gateway.admin.args import CommandError, NoArgs, Progress
+from gateway.admin.replay import Outcome, RecentAnswers
 from gateway.lifecycle import Part
 from gateway.metrics import Metrics
 from gateway.mqtt.session import Inbound, MqttSession
@@ -46,6 +48,9 @@ class Command:
     args: type[Any] = NoArgs
     long: bool = False
     """Answers `accepted` at once, reports progress, then answers with its result."""
+    writes: bool = False
+    """Changes something: a redelivered request gets the first answer, and does not run
+    again."""
 
 
 class AdminServer(Part):
@@ -68,6 +73,7 @@ class AdminServer(Part):
         self.received = metrics.messages_received.labels("admin")
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self._recent = RecentAnswers()
         self._stopped = asyncio.Event()
 
     def request(self, message: Inbound, params: dict[str, str]) -> None:
@@ -113,26 +119,28 @@ class AdminServer(Part):
                 Outbound(f"{self.root}/admin/progress/{request.command}", _encode(body), qos=0)
             )
 
+        async def execute() -> Outcome:
+            return await self._execute(command, args, progress)
+
+        key = RecentAnswers.key(request.command, request.transaction, request.args)
+        data, error = await self._recent.once(key if command.writes else None, execute)
+        self._answer(message, request.command, request.transaction, data=data, error=error)
+
+    async def _execute(self, command: Command, args: Any, progress: Progress) -> Outcome:
+        """Run the command: its data, or the error to answer with."""
         async with self._slots:
             try:
                 data = await command.handler(args, progress)
             except CommandError as exc:
-                self._answer(message, request.command, request.transaction, error=exc.error)
-                return
+                return None, exc.error
             except DBAPIError as exc:
-                log.warning(
-                    "admin command failed", command=request.command, error=type(exc).__name__
-                )
-                error = Error(Code.UNAVAILABLE, "the database is unavailable; retry later")
-                self._answer(message, request.command, request.transaction, error=error)
-                return
+                log.warning("admin command failed", command=command.name, error=type(exc).__name__)
+                return None, Error(Code.UNAVAILABLE, "the database is unavailable; retry later")
             except Exception:
-                log.exception("admin command crashed", command=request.command)
-                error = Error(Code.UNAVAILABLE, "the command failed; see the gateway's log")
-                self._answer(message, request.command, request.transaction, error=error)
-                return
-        log.info("admin command done", command=request.command)
-        self._answer(message, request.command, request.transaction, data=data)
+                log.exception("admin command crashed", command=command.name)
+                return None, Error(Code.UNAVAILABLE, "the command failed; see the gateway's log")
+        log.info("admin command done", command=command.name)
+        return data, None
 
     def _answer(
         self,

@@ -40,8 +40,8 @@ class SystemCommands:
             Command("info", self.info),
             Command("stats", self.stats),
             Command("config/get", self.config_get),
-            Command("config/reload", self.config_reload),
-            Command("log_level", self.log_level, LogLevelArgs),
+            Command("config/reload", self.config_reload, writes=True),
+            Command("log_level", self.log_level, LogLevelArgs, writes=True),
         ]
 
     async def health(self, _args: NoArgs, _progress: Progress) -> dict[str, Any]:

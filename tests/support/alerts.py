@@ -1,19 +1,16 @@
-"""Helpers for the alert tests: payloads, a watching client, reads of the daemon's database."""
+"""Alerts as a device sends them, and a client watching everything an alert causes."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from datetime import UTC, datetime, timedelta
+import uuid
+from datetime import datetime
 from typing import Any
 
-from tests.support import Client, Daemon, Received, wait_for
-
-NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
+from tests.support.database import db_rows, outbox_sent
+from tests.support.mqtt import Client, Received
+from tests.support.processes import Daemon, wait_for
+from tests.support.times import NOW, iso
 
 
 def alert(
@@ -33,10 +30,6 @@ def alert(
     return body
 
 
-def days_ago(days: float) -> datetime:
-    return NOW - timedelta(days=days)
-
-
 class Watch:
     """A client subscribed to everything an alert causes, with filters over what came."""
 
@@ -53,13 +46,12 @@ class Watch:
         self.client.publish(f"{self.root}/devices/{device_id}/alerts", body)
 
     def on(self, topic_suffix: str) -> list[Received]:
-        topic = f"{self.root}/{topic_suffix}"
-        return [m for m in list(self.client.all) if m.topic == topic]
+        return self.client.on(f"{self.root}/{topic_suffix}")
 
     def acks(self, device_id: str = "d1") -> dict[str | None, dict[str, Any]]:
         return {m.json()["alert_id"]: m.json() for m in self.on(f"devices/{device_id}/alerts/ack")}
 
-    def ack_of(self, alert_id: str, device_id: str = "d1") -> dict[str, Any]:
+    def ack_of(self, alert_id: str | None, device_id: str = "d1") -> dict[str, Any]:
         found: dict[str, Any] = wait_for(lambda: self.acks(device_id).get(alert_id))
         return found
 
@@ -68,7 +60,8 @@ class Watch:
 
     def wellness(self) -> list[dict[str, Any]]:
         prefix = f"{self.root}/alerts/wellness/"
-        return [m.json() for m in list(self.client.all) if m.topic.startswith(prefix)]
+        with self.client._lock:
+            return [m.json() for m in self.client.all if m.topic.startswith(prefix)]
 
     def wait_crises(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = wait_for(
@@ -76,18 +69,28 @@ class Watch:
         )
         return got
 
+    def fence(self, device_id: str = "fence") -> None:
+        """Everything the daemon had published for the alerts before now has arrived:
+        an alert of the fence device (no classification, nothing published for it)
+        is answered after them, on the same connection."""
+        alert_id = f"fence-{uuid.uuid4().hex[:8]}"
+        self.send(alert(alert_id, user_id="fence", mood=9), device_id)
+        assert self.ack_of(alert_id, device_id) == {
+            "alert_id": alert_id,
+            "status": "stored",
+            "classification": "none",
+        }
 
-def db_path(daemon: Daemon) -> str:
-    return daemon.db_url.split("///", 1)[1]
-
-
-def query(daemon: Daemon, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db_path(daemon), timeout=10) as conn:
-        return list(conn.execute(sql, args).fetchall())
+    def settled(self, daemon: Daemon, timeout: float = 15.0) -> None:
+        """Every outbox message written so far has been published and PUBACKed, and has
+        reached this client: the broker routed it before it PUBACKed it, so before the
+        client's own fence, published after."""
+        wait_for(lambda: outbox_sent(daemon.db_url), timeout)
+        self.client.fence()
 
 
 def stored_reasons(daemon: Daemon, alert_id: str) -> tuple[str, list[str]]:
-    ((classification, reasons),) = query(
-        daemon, "select classification, reasons from alerts where alert_id = ?", alert_id
+    ((classification, reasons),) = db_rows(
+        daemon.db_url, "select classification, reasons from alerts where alert_id = ?", alert_id
     )
     return classification, json.loads(reasons)
