@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -554,8 +555,17 @@ def _start_profiler(pid: int, path: Path, fmt: str) -> subprocess.Popen[bytes]:
 # -- the run ------------------------------------------------------------------
 
 
-def backlog(n: int, devices: int, seed: int, device_meta_share: float) -> list[tuple[str, bytes]]:
-    """N single operations, unique op_ids, edited just now, from `devices` devices."""
+def backlog(
+    n: int, devices: int, seed: int, device_meta_share: float, clock: str = "paced"
+) -> list[tuple[str, bytes]]:
+    """N single operations, unique op_ids, from `devices` devices.
+
+    `paced`: edited at the generator's pace (`payloads_per_s`, the fleet's), ending
+    now: the backlog of a real outage, whose edits span hours, so that conflicts
+    are as frequent as crews make them. `live`: every edit stamped as generated,
+    all N within a few seconds: every edit of an entity concurrent with the others,
+    a conflict storm rather than a backlog (kept to measure that worst case).
+    """
     options = GeneratorOptions(
         devices=devices,
         seed=seed,
@@ -566,7 +576,13 @@ def backlog(n: int, devices: int, seed: int, device_meta_share: float) -> list[t
         conflict_share=0.1,
         device_meta_share=device_meta_share,
     )
-    return [(p.device_id, p.body) for p in generate(options, clock=lambda: time.time_ns() // 1000)]
+    now_us = time.time_ns() // 1000
+    if clock == "live":
+        made = generate(options, clock=lambda: time.time_ns() // 1000)
+    else:
+        span_us = int(n / options.payloads_per_s * 1_000_000)
+        made = generate(dataclasses.replace(options, start_us=now_us - span_us))
+    return [(p.device_id, p.body) for p in made]
 
 
 def run_one(
@@ -674,6 +690,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
+        "--clock",
+        choices=("paced", "live"),
+        default="paced",
+        help="edit times: at the fleet's pace, ending now (a real backlog), or all"
+        " within seconds (a conflict storm) [default: paced]",
+    )
+    parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated: {','.join(VARIANTS)}"
     )
     parser.add_argument(
@@ -701,7 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     receive_maximum = load_config(CONFIG).mqtt.receive_maximum
 
     log(f"making {args.messages} operations from {args.devices} devices")
-    messages = backlog(args.messages, args.devices, args.seed, args.device_meta_share)
+    messages = backlog(
+        args.messages, args.devices, args.seed, args.device_meta_share, args.clock
+    )
     sizes = sorted(len(body) for _, body in messages)
     base = Path(tempfile.mkdtemp(prefix="fieldgate-drain-"))
     results: dict[str, list[Drain]] = {v: [] for v in variants}

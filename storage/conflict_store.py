@@ -12,13 +12,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import and_, distinct, func, literal_column, or_, select, update
+from sqlalchemy import (
+    Select,
+    and_,
+    distinct,
+    func,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from handlers.conflicts import MEMBERS_SHOWN, ConflictNotices, Group
 from handlers.records import ResolutionRecord
 from handlers.times import HOUR_US, rfc3339
-from storage.db import chunks
+from storage.db import chunks, driver_rows
 from storage.schema import (
     conflict_members,
     conflict_totals,
@@ -34,6 +42,8 @@ _decode_group = msgspec.json.Decoder(Group).decode
 _encode = msgspec.json.Encoder().encode
 
 GROUPS = ("entity_type", "severity", "user_id", "hour")
+COMPOUND_CHUNK = 100
+"""Parts of one UNION ALL: well under SQLite's limit of 500 compound selects."""
 
 
 # -- records ----------------------------------------------------------------------------
@@ -76,6 +86,30 @@ def member(row: Mapping[Any, Any], fields: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _members_query(conflict_id: str, below_version: int | None, limit: int) -> Select[Any]:
+    """The latest members of one conflict: one range of the (conflict_id, version) index."""
+    m, s = conflict_members.c, sync_log.c
+    query = (
+        select(
+            m.conflict_id,
+            m.op_id,
+            m.device_id,
+            m.user_id,
+            m.version,
+            s.operation,
+            s.edited_at,
+            s.changes,
+        )
+        .join_from(conflict_members, sync_log, s.op_id == m.op_id)
+        .where(m.conflict_id == conflict_id)
+        .order_by(m.version.desc())
+        .limit(limit)
+    )
+    if below_version is not None:
+        query = query.where(m.version < below_version)
+    return query
+
+
 async def members(
     conn: AsyncConnection,
     conflict_id: str,
@@ -85,17 +119,44 @@ async def members(
     limit: int = MEMBERS_SHOWN,
 ) -> list[dict[str, Any]]:
     """The latest stored members first (one index range, whatever the group's size)."""
-    m, s = conflict_members.c, sync_log.c
-    query = (
-        select(m.op_id, m.device_id, m.user_id, m.version, s.operation, s.edited_at, s.changes)
-        .join_from(conflict_members, sync_log, s.op_id == m.op_id)
-        .where(m.conflict_id == conflict_id)
-        .order_by(m.version.desc())
-        .limit(limit)
-    )
-    if below_version is not None:
-        query = query.where(m.version < below_version)
+    query = _members_query(conflict_id, below_version, limit)
     return [member(row, fields) for row in (await conn.execute(query)).mappings()]
+
+
+_LATEST_COLUMNS = (
+    "conflict_id",
+    "op_id",
+    "device_id",
+    "user_id",
+    "version",
+    "operation",
+    "edited_at",
+    "changes",
+)
+_LATEST_PART = (
+    "SELECT * FROM (SELECT m.conflict_id, m.op_id, m.device_id, m.user_id, m.version,"
+    " s.operation, s.edited_at, s.changes FROM conflict_members m"
+    " JOIN sync_log s ON s.op_id = m.op_id WHERE m.conflict_id = ?"
+    " ORDER BY m.version DESC LIMIT ?) AS latest"
+)
+
+
+async def latest_members(
+    conn: AsyncConnection, fields: Mapping[str, Sequence[str]]
+) -> dict[str, list[dict[str, Any]]]:
+    """The latest MEMBERS_SHOWN members of each conflict in `fields` (conflict_id ->
+    its fields), latest first: one statement per chunk of conflicts, each part one
+    range of the (conflict_id, version) index."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for part in chunks(sorted(fields), COMPOUND_CHUNK):
+        sql = " UNION ALL ".join([_LATEST_PART] * len(part))
+        params = [value for conflict_id in part for value in (conflict_id, MEMBERS_SHOWN)]
+        for row in await driver_rows(conn, sql, params, _LATEST_COLUMNS):
+            conflict_id = row["conflict_id"]
+            found.setdefault(conflict_id, []).append(member(row, fields[conflict_id]))
+    for rows in found.values():
+        rows.sort(key=lambda m: m["version"], reverse=True)
+    return found
 
 
 async def get(
@@ -148,42 +209,57 @@ async def page(
     return [dict(row) for row in (await conn.execute(query)).mappings()]
 
 
-async def entity_ops(
+_OPS_COLUMNS = (
+    "op_id",
+    "device_id",
+    "user_id",
+    "entity_type",
+    "entity_id",
+    "operation",
+    "changes",
+    "edited_at",
+    "version",
+    "base_version",
+    "conflict_id",
+)
+_OPS_PART = (
+    "SELECT s.op_id, s.device_id, s.user_id, s.entity_type, s.entity_id, s.operation,"
+    " s.changes, s.edited_at, s.version, s.base_version, m.conflict_id FROM sync_log s"
+    " LEFT OUTER JOIN conflict_members m ON m.op_id = s.op_id"
+    " WHERE s.entity_type = ? AND s.entity_id = ? AND ({ranges})"
+)
+
+
+async def entities_ops(
     conn: AsyncConnection,
-    key: tuple[str, str],
-    *,
-    lo: int | None,
-    hi: int | None,
-    above_version: int | None,
-) -> list[dict[str, Any]]:
-    """An entity's stored operations edited in [lo, hi] (hi None: to the end) or above
-    a version, each with the conflict it is a member of (null: none)."""
-    s, m = sync_log.c, conflict_members.c
-    ranges = []
-    if lo is not None:
-        ranges.append(s.edited_at >= lo if hi is None else s.edited_at.between(lo, hi))
-    if above_version is not None:
-        ranges.append(s.version > above_version)
-    if not ranges:
-        return []
-    query = (
-        select(
-            s.op_id,
-            s.device_id,
-            s.user_id,
-            s.entity_type,
-            s.entity_id,
-            s.operation,
-            s.changes,
-            s.edited_at,
-            s.version,
-            s.base_version,
-            m.conflict_id,
-        )
-        .outerjoin_from(sync_log, conflict_members, m.op_id == s.op_id)
-        .where(s.entity_type == key[0], s.entity_id == key[1], or_(*ranges))
-    )
-    return [dict(row) for row in (await conn.execute(query)).mappings()]
+    wanted: Mapping[tuple[str, str], tuple[int | None, int | None, int | None]],
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Per entity, its stored operations edited in [lo, hi] (hi None: to the end) or
+    above a version, each with the conflict it is a member of (null: none); `wanted`
+    maps each entity to its (lo, hi, above_version). One statement per chunk of
+    entities, each part a range of the entity's indexes."""
+    parts: list[tuple[str, list[Any]]] = []
+    for (entity_type, entity_id), (lo, hi, above_version) in sorted(wanted.items()):
+        ranges: list[str] = []
+        params: list[Any] = [entity_type, entity_id]
+        if lo is not None and hi is None:
+            ranges.append("s.edited_at >= ?")
+            params.append(lo)
+        elif lo is not None:
+            ranges.append("s.edited_at BETWEEN ? AND ?")
+            params += [lo, hi]
+        if above_version is not None:
+            ranges.append("s.version > ?")
+            params.append(above_version)
+        if ranges:
+            parts.append((_OPS_PART.format(ranges=" OR ".join(ranges)), params))
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for chunk in chunks(parts, COMPOUND_CHUNK):
+        sql = " UNION ALL ".join(sql for sql, _params in chunk)
+        params = [value for _sql, values in chunk for value in values]
+        for row in await driver_rows(conn, sql, params, _OPS_COLUMNS):
+            found.setdefault((row["entity_type"], row["entity_id"]), []).append(row)
+    return found
 
 
 # -- counts ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import bindparam, func, select, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -65,7 +65,6 @@ from storage import conflict_store
 from storage.db import chunks
 from storage.schema import (
     SUMMARY_ALL,
-    conflict_members,
     conflict_totals,
     conflict_windows,
     conflicts,
@@ -184,11 +183,27 @@ class _Hits(msgspec.Struct):
 class _Entity:
     """One entity's state in this batch."""
 
-    __slots__ = ("candidates", "delete_max", "key", "rebuild", "summary_from", "windows")
+    __slots__ = (
+        "candidates",
+        "delete_max",
+        "key",
+        "rebuild",
+        "stored_from",
+        "summary_from",
+        "windows",
+    )
 
-    def __init__(self, key: EntityKey, summary_from: int | None, delete_max: int | None) -> None:
+    def __init__(
+        self,
+        key: EntityKey,
+        summary_from: int | None,
+        delete_max: int | None,
+        stored_from: int | None,
+    ) -> None:
         self.key = key
         self.summary_from = summary_from
+        self.stored_from = stored_from
+        """`summary_from` as stored: the row is written only when it moved."""
         self.delete_max = delete_max
         self.windows: dict[str, FieldWindow] = {}
         self.candidates: list[tuple[OpView, str | None]] | None = None
@@ -258,6 +273,7 @@ class Detector:
         for record in sorted(stored, key=lambda r: (r.entity_type, r.entity_id, r.version or 0)):
             per_entity.setdefault((record.entity_type, record.entity_id), []).append(view(record))
         await batch.load(per_entity, prior)
+        await batch.prefetch(per_entity)
         for key, ops in per_entity.items():
             await batch.entity(key, ops)
         await batch.write()
@@ -298,10 +314,9 @@ class _Batch:
         """Each entity's summaries (windows) and the conflicts they name."""
         summarized: list[EntityKey] = []
         for key in per_entity:
-            before, summary_from, delete_max = prior.get(key, (0, None, None))
-            if before == 0:
-                summary_from = SUMMARY_ALL
-            state = self.entities[key] = _Entity(key, summary_from, delete_max)
+            before, stored_from, delete_max = prior.get(key, (0, None, None))
+            summary_from = SUMMARY_ALL if before == 0 else stored_from
+            state = self.entities[key] = _Entity(key, summary_from, delete_max, stored_from)
             if before and not state.rebuild:
                 summarized.append(key)
         names: set[str] = set()
@@ -346,8 +361,7 @@ class _Batch:
     async def entity(self, key: EntityKey, ops: list[OpView]) -> None:
         state = self.entities[key]
         for index, op in enumerate(ops):
-            fast = self.detector.windows and not state.rebuild
-            hits = self._fast(state, op) if fast else None
+            hits = self._fast(state, op)
             if hits is None:
                 self.detector.slow += 1
                 hits = await self._slow(state, op, ops[index:])
@@ -359,17 +373,26 @@ class _Batch:
         else:
             self._prune(state)
 
+    def _needs_log(self, state: _Entity, op: OpView) -> bool:
+        """Whether the summaries cannot judge `op`: no summaries (yet), a delete or a
+        `base_version` (concurrency by version, which they do not keep), an edit older
+        than where they start, or a delete in its window."""
+        if not self.detector.windows or state.rebuild:
+            return True
+        if op.operation == "delete" or op.base_version is not None:
+            return True
+        since = op.edited_at_us - self.rules.window_us
+        assert state.summary_from is not None
+        if state.summary_from > since:
+            return True
+        return state.delete_max is not None and state.delete_max >= since
+
     def _fast(self, state: _Entity, op: OpView) -> _Hits | None:
         """The pairs of `op` from the windows, or None when they cannot tell exactly."""
+        if self._needs_log(state, op):
+            return None
         window_us = self.rules.window_us
         since = op.edited_at_us - window_us
-        assert state.summary_from is not None
-        if op.operation == "delete" or op.base_version is not None:
-            return None
-        if state.summary_from > since:
-            return None
-        if state.delete_max is not None and state.delete_max >= since:
-            return None
         hits = _Hits()
         critical = self.rules.for_type(op.entity_type).critical_fields
         group_fields: dict[str, int] = {}
@@ -447,12 +470,31 @@ class _Batch:
         await self._load_conflicts(hits.groups)
         return hits
 
+    async def prefetch(self, per_entity: dict[EntityKey, list[OpView]]) -> None:
+        """The slow path's stored operations for every entity that will need them, in
+        a few statements for the whole batch rather than one per entity."""
+        wanted: dict[EntityKey, tuple[int | None, int | None, int | None]] = {}
+        for key, ops in per_entity.items():
+            state = self.entities[key]
+            if any(self._needs_log(state, op) for op in ops):
+                wanted[key] = self._candidate_range(state, ops)
+        await self._fill_candidates(wanted)
+
     async def _candidates(
         self, state: _Entity, remaining: list[OpView]
     ) -> list[tuple[OpView, str | None]]:
-        """The entity's stored operations that any of `remaining` may collide with,
-        each with its conflict; all of them from the window's start when the
-        summaries are to be built from them."""
+        """The stored operations that any of `remaining` may collide with, when the
+        prefetch did not foresee that the summaries would not do."""
+        await self._fill_candidates({state.key: self._candidate_range(state, remaining)})
+        assert state.candidates is not None
+        return state.candidates
+
+    def _candidate_range(
+        self, state: _Entity, remaining: list[OpView]
+    ) -> tuple[int | None, int | None, int | None]:
+        """(lo, hi, above_version) of the stored operations that `remaining` may collide
+        with; all of them from the window's start when the summaries are to be built
+        from them (which then start there)."""
         window_us = self.rules.window_us
         plain = [op.edited_at_us for op in remaining if op.base_version is None]
         based = [op.base_version for op in remaining if op.base_version is not None]
@@ -461,14 +503,24 @@ class _Batch:
         if state.rebuild:
             lo = min(op.edited_at_us for op in remaining) - window_us
             state.summary_from = lo
-        rows = await conflict_store.entity_ops(
-            self.conn, state.key, lo=lo, hi=hi, above_version=min(based) if based else None
-        )
-        found: dict[str, tuple[OpView, str | None]] = {}
-        for row in rows:
-            found[row["op_id"]] = (_row_view(row), row["conflict_id"])
-        await self._load_conflicts(c for _v, c in found.values() if c)
-        return sorted(found.values(), key=lambda item: item[0].version)
+        return lo, hi, min(based) if based else None
+
+    async def _fill_candidates(
+        self, wanted: dict[EntityKey, tuple[int | None, int | None, int | None]]
+    ) -> None:
+        if not wanted:
+            return
+        found = await conflict_store.entities_ops(self.conn, wanted)
+        conflict_ids: set[str] = set()
+        for key in wanted:
+            rows = found.get(key, [])
+            views = sorted(
+                ((_row_view(row), row["conflict_id"]) for row in rows),
+                key=lambda item: item[0].version,
+            )
+            self.entities[key].candidates = views
+            conflict_ids.update(c for _v, c in views if c)
+        await self._load_conflicts(conflict_ids)
 
     # -- joining ----------------------------------------------------------------------
 
@@ -661,30 +713,21 @@ class _Batch:
         if fresh:
             await conn.execute(conflicts.insert(), [_conflict_row(c, self.now_us) for c in fresh])
         if changed:
-            await conn.execute(
-                update(conflicts)
-                .where(conflicts.c.conflict_id == bindparam("key"))
-                .values({name: bindparam(name) for name in _UPDATED}),
+            await conn.exec_driver_sql(
+                _sql(conn, _UPDATE_CONFLICT),
                 [_conflict_update(c, self.now_us) for c in changed],
             )
-        for absorbed, target in sorted(self.absorbed.items()):
-            root = self.root(target)
-            await conn.execute(
-                update(conflicts)
-                .where(conflicts.c.merged_into == absorbed)
-                .values(merged_into=root)
-            )
-            await conn.execute(
-                update(conflict_members)
-                .where(conflict_members.c.conflict_id == absorbed)
-                .values(conflict_id=root)
-            )
+        moves = [
+            (self.root(target), absorbed) for absorbed, target in sorted(self.absorbed.items())
+        ]
+        if moves:
+            await conn.exec_driver_sql(_sql(conn, _MOVE_MERGED_INTO), moves)
+            await conn.exec_driver_sql(_sql(conn, _MOVE_MEMBERS), moves)
         if self.members:
             # Plain SQL, one executemany: a row per joining op, and SQLAlchemy's work
             # per row would cost more than the database's (measured).
-            sql = _INSERT_MEMBERS_PG if conn.dialect.name == "postgresql" else _INSERT_MEMBERS
             await conn.exec_driver_sql(
-                sql,
+                _sql(conn, _INSERT_MEMBERS),
                 [
                     (
                         op.op_id,
@@ -703,26 +746,22 @@ class _Batch:
         await _add_totals(conn, self.totals)
 
     async def _write_windows(self) -> None:
+        """Each entity's summaries, and where they start when that moved. Plain SQL,
+        one executemany each: a row per entity of the batch (measured: SQLAlchemy's
+        work per row cost more than the database's)."""
         conn = self.conn
-        rows: list[dict[str, Any]] = []
-        bounds: list[dict[str, Any]] = []
+        rows: list[tuple[str, str, bytes]] = []
+        bounds: list[tuple[int | None, str, str]] = []
         dropped: list[EntityKey] = []
         for key, state in sorted(self.entities.items()):
-            bounds.append({"t": key[0], "i": key[1], "summary_from": state.summary_from})
+            if state.summary_from != state.stored_from:
+                bounds.append((state.summary_from, *key))
             if state.summary_from is None:
                 dropped.append(key)
                 continue
-            body = windows_encoder.encode(state.windows)
-            rows.append({"entity_type": key[0], "entity_id": key[1], "body": body})
+            rows.append((*key, windows_encoder.encode(state.windows)))
         if bounds:
-            await conn.execute(
-                update(entities)
-                .where(
-                    entities.c.entity_type == bindparam("t"), entities.c.entity_id == bindparam("i")
-                )
-                .values(summary_from=bindparam("summary_from")),
-                bounds,
-            )
+            await conn.exec_driver_sql(_sql(conn, _UPDATE_SUMMARY_FROM), bounds)
         for part in chunks(dropped, ENTITIES_PER_QUERY):
             await conn.execute(
                 conflict_windows.delete().where(
@@ -732,15 +771,7 @@ class _Batch:
                 )
             )
         if rows:
-            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-            base = insert(conflict_windows)
-            await conn.execute(
-                base.on_conflict_do_update(
-                    index_elements=[conflict_windows.c.entity_type, conflict_windows.c.entity_id],
-                    set_={"body": base.excluded.body},
-                ),
-                rows,
-            )
+            await conn.exec_driver_sql(_sql(conn, _UPSERT_WINDOWS), rows)
 
     # -- messages -----------------------------------------------------------------------
 
@@ -748,11 +779,12 @@ class _Batch:
         """One message per conflict and topic: `conflict.detected` for a conflict this
         batch made (to every member's device), `conflict.updated` for one it changed
         (to the devices of the members that joined)."""
+        records = await self._records()
         out: list[OutboxRecord] = []
         notices = self.detector.notices
         for conflict_id, touch in self.touched.items():
             conflict = self.conflicts[conflict_id]
-            record = await self._record(conflict, touch)
+            record = records[conflict_id]
             if conflict.new:
                 out += notices.event("conflict.detected", record, conflict.group.device_ids)
                 continue
@@ -767,19 +799,28 @@ class _Batch:
             )
         return out
 
-    async def _record(self, conflict: _Conflict, touch: _Touch) -> dict[str, Any]:
-        """The record as the message carries it, with its latest members: from memory
-        when this batch stored at least that many of them, else from the database."""
-        record = conflict_store.record(_conflict_row(conflict, self.now_us))
-        fields = record["fields"]
-        latest = sorted(touch.fresh, key=lambda op: op.version, reverse=True)[:MEMBERS_SHOWN]
-        if len(latest) == min(MEMBERS_SHOWN, conflict.group.member_count):
-            record["members"] = [_member(op, fields) for op in latest]
-        else:
-            record["members"] = await conflict_store.members(
-                self.conn, conflict.conflict_id, fields
+    async def _records(self) -> dict[str, dict[str, Any]]:
+        """Each touched conflict's record as its message carries it, with its latest
+        members: from memory when this batch stored at least that many of them, else
+        read, for all such conflicts in one go."""
+        records: dict[str, dict[str, Any]] = {}
+        unread: dict[str, list[str]] = {}
+        for conflict_id, touch in self.touched.items():
+            conflict = self.conflicts[conflict_id]
+            record = records[conflict_id] = conflict_store.record(
+                _conflict_row(conflict, self.now_us)
             )
-        return record
+            fields = record["fields"]
+            latest = sorted(touch.fresh, key=lambda op: op.version, reverse=True)[:MEMBERS_SHOWN]
+            if len(latest) == min(MEMBERS_SHOWN, conflict.group.member_count):
+                record["members"] = [_member(op, fields) for op in latest]
+            else:
+                unread[conflict_id] = fields
+        if unread:
+            found = await conflict_store.latest_members(self.conn, unread)
+            for conflict_id in unread:
+                records[conflict_id]["members"] = found.get(conflict_id, [])
+        return records
 
 
 def _member(op: OpView, fields: Sequence[str]) -> dict[str, Any]:
@@ -799,7 +840,15 @@ _INSERT_MEMBERS = (
     "INSERT INTO conflict_members (op_id, conflict_id, entity_type, entity_id, device_id,"
     " user_id, version, joined_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_MEMBERS_PG = _INSERT_MEMBERS.replace("?", "%s")
+_MOVE_MERGED_INTO = "UPDATE conflicts SET merged_into = ? WHERE merged_into = ?"
+_MOVE_MEMBERS = "UPDATE conflict_members SET conflict_id = ? WHERE conflict_id = ?"
+_UPSERT_WINDOWS = (
+    "INSERT INTO conflict_windows (entity_type, entity_id, body) VALUES (?, ?, ?)"
+    " ON CONFLICT (entity_type, entity_id) DO UPDATE SET body = excluded.body"
+)
+_UPDATE_SUMMARY_FROM = (
+    "UPDATE entities SET summary_from = ? WHERE entity_type = ? AND entity_id = ?"
+)
 _UPDATED = (
     "status",
     "severity",
@@ -816,6 +865,13 @@ _UPDATED = (
     "merged_into",
     "note",
 )
+_ASSIGNMENTS = ", ".join(f"{name} = ?" for name in _UPDATED)
+_UPDATE_CONFLICT = "UPDATE conflicts SET " + _ASSIGNMENTS + " WHERE conflict_id = ?"  # noqa: S608
+
+
+def _sql(conn: AsyncConnection, sql: str) -> str:
+    """`sql` with `?` placeholders in the driver's style (psycopg's `%s`)."""
+    return sql.replace("?", "%s") if conn.dialect.name == "postgresql" else sql
 
 
 def _pair_level(fields: Sequence[str], critical: frozenset[str]) -> Severity:
@@ -825,9 +881,9 @@ def _pair_level(fields: Sequence[str], critical: frozenset[str]) -> Severity:
     return "medium" if len(fields) >= 2 else "low"
 
 
-def _conflict_update(conflict: _Conflict, now_us: int) -> dict[str, Any]:
+def _conflict_update(conflict: _Conflict, now_us: int) -> tuple[Any, ...]:
     row = _conflict_row(conflict, now_us)
-    return {"key": conflict.conflict_id, **{name: row[name] for name in _UPDATED}}
+    return (*(row[name] for name in _UPDATED), conflict.conflict_id)
 
 
 def _conflict_row(conflict: _Conflict, now_us: int) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 CHUNK = 900
 """Rows per IN list: under SQLite's and PostgreSQL's bound-parameter limits."""
@@ -17,6 +17,22 @@ CHUNK = 900
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+async def driver_rows(
+    conn: AsyncConnection, sql: str, params: Sequence[Any], columns: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Rows of `sql` (written with `?` placeholders, for SQLite and PostgreSQL alike) as
+    dicts keyed by `columns`, past SQLAlchemy's compiler.
+
+    For the detector's statements whose shape changes with every batch (a UNION ALL
+    of one part per entity): compiling such a statement costs more than running it,
+    and no compiled form is ever reused.
+    """
+    if conn.dialect.name == "postgresql":
+        sql = sql.replace("?", "%s")
+    result = await conn.exec_driver_sql(sql, tuple(params))
+    return [dict(zip(columns, row, strict=True)) for row in result]
 
 
 def is_sqlite(url: str | URL) -> bool:
