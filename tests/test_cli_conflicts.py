@@ -241,3 +241,31 @@ def test_json_output_on_a_terminal_is_the_raw_answer(
     answer = json.loads("\n".join(lines))
     assert answer["status"] == "ok"
     assert answer["data"]["items"] == conflicts
+
+
+def test_resolve_answers_with_the_resolved_conflict_as_get_shows_it(
+    config: str, conflicts: list[dict[str, Any]]
+) -> None:
+    order = conflicts[1]
+    args = ["admin", "conflicts/resolve", "-a", f"conflict_id={order['conflict_id']}"]
+    code, lines = in_a_terminal(
+        [*args, "-a", "winner_op_id=op-1", "-a", "by=anna", "-c", config], columns=120
+    )
+    assert code == 0, lines
+    header = dict(line.split(None, 1) for line in lines[:13])
+    assert (header["status"], header["winners"]) == ("resolved", "status ← op-1 (tablet-a)")
+    assert header["resolved"].endswith(" by anna")
+    assert [cells(line)[-1] for line in lines[15:18]] == [
+        '"open" → "blocked"',
+        '"open" → "done"',
+        '"open" → "in_progress" ★',
+    ]
+
+    code, lines = in_a_terminal(
+        [*args, "-a", "winner_op_id=op-4", "-a", "by=anna", "-c", config], columns=120
+    )
+    assert code == 1
+    assert lines == [
+        f"error invalid_args: conflict {order['conflict_id']} is resolved already"
+        " (argument: conflict_id)"
+    ]

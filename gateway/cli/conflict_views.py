@@ -112,6 +112,11 @@ def conflict_get(data: dict[str, Any], _width: int) -> list[RenderableType]:
     ]
 
 
+def conflict_resolved(data: dict[str, Any], width: int) -> list[RenderableType]:
+    """`conflicts/resolve` answers with the resolved record: shown as `conflicts/get`."""
+    return conflict_get({"conflict": data}, width)
+
+
 def _header(conflict: dict[str, Any]) -> Table:
     header = Table(show_header=False, box=None, pad_edge=False)
     header.add_column(style="bold", no_wrap=True)

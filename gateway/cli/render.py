@@ -17,6 +17,7 @@ View = Callable[[dict[str, Any], int], list[RenderableType]]
 VIEWS: dict[str, View] = {
     "conflicts/list": conflict_views.conflicts_list,
     "conflicts/get": conflict_views.conflict_get,
+    "conflicts/resolve": conflict_views.conflict_resolved,
 }
 """Commands whose answers have a chosen layout; every other answer gets the generic
 one (items as a table, the rest as rows). A new view is a row here and a module."""
@@ -27,7 +28,7 @@ def show(command: str, answer: dict[str, Any]) -> None:
     console = Console()
     if answer.get("status") != "ok":
         error = answer.get("error") or {}
-        path = f" at {error['path']}" if error.get("path") else ""
+        path = f" (argument: {error['path']})" if error.get("path") else ""
         console.print(f"[red]error[/red] {error.get('code')}: {error.get('message')}{path}")
         return
     data = answer.get("data") or {}
