@@ -287,7 +287,9 @@ def _order(edit: Edit) -> tuple[int, str]:
 
 
 def _earlier(a: Edit | None, b: Edit) -> Edit:
-    if a is None or (b.at_us, b.op_id) < (a.at_us, a.op_id):
+    """The first writer: the earlier edit; on a tie the greater `op_id`, as for the last
+    (PROTOCOL.md: "ties to the greater op_id", whichever the strategy)."""
+    if a is None or b.at_us < a.at_us or (b.at_us == a.at_us and b.op_id > a.op_id):
         return b
     return a
 

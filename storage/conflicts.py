@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -62,7 +62,7 @@ from handlers.conflicts import (
 from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
 from storage import conflict_store
-from storage.db import chunks
+from storage.db import by_entity, chunks
 from storage.schema import (
     SUMMARY_ALL,
     conflict_totals,
@@ -75,9 +75,6 @@ from storage.schema import (
 from storage.sync_log import Prior
 
 EntityKey = tuple[str, str]
-
-ENTITIES_PER_QUERY = 150
-"""Entities per candidate statement (4 parameters each; SQLite allows 32,766)."""
 
 PRUNE_AFTER = 4
 """Windows forget what lies more than two windows behind their latest edit once they
@@ -320,14 +317,9 @@ class _Batch:
             if before and not state.rebuild:
                 summarized.append(key)
         names: set[str] = set()
-        for part in chunks(summarized, ENTITIES_PER_QUERY):
-            result = await self.conn.execute(
-                select(conflict_windows).where(
-                    tuple_(conflict_windows.c.entity_type, conflict_windows.c.entity_id).in_(
-                        list(part)
-                    )
-                )
-            )
+        w = conflict_windows.c
+        for where in by_entity(w.entity_type, w.entity_id, summarized):
+            result = await self.conn.execute(select(conflict_windows).where(where))
             for row in result.mappings():
                 windows = windows_decoder.decode(row["body"])
                 self.entities[(row["entity_type"], row["entity_id"])].windows = windows
@@ -762,14 +754,9 @@ class _Batch:
             rows.append((*key, windows_encoder.encode(state.windows)))
         if bounds:
             await conn.exec_driver_sql(_sql(conn, _UPDATE_SUMMARY_FROM), bounds)
-        for part in chunks(dropped, ENTITIES_PER_QUERY):
-            await conn.execute(
-                conflict_windows.delete().where(
-                    tuple_(conflict_windows.c.entity_type, conflict_windows.c.entity_id).in_(
-                        list(part)
-                    )
-                )
-            )
+        w = conflict_windows.c
+        for where in by_entity(w.entity_type, w.entity_id, dropped):
+            await conn.execute(conflict_windows.delete().where(where))
         if rows:
             await conn.exec_driver_sql(_sql(conn, _UPSERT_WINDOWS), rows)
 
@@ -928,12 +915,9 @@ def _row_view(row: Any) -> OpView:
 async def _forget_summaries(conn: AsyncConnection, keys: Sequence[EntityKey]) -> None:
     """Operations stored without detection are in no window: the summaries of their
     entities no longer hold every edit, and are rebuilt when detection is on again."""
-    for part in chunks(keys, ENTITIES_PER_QUERY):
-        await conn.execute(
-            update(entities)
-            .where(tuple_(entities.c.entity_type, entities.c.entity_id).in_(list(part)))
-            .values(summary_from=None)
-        )
+    e = entities.c
+    for where in by_entity(e.entity_type, e.entity_id, keys):
+        await conn.execute(update(entities).where(where).values(summary_from=None))
 
 
 async def _add_totals(conn: AsyncConnection, deltas: dict[str, int]) -> None:

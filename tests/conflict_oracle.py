@@ -143,8 +143,11 @@ def expected_conflicts(
                 by_op[m] for m in members
                 if by_op[m]["operation"] == "delete" or name in (by_op[m].get("changes") or {})
             ]  # fmt: skip
-            order = sorted(changing, key=lambda op: (_micros(op["edited_at"]), op["op_id"]))
-            winner = order[-1] if strategy == "last_writer_wins" else order[0]
+            # the latest (or earliest) edited_at; ties to the greater op_id either way
+            times = [_micros(op["edited_at"]) for op in changing]
+            when = max(times) if strategy == "last_writer_wins" else min(times)
+            tied = [op for op, at in zip(changing, times, strict=True) if at == when]
+            winner = max(tied, key=lambda op: op["op_id"])
             winners.append((name, winner["op_id"]))
         out.add(Expected(tuple(members), tuple(fields), level, "auto_resolved", tuple(winners)))
     return out

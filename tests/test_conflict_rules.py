@@ -336,9 +336,9 @@ CASES = [
         {"types": {"task": {"strategy": "first_writer_wins"}}},
     ),
     Case(
-        "first_writer_wins ties: the smaller op_id",
+        "first_writer_wins ties: the greater op_id, as for last_writer_wins (PROTOCOL.md)",
         one_by_one(("d1", upd("b", {"title": "x"})), ("d2", upd("a", {"title": "y"}))),
-        {group("a b", "title", "low", "title=a")},
+        {group("a b", "title", "low", "title=b")},
         {"types": {"task": {"strategy": "first_writer_wins"}}},
     ),
     Case(
