@@ -724,9 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     receive_maximum = load_config(CONFIG).mqtt.receive_maximum
 
     log(f"making {args.messages} operations from {args.devices} devices")
-    messages = backlog(
-        args.messages, args.devices, args.seed, args.device_meta_share, args.clock
-    )
+    messages = backlog(args.messages, args.devices, args.seed, args.device_meta_share, args.clock)
     sizes = sorted(len(body) for _, body in messages)
     base = Path(tempfile.mkdtemp(prefix="fieldgate-drain-"))
     results: dict[str, list[Drain]] = {v: [] for v in variants}

@@ -3,11 +3,14 @@
 This is the one place that knows every part; each part is given what it uses.
 The parts, in the order they start (and, reversed, stop):
 
-    mqtt session -> engine -> intake -> admin -> outbox -> escalation -> outbox
+    mqtt session -> outbox -> engine -> intake -> admin -> escalation -> outbox
     cleanup -> health report -> watchdog -> ready notice -> metrics endpoint
 
-so that on a stop the intake stops taking messages before the engine drains,
-and the session, stopped last, still acknowledges what the engine commits.
+On a stop the intake stops taking messages first; then the parts stop in the
+reverse order: the admin commands finish, the engine drains, the outbox
+publishes what the drain leased, and the session, stopped last, still
+acknowledges what the engine committed. Each part has its own stop timeout;
+together they stay within systemd's TimeoutStopSec.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
 from gateway.outbound.outbox import OutboxPublisher
 from gateway.outbound.outbox_cleanup import OutboxCleanup
-from gateway.seam import Outbound
+from gateway.seam import WAKE_ESCALATION, WAKE_OUTBOX, Outbound
 from gateway.status import Status
 from gateway.systemd import ReadyNotice, Watchdog
 from handlers.alerts import AlertHandler
@@ -107,7 +110,7 @@ class Daemon:
             resolutions=ResolutionStep(rules.conflict_notices(settings)),
         )
         kinds = table(self.sync, self.alerts, self.steps, Observers(self.metrics))
-        self.writer = Writer(self.database, [kind.step for kind in kinds])
+        self.writer = Writer(self.database, self.steps.in_lock_order())
         self.engine = Engine(
             root,
             kinds,
@@ -139,7 +142,7 @@ class Daemon:
             [(kind.name, kind.pattern) for kind in kinds if kind.pattern is not None],
             max_in_process=settings.writer.max_in_process,
             metrics=self.metrics,
-            wake={"outbox": self.outbox.poke, "escalation": self.escalator.poke},
+            wake={WAKE_OUTBOX: self.outbox.poke, WAKE_ESCALATION: self.escalator.poke},
             publish_leased=self.outbox.publish_leased,
         )
         self.status = Status(
@@ -153,6 +156,7 @@ class Daemon:
             redis=self.redis,
             metrics=self.metrics,
             outbox=self.outbox,
+            trouble=self._trouble,
         )
 
         # Admin: one table of commands, each area given what it uses.
@@ -167,16 +171,15 @@ class Daemon:
         ]
         self.admin = AdminServer(root, self.session, commands, self._token, self.metrics)
         self.intake.mount("admin/request/{command:path}", self.admin.request)
-        self.session.subscriptions = self.intake.subscriptions(settings.mqtt.shared_group)
-        self.session.on_message = self.intake.receive
+        self.intake.attach(settings.mqtt.shared_group)
 
         self.parts = Parts(
             [
                 self.session,
+                self.outbox,
                 self.engine,
                 self.intake,
                 self.admin,
-                self.outbox,
                 self.escalator,
                 OutboxCleanup(self.database, lambda: self.settings.outbox.retention_s),
                 HealthReport(
@@ -188,6 +191,10 @@ class Daemon:
             ]
         )
         self._stop = asyncio.Event()
+
+    def _trouble(self) -> dict[str, dict[str, object]]:
+        """(Parts are made after Status, which is one of theirs.)"""
+        return self.parts.trouble()
 
     def _token(self) -> str | None:
         token = self.settings.admin.token
@@ -253,6 +260,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         started = time.monotonic()
+        # Take no more messages first (the session stops reading), then stop the parts.
+        await self.intake.stop()
         await self.parts.stop()
         await self.redis.aclose()
         await self.writer.close()

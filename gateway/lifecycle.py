@@ -18,16 +18,24 @@ import abc
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 from sqlalchemy.exc import DBAPIError
 
 log = structlog.get_logger("fieldgate.lifecycle")
 
-STOP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 1.0
+"""A part's default time to stop (its `stop()`, then its run ending or being
+cancelled). Parts that finish work on a stop take more (the engine 20 s to drain,
+the session 6 s for its last words, the outbox 5 s); the sum over all the parts
+(44 s) stays under systemd's TimeoutStopSec (45 s, systemd/fieldgate.service)."""
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
+TROUBLE_S = 300.0
+"""A part that failed this recently makes the daemon unhealthy (Parts.trouble)."""
 
 
 def backoff(failures: int, low: float = RESTART_MIN_S, high: float = RESTART_MAX_S) -> float:
@@ -45,21 +53,37 @@ class Part(abc.ABC):
     ends_on_stop: bool = False
     """`run` returns by itself once `stop` was called (after a drain): it is waited
     for, not cancelled."""
+    stop_timeout_s: float = STOP_TIMEOUT_S
+    """How long `stop()` and then the end of `run` may take, together."""
 
     @abc.abstractmethod
     async def run(self) -> None:
         """Work until cancelled; returning early means the part has nothing more to do."""
 
     async def stop(self) -> None:  # noqa: B027 - most parts need nothing before the cancel
-        """Finish what is in hand; `run` is cancelled after this returns."""
+        """Finish what is in hand. Then `run` is cancelled, or, for an `ends_on_stop`
+        part, waited for (within what is left of `stop_timeout_s`)."""
+
+
+@dataclass
+class Failing:
+    """A part that failed and was restarted: how often in a row, the last error, when."""
+
+    failures: int
+    error: str
+    at: float
 
 
 class Parts:
     """Runs parts as tasks; `stop()` stops them in reverse order."""
 
     def __init__(self, parts: Sequence[Part]) -> None:
+        names = [part.name for part in parts]
+        assert len(set(names)) == len(names), f"part names repeat: {names}"
         self.parts = list(parts)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.failing: dict[str, Failing] = {}
+        """Parts that failed and were restarted (a critical one stops the daemon)."""
         self.failed = asyncio.Event()
         """Set when a critical part failed: the daemon should stop."""
 
@@ -70,46 +94,60 @@ class Parts:
     async def _guard(self, part: Part) -> None:
         failures = 0
         while True:
+            started = time.monotonic()
             try:
                 await part.run()
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("part failed", part=part.name, critical=part.critical)
                 if part.critical:
                     self.failed.set()
                     return
-            failures += 1
+                # a part that ran well for a while before failing starts its count again
+                failures = 1 if time.monotonic() - started > RESTART_MAX_S else failures + 1
+                self.failing[part.name] = Failing(failures, type(exc).__name__, time.monotonic())
             delay = backoff(failures)
-            log.warning("restarting part", part=part.name, in_s=delay)
+            log.warning("restarting part", part=part.name, in_s=delay, failures=failures)
             await asyncio.sleep(delay)
 
-    def done(self, name: str) -> bool:
-        task = self._tasks.get(name)
-        return task is not None and task.done()
+    def trouble(self) -> dict[str, dict[str, object]]:
+        """Parts that failed within TROUBLE_S: for health, which they make unhealthy."""
+        now = time.monotonic()
+        return {
+            name: {"failures": f.failures, "error": f.error, "ago_s": round(now - f.at, 1)}
+            for name, f in sorted(self.failing.items())
+            if now - f.at < TROUBLE_S
+        }
 
     async def stop(self) -> None:
-        """Stop every part, the last started first; each gets `STOP_TIMEOUT_S`."""
+        """Stop every part, the last started first, each within its `stop_timeout_s`."""
         for part in reversed(self.parts):
+            started = time.monotonic()
+            await self._stop(part, started + part.stop_timeout_s)
+            log.debug("part stopped", part=part.name, took_s=round(time.monotonic() - started, 3))
+
+    async def _stop(self, part: Part, deadline: float) -> None:
+        try:
+            await asyncio.wait_for(part.stop(), part.stop_timeout_s)
+        except TimeoutError:
+            log.error("part did not stop in time", part=part.name)
+        except Exception:
+            log.exception("part failed to stop", part=part.name)
+        task = self._tasks.get(part.name)
+        if task is None or task.done():
+            return
+        if part.ends_on_stop:
             try:
-                await asyncio.wait_for(part.stop(), STOP_TIMEOUT_S)
+                left = max(0.0, deadline - time.monotonic())
+                await asyncio.wait_for(asyncio.shield(task), left)
+                return
             except TimeoutError:
-                log.error("part did not stop in time", part=part.name)
-            except Exception:
-                log.exception("part failed to stop", part=part.name)
-            task = self._tasks.get(part.name)
-            if task is None or task.done():
-                continue
-            if part.ends_on_stop:
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_S)
-                    continue
-                except TimeoutError:
-                    log.error("part did not end in time", part=part.name)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+                log.error("part did not end in time", part=part.name)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class Loop(Part):
@@ -118,6 +156,8 @@ class Loop(Part):
     A round that fails on the database or the network waits with backoff and
     runs again; any other error is a bug, and fails the part (see `Parts`).
     """
+
+    stop_timeout_s = 2.0
 
     def __init__(self) -> None:
         self._wake = asyncio.Event()

@@ -98,6 +98,10 @@ class MetricsEndpoint(Part):
     """Prometheus exposition on `metrics.listen` (`host:port`; empty: off)."""
 
     name = "metrics"
+    critical = True
+    """The endpoint is bound at start; a port that is taken or malformed stops the
+    daemon there (exit 1, logged), rather than leaving it running unwatched."""
+    stop_timeout_s = 1.0
 
     def __init__(self, metrics: Metrics, listen: str) -> None:
         self.metrics = metrics

@@ -50,6 +50,13 @@ class Reply(msgspec.Struct, array_like=True):
     error: dict[str, Any] | None = None
 
 
+WAKE_OUTBOX = "outbox"
+WAKE_ESCALATION = "escalation"
+WAKES = frozenset({WAKE_OUTBOX, WAKE_ESCALATION})
+"""The background parts a commit may wake (`Result.wake`): the MQTT side is given
+one callable per name, and checks that it has them all."""
+
+
 class Result(msgspec.Struct, array_like=True):
     """What a commit gives back: what to publish now and which deliveries are done."""
 
@@ -60,7 +67,7 @@ class Result(msgspec.Struct, array_like=True):
     leased: list[dict[str, Any]] = msgspec.field(default_factory=list)
     """Outbox rows leased to this side by the commit that wrote them: publish at once."""
     wake: list[str] = msgspec.field(default_factory=list)
-    """Background parts with new work in the database (`outbox`, `escalation`)."""
+    """Background parts with new work in the database (names of WAKES)."""
 
 
 class Engine(Protocol):

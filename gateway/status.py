@@ -53,6 +53,7 @@ class Status:
         redis: Redis,
         metrics: Metrics,
         outbox: Published,
+        trouble: Callable[[], dict[str, dict[str, object]]],
     ) -> None:
         self.settings = settings
         self.started_at = started_at
@@ -64,6 +65,8 @@ class Status:
         self.redis = redis
         self.metrics = metrics
         self.outbox = outbox
+        self.trouble = trouble
+        """Parts that failed recently and were restarted (`Parts.trouble`)."""
 
     def writer_stuck_s(self) -> float:
         """How long the writer has made no progress: the running transaction attempt's
@@ -103,19 +106,27 @@ class Status:
         return {"ok": False, "detail": session.last_error or "connecting"}
 
     async def health(self) -> dict[str, Any]:
-        """Healthy means it can take and store operations: broker and database up.
+        """Healthy means it can take and store operations (broker and database up) and
+        every part runs (none failed in the last minutes: a part that fails is restarted,
+        and while it fails, its work, crisis escalations or the outbox, is not done).
 
         Redis only serves the webhook dead-letter queue, which waits in the database
         while Redis is down, so it is reported but does not make the gateway unhealthy.
         """
         database, redis = await asyncio.gather(self._database(), self._redis())
+        failing = self.trouble()
+        parts: dict[str, Any] = {"ok": not failing}
+        if failing:
+            parts["failing"] = failing
         checks = {
             "mqtt": self._mqtt(),
             "database": database,
             "redis": redis,
             "model": {"ok": True, "detail": "no model active"},
+            "parts": parts,
         }
-        return {"healthy": bool(checks["mqtt"]["ok"] and database["ok"]), "checks": checks}
+        healthy = checks["mqtt"]["ok"] and database["ok"] and parts["ok"]
+        return {"healthy": bool(healthy), "checks": checks}
 
     def _value(self, name: str) -> int:
         return int(self.metrics.registry.get_sample_value(name, {}) or 0)

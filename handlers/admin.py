@@ -7,11 +7,15 @@ request that the rest of the gateway sees carries only whether it was valid.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
 
 from handlers.errors import NUL_MESSAGE, Code, Error, from_msgspec
+
+Progress = Callable[[int, int], None]
+"""(done, total) of a long command: the server reports it, the CLI shows it."""
 
 T = TypeVar("T")
 

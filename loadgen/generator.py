@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from handlers.times import rfc3339
+from handlers.times import DAY_US, rfc3339
 
 Status = Literal["stored", "duplicate", "rejected"]
 Kind = Literal["single", "batch", "concurrent", "duplicate", "malformed"]
@@ -113,7 +113,6 @@ DEFAULT_START_US = 1_767_600_000_000_000
 """2026-01-05T08:00:00Z: where the simulated clock starts (a Monday morning)."""
 
 _MINUTE_US = 60_000_000
-_DAY_US = 86_400_000_000
 
 
 def device_time(us: int) -> str:
@@ -343,7 +342,7 @@ class Generator:
         if name == "priority":
             return rng.randint(1, 4) if kind == "task" else rng.choice(_PRIORITIES)
         if name == "due_at":
-            day = (now_us // _DAY_US + rng.randint(1, 14)) * _DAY_US
+            day = (now_us // DAY_US + rng.randint(1, 14)) * DAY_US
             return device_time(day + 17 * 3600 * 1_000_000)
         if name == "notes":
             return rng.choice(_NOTES)

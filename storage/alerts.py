@@ -62,6 +62,7 @@ class AlertStep(Step):
     what they cause written to the outbox. `policy` and `notices` follow reloads."""
 
     record_type = AlertRecord
+    urgent = True
     name = "alerts"
 
     def __init__(self, policy: AlertPolicy, notices: AlertNotices) -> None:
@@ -84,6 +85,7 @@ class CrisisAckStep(Step):
 
     record_type = CrisisAckRecord
     name = "crisis_acks"
+    urgent = True
 
     async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
         await acknowledge(conn, records, now_us)

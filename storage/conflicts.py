@@ -72,7 +72,7 @@ from storage.schema import (
     entities,
     user_counters,
 )
-from storage.sync_log import Prior
+from storage.sync_log import Before, Prior
 
 EntityKey = tuple[str, str]
 
@@ -310,11 +310,20 @@ class _Batch:
     async def load(self, per_entity: dict[EntityKey, list[OpView]], prior: Prior) -> None:
         """Each entity's summaries (windows) and the conflicts they name."""
         summarized: list[EntityKey] = []
-        for key in per_entity:
-            before, stored_from, delete_max = prior.get(key, (0, None, None))
-            summary_from = SUMMARY_ALL if before == 0 else stored_from
-            state = self.entities[key] = _Entity(key, summary_from, delete_max, stored_from)
-            if before and not state.rebuild:
+        window_us = self.rules.window_us
+        for key, ops in per_entity.items():
+            before = prior.get(key, Before(0, None, None, None))
+            summary_from = before.summary_from
+            if before.version == 0:
+                summary_from = SUMMARY_ALL
+            elif summary_from is None:
+                # No summaries: when nothing stored is within the window of any new edit,
+                # they start empty from there; else the slow path builds them from the log.
+                lo = min(op.edited_at_us for op in ops) - window_us
+                if before.edited_max is None or before.edited_max < lo:
+                    summary_from = lo
+            self.entities[key] = _Entity(key, summary_from, before.delete_max, before.summary_from)
+            if before.version and before.summary_from is not None:
                 summarized.append(key)
         names: set[str] = set()
         w = conflict_windows.c

@@ -63,6 +63,7 @@ entities = Table(
     Column("version", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
     Column("max_edited_at", BigInteger, nullable=True),
+    Column("prev_max_edited_at", BigInteger, nullable=True),
     Column("delete_max_edited_at", BigInteger, nullable=True),
     Column("summary_from", BigInteger, nullable=True),
 )

@@ -8,7 +8,7 @@ version in one upsert, insert the new rows in one executemany.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -19,10 +19,22 @@ from handlers.times import HOUR_US
 from storage.db import chunks
 from storage.schema import entities, op_counts, sync_log
 
-Prior = dict[tuple[str, str], tuple[int, int | None, int | None]]
-"""Per entity touched: its version before this batch; where its conflict windows
-start (`entities.summary_from`); the greatest `edited_at` of its deletes, this
-batch's included."""
+
+class Before(NamedTuple):
+    """An entity as this batch found it, read under its row lock."""
+
+    version: int
+    """0: the batch creates it."""
+    summary_from: int | None
+    """Where its conflict windows start (`entities.summary_from`); None: no windows."""
+    delete_max: int | None
+    """The greatest `edited_at` of its deletes, this batch's included."""
+    edited_max: int | None
+    """The greatest `edited_at` stored before this batch."""
+
+
+Prior = dict[tuple[str, str], Before]
+"""Per entity the batch touched."""
 
 
 async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: int) -> Prior:
@@ -98,6 +110,7 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
                     func.coalesce(entities.c.max_edited_at, base.excluded.max_edited_at),
                     base.excluded.max_edited_at,
                 ),
+                "prev_max_edited_at": entities.c.max_edited_at,
                 "delete_max_edited_at": greatest(
                     func.coalesce(
                         entities.c.delete_max_edited_at, base.excluded.delete_max_edited_at
@@ -113,6 +126,7 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
             entities.c.version,
             entities.c.summary_from,
             entities.c.delete_max_edited_at,
+            entities.c.prev_max_edited_at,
         )
         rows = [
             {
@@ -126,15 +140,18 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
                     default=None,
                 ),
                 "summary_from": None,
+                "prev_max_edited_at": None,
             }
             for key in part
         ]
         result = await conn.execute(stmt, rows)
-        for entity_type, entity_id, version, summary_from, delete_max in result:
+        for entity_type, entity_id, version, summary_from, delete_max, edited_max in result:
             ops = per_entity[(entity_type, entity_id)]
             for offset, record in enumerate(ops):
                 record.version = version - len(ops) + 1 + offset
-            prior[(entity_type, entity_id)] = (version - len(ops), summary_from, delete_max)
+            prior[(entity_type, entity_id)] = Before(
+                version - len(ops), summary_from, delete_max, edited_max
+            )
     return prior
 
 

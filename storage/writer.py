@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from handlers.records import OutboxRecord, QuarantineRecord
+from handlers.times import now_us
 from storage import outbox, quarantine
 from storage.db import create_engine
 from storage.refusals import refusal
@@ -60,6 +61,9 @@ class Step(abc.ABC):
     record_type: type[Any]
     name: str
     """What its records are called in logs: `ops`, `alerts`..."""
+    urgent: bool = False
+    """Its records are isolated first when a batch is refused (see `units`); the
+    transaction itself runs the steps in the writer's order, the lock order."""
 
     @abc.abstractmethod
     async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
@@ -83,7 +87,6 @@ class WriteSet(msgspec.Struct):
     records: list[Any] = msgspec.field(default_factory=list)
     """Records of any type a step of the writer stores, in arrival order."""
     quarantine: list[QuarantineRecord] = msgspec.field(default_factory=list)
-    outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
 
 
 class Refusal(msgspec.Struct, frozen=True):
@@ -124,20 +127,19 @@ class Refused(Exception):
         self.error = error
 
 
-def units(batch: WriteSet, order: Sequence[type[Any]]) -> list[WriteSet]:
+def units(batch: WriteSet, steps: Sequence[Step]) -> list[WriteSet]:
     """`batch` cut into the smallest parts the database can refuse one by one: one per
-    record (the same objects), record types in the writer's step order; last, the
-    quarantine and outbox rows together, which are never refused (they are where
-    refused data goes).
+    record (the same objects); last, the quarantine rows, which are never refused
+    (they are where refused data goes).
 
-    Steps come in the order of urgency (alerts first): the halves are committed in
-    order, and a crisis alert's publication (leased for a few seconds from its own
-    commit) must not wait for a search among hundreds of ops."""
-    rank = {kind: index for index, kind in enumerate(order)}
+    The records of urgent steps (alerts, crisis acks) come first: the halves are
+    committed in order, and a crisis alert's publication (leased for a few seconds
+    from its own commit) must not wait for a search among hundreds of ops."""
+    rank = {step.record_type: (not step.urgent, index) for index, step in enumerate(steps)}
     ordered = sorted(batch.records, key=lambda record: rank[type(record)])
     out = [WriteSet([record]) for record in ordered]
-    if batch.quarantine or batch.outbox:
-        out.append(WriteSet(quarantine=batch.quarantine, outbox=batch.outbox))
+    if batch.quarantine:
+        out.append(WriteSet(quarantine=batch.quarantine))
     return out
 
 
@@ -147,7 +149,6 @@ def merge(parts: Sequence[WriteSet]) -> WriteSet:
     for part in parts:
         merged.records.extend(part.records)
         merged.quarantine.extend(part.quarantine)
-        merged.outbox.extend(part.outbox)
     return merged
 
 
@@ -233,7 +234,7 @@ class Writer:
             self.commits += 1
             return written
         written = Committed()
-        tried = await self._split(units(batch, [step.record_type for step in self.steps]), written)
+        tried = await self._split(units(batch, self.steps), written)
         log.warning("batch isolated", refused=len(written.refused), transactions=tried)
         self.commits += 1
         return written
@@ -330,13 +331,13 @@ class Writer:
     async def _transaction(
         self, batch: WriteSet, grouped: list[tuple[Step, list[Any]]]
     ) -> Committed:
-        now_us = time.time_ns() // 1000
-        rows = list(batch.outbox)
+        now = now_us()
+        rows: list[OutboxRecord] = []
         events: dict[str, list[Any]] = {}
         assert self.engine is not None
         async with self.engine.begin() as conn:
             for step, records in grouped:
-                written = await step.write(conn, records, now_us)
+                written = await step.write(conn, records, now)
                 rows.extend(written.outbox)
                 if written.events:
                     events[step.name] = written.events
@@ -344,8 +345,8 @@ class Writer:
             # Urgent rows are published by the caller right after the commit, without
             # waiting for the publisher's next claim.
             urgent = [row for row in rows if row.urgent]
-            leased = await outbox.add_leased(conn, urgent, now_us, DIRECT_LEASE_US)
-            await outbox.add(conn, [row for row in rows if not row.urgent], now_us)
+            leased = await outbox.add_leased(conn, urgent, now, DIRECT_LEASE_US)
+            await outbox.add(conn, [row for row in rows if not row.urgent], now)
         return Committed(len(rows), leased, events)
 
     def _failed(self, state: RetryCallState, records: int) -> None:

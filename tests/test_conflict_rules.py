@@ -558,6 +558,28 @@ async def test_detection_off_then_on_rebuilds_the_summaries(tmp_path: Path) -> N
     assert (slow, fast) == (1, 1)
 
 
+async def test_an_entity_quiet_for_longer_than_the_window_is_not_read(tmp_path: Path) -> None:
+    """Its summaries forgotten (detection was off), an entity whose latest stored edit
+    is older than the window of the new ones starts empty summaries without reading
+    the log (the fast path); a late edit that does reach back reads it, and finds its
+    partner."""
+    store = await Store(f"sqlite+aiosqlite:///{tmp_path}/q.db").start()
+    try:
+        store.detector.enabled = False
+        await store.commit(("d1", [upd("old", {"title": "x"}, 0)]))
+        store.detector.enabled = True
+        fast, slow = store.detector.fast, store.detector.slow
+        await store.commit(("d2", [upd("new", {"title": "y"}, 1000)]))
+        await store.commit(("d3", [upd("newer", {"title": "z"}, 1010)]))
+        paths = (store.detector.fast - fast, store.detector.slow - slow)
+        await store.commit(("d4", [upd("late", {"title": "w"}, 10)]))
+        records = await store.conflicts()
+    finally:
+        await store.close()
+    assert paths == (2, 0)
+    assert sorted(r["member_ids"] for r in records) == [["late", "old"], ["new", "newer"]]
+
+
 async def test_which_path_judges_what(tmp_path: Path) -> None:
     """In-window edits of a summarized entity take the fast path; a late arrival, a
     delete and an op with base_version take the slow one."""

@@ -92,6 +92,11 @@ def test_status_birth_will_restart_and_clean_stop(
     messages = client.expect(1)
     assert [m.json() for m in messages] == [stopped]
     assert retained(broker.port, topic).json() == stopped
+    # ...confirmed by the broker (the socket is read again for its PUBACK), so the
+    # stop did not wait out LAST_WORDS_S
+    events = [line.get("event") for line in daemon.log_lines()]
+    assert "last words not confirmed" not in events
+    assert events[-1] == "stopped"
     # the will is not sent after a clean disconnect: nothing but the one offline
     fence = f"{daemon.root}/fence"
     client.subscribe(fence)

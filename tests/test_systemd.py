@@ -176,6 +176,7 @@ def test_health_is_false_while_the_writer_is_wedged(
             "database": {"ok": False, "detail": stuck.group(0)},
             "redis": healthy["checks"]["redis"],
             "model": healthy["checks"]["model"],
+            "parts": {"ok": True},
         },
     }
 

@@ -12,8 +12,9 @@ from typing import Any, Literal
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.admin.args import Limit, Progress, Writes, answer_of, below, invalid, page, us
+from gateway.admin.args import Limit, Writes, answer_of, below, invalid, page, us
 from gateway.admin.server import Command
+from handlers.admin import Progress
 from handlers.fields import AwareTime, Str64, Str128
 from handlers.times import rfc3339
 from storage import alerts

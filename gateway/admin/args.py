@@ -22,9 +22,6 @@ from handlers.times import to_us
 
 Limit = Annotated[int, Meta(ge=1, le=1000)]
 
-Progress = Callable[[int, int], None]
-"""`progress(done, total)`: a long command's progress, published as it goes."""
-
 
 class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
     pass

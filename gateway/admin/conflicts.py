@@ -7,18 +7,9 @@ from typing import Any, Literal
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.admin.args import (
-    Limit,
-    Progress,
-    Writes,
-    answer_of,
-    below,
-    encode_cursor,
-    invalid,
-    page,
-    us,
-)
+from gateway.admin.args import Limit, Writes, answer_of, below, encode_cursor, invalid, page, us
 from gateway.admin.server import Command
+from handlers.admin import Progress
 from handlers.conflicts import MEMBERS_SHOWN
 from handlers.fields import AwareTime, Str64, Str128
 from handlers.times import now_us

@@ -9,8 +9,9 @@ from typing import Any
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.admin.args import Limit, Progress, below, page
+from gateway.admin.args import Limit, below, page
 from gateway.admin.server import Command
+from handlers.admin import Progress
 from handlers.times import rfc3339
 from storage import quarantine
 

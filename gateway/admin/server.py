@@ -20,13 +20,13 @@ import msgspec
 import structlog
 from sqlalchemy.exc import DBAPIError
 
-from gateway.admin.args import CommandError, NoArgs, Progress
+from gateway.admin.args import CommandError, NoArgs
 from gateway.admin.replay import Outcome, RecentAnswers
 from gateway.lifecycle import Part
 from gateway.metrics import Metrics
 from gateway.mqtt.session import Inbound, MqttSession
 from gateway.seam import Outbound
-from handlers.admin import AdminRequest, convert_args, parse
+from handlers.admin import AdminRequest, Progress, convert_args, parse
 from handlers.errors import Code, Error
 
 log = structlog.get_logger("fieldgate.admin")
@@ -57,6 +57,7 @@ class AdminServer(Part):
     """Takes requests from the router, runs each in its own task, answers."""
 
     name = "admin"
+    stop_timeout_s = 3.0
 
     def __init__(
         self,
@@ -87,6 +88,8 @@ class AdminServer(Part):
         request, transaction, error = parse(
             command, message.payload, self.token(), MAX_REQUEST_BYTES
         )
+        if error is None and self._stopped.is_set():
+            error = Error(Code.UNAVAILABLE, "the gateway is stopping: ask again later")
         if error is not None or request is None:
             assert error is not None
             log.info("admin request refused", command=command, code=error.code.value)
@@ -168,8 +171,11 @@ class AdminServer(Part):
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        """Cancel the commands under way: a client waits in vain, and may ask again."""
+        """Take no new command; give those under way a moment to answer, then cancel
+        them (a client waits in vain, and may ask again)."""
         self._stopped.set()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.stop_timeout_s - 1)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -7,8 +7,9 @@ from typing import Any
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.admin.args import Limit, Progress
+from gateway.admin.args import Limit
 from gateway.admin.server import Command
+from handlers.admin import Progress
 from handlers.fields import Str64, Str128
 from handlers.times import rfc3339
 from storage import sync_log

@@ -9,9 +9,10 @@ from typing import Any, Literal
 import msgspec
 
 from gateway import __version__, config, logs
-from gateway.admin.args import NoArgs, Progress, invalid
+from gateway.admin.args import NoArgs, invalid
 from gateway.admin.server import Command
 from gateway.status import Status, started_at_text
+from handlers.admin import Progress
 
 
 class LogLevelArgs(msgspec.Struct, forbid_unknown_fields=True):

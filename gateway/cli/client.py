@@ -21,8 +21,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import MqttConfig, Settings
 from gateway.mqtt.client import make_client
-
-Progress = Callable[[int, int], None]
+from handlers.admin import Progress
 
 
 class AdminTimeout(Exception):

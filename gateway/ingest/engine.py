@@ -4,8 +4,11 @@ Deliveries are decoded as they arrive (on the event loop, between socket reads)
 and queued for the commit loop, which commits whatever has gathered in one
 transaction: while one batch commits in the writer's thread, the next one
 gathers. Only after the commit is the `Result` handed back, with the answers to
-publish and the receive ids to acknowledge. An urgent delivery (an alert) is
-committed at once instead of waiting for a batch to gather.
+publish and the receive ids to acknowledge. An urgent delivery (an alert) and an
+admin command's write go ahead of what waits, and are committed at once instead
+of waiting for a batch to gather. An admin write is answered `unavailable` at
+once while the database is failing or after the drain began, rather than
+waiting for a commit that may not come.
 
 What the database refuses alone, when it refuses a batch for a value it holds
 (the writer isolates it), is rejected (`schema`), quarantined and acknowledged
@@ -19,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import structlog
 
@@ -27,8 +30,8 @@ from gateway.config import WriterConfig
 from gateway.ingest.kinds import Decoded, Kind
 from gateway.lifecycle import Part
 from gateway.metrics import Metrics
-from gateway.seam import Delivery, Result
-from handlers.errors import Error, quarantine_record
+from gateway.seam import WAKE_OUTBOX, Delivery, Reply, Result
+from handlers.errors import Code, Error, quarantine_record
 from handlers.records import QuarantineRecord
 from storage.writer import Committed, Writer, WriteSet
 
@@ -47,6 +50,7 @@ class Engine(Part):
     name = "engine"
     critical = True
     ends_on_stop = True
+    stop_timeout_s = 20.0
 
     def __init__(
         self,
@@ -67,6 +71,8 @@ class Engine(Part):
         """How often the idle loop proves it is alive (the watchdog reads `last_beat`)."""
         self.last_beat = time.monotonic()
         self._pending: list[Pending] = []
+        self._ahead = 0
+        """How many of `_pending`, at its front, went ahead (urgent or admin writes)."""
         self._arrived = asyncio.Event()
         self._urgent = asyncio.Event()
         self._closed = False
@@ -79,6 +85,12 @@ class Engine(Part):
 
     def submit(self, delivery: Delivery) -> None:
         kind = self.kinds[delivery.kind]
+        if delivery.reply and (self._closed or not self.writer.healthy):
+            why = "the gateway is stopping" if self._closed else "the database is failing"
+            error = Error(Code.UNAVAILABLE, f"{why}: nothing was written; retry later")
+            reply = Reply(error=error.as_dict())
+            self._callback(Result(done=[delivery.receive_id], replies={delivery.receive_id: reply}))
+            return
         decoded = kind.decode(delivery)
         for item_id, error in decoded.rejections():
             self.metrics.rejected.labels(error.code.value).inc()
@@ -90,9 +102,14 @@ class Engine(Part):
                 path=error.path,
                 reason=error.message,
             )
-        self._pending.append(Pending(delivery, kind, decoded))
-        if kind.urgent:
+        pending = Pending(delivery, kind, decoded)
+        if kind.urgent or delivery.reply:
+            # ahead of the backlog, behind what went ahead before it
+            self._pending.insert(self._ahead, pending)
+            self._ahead += 1
             self._urgent.set()
+        else:
+            self._pending.append(pending)
         self._arrived.set()
 
     async def drain(self) -> None:
@@ -131,13 +148,14 @@ class Engine(Part):
             self.last_beat = time.monotonic()
             batch = self._pending[: self.config.max_messages]
             del self._pending[: len(batch)]
+            self._ahead = max(0, self._ahead - len(batch))
             await self._commit(batch)
 
     async def _commit(self, batch: list[Pending]) -> None:
         started = time.perf_counter()
         written = await self._store(batch)
         result = Result(done=[p.delivery.receive_id for p in batch], leased=written.leased)
-        wake: set[str] = {"outbox"} if written.outbox_rows else set()
+        wake: set[str] = {WAKE_OUTBOX} if written.outbox_rows else set()
         for kind, items in self._by_kind(batch):
             decoded = [p.decoded for p in items]
             if kind.observe is not None:
@@ -208,8 +226,3 @@ class Engine(Part):
             payload=delivery.payload,
             received_at_us=delivery.received_at_us,
         )
-
-    def describe(self) -> dict[str, Any]:
-        """For health and stats: how long the engine has made no progress, what waits."""
-        since = self.writer.attempt_started or self.last_beat
-        return {"stuck_s": time.monotonic() - since, "pending": len(self._pending)}

@@ -69,6 +69,12 @@ class Kind:
 class Steps:
     """The writer's steps, kept so that a config reload can change their rules."""
 
+    def in_lock_order(self) -> list[Step]:
+        """The order the transaction runs them in, the same on every instance and every
+        version: sync (entities, then counters), alerts, crisis acks, resolutions.
+        Two instances that took the same locks in other orders could deadlock."""
+        return [self.sync, self.alerts, self.crisis_acks, self.resolutions]
+
     alerts: AlertStep
     crisis_acks: CrisisAckStep
     sync: SyncStep
@@ -78,7 +84,7 @@ class Steps:
 def table(
     sync: SyncHandler, alerts: AlertHandler, steps: Steps, observers: Observers
 ) -> list[Kind]:
-    """The rows, urgent first: the writer commits (and isolates) in this order."""
+    """The rows, urgent first (observers and answers run in this order)."""
 
     def device(delivery: Delivery) -> str:
         return delivery.params.get("device_id", "")

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from gateway.metrics import Metrics
+from gateway.seam import WAKE_ESCALATION
 from handlers.alerts import CRISIS, AckDecoded, AlertDecoded
 from handlers.conflicts import ResolutionDecoded
 from handlers.sync import Decoded
@@ -57,13 +58,13 @@ class Observers:
                 classification=record.classification,
                 notified=record.notified,
             )
-        return ["escalation"] if crisis else []
+        return [WAKE_ESCALATION] if crisis else []
 
     def crisis_acks(self, decoded: Sequence[AckDecoded], _events: Sequence[Any]) -> list[str]:
         acks = [payload.record for payload in decoded if payload.record is not None]
         for ack in acks:
             log.info("crisis ack", alert_id=ack.alert_id, outcome=ack.outcome)
-        return ["escalation"] if acks else []
+        return [WAKE_ESCALATION] if acks else []
 
     def resolutions(
         self, decoded: Sequence[ResolutionDecoded], resolved: Sequence[Any]

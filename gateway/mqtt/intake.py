@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +21,9 @@ from gateway.metrics import Metrics
 from gateway.mqtt.acks import AckSequencer, Ticket
 from gateway.mqtt.router import Endpoint, Route, Router
 from gateway.mqtt.session import Inbound, MqttSession
-from gateway.seam import Delivery, Engine, Reply, Result
+from gateway.seam import WAKES, Delivery, Engine, Reply, Result
+from handlers.errors import Code, Error
+from handlers.times import now_us
 
 log = structlog.get_logger("fieldgate.intake")
 
@@ -31,6 +32,7 @@ class Intake(Part):
     """Routes the session's messages; holds each until its work is done."""
 
     name = "intake"
+    stop_timeout_s = 1.0
 
     def __init__(
         self,
@@ -44,7 +46,10 @@ class Intake(Part):
         wake: Mapping[str, Callable[[], None]],
         publish_leased: Callable[[list[dict[str, Any]]], None],
     ) -> None:
-        """`kinds`: (name, topic pattern) of each message kind received from MQTT."""
+        """`kinds`: (name, topic pattern) of each message kind received from MQTT; `wake`:
+        a callable for each part a commit may wake (every name of WAKES)."""
+        missing = WAKES - set(wake)
+        assert not missing, f"the intake cannot wake {sorted(missing)}"
         self.root = root
         self.session = session
         self.engine = engine
@@ -59,12 +64,15 @@ class Intake(Part):
         self._held: dict[int, Ticket] = {}
         self._calls: dict[int, asyncio.Future[Reply]] = {}
         self._closed = asyncio.Event()
+        self._attached = False
         engine.on_result(self._result)
         metrics.in_flight.set_function(lambda: len(self.acks))
 
     def mount(self, pattern: str, endpoint: Endpoint) -> None:
         """Route `pattern` to `endpoint`, which takes its messages at once: they are acked
-        (in order) before it runs (the admin requests, answered on their own topics)."""
+        (in order) before it runs (the admin requests, answered on their own topics).
+        Before `attach`, which subscribes to what is mounted by then."""
+        assert not self._attached, "mount before attach: the session subscribes once"
 
         def taken(message: Inbound, params: dict[str, str]) -> None:
             ticket = self.hold(message)
@@ -76,8 +84,11 @@ class Intake(Part):
         self.routes.append(Route(pattern, taken))
         self.router = Router(self.root, self.routes)
 
-    def subscriptions(self, shared_group: str | None) -> list[str]:
-        return self.router.subscriptions(shared_group)
+    def attach(self, shared_group: str | None) -> None:
+        """Take the session's messages: subscribe it to every route, in one place."""
+        self.session.subscriptions = self.router.subscriptions(shared_group)
+        self.session.on_message = self.receive
+        self._attached = True
 
     # -- intake (called on the event loop by the session) --------------------------
 
@@ -101,8 +112,11 @@ class Intake(Part):
         return ticket
 
     def release(self, tickets: list[Ticket]) -> None:
-        """The work of these messages is done: PUBACK what is now in order."""
+        """The work of these messages is done: PUBACK what is now in order. Once closed
+        (the drain), reading stays paused."""
         self.acks.done(tickets)
+        if self._closed.is_set():
+            return
         if self.session.paused and len(self.acks) < self.max_in_process * 3 // 4:
             self.session.resume_reading()
 
@@ -133,12 +147,15 @@ class Intake(Part):
         return endpoint
 
     async def call(self, kind: str, payload: bytes) -> Reply:
-        """Submit a write of an admin command to the engine; its reply once committed."""
+        """Submit a write of an admin command to the engine; its reply once committed
+        (or at once, `unavailable`, once the intake is closed for the drain)."""
+        if self._closed.is_set():
+            error = Error(Code.UNAVAILABLE, "the gateway is stopping: nothing was written")
+            return Reply(error=error.as_dict())
         receive_id = next(self._ids)
         reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._calls[receive_id] = reply
-        now_us = time.time_ns() // 1000
-        self.engine.submit(Delivery(receive_id, kind, "", {}, payload, now_us, reply=True))
+        self.engine.submit(Delivery(receive_id, kind, "", {}, payload, now_us(), reply=True))
         return await reply
 
     # -- results (called on the event loop by the engine) --------------------------
@@ -160,9 +177,9 @@ class Intake(Part):
             if call is not None and not call.done():
                 call.set_result(result.replies.get(receive_id, Reply()))
         self.release(tickets)
-        now_us = time.time_ns() // 1000
+        acked_us = now_us()
         for ticket in tickets:
-            self.metrics.ack_seconds.observe((now_us - ticket.message.received_at_us) / 1e6)
+            self.metrics.ack_seconds.observe((acked_us - ticket.message.received_at_us) / 1e6)
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,6 +32,7 @@ from gateway.config import MqttConfig
 from gateway.lifecycle import Part, backoff
 from gateway.mqtt.client import make_client
 from gateway.seam import Outbound
+from handlers.times import now_us
 
 log = structlog.get_logger("fieldgate.mqtt")
 
@@ -89,7 +89,7 @@ class Inbound:
         self.retain = retain
         self.response_topic = response_topic
         self.correlation = correlation
-        self.received_at_us = time.time_ns() // 1000 if received_at_us is None else received_at_us
+        self.received_at_us = now_us() if received_at_us is None else received_at_us
 
 
 MessageCallback = Callable[[Inbound], None]
@@ -98,6 +98,10 @@ ConnectedCallback = Callable[["aiomqtt.Client"], Any]
 
 def _ignore(_message: Inbound) -> None:
     """Messages before anyone routes them: none arrive, nothing is subscribed yet."""
+
+
+LAST_WORDS_S = 5.0
+"""How long a clean stop waits for the broker to confirm the last words."""
 
 
 class MqttSession(Part):
@@ -113,6 +117,7 @@ class MqttSession(Part):
     name = "mqtt"
     critical = True
     ends_on_stop = True
+    stop_timeout_s = 6.0
 
     def __init__(
         self,
@@ -272,18 +277,27 @@ class MqttSession(Part):
         self._reader_fd = None
 
     async def stop(self) -> None:
-        """Publish `last_words` (awaited), then disconnect cleanly and end `run()`."""
+        """Publish `last_words` (awaited), then disconnect cleanly and end `run()`.
+
+        Reading resumes first: the PUBACK of the last words comes on the socket. What
+        else is read now is not taken by anyone (the intake closed), stays unacked,
+        and the broker delivers it again to the next session."""
         client = self._client
         last_words = self.last_words() if self.last_words is not None else None
+        if self.paused:
+            self.resume_reading()
         if client is not None and last_words is not None and self.connected.is_set():
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            try:
                 await client.publish(
                     last_words.topic,
                     last_words.payload,
                     qos=1,
                     retain=last_words.retain,
-                    timeout=5,
+                    timeout=LAST_WORDS_S,
                 )
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                # The will says offline instead, after its delay.
+                log.warning("last words not confirmed", error=type(exc).__name__)
         self._stopping.set()
 
     # -- intake --------------------------------------------------------------

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.lifecycle import Loop
 from gateway.metrics import Metrics
+from handlers.times import now_us
 from storage import alerts
 from storage.alerts import AlertStep
 
@@ -55,16 +56,16 @@ class Escalator(Loop):
 
     async def round(self) -> float:
         """Escalate what is due; return how long to sleep before the next look."""
-        now_us = time.time_ns() // 1000
+        now = now_us()
         async with self.engine.connect() as conn:
             due = await alerts.next_due(conn)
             if time.monotonic() >= self._gauge_at:
                 self.metrics.open_crises.set(await alerts.open_crises(conn))
                 self._gauge_at = time.monotonic() + GAUGE_EVERY_S
-        if due is not None and due <= now_us:
+        if due is not None and due <= now:
             step = self.alert_step
             async with self.engine.begin() as conn:
-                done, rows = await alerts.escalate_due(conn, now_us, step.policy, step.notices)
+                done, rows = await alerts.escalate_due(conn, now, step.policy, step.notices)
             for alert_id, level in done:
                 self.metrics.escalations.inc()
                 log.warning("crisis escalated", alert_id=alert_id, escalation=level)
@@ -75,4 +76,4 @@ class Escalator(Loop):
         poll = self.poll_s()
         if due is None:
             return poll
-        return max(0.01, min(poll, (due - time.time_ns() // 1000) / 1e6))
+        return max(0.01, min(poll, (due - now_us()) / 1e6))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.lifecycle import Loop
 from gateway.mqtt.session import MqttSession
 from gateway.seam import Outbound
+from handlers.times import now_us
 from storage import outbox
 
 log = structlog.get_logger("fieldgate.outbox")
+
+FAILED_PAUSE_S = 0.2
+"""After a round in which publishes failed, the next waits this long (unless a commit
+pokes): the broker's queue may be full, and retrying at once would spin."""
 
 
 class OutboxPublisher(Loop):
@@ -27,6 +31,7 @@ class OutboxPublisher(Loop):
     """
 
     name = "outbox"
+    stop_timeout_s = 5.0
 
     def __init__(
         self,
@@ -57,23 +62,33 @@ class OutboxPublisher(Loop):
         """
         if not rows:
             return
-        task = asyncio.create_task(self._publish(rows), name="outbox:leased")
+        task = asyncio.create_task(self._publish_leased(rows), name="outbox:leased")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _publish_leased(self, rows: list[dict[str, Any]]) -> int:
+        failed = await self._publish(rows)
+        if failed:
+            self.poke()  # released: the ordinary rounds take them now
+        return failed
+
+    async def stop(self) -> None:
+        """Let the leased publications under way finish (the drain's crisis alerts among
+        them), so that what the broker acknowledged is marked sent."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.stop_timeout_s - 1)
 
     async def ready(self) -> None:
         await self.session.connected.wait()
 
     async def round(self) -> float:
         """Publish one page; at once again while there is more, else wait for a poke."""
-        rows = await outbox.claim(
-            self.engine, "mqtt", self.page, time.time_ns() // 1000, self.lease_us
-        )
+        rows = await outbox.claim(self.engine, "mqtt", self.page, now_us(), self.lease_us)
         if not rows:
             return self.poll_s
         failed = await self._publish(rows)
         if failed:
-            return min(self.poll_s, 0.2)
+            return min(self.poll_s, FAILED_PAUSE_S)
         return 0 if len(rows) == self.page else self.poll_s
 
     async def _publish(self, rows: list[dict[str, Any]]) -> int:
@@ -83,19 +98,17 @@ class OutboxPublisher(Loop):
             for row in rows
         ]
         results = await asyncio.gather(*(self.session.publish_confirmed(m) for m in messages))
-        acked_us = time.time_ns() // 1000
+        acked_us = now_us()
         sent = [row["id"] for row, ok in zip(rows, results, strict=True) if ok]
         failed = [row["id"] for row, ok in zip(rows, results, strict=True) if not ok]
         if self.on_sent is not None and sent:
             self.on_sent([row for row, ok in zip(rows, results, strict=True) if ok], acked_us)
         try:
-            await outbox.mark_sent(self.engine, sent, time.time_ns() // 1000)
+            await outbox.mark_sent(self.engine, sent, now_us())
             await outbox.release(self.engine, failed)
         except DBAPIError as exc:
             # The leases lapse: the rows are published again (at least once).
             log.warning("outbox bookkeeping failed", error=type(exc).__name__)
         self.published += len(sent)
         self.failed += len(failed)
-        if failed:
-            self.poke()
         return len(failed)

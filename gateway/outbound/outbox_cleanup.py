@@ -7,13 +7,13 @@ every message the gateway ever sent.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.lifecycle import Loop
+from handlers.times import now_us
 from storage import outbox
 
 log = structlog.get_logger("fieldgate.outbox")
@@ -32,7 +32,7 @@ class OutboxCleanup(Loop):
         self.deleted = 0
 
     async def round(self) -> float:
-        before_us = time.time_ns() // 1000 - int(self.retention_s() * 1_000_000)
+        before_us = now_us() - int(self.retention_s() * 1_000_000)
         gone = await outbox.prune(self.database, before_us, BATCH)
         self.deleted += gone
         if gone:

@@ -41,6 +41,7 @@ HEALTHY = {
         "database": {"ok": True},
         "redis": {"ok": True},
         "model": {"ok": True, "detail": "no model active"},
+        "parts": {"ok": True},
     },
 }
 """The `health` answer's data from a test daemon with nothing wrong (the `healthy`

@@ -1,19 +1,25 @@
-"""`outbox.retention_s`: published rows go once they are that old; pending rows stay.
+"""The outbox's loops on a real database (SQLite and PostgreSQL).
 
-The cleanup loop's round on a real database (SQLite and PostgreSQL): rows
-published long ago, published just now, and never published (a webhook still
-retrying, an MQTT message not yet PUBACKed). Only the first kind goes, in
-batches of BATCH, and a full batch asks for the next round at once.
+Cleanup (`outbox.retention_s`): published rows go once they are that old; pending
+rows stay. Rows published long ago, published just now, and never published (an
+MQTT message not yet PUBACKed); only the first kind goes, in batches of BATCH, and
+a full batch asks for the next round at once.
+
+Publishing: when the broker takes nothing (its queue full, say), the publisher
+retries after a pause, and does not spin on its own releases.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from sqlalchemy import func, insert, select
 
 from gateway.outbound import outbox_cleanup
+from gateway.outbound.outbox import FAILED_PAUSE_S, OutboxPublisher
 from gateway.outbound.outbox_cleanup import OutboxCleanup
+from gateway.seam import Outbound
 from storage import migrate
 from storage.db import create_engine
 from storage.schema import outbox
@@ -80,5 +86,39 @@ async def test_a_full_batch_asks_for_the_next_round_at_once(db_url: str) -> None
         assert cleanup.deleted == outbox_cleanup.BATCH + 1
         async with database.connect() as conn:
             assert (await conn.execute(select(func.count()).select_from(outbox))).scalar() == 0
+    finally:
+        await database.dispose()
+
+
+class RefusingSession:
+    """The session as the publisher uses it, connected, with a broker that takes nothing."""
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.attempts = 0
+
+    async def publish_confirmed(self, _message: Outbound) -> bool:
+        self.attempts += 1
+        return False
+
+
+async def test_failed_publishes_are_retried_after_a_pause_not_at_once(db_url: str) -> None:
+    await migrate.upgrade_async(db_url)
+    database = create_engine(db_url)
+    try:
+        async with database.begin() as conn:
+            await conn.execute(insert(outbox), [row(1, None)])
+        session = RefusingSession()
+        publisher = OutboxPublisher(database, session, lease_s=0.001)  # type: ignore[arg-type]
+        task = asyncio.create_task(publisher.run())
+        await asyncio.sleep(1.0)
+        task.cancel()
+        # one attempt per pause (5 in a second), not one per round trip (thousands)
+        assert 1 <= session.attempts <= 1.0 / FAILED_PAUSE_S + 2, session.attempts
+        assert publisher.failed == session.attempts
+        async with database.connect() as conn:
+            left = await conn.execute(select(outbox.c.sent_at))
+            assert [sent for (sent,) in left] == [None]
     finally:
         await database.dispose()

@@ -1,0 +1,220 @@
+"""The two sides of the seam on their own: the intake's holding and closing, the
+engine's queue order and its answers to admin writes it cannot commit.
+
+The engine is the real one, with the real kinds table and a real writer on
+SQLite; the intake is given a session and an engine that record what they are
+asked (what a broker would do with a PUBACK is not the point here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import config
+from gateway.ingest import rules
+from gateway.ingest.engine import Engine
+from gateway.ingest.kinds import Steps, table
+from gateway.ingest.observe import Observers
+from gateway.metrics import Metrics
+from gateway.mqtt.intake import Intake
+from gateway.mqtt.session import Inbound
+from gateway.seam import WAKE_ESCALATION, WAKE_OUTBOX, Delivery, Result
+from handlers.alerts import AlertHandler
+from handlers.sync import SyncHandler
+from storage import migrate
+from storage.alerts import AlertStep, CrisisAckStep
+from storage.conflict_store import ResolutionStep
+from storage.db import create_engine
+from storage.sync import SyncStep
+from storage.writer import Writer
+from tests.support import sync_op
+
+ROOT = "fgseam"
+
+
+class Session:
+    """The session as the intake uses it."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.calls: list[str] = []
+        self.acked: list[int] = []
+        self.subscriptions: list[str] = []
+        self.on_message: Callable[[Inbound], None] | None = None
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self.calls.append("resume")
+
+    def ack(self, messages: Any) -> int:
+        self.acked.extend(m.mid for m in messages)
+        return len(self.acked)
+
+    def publish(self, _outbound: Any) -> None:
+        pass
+
+
+class Recording:
+    """The engine as the intake sees it: takes deliveries, answers when told."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.callback: Callable[[Result], None] = lambda _r: None
+
+    def submit(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+
+    def on_result(self, callback: Callable[[Result], None]) -> None:
+        self.callback = callback
+
+    async def drain(self) -> None:
+        pass
+
+
+def intake(session: Session, engine: Recording, max_in_process: int = 4) -> Intake:
+    found = Intake(
+        ROOT,
+        session,  # type: ignore[arg-type]
+        engine,
+        [("sync", "devices/{device_id}/sync")],
+        max_in_process=max_in_process,
+        metrics=Metrics(),
+        wake={WAKE_OUTBOX: lambda: None, WAKE_ESCALATION: lambda: None},
+        publish_leased=lambda _rows: None,
+    )
+    found.attach(None)
+    return found
+
+
+def sync_message(mid: int) -> Inbound:
+    return Inbound(f"{ROOT}/devices/d1/sync", b"{}", mid=mid, qos=1)
+
+
+async def test_the_intake_stays_paused_once_closed_for_the_drain() -> None:
+    session, engine = Session(), Recording()
+    taken = intake(session, engine)
+    assert session.subscriptions == [f"{ROOT}/devices/+/sync"]
+    for mid in range(1, 5):
+        taken.receive(sync_message(mid))
+    assert session.calls == ["pause"]  # 4 held: the socket is not read
+    await taken.stop()
+    done = [d.receive_id for d in engine.deliveries]
+    engine.callback(Result(done=done))
+    assert session.acked == [1, 2, 3, 4]  # what was held is still acked...
+    assert session.paused  # ...and reading does not resume during the drain
+    taken.receive(sync_message(5))
+    assert len(engine.deliveries) == 4  # nothing more is taken
+
+
+async def test_an_admin_write_after_the_close_is_answered_unavailable() -> None:
+    session, engine = Session(), Recording()
+    taken = intake(session, engine)
+    await taken.stop()
+    reply = await taken.call("conflict_resolution", b"{}")
+    assert reply.error is not None and reply.error["code"] == "unavailable"
+    assert engine.deliveries == []
+
+
+def test_the_intake_must_be_able_to_wake_every_part() -> None:
+    with pytest.raises(AssertionError, match="escalation"):
+        Intake(
+            ROOT,
+            Session(),  # type: ignore[arg-type]
+            Recording(),
+            [],
+            max_in_process=4,
+            metrics=Metrics(),
+            wake={WAKE_OUTBOX: lambda: None},
+            publish_leased=lambda _rows: None,
+        )
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    url = f"sqlite+aiosqlite:///{tmp_path}/seam.db"
+    await migrate.upgrade_async(url)
+    settings = config.Settings(
+        mqtt=config.MqttConfig(topic_root=ROOT), database=config.DatabaseConfig(url=url)
+    )
+    metrics = Metrics()
+    steps = Steps(
+        alerts=AlertStep(rules.alert_policy(settings), rules.alert_notices(settings)),
+        crisis_acks=CrisisAckStep(),
+        sync=SyncStep(rules.make_detector(settings)),
+        resolutions=ResolutionStep(rules.conflict_notices(settings)),
+    )
+    kinds = table(
+        SyncHandler(rules.sync_limits(settings)),
+        AlertHandler(rules.alert_rules(settings)),
+        steps,
+        Observers(metrics),
+    )
+    database = create_engine(url)
+    writer = Writer(database, steps.in_lock_order())
+    found = Engine(ROOT, kinds, writer, settings.writer, metrics)
+    yield found
+    await writer.close()
+    await database.dispose()
+
+
+def delivery(receive_id: int, kind: str, body: dict[str, Any], reply: bool = False) -> Delivery:
+    topic = {"sync": "devices/d1/sync", "alert": "devices/d1/alerts"}.get(kind, "")
+    return Delivery(
+        receive_id,
+        kind,
+        f"{ROOT}/{topic}" if topic else "",
+        {"device_id": "d1"} if topic else {},
+        json.dumps(body).encode(),
+        1_795_953_600_000_000,
+        reply=reply,
+    )
+
+
+async def test_alerts_and_admin_writes_go_ahead_of_the_backlog(engine: Engine) -> None:
+    results: list[Result] = []
+    engine.on_result(results.append)
+    for n in range(1, 4):
+        engine.submit(delivery(n, "sync", sync_op(f"op-{n}", entity_id=f"t{n}")))
+    panic = {
+        "alert_id": "a1",
+        "user_id": "u1",
+        "kind": "panic",
+        "occurred_at": "2026-11-29T12:00:00Z",
+    }
+    engine.submit(delivery(4, "alert", panic))
+    resolution = {"conflict_id": "nope", "winner_op_id": "op-1", "by": "anna"}
+    engine.submit(delivery(5, "conflict_resolution", resolution, reply=True))
+    engine.submit(delivery(6, "sync", sync_op("op-6", entity_id="t6")))
+    task = asyncio.create_task(engine.run())
+    await engine.drain()
+    await asyncio.wait_for(task, 10)
+    assert [n for result in results for n in result.done] == [4, 5, 1, 2, 3, 6]
+
+
+async def test_an_admin_write_is_answered_unavailable_while_the_writer_fails(
+    engine: Engine,
+) -> None:
+    results: list[Result] = []
+    engine.on_result(results.append)
+    engine.writer.healthy = False  # as after a failed commit, until one succeeds
+    body = {"conflict_id": "c1", "winner_op_id": "op-1", "by": "anna"}
+    engine.submit(delivery(7, "conflict_resolution", body, reply=True))
+    (result,) = results
+    assert result.done == [7]
+    error = result.replies[7].error
+    assert error is not None
+    assert (error["code"], error["message"]) == (
+        "unavailable",
+        "the database is failing: nothing was written; retry later",
+    )
+    assert engine.pending == 0
