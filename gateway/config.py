@@ -83,6 +83,17 @@ class WriterConfig(Section):
     max_in_process: Annotated[int, Field(ge=100)] = 20_000
 
 
+class EngineConfig(Section):
+    """The engine process, which the daemon starts and owns (docs/architecture.md)."""
+
+    max_channel_bytes: Annotated[int, Field(ge=1 << 20)] = 64 << 20
+    """Payloads handed to the engine and not yet committed, at most (with
+    `writer.max_in_process` messages): beyond, the MQTT side stops reading."""
+    restart_max_s: Annotated[float, Field(gt=0, le=25)] = 10.0
+    """The longest pause before restarting an engine that died: below systemd's
+    WatchdogSec (30 s), which restarts the whole daemon if the engine stays down."""
+
+
 class SyncConfig(Section):
     entity_types: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=lambda: list(DEFAULT_CRITICAL_FIELDS)
@@ -189,6 +200,7 @@ class Settings(BaseSettings):
     admin: AdminConfig = AdminConfig()
     limits: LimitsConfig = LimitsConfig()
     writer: WriterConfig = WriterConfig()
+    engine: EngineConfig = EngineConfig()
     sync: SyncConfig = SyncConfig()
     alerts: AlertsConfig = AlertsConfig()
     conflicts: ConflictsConfig = ConflictsConfig()
@@ -270,6 +282,25 @@ def _redact(value: Any) -> Any:
         return {k: hide_url_password(v) if k == "url" else _redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def portable(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, secrets included, for the engine process: private
+    to the two processes of one daemon (gateway/channel.py), never logged or answered."""
+    plain: dict[str, Any] = _reveal(settings.model_dump(mode="python"))
+    return plain
+
+
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_reveal(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value

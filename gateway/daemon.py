@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import time
 from datetime import UTC, datetime
@@ -37,45 +36,25 @@ from gateway.admin.server import AdminServer
 from gateway.admin.sync import SyncCommands
 from gateway.admin.system import SystemCommands
 from gateway.ingest import rules
-from gateway.ingest.engine import Engine
-from gateway.ingest.kinds import Steps, table
-from gateway.ingest.observe import Observers
-from gateway.lifecycle import Parts
+from gateway.lifecycle import Parts, tune_gc
 from gateway.metrics import Metrics, MetricsEndpoint
+from gateway.mqtt.engine_process import EngineProcess
 from gateway.mqtt.intake import Intake
 from gateway.mqtt.session import MqttSession
 from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
 from gateway.outbound.outbox import OutboxPublisher
 from gateway.outbound.outbox_cleanup import OutboxCleanup
-from gateway.seam import WAKE_ESCALATION, WAKE_OUTBOX, Outbound
+from gateway.seam import KIND_PATTERNS, WAKE_ESCALATION, WAKE_OUTBOX, Outbound
 from gateway.status import Status
 from gateway.systemd import ReadyNotice, Watchdog
-from handlers.alerts import AlertHandler
-from handlers.ratelimit import DeviceRateLimiter
-from handlers.sync import SyncHandler
 from storage import migrate
-from storage.alerts import AlertStep, CrisisAckStep
-from storage.conflict_store import ResolutionStep
+from storage.alerts import AlertStep
 from storage.db import create_engine, encoding_problem
-from storage.sync import SyncStep
-from storage.writer import Writer
 
 log = structlog.get_logger("fieldgate.daemon")
 
 _encode = msgspec.json.Encoder().encode
-
-
-def _tune_gc() -> None:
-    """Fewer, cheaper collections on the hot path.
-
-    The gateway holds thousands of young objects in hand (messages waiting for
-    their commit); at the default threshold (700) the collector scans them over
-    and over: measured at 10-15 us per message. What exists after start-up
-    (modules, config, engine) is frozen out of every collection.
-    """
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 class Daemon:
@@ -96,26 +75,9 @@ class Daemon:
             settings.redis.url.get_secret_value(), socket_connect_timeout=2, socket_timeout=2
         )
 
-        # The engine: decode, store, detect, answer.
-        self.rate_limiter = DeviceRateLimiter(
-            settings.limits.device_rate, settings.limits.device_burst
-        )
-        self.sync = SyncHandler(rules.sync_limits(settings), self.rate_limiter)
-        self.alerts = AlertHandler(rules.alert_rules(settings))
-        self.detector = rules.make_detector(settings)
-        self.steps = Steps(
-            alerts=AlertStep(rules.alert_policy(settings), rules.alert_notices(settings)),
-            crisis_acks=CrisisAckStep(),
-            sync=SyncStep(self.detector),
-            resolutions=ResolutionStep(rules.conflict_notices(settings)),
-        )
-        kinds = table(self.sync, self.alerts, self.steps, Observers(self.metrics))
-        self.writer = Writer(self.database, self.steps.in_lock_order())
-        self.engine = Engine(
-            root,
-            kinds,
-            self.writer,
-            settings.writer,
+        # The engine: decode, store, detect, answer; in a process of its own.
+        self.engine = EngineProcess(
+            lambda: self.settings,
             self.metrics,
             beat_s=min(1.0, settings.health.wedged_after_s / 4),
         )
@@ -128,9 +90,10 @@ class Daemon:
             on_connected=self._birth,
         )
         self.outbox = OutboxPublisher(self.database, self.session, on_sent=self._outbox_sent)
+        self.escalation = AlertStep(rules.alert_policy(settings), rules.alert_notices(settings))
         self.escalator = Escalator(
             self.database,
-            self.steps.alerts,
+            self.escalation,
             self.metrics,
             self.outbox.poke,
             lambda: self.settings.alerts.escalation_poll_s,
@@ -139,7 +102,7 @@ class Daemon:
             root,
             self.session,
             self.engine,
-            [(kind.name, kind.pattern) for kind in kinds if kind.pattern is not None],
+            [(name, pattern) for name, pattern in KIND_PATTERNS.items() if pattern is not None],
             max_in_process=settings.writer.max_in_process,
             metrics=self.metrics,
             wake={WAKE_OUTBOX: self.outbox.poke, WAKE_ESCALATION: self.escalator.poke},
@@ -151,7 +114,6 @@ class Daemon:
             session=self.session,
             intake=self.intake,
             engine=self.engine,
-            writer=self.writer,
             database=self.database,
             redis=self.redis,
             metrics=self.metrics,
@@ -162,7 +124,7 @@ class Daemon:
         # Admin: one table of commands, each area given what it uses.
         commands = [
             *SystemCommands(
-                self.status, lambda: self.settings, config_path, self.reload
+                self.status, lambda: self.settings, config_path, self.reload, self.set_log_level
             ).commands(),
             *QuarantineCommands(self.database).commands(),
             *SyncCommands(self.database).commands(),
@@ -185,12 +147,13 @@ class Daemon:
                 HealthReport(
                     root, self.session, self.status, lambda: self.settings.health.interval_s
                 ),
-                Watchdog(self.status.writer_alive),
-                ReadyNotice(self.session.connected, settings.mqtt.host),
+                Watchdog(self.status.engine_trouble, self.engine.serving),
+                ReadyNotice(settings.mqtt.host, self.session.connected, self.engine.serving),
                 MetricsEndpoint(self.metrics, settings.metrics.listen),
             ]
         )
         self._stop = asyncio.Event()
+        self._reloads: set[asyncio.Future[None]] = set()
 
     def _trouble(self) -> dict[str, dict[str, object]]:
         """(Parts are made after Status, which is one of theirs.)"""
@@ -230,7 +193,7 @@ class Daemon:
             raise config.ConfigError(problem)
         if self.settings.database.auto_upgrade:
             await migrate.upgrade_async(self.settings.database.url)
-        _tune_gc()
+        tune_gc()
         log.info(
             "starting",
             version=__version__,
@@ -264,15 +227,26 @@ class Daemon:
         await self.intake.stop()
         await self.parts.stop()
         await self.redis.aclose()
-        await self.writer.close()
         await self.database.dispose()
         log.info("stopped", drain_s=round(time.monotonic() - started, 3))
 
-    def _reload_signal(self) -> None:
-        with contextlib.suppress(config.ConfigError):
-            self.reload()
+    async def set_log_level(self, level: str) -> None:
+        """Both processes log at `level` until the next reload or restart."""
+        log_config = self.settings.log.model_copy(update={"level": level})
+        self.settings = self.settings.model_copy(update={"log": log_config})
+        logs.set_level(level)
+        await self.engine.reload(self.settings)
 
-    def reload(self) -> list[str]:
+    def _reload_signal(self) -> None:
+        task = asyncio.ensure_future(self._reload_quietly())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_quietly(self) -> None:
+        with contextlib.suppress(config.ConfigError):
+            await self.reload()
+
+    async def reload(self) -> list[str]:
         """Apply what can change safely at run time; return what needs a restart.
 
         Raises ConfigError (and changes nothing) when the new file is bad.
@@ -284,22 +258,15 @@ class Daemon:
             raise
         restart = [
             name
-            for name in ("mqtt", "database", "redis", "writer", "metrics", "instance")
+            for name in ("mqtt", "database", "redis", "writer", "engine", "metrics", "instance")
             if getattr(fresh, name) != getattr(self.settings, name)
         ]
         kept = {name: getattr(self.settings, name) for name in restart}
         settings = self.settings = fresh.model_copy(update=kept)
         logs.set_level(settings.log.level)
-        self.sync.limits = rules.sync_limits(settings)
-        self.alerts.rules = rules.alert_rules(settings)
-        self.steps.alerts.policy = rules.alert_policy(settings)
-        self.steps.alerts.notices = rules.alert_notices(settings)
+        self.escalation.policy = rules.alert_policy(settings)
+        self.escalation.notices = rules.alert_notices(settings)
         self.escalator.poke()
-        self.rate_limiter.rate = settings.limits.device_rate
-        self.rate_limiter.burst = float(settings.limits.device_burst)
-        self.detector.rules = rules.conflict_rules(settings)
-        self.detector.notices = rules.conflict_notices(settings)
-        self.detector.enabled = settings.conflicts.enabled
-        self.steps.resolutions.notices = self.detector.notices
+        await self.engine.reload(settings)
         log.info("config reloaded", needs_restart=restart or None)
         return restart

@@ -1,9 +1,21 @@
-"""Prometheus series. One registry per daemon, so tests can run several in a process."""
+"""Prometheus series: one registry per process, so tests can run several in one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from gateway.lifecycle import Part
 
@@ -15,12 +27,55 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
 class Metrics:
+    """The MQTT process's series, and the engine process's as it last reported them
+    (`relay`): one registry, so one endpoint exports both."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.relay = Relayed()
+        r.register(self.relay)
         self.messages_received = Counter(
             "fieldgate_messages_received", "MQTT messages received", ["kind"], registry=r
         )
+        self.ack_seconds = Histogram(
+            "fieldgate_ack_seconds",
+            "From receipt of a message to its PUBACK",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "fieldgate_in_flight_messages",
+            "Messages received and not yet acknowledged",
+            registry=r,
+        )
+        self.reconnects = Counter("fieldgate_mqtt_reconnects", "MQTT reconnections", registry=r)
+        self.crisis_publish_seconds = Histogram(
+            "fieldgate_crisis_publish_seconds",
+            "From receipt of a crisis alert to the broker's PUBACK of its publication",
+            buckets=CRISIS_BUCKETS,
+            registry=r,
+        )
+        self.open_crises = Gauge(
+            "fieldgate_open_crises",
+            "Crisis alerts not yet acknowledged (all instances: read from the database)",
+            registry=r,
+        )
+        self.escalations = Counter(
+            "fieldgate_crisis_escalations", "Crisis escalations published", registry=r
+        )
+        self.engine_restarts = Counter(
+            "fieldgate_engine_restarts", "Engine processes that died and were restarted", registry=r
+        )
+
+
+class EngineMetrics:
+    """The engine process's series: what its commits did. Reported to the MQTT process
+    with every ping (gateway/channel.py), which exports them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
         self.ops = Counter(
             "fieldgate_sync_ops", "Sync operations by outcome", ["status"], registry=r
         )
@@ -42,34 +97,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ack_seconds = Histogram(
-            "fieldgate_ack_seconds",
-            "From receipt of a message to its PUBACK",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "fieldgate_in_flight_messages",
-            "Messages received and not yet acknowledged",
-            registry=r,
-        )
-        self.reconnects = Counter("fieldgate_mqtt_reconnects", "MQTT reconnections", registry=r)
         self.alerts = Counter(
             "fieldgate_alerts", "Alerts stored, by classification", ["classification"], registry=r
-        )
-        self.crisis_publish_seconds = Histogram(
-            "fieldgate_crisis_publish_seconds",
-            "From receipt of a crisis alert to the broker's PUBACK of its publication",
-            buckets=CRISIS_BUCKETS,
-            registry=r,
-        )
-        self.open_crises = Gauge(
-            "fieldgate_open_crises",
-            "Crisis alerts not yet acknowledged (all instances: read from the database)",
-            registry=r,
-        )
-        self.escalations = Counter(
-            "fieldgate_crisis_escalations", "Crisis escalations published", registry=r
         )
         self.conflicts = Counter(
             "fieldgate_conflicts",
@@ -92,6 +121,27 @@ class Metrics:
             "Conflicts resolved by an operator",
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Relayed(Collector):
+    """The engine's series, from its last report. A restarted engine starts its counters
+    again from 0, which Prometheus reads as a counter reset."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.refresh: Callable[[], None] = lambda: None
+        """Called on each collection, to ask the engine for its latest figures first
+        (the engine process sets it; it does nothing on the event loop's thread)."""
+
+    def update(self, exposition: bytes) -> None:
+        self.text = exposition.decode()
+
+    def collect(self) -> Iterator[Metric]:
+        self.refresh()
+        yield from text_string_to_metric_families(self.text)
 
 
 class MetricsEndpoint(Part):

@@ -6,7 +6,8 @@ payloads: decode, validate, store, detect, build answers. Between them go
 `Delivery`s one way (raw payloads with their topic and a receive id) and
 `Result`s the other way (answer bodies, and the receive ids whose work is
 committed). Nothing else crosses: no handler, record or database object, so the
-engine can live in another process with this seam as its channel's protocol.
+engine lives in another process with this seam as its channel's protocol
+(gateway/channel.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
+
+KIND_PATTERNS: dict[str, str | None] = {
+    "alert": "devices/{device_id}/alerts",
+    "crisis_ack": "alerts/crisis/ack",
+    "sync": "devices/{device_id}/sync",
+    "conflict_resolution": None,
+}
+"""The message kinds by name, and the topic (under the root) each is received on; None
+for a write that only an admin command submits. The MQTT side routes by these; the
+engine's table (gateway/ingest/kinds.py) has a row for each."""
 
 
 class Outbound(msgspec.Struct, array_like=True):
@@ -70,11 +81,31 @@ class Result(msgspec.Struct, array_like=True):
     """Background parts with new work in the database (names of WAKES)."""
 
 
+class EngineState(msgspec.Struct, array_like=True):
+    """How the engine is doing, as it says itself when pinged: for health, stats and the
+    watchdog."""
+
+    healthy: bool = True
+    """Its commits succeed (False while the database refuses them)."""
+    last_error: str | None = None
+    stuck_s: float = 0.0
+    """How long its writer has made no progress: the running transaction attempt's age,
+    or, idle, the time since its loop last woke."""
+    pending: int = 0
+    """Deliveries taken and not yet committed."""
+    commits: int = 0
+    pid: int = 0
+
+
 class Engine(Protocol):
     """The engine as the MQTT side sees it."""
 
     def submit(self, delivery: Delivery) -> None:
         """Take a delivery; its `Result` comes back through the callback later."""
+
+    @property
+    def busy(self) -> bool:
+        """It holds as many payload bytes as it may: stop reading until it is not."""
 
     def on_result(self, callback: Callable[[Result], None]) -> None:
         """Where every `Result` goes, on the MQTT side's event loop."""

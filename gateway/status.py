@@ -1,7 +1,8 @@
 """Health and stats: what `health`/`stats` answer and `<root>/health` carries.
 
 Read from the parts themselves, at the moment of asking: the MQTT session, the
-engine and its writer, the database, Redis, the metrics registry.
+engine process (its state and metrics as it last reported them, asked again
+for stats), the database, Redis, the metrics registry.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import __version__
 from gateway.config import Settings
-from gateway.ingest.engine import Engine
 from gateway.metrics import Metrics
+from gateway.mqtt.engine_process import EngineProcess
 from gateway.mqtt.intake import Intake
 from gateway.mqtt.session import MqttSession
 from handlers.times import rfc3339, to_us
 from storage import conflict_store, outbox
-from storage.writer import Writer
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -47,8 +47,7 @@ class Status:
         *,
         session: MqttSession,
         intake: Intake,
-        engine: Engine,
-        writer: Writer,
+        engine: EngineProcess,
         database: AsyncEngine,
         redis: Redis,
         metrics: Metrics,
@@ -60,7 +59,6 @@ class Status:
         self.session = session
         self.intake = intake
         self.engine = engine
-        self.writer = writer
         self.database = database
         self.redis = redis
         self.metrics = metrics
@@ -68,27 +66,29 @@ class Status:
         self.trouble = trouble
         """Parts that failed recently and were restarted (`Parts.trouble`)."""
 
-    def writer_stuck_s(self) -> float:
-        """How long the writer has made no progress: the running transaction attempt's
-        age, or, when idle, the time since its loop last woke."""
-        since = self.writer.attempt_started or self.engine.last_beat
-        return time.monotonic() - since
+    def engine_trouble(self) -> str | None:
+        """Why the engine cannot store now: it is down, or its writer is wedged; None when
+        it can. A database outage is not a wedge (each retry is a new attempt); a
+        statement that never returns is, and then systemd's watchdog restarts the daemon."""
+        engine = self.engine
+        if engine.down is not None:
+            return engine.down
+        if not engine.alive(self.settings().health.wedged_after_s):
+            return f"writer stuck for {engine.stuck_s():.0f} s"
+        return None
 
-    def writer_alive(self) -> bool:
-        """A database outage is not a wedge (each retry is a new attempt); a statement
-        that never returns is, and then systemd's watchdog restarts the daemon."""
-        return self.writer_stuck_s() < self.settings().health.wedged_after_s
+    def _engine(self) -> dict[str, Any]:
+        trouble = self.engine_trouble()
+        return {"ok": True} if trouble is None else {"ok": False, "detail": trouble}
 
     async def _database(self) -> dict[str, Any]:
-        if not self.writer_alive():
-            return {"ok": False, "detail": f"writer stuck for {self.writer_stuck_s():.0f} s"}
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S), self.database.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:  # noqa: BLE001 - any failure is "not ok", with its kind
             return {"ok": False, "detail": type(exc).__name__}
-        if not self.writer.healthy:
-            return {"ok": False, "detail": f"commits failing: {self.writer.last_error}"}
+        if not self.engine.state.healthy:
+            return {"ok": False, "detail": f"commits failing: {self.engine.state.last_error}"}
         return {"ok": True}
 
     async def _redis(self) -> dict[str, Any]:
@@ -106,9 +106,10 @@ class Status:
         return {"ok": False, "detail": session.last_error or "connecting"}
 
     async def health(self) -> dict[str, Any]:
-        """Healthy means it can take and store operations (broker and database up) and
-        every part runs (none failed in the last minutes: a part that fails is restarted,
-        and while it fails, its work, crisis escalations or the outbox, is not done).
+        """Healthy means it can take and store operations (broker, engine process and
+        database up, the engine's writer not wedged) and every part runs (none failed in
+        the last minutes: a part that fails is restarted, and while it fails, its work,
+        crisis escalations or the outbox, is not done).
 
         Redis only serves the webhook dead-letter queue, which waits in the database
         while Redis is down, so it is reported but does not make the gateway unhealthy.
@@ -118,14 +119,16 @@ class Status:
         parts: dict[str, Any] = {"ok": not failing}
         if failing:
             parts["failing"] = failing
+        engine = self._engine()
         checks = {
             "mqtt": self._mqtt(),
+            "engine": engine,
             "database": database,
             "redis": redis,
             "model": {"ok": True, "detail": "no model active"},
             "parts": parts,
         }
-        healthy = checks["mqtt"]["ok"] and database["ok"] and parts["ok"]
+        healthy = checks["mqtt"]["ok"] and engine["ok"] and database["ok"] and parts["ok"]
         return {"healthy": bool(healthy), "checks": checks}
 
     def _value(self, name: str) -> int:
@@ -153,6 +156,7 @@ class Status:
     async def stats(self) -> dict[str, Any]:
         """Counters since this process started, the conflicts as they stand (all
         instances), and the depth of every queue."""
+        await self.engine.refresh()
         ops = self._by_label("fieldgate_sync_ops_total", "status")
         rejected = self._by_label("fieldgate_rejected_total", "code")
         depth, conflicts, members = await self._from_database()
@@ -171,10 +175,10 @@ class Status:
             "alerts": self._by_label("fieldgate_alerts_total", "classification"),
             "open_crises": self._value("fieldgate_open_crises"),
             "escalations": self._value("fieldgate_crisis_escalations_total"),
-            "commits": self.writer.commits,
+            "commits": self.engine.state.commits,
             "queues": {
                 "in_flight": len(self.intake.acks),
-                "pending_commit": self.engine.pending,
+                "pending_commit": self.engine.state.pending,
                 "outbox": depth,
                 "mqtt_outgoing": self.session.outgoing_pending(),
             },

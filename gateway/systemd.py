@@ -41,36 +41,44 @@ def watchdog_interval_s() -> float | None:
 
 
 class ReadyNotice(Part):
-    """`READY=1` once the MQTT session is up (subscribed): systemd's start is done."""
+    """`READY=1` once the MQTT session is up (subscribed) and the engine serves:
+    systemd's start is done."""
 
     name = "ready"
 
-    def __init__(self, connected: asyncio.Event, host: str) -> None:
-        self.connected = connected
+    def __init__(self, host: str, *conditions: asyncio.Event) -> None:
         self.host = host
+        self.conditions = conditions
 
     async def run(self) -> None:
-        await self.connected.wait()
+        for condition in self.conditions:
+            await condition.wait()
         notify(f"READY=1\nSTATUS=serving on {self.host}")
         log.info("ready")
 
 
 class Watchdog(Part):
-    """`WATCHDOG=1` while the loop runs and the writer is not wedged; silence otherwise,
-    and systemd restarts the daemon (`WatchdogSec` in the unit)."""
+    """`WATCHDOG=1` while the engine serves and its writer is not wedged; silence
+    otherwise, and systemd restarts the daemon (`WatchdogSec` in the unit). It starts
+    judging once the daemon is ready, as systemd does."""
 
     name = "watchdog"
 
-    def __init__(self, alive: Callable[[], bool]) -> None:
-        self.alive = alive
+    def __init__(self, trouble: Callable[[], str | None], *ready: asyncio.Event) -> None:
+        self.trouble = trouble
+        """Why the daemon cannot store now (None: it can)."""
+        self.ready = ready
 
     async def run(self) -> None:
         interval = watchdog_interval_s()
         if interval is None:
             return
+        for condition in self.ready:
+            await condition.wait()
         while True:
-            if self.alive():
+            trouble = self.trouble()
+            if trouble is None:
                 notify("WATCHDOG=1")
             else:
-                log.error("writer wedged: withholding watchdog pings")
+                log.error("withholding watchdog pings", reason=trouble)
             await asyncio.sleep(interval)

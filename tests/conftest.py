@@ -7,6 +7,8 @@ CI (`tests.support.require`). Every test that reaches PostgreSQL carries the
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from tests.support import (
     Client,
     Daemon,
     Mosquitto,
+    NotifySocket,
     PostgresServer,
     RedisServer,
     daemon_env,
@@ -145,3 +148,14 @@ def client(broker: Mosquitto) -> Iterator[Client]:
     c = Client(broker.port).connect()
     yield c
     c.close()
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    """systemd's socket, in a short directory of its own: an AF_UNIX path is at most
+    107 bytes, and pytest's per-test directories can be longer."""
+    directory = Path(tempfile.mkdtemp(prefix="fg-notify-"))
+    sock = NotifySocket(directory / "notify.sock")
+    yield sock
+    sock.close()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -360,6 +360,7 @@ def test_config_get_hides_every_secret(
         "admin",
         "limits",
         "writer",
+        "engine",
         "sync",
         "health",
         "metrics",

@@ -17,22 +17,13 @@ from typing import Any
 import pytest
 
 from gateway import config
-from gateway.ingest import rules
+from gateway.ingest.assembly import EngineSide
 from gateway.ingest.engine import Engine
-from gateway.ingest.kinds import Steps, table
-from gateway.ingest.observe import Observers
 from gateway.metrics import Metrics
 from gateway.mqtt.intake import Intake
 from gateway.mqtt.session import Inbound
 from gateway.seam import WAKE_ESCALATION, WAKE_OUTBOX, Delivery, Result
-from handlers.alerts import AlertHandler
-from handlers.sync import SyncHandler
 from storage import migrate
-from storage.alerts import AlertStep, CrisisAckStep
-from storage.conflict_store import ResolutionStep
-from storage.db import create_engine
-from storage.sync import SyncStep
-from storage.writer import Writer
 from tests.support import sync_op
 
 ROOT = "fgseam"
@@ -73,6 +64,10 @@ class Recording:
 
     def submit(self, delivery: Delivery) -> None:
         self.deliveries.append(delivery)
+
+    @property
+    def busy(self) -> bool:
+        return False
 
     def on_result(self, callback: Callable[[Result], None]) -> None:
         self.callback = callback
@@ -146,25 +141,9 @@ async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
     settings = config.Settings(
         mqtt=config.MqttConfig(topic_root=ROOT), database=config.DatabaseConfig(url=url)
     )
-    metrics = Metrics()
-    steps = Steps(
-        alerts=AlertStep(rules.alert_policy(settings), rules.alert_notices(settings)),
-        crisis_acks=CrisisAckStep(),
-        sync=SyncStep(rules.make_detector(settings)),
-        resolutions=ResolutionStep(rules.conflict_notices(settings)),
-    )
-    kinds = table(
-        SyncHandler(rules.sync_limits(settings)),
-        AlertHandler(rules.alert_rules(settings)),
-        steps,
-        Observers(metrics),
-    )
-    database = create_engine(url)
-    writer = Writer(database, steps.in_lock_order())
-    found = Engine(ROOT, kinds, writer, settings.writer, metrics)
-    yield found
-    await writer.close()
-    await database.dispose()
+    side = EngineSide(settings)
+    yield side.engine
+    await side.close()
 
 
 def delivery(receive_id: int, kind: str, body: dict[str, Any], reply: bool = False) -> Delivery:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-from gateway import __version__, config, logs
+from gateway import __version__, config
 from gateway.admin.args import NoArgs, invalid
 from gateway.admin.server import Command
 from gateway.status import Status, started_at_text
@@ -21,19 +21,22 @@ class LogLevelArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 class SystemCommands:
     """Reads the daemon's status and config; reloads the config (`reload` raises
-    ConfigError, and changes nothing, for a bad file)."""
+    ConfigError, and changes nothing, for a bad file); sets the log level of both
+    processes (`set_log_level`)."""
 
     def __init__(
         self,
         status: Status,
         settings: Callable[[], config.Settings],
         config_path: Path | None,
-        reload: Callable[[], list[str]],
+        reload: Callable[[], Awaitable[list[str]]],
+        set_log_level: Callable[[str], Awaitable[None]],
     ) -> None:
         self.status = status
         self.settings = settings
         self.config_path = config_path
         self.reload = reload
+        self.set_log_level = set_log_level
 
     def commands(self) -> list[Command]:
         return [
@@ -68,11 +71,11 @@ class SystemCommands:
 
     async def config_reload(self, _args: NoArgs, _progress: Progress) -> dict[str, Any]:
         try:
-            needs_restart = self.reload()
+            needs_restart = await self.reload()
         except config.ConfigError as exc:
             raise invalid(str(exc)) from None
         return {"reloaded": True, "needs_restart": needs_restart}
 
     async def log_level(self, args: LogLevelArgs, _progress: Progress) -> dict[str, Any]:
-        logs.set_level(args.level)
+        await self.set_log_level(args.level)
         return {"level": args.level}

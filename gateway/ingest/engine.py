@@ -29,7 +29,7 @@ import structlog
 from gateway.config import WriterConfig
 from gateway.ingest.kinds import Decoded, Kind
 from gateway.lifecycle import Part
-from gateway.metrics import Metrics
+from gateway.metrics import EngineMetrics
 from gateway.seam import WAKE_OUTBOX, Delivery, Reply, Result
 from handlers.errors import Code, Error, quarantine_record
 from handlers.records import QuarantineRecord
@@ -58,7 +58,7 @@ class Engine(Part):
         kinds: Sequence[Kind],
         writer: Writer,
         config: WriterConfig,
-        metrics: Metrics,
+        metrics: EngineMetrics,
         beat_s: float = 1.0,
     ) -> None:
         self.root = root

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from gateway.ingest import answers
 from gateway.ingest.observe import Observers
-from gateway.seam import Delivery, Outbound, Reply
+from gateway.seam import KIND_PATTERNS, Delivery, Outbound, Reply
 from handlers.alerts import AlertHandler
 from handlers.conflicts import decode_resolution
 from handlers.errors import Error
@@ -54,7 +54,8 @@ Observe = Callable[[Sequence[Any], Sequence[Any]], list[str]]
 class Kind:
     name: str
     pattern: str | None
-    """Under the topic root; `{device_id}` takes one level. None: admin writes only."""
+    """Under the topic root; `{device_id}` takes one level. None: admin writes only.
+    The seam's KIND_PATTERNS, by which the MQTT side routes, hold the same."""
     decode: Callable[[Delivery], Decoded]
     step: Step
     answer: Answer | None = None
@@ -92,7 +93,7 @@ def table(
     return [
         Kind(
             "alert",
-            "devices/{device_id}/alerts",
+            KIND_PATTERNS["alert"],
             lambda d: alerts.decode(d.topic, device(d), d.payload, d.received_at_us),
             steps.alerts,
             answer=answers.alert_answers,
@@ -101,7 +102,7 @@ def table(
         ),
         Kind(
             "crisis_ack",
-            "alerts/crisis/ack",
+            KIND_PATTERNS["crisis_ack"],
             lambda d: alerts.decode_ack(d.topic, d.payload, d.received_at_us),
             steps.crisis_acks,
             reply=answers.crisis_ack_reply,
@@ -110,7 +111,7 @@ def table(
         ),
         Kind(
             "sync",
-            "devices/{device_id}/sync",
+            KIND_PATTERNS["sync"],
             lambda d: sync.decode(d.topic, device(d), d.payload, d.received_at_us),
             steps.sync,
             answer=answers.sync_answers,
@@ -118,7 +119,7 @@ def table(
         ),
         Kind(
             "conflict_resolution",
-            None,
+            KIND_PATTERNS["conflict_resolution"],
             lambda d: decode_resolution(d.payload),
             steps.resolutions,
             reply=answers.resolution_reply,

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from gateway.metrics import Metrics
+from gateway.metrics import EngineMetrics
 from gateway.seam import WAKE_ESCALATION
 from handlers.alerts import CRISIS, AckDecoded, AlertDecoded
 from handlers.conflicts import ResolutionDecoded
@@ -22,7 +22,7 @@ log = structlog.get_logger("fieldgate.ingest")
 class Observers:
     """One method per kind: (decoded payloads, its step's events) -> parts to wake."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: EngineMetrics) -> None:
         self.metrics = metrics
 
     def sync(self, decoded: Sequence[Decoded], events: Sequence[Any]) -> list[str]:

@@ -3,8 +3,9 @@
 A message for the engine (a topic of the message-kind table) crosses the seam
 as a `Delivery` and is PUBACKed when its `Result` says it is committed; an
 admin request is PUBACKed at once and handed to the admin server; anything
-else is acked and dropped. While too many messages are held, the session stops
-reading the socket (backpressure by not reading: the broker queues).
+else is acked and dropped. While too many messages are held, or the engine
+holds as many payload bytes as it may, the session stops reading the socket
+(backpressure by not reading: the broker queues).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Intake(Part):
         if self._closed.is_set():
             return None
         ticket = self.acks.hold(message)
-        if len(self.acks) >= self.max_in_process:
+        if len(self.acks) >= self.max_in_process or self.engine.busy:
             self.session.pause_reading()
         return ticket
 
@@ -117,7 +118,8 @@ class Intake(Part):
         self.acks.done(tickets)
         if self._closed.is_set():
             return
-        if self.session.paused and len(self.acks) < self.max_in_process * 3 // 4:
+        below = len(self.acks) < self.max_in_process * 3 // 4
+        if self.session.paused and below and not self.engine.busy:
             self.session.resume_reading()
 
     def _for_engine(self, kind: str) -> Endpoint:

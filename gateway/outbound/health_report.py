@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 
 import msgspec
@@ -12,6 +14,9 @@ from gateway.seam import Outbound
 from gateway.status import Status
 
 _encode = msgspec.json.Encoder().encode
+
+ENGINE_START_S = 15.0
+"""How long the first report waits for the engine process to serve."""
 
 
 class HealthReport(Loop):
@@ -30,7 +35,12 @@ class HealthReport(Loop):
         self.interval_s = interval_s
 
     async def ready(self) -> None:
+        """Connected, and the engine serving or given its start-up time: the first report
+        should not say "starting" for a whole interval, nor wait for an engine that
+        does not start."""
         await self.session.connected.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.status.engine.serving.wait(), ENGINE_START_S)
 
     async def round(self) -> float:
         data = {**await self.status.health(), **await self.status.stats()}

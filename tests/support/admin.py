@@ -38,6 +38,7 @@ HEALTHY = {
     "healthy": True,
     "checks": {
         "mqtt": {"ok": True, "reconnects": 0},
+        "engine": {"ok": True},
         "database": {"ok": True},
         "redis": {"ok": True},
         "model": {"ok": True, "detail": "no model active"},

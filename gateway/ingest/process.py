@@ -1,0 +1,137 @@
+"""The engine process: the work on payloads, in a process of its own.
+
+The MQTT process starts it (gateway/mqtt/engine_process.py) with one end of a
+socketpair and owns it: it sends the settings, then deliveries, pings, reloads
+and at a stop a drain (gateway/channel.py); this process answers with the
+results of its commits, its state and metrics, and `Drained`. The interpreter
+lock here is the engine's alone: decoding, storing and detecting no longer
+take turns with reading the socket (docs/decisions/0010-engine-process.md).
+
+It ignores SIGTERM and SIGINT, which systemd and a terminal send to the whole
+group: the MQTT process decides when it stops, after its drain. When the
+channel closes without a drain, the MQTT process is gone; nothing this process
+commits could be acknowledged any more, so it exits at once, and the broker
+redelivers what was not acknowledged, which is then stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import structlog
+
+from gateway import logs
+from gateway.channel import (
+    Channel,
+    ChannelClosed,
+    Drain,
+    Drained,
+    Ping,
+    Pong,
+    Reload,
+    Results,
+    Start,
+    Submit,
+    ToEngine,
+)
+from gateway.config import Settings
+from gateway.ingest.assembly import EngineSide
+from gateway.lifecycle import tune_gc
+from gateway.seam import Result
+
+log = structlog.get_logger("fieldgate.engine")
+
+
+class Server:
+    """Serves the channel: frames in, the engine's results and answers out."""
+
+    def __init__(self, channel: Channel, side: EngineSide) -> None:
+        self.channel = channel
+        self.side = side
+        side.engine.on_result(self._result)
+
+    def _result(self, result: Result) -> None:
+        try:
+            self.channel.send(Results(result))
+        except ChannelClosed:
+            log.warning("a commit's result has nowhere to go: the MQTT process is gone")
+
+    def _pong(self, seq: int) -> None:
+        self.channel.send(Pong(seq, self.side.state(), self.side.metrics.exposition()))
+
+    async def serve(self) -> None:
+        """Until drained (return) or the channel closes (ChannelClosed)."""
+        engine = self.side.engine
+        running = asyncio.create_task(engine.run(), name="engine")
+        running.add_done_callback(_exit_if_failed)
+        while True:
+            frame = await self.channel.receive()
+            if isinstance(frame, Submit):
+                for delivery in frame.deliveries:
+                    engine.submit(delivery)
+            elif isinstance(frame, Ping):
+                self._pong(frame.seq)
+            elif isinstance(frame, Reload):
+                settings = Settings.model_validate(frame.settings)
+                self.side.apply(settings)
+                logs.set_level(settings.log.level)
+                self._pong(frame.seq)
+            elif isinstance(frame, Drain):
+                await engine.drain()
+                await running
+                self.channel.send(Drained())
+                await self.channel.writer.drain()
+                return
+
+
+def _exit_if_failed(task: asyncio.Task[None]) -> None:
+    """The commit loop failed (a bug): exit, and the MQTT process starts another engine,
+    which is given again everything not committed."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the engine failed", exc_info=task.exception())
+        os._exit(1)
+
+
+async def serve(fd: int) -> int:
+    channel = await Channel.open(socket.socket(fileno=fd), ToEngine)
+    start = await channel.receive()
+    if not isinstance(start, Start):
+        return 2
+    settings = Settings.model_validate(start.settings)
+    logs.setup(settings.log.level, settings.log.format)
+    structlog.contextvars.bind_contextvars(process="engine")
+    side = EngineSide(settings)
+    tune_gc()
+    log.debug("engine started", pid=os.getpid())
+    try:
+        await Server(channel, side).serve()
+    except ChannelClosed:
+        # Not a drain: the MQTT process died. Leave now, in the middle of whatever
+        # runs: an open transaction is rolled back, and nothing was acknowledged.
+        log.error("the MQTT process is gone: exiting without finishing what is in hand")
+        os._exit(1)
+    await side.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    runner: Any
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    sys.exit(runner(serve(int(args[0]))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The engine as the MQTT process has it: a child process behind the channel.
+
+`EngineProcess` starts the engine process (gateway/ingest/process.py), hands it
+deliveries and hands back its results: it is the seam's `Engine` for the
+intake. It keeps every delivery until the engine reports it committed, so
+that nothing is acknowledged before its commit and nothing taken is lost when
+the engine dies: the engine is started again, with a pause that grows, and
+given every delivery still held, in the order taken (what it had committed
+before dying is then a duplicate, answered as such and stored once). While it
+is down the daemon is unhealthy and the watchdog is not fed; what arrives
+meanwhile waits for the next engine.
+
+The channel is bounded: past `engine.max_channel_bytes` of held payloads (or
+`writer.max_in_process` messages, which the intake counts) the MQTT side stops
+reading the socket, as it does for a slow commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from gateway.channel import (
+    Channel,
+    ChannelClosed,
+    Drain,
+    Drained,
+    FromEngine,
+    Ping,
+    Pong,
+    Reload,
+    Results,
+    Start,
+    Submit,
+)
+from gateway.config import Settings, portable
+from gateway.lifecycle import Part, backoff
+from gateway.metrics import Metrics
+from gateway.seam import Delivery, EngineState, Reply, Result
+from handlers.errors import Code, Error
+
+log = structlog.get_logger("fieldgate.engine")
+
+ANSWER_TIMEOUT_S = 5.0
+"""How long a ping or a reload may wait for the engine's answer."""
+STOP_WAIT_S = 5.0
+"""How long the engine process may take to exit after its drain, before it is killed."""
+
+
+class EngineProcess(Part):
+    """Starts, feeds, watches and restarts the engine process."""
+
+    name = "engine"
+    ends_on_stop = True
+    stop_timeout_s = 20.0
+
+    def __init__(self, settings: Callable[[], Settings], metrics: Metrics, beat_s: float) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.beat_s = beat_s
+        self.state = EngineState()
+        """What the engine said of itself at its last answer."""
+        self.down: str | None = "starting"
+        """Why the engine does not serve now; None while it does."""
+        self.serving = asyncio.Event()
+        """Set once an engine process answered (the daemon is ready then)."""
+        self.last_answer = time.monotonic()
+        self._held: dict[int, Delivery] = {}
+        """Every delivery taken and not yet reported committed, in the order taken."""
+        self._held_bytes = 0
+        self._unsent: list[Delivery] = []
+        self._flush_soon = False
+        self._channel: Channel | None = None
+        self._answers: dict[int, asyncio.Future[None]] = {}
+        self._seq = itertools.count(1)
+        self._closing = asyncio.Event()
+        self._callback: Callable[[Result], None] = lambda _result: None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    # -- the seam ------------------------------------------------------------------
+
+    def on_result(self, callback: Callable[[Result], None]) -> None:
+        self._callback = callback
+
+    def submit(self, delivery: Delivery) -> None:
+        if delivery.reply and self._closing.is_set():
+            error = Error(Code.UNAVAILABLE, "the gateway is stopping: nothing was written")
+            reply = Reply(error=error.as_dict())
+            self._callback(Result(done=[delivery.receive_id], replies={delivery.receive_id: reply}))
+            return
+        self._held[delivery.receive_id] = delivery
+        self._held_bytes += len(delivery.payload)
+        self._unsent.append(delivery)
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    @property
+    def busy(self) -> bool:
+        return self._held_bytes >= self.settings().engine.max_channel_bytes
+
+    @property
+    def held(self) -> int:
+        """Deliveries taken and not yet committed (on their way, or in the engine)."""
+        return len(self._held)
+
+    async def drain(self) -> None:
+        await self.stop()
+
+    def _flush(self) -> None:
+        """Everything submitted since the last flush, in one frame."""
+        self._flush_soon = False
+        if self._channel is None or not self._unsent:
+            return
+        with contextlib.suppress(ChannelClosed):  # the engine died: it is given them again
+            self._channel.send(Submit(self._unsent))
+        self._unsent = []
+
+    # -- state, for health, stats, the watchdog and the metrics endpoint --------------
+
+    def alive(self, wedged_after_s: float) -> bool:
+        """It serves, answered lately, and its writer is not wedged."""
+        if self.down is not None:
+            return False
+        silent_s = time.monotonic() - self.last_answer
+        return silent_s < wedged_after_s and self.stuck_s() < wedged_after_s
+
+    def stuck_s(self) -> float:
+        """How long its writer has made no progress, as of its last answer."""
+        return self.state.stuck_s + (time.monotonic() - self.last_answer)
+
+    async def refresh(self) -> None:
+        """Ask the engine for its state and metrics now (best effort)."""
+        with contextlib.suppress(TimeoutError, ChannelClosed):
+            await self._ask(Ping(next(self._seq)))
+
+    def _refresh_from_thread(self) -> None:
+        """For the metrics endpoint's thread: the engine's latest figures on a scrape."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            return
+        future = asyncio.run_coroutine_threadsafe(self.refresh(), loop)
+        with contextlib.suppress(Exception):
+            future.result(ANSWER_TIMEOUT_S)
+
+    async def reload(self, settings: Settings) -> None:
+        """Apply new settings in the engine; returns once it has (or it is down)."""
+        with contextlib.suppress(TimeoutError, ChannelClosed):
+            await self._ask(Reload(next(self._seq), portable(settings)))
+
+    async def _ask(self, frame: Ping | Reload) -> None:
+        if self._channel is None:
+            raise ChannelClosed
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._answers[frame.seq] = answer
+        try:
+            self._channel.send(frame)
+            await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
+        finally:
+            self._answers.pop(frame.seq, None)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.metrics.relay.refresh = self._refresh_from_thread
+        failures = 0
+        while True:
+            started = time.monotonic()
+            ended = await self._serve()
+            if self._closing.is_set():
+                return
+            failures = 1 if time.monotonic() - started > 60 else failures + 1
+            delay = backoff(failures, 0.5, self.settings().engine.restart_max_s)
+            self.down = f"restarting: the engine process {ended}"
+            self.metrics.engine_restarts.inc()
+            log.error(
+                "engine process died",
+                how=ended,
+                held=len(self._held),
+                restart_in_s=delay,
+                failures=failures,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+                return
+
+    async def _serve(self) -> str:
+        """Start one engine process and serve it until it exits; how it ended."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway.ingest.process",
+                str(theirs.fileno()),
+                pass_fds=[theirs.fileno()],
+            )
+        finally:
+            theirs.close()
+        channel = await Channel.open(ours, FromEngine)
+        try:
+            channel.send(Start(portable(self.settings())))
+            # everything held goes (again), in the order it was taken
+            self._unsent = list(self._held.values())
+            self._channel = channel
+            self._flush()
+            pings = asyncio.create_task(self._ping(channel), name="engine:ping")
+            try:
+                await self._read(channel)
+            finally:
+                pings.cancel()
+        except ChannelClosed:
+            pass
+        except asyncio.CancelledError:
+            process.kill()
+            raise
+        finally:
+            self._channel = None
+            channel.close()
+            for answer in self._answers.values():
+                if not answer.done():
+                    answer.set_exception(ChannelClosed())
+        return await self._ended(process)
+
+    async def _read(self, channel: Channel) -> None:
+        """Frames from the engine until `Drained` (or ChannelClosed)."""
+        while True:
+            frame = await channel.receive()
+            if isinstance(frame, Results):
+                result = frame.result
+                for receive_id in result.done:
+                    delivery = self._held.pop(receive_id, None)
+                    if delivery is not None:
+                        self._held_bytes -= len(delivery.payload)
+                self._callback(result)
+            elif isinstance(frame, Pong):
+                self.state = frame.state
+                self.last_answer = time.monotonic()
+                self.metrics.relay.update(frame.metrics)
+                if self.down is not None:
+                    log.info("engine process serving", pid=frame.state.pid, held=len(self._held))
+                    self.down = None
+                    self.serving.set()
+                answer = self._answers.get(frame.seq)
+                if answer is not None and not answer.done():
+                    answer.set_result(None)
+            elif isinstance(frame, Drained):
+                return
+
+    async def _ping(self, channel: Channel) -> None:
+        while True:
+            with contextlib.suppress(ChannelClosed):
+                channel.send(Ping(next(self._seq)))
+            await asyncio.sleep(self.beat_s)
+
+    async def _ended(self, process: asyncio.subprocess.Process) -> str:
+        try:
+            code = await asyncio.wait_for(process.wait(), STOP_WAIT_S)
+        except TimeoutError:
+            log.error("engine process did not exit: killing it", pid=process.pid)
+            process.kill()
+            code = await process.wait()
+        return f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+
+    async def stop(self) -> None:
+        """Drain: the engine commits and answers what it holds, then exits."""
+        self._closing.set()
+        channel = self._channel
+        if channel is None:
+            return
+        self._flush()
+        with contextlib.suppress(ChannelClosed):
+            channel.send(Drain())
