@@ -100,7 +100,12 @@ def run_once(
     first, last = store.one("select min(received_at), max(stored_at) from sync_log")
     records = store.one("select count(*) from conflicts where status != 'merged'")[0]
     all_records = store.one("select count(*) from conflicts")[0]
-    messages = store.one("select count(*) from outbox where topic like '%/conflicts'")[0]
+    # messages published: each row goes to its topic and to those it is copied to
+    messages = store.one(
+        "select coalesce(sum(1 + coalesce(json_array_length(also_to), 0)), 0) from outbox"
+        " where topic like '%/conflicts'"
+    )[0]
+    rows = store.one("select count(*) from outbox where topic like '%/conflicts'")[0]
     members = store.one("select count(*) from conflict_members")[0]
     rate = len(items) / ((last - first) / 1e6)
     result = {
@@ -111,6 +116,7 @@ def run_once(
         "records_with_merged": all_records,
         "members": members,
         "messages": messages,
+        "outbox_rows": rows,
     }
     log(json.dumps(result))
     store.discard()

@@ -187,6 +187,24 @@ def cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (the gateway's engine process)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM), in MiB."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def cpu_delta(pid: int, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
     """CPU used between two samples: the main thread, and the threads alive at the end."""
     main = after.get(pid, 0.0) - before.get(pid, 0.0)
@@ -466,8 +484,13 @@ def drain_gateway(
             time.sleep(0.001)
         cpu_at_first = cpu_seconds(proc.pid)
         own_at_first = cpu_seconds(os.getpid())
+        engine_pid = next(iter(children(proc.pid)), None)
+        engine_at_first = cpu_seconds(engine_pid) if engine_pid else {}
+        engine_at_done: dict[int, float] = {}
         if profile is not None:
-            spy = _start_profiler(proc.pid, profile, profile_format)
+            # the engine process, where the work on payloads is (the MQTT process:
+            # py-spy on the gateway's pid)
+            spy = _start_profiler(engine_pid or proc.pid, profile, profile_format)
         cpu_at_done: dict[int, float] | None = None
         own_at_done: dict[int, float] = {}
         while time.monotonic() < deadline:
@@ -480,6 +503,7 @@ def drain_gateway(
                 if cpu_at_done is None:
                     cpu_at_done = cpu_seconds(proc.pid)
                     own_at_done = cpu_seconds(os.getpid())
+                    engine_at_done = cpu_seconds(engine_pid) if engine_pid else {}
                 rows = _rows(db)
                 if rows >= n:
                     break
@@ -491,6 +515,7 @@ def drain_gateway(
                 f"before the {timeout_s:.0f} s timeout"
             )
         series = scrape(metrics_port)
+        rss = {"mqtt": peak_rss_mib(proc.pid), "engine": peak_rss_mib(engine_pid or -1)}
         with contextlib.closing(sqlite3.connect(db)) as conn:
             first_us, last_us, distinct = conn.execute(
                 "select min(received_at), max(stored_at), count(distinct op_id) from sync_log"
@@ -522,6 +547,9 @@ def drain_gateway(
             1,
         ),
         "cpu_s": cpu_delta(proc.pid, cpu_at_first, cpu_at_done or cpu_at_first),
+        "engine_cpu_s": cpu_delta(engine_pid or -1, engine_at_first, engine_at_done),
+        "peak_rss_mib": rss,
+        "engine_held_bytes_max": series.get("fieldgate_engine_held_bytes_max"),
         "benchmark_cpu_s": round(
             sum(cpu_delta(os.getpid(), own_at_first, own_at_done or own_at_first).values()), 2
         ),
@@ -639,6 +667,9 @@ def run_one(
         result.extra["cpu_us_per_msg"] = {
             k: round(v / n * 1e6, 1) for k, v in cpu.items() if isinstance(v, float)
         }
+        engine_cpu = result.extra.get("engine_cpu_s")
+        if engine_cpu:
+            result.extra["engine_cpu_us_per_msg"] = round(sum(engine_cpu.values()) / n * 1e6, 1)
         result.extra["publish_s"] = round(took, 2)
         broker_cpu = cpu_delta(broker.proc.pid, broker_before, cpu_seconds(broker.proc.pid))
         result.extra["broker_cpu_s"] = round(sum(broker_cpu.values()), 2)
@@ -809,10 +840,16 @@ def _text(report: dict[str, Any]) -> str:
                 f"broker {r.get('broker_cpu_s', 0):.2f} s"
             )
             if variant.startswith("gateway"):
+                engine_cpu = sum(r.get("engine_cpu_s", {}).values())
+                rss = r.get("peak_rss_mib", {})
+                held = r.get("engine_held_bytes_max") or 0
                 detail += (
+                    f", engine process {engine_cpu:.2f} s"
                     f"; {r.get('commits', 0):.0f} commits of {r.get('commit_batch_mean', 0):.0f} "
                     f"messages, {r.get('commit_s_total', 0):.2f} s in commit; "
-                    f"{r.get('left_queued_after', 0)} left unacked"
+                    f"{r.get('left_queued_after', 0)} left unacked; peak RSS MQTT "
+                    f"{rss.get('mqtt')} MiB, engine {rss.get('engine')} MiB; channel high "
+                    f"water {held / 2**20:.1f} MiB"
                 )
             lines.append(detail)
     cpu_main = {
@@ -823,6 +860,19 @@ def _text(report: dict[str, Any]) -> str:
         "\nCPU per message, main thread (median): "
         + ", ".join(f"{v} {us:.0f} us" for v, us in cpu_main.items())
     )
+    per_process = {
+        v: (
+            statistics.median(sum(r["cpu_us_per_msg"].values()) for r in runs),
+            statistics.median(r.get("engine_cpu_us_per_msg", 0.0) for r in runs),
+        )
+        for v, runs in report["runs"].items()
+        if v.startswith("gateway")
+    }
+    for v, (mqtt_us, engine_us) in per_process.items():
+        lines.append(
+            f"CPU per message, {v} (median): MQTT process {mqtt_us:.0f} us,"
+            f" engine process {engine_us:.0f} us"
+        )
     if "gateway_over_ceiling" in report:
         lines.append(f"\ngateway / ceiling (bare paho): {report['gateway_over_ceiling']:.2f}")
     if "gateway_over_naive" in report:

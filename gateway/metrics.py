@@ -64,6 +64,17 @@ class Metrics:
         self.escalations = Counter(
             "fieldgate_crisis_escalations", "Crisis escalations published", registry=r
         )
+        self.engine_held_bytes = Gauge(
+            "fieldgate_engine_held_bytes",
+            "Payload bytes handed to the engine process and not yet committed",
+            registry=r,
+        )
+        self.engine_held_bytes_max = Gauge(
+            "fieldgate_engine_held_bytes_max",
+            "The most payload bytes the engine process held at once since start"
+            " (bounded by engine.max_channel_bytes plus one socket read)",
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "fieldgate_engine_restarts", "Engine processes that died and were restarted", registry=r
         )

@@ -321,9 +321,10 @@ _encode = msgspec.json.Encoder().encode
 
 
 class ConflictNotices(msgspec.Struct, frozen=True):
-    """The messages of PROTOCOL.md, Conflicts (v2), as outbox records: the operators'
-    topic and the devices' topics; webhook events only for `webhook_events`, the events
-    some configured endpoint subscribes to."""
+    """The messages of PROTOCOL.md, Conflicts (v2), as outbox records: one row for the
+    operators' topic, copied to the devices' topics (one body, stored once); webhook
+    events only for `webhook_events`, the events some configured endpoint subscribes
+    to."""
 
     root: str = "fieldgate"
     webhook_events: frozenset[str] = frozenset()
@@ -332,9 +333,12 @@ class ConflictNotices(msgspec.Struct, frozen=True):
         self, event: str, record: dict[str, Any], devices: Iterable[str], **extra: Any
     ) -> list[OutboxRecord]:
         body = _encode({"event": event, "conflict": record, **extra})
-        topics = [f"{self.root}/conflicts"]
-        topics += [f"{self.root}/devices/{device}/conflicts" for device in sorted(set(devices))]
-        rows = [OutboxRecord(channel="mqtt", topic=topic, payload=body) for topic in topics]
+        copies = tuple(f"{self.root}/devices/{device}/conflicts" for device in sorted(set(devices)))
+        rows = [
+            OutboxRecord(
+                channel="mqtt", topic=f"{self.root}/conflicts", also_to=copies, payload=body
+            )
+        ]
         if event in self.webhook_events:
             rows.append(OutboxRecord(channel="webhook", event_type=event, payload=body))
         return rows

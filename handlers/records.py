@@ -54,6 +54,9 @@ class OutboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     channel: Literal["mqtt", "webhook"]
     payload: bytes
     topic: str | None = None
+    also_to: tuple[str, ...] = ()
+    """The same payload to these topics too: one row, fanned out when published (a
+    conflict's message to the operators and to every device concerned)."""
     event_type: str | None = None
     qos: int = 1
     retain: bool = False

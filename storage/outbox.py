@@ -8,9 +8,10 @@ that lapses (its instance died) lets another instance take the row over.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -18,10 +19,17 @@ from handlers.records import OutboxRecord
 from storage.schema import outbox
 
 
+def topics(row: Mapping[Any, Any]) -> list[str]:
+    """Every topic a row's payload goes to: its own and those it is copied to."""
+    also: list[str] = msgspec.json.decode(row["also_to"]) if row["also_to"] else []
+    return [row["topic"], *also]
+
+
 def _row(record: OutboxRecord, now_us: int, claimed_until: int | None) -> dict[str, Any]:
     return {
         "channel": record.channel,
         "topic": record.topic,
+        "also_to": msgspec.json.encode(record.also_to).decode() if record.also_to else None,
         "event_type": record.event_type,
         "payload": record.payload,
         "qos": record.qos,

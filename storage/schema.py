@@ -94,6 +94,7 @@ outbox = Table(
     Column("id", RowId, primary_key=True, autoincrement=True),
     Column("channel", String(16), nullable=False),
     Column("topic", String(512), nullable=True),
+    Column("also_to", Text, nullable=True),
     Column("event_type", String(64), nullable=True),
     Column("payload", LargeBinary, nullable=False),
     Column("qos", Integer, nullable=False),

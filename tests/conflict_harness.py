@@ -21,6 +21,7 @@ from handlers.records import OpRecord
 from handlers.sync import SyncHandler
 from storage import conflict_store, migrate
 from storage.db import create_engine
+from storage.outbox import topics as outbox_topics
 from storage.schema import conflict_members, conflicts, device_counters, outbox, user_counters
 from storage.sync import SyncStep
 from storage.writer import Committed, Writer, WriteSet
@@ -98,14 +99,16 @@ class Store:
     async def notices(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(outbox).order_by(outbox.c.id))
+            # one notice per topic a row goes to (a conflict's row is copied to devices)
             return [
                 {
                     "channel": r["channel"],
-                    "topic": r["topic"],
+                    "topic": topic,
                     "event_type": r["event_type"],
                     "payload": msgspec.json.decode(r["payload"]),
                 }
                 for r in rows.mappings()
+                for topic in outbox_topics(r)
             ]
 
     async def counters(self) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:

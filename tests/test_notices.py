@@ -58,20 +58,23 @@ def test_alert_events_go_to_webhooks_only_when_subscribed() -> None:
 
 
 def test_conflict_events_to_operators_devices_and_subscribed_webhooks() -> None:
+    """One row per message body: the operators' topic, copied to each device once.
+
+    Checked against: a row per topic (the body stored once per device), and a device
+    named twice copied twice."""
     record = {"conflict_id": "c-1"}
     plain = ConflictNotices("fg")
     rows = plain.event("conflict.detected", record, ["d2", "d1", "d2"])
-    assert channels(rows) == [
-        ("mqtt", "fg/conflicts", None, False),
-        ("mqtt", "fg/devices/d1/conflicts", None, False),
-        ("mqtt", "fg/devices/d2/conflicts", None, False),
-    ]
+    assert channels(rows) == [("mqtt", "fg/conflicts", None, False)]
+    assert rows[0].also_to == ("fg/devices/d1/conflicts", "fg/devices/d2/conflicts")
     subscribed = ConflictNotices("fg", frozenset({"conflict.resolved"}))
-    assert channels(subscribed.event("conflict.detected", record, [])) == [
-        ("mqtt", "fg/conflicts", None, False)
-    ]
-    assert channels(subscribed.event("conflict.resolved", record, ["d1"])) == [
+    detected = subscribed.event("conflict.detected", record, [])
+    assert channels(detected) == [("mqtt", "fg/conflicts", None, False)]
+    assert detected[0].also_to == ()
+    resolved = subscribed.event("conflict.resolved", record, ["d1"])
+    assert channels(resolved) == [
         ("mqtt", "fg/conflicts", None, False),
-        ("mqtt", "fg/devices/d1/conflicts", None, False),
         ("webhook", None, "conflict.resolved", False),
     ]
+    assert [r.also_to for r in resolved] == [("fg/devices/d1/conflicts",), ()]
+    assert resolved[0].payload == resolved[1].payload

@@ -76,6 +76,9 @@ class EngineProcess(Part):
         self._held: dict[int, Delivery] = {}
         """Every delivery taken and not yet reported committed, in the order taken."""
         self._held_bytes = 0
+        self._held_bytes_max = 0
+        metrics.engine_held_bytes.set_function(lambda: self._held_bytes)
+        metrics.engine_held_bytes_max.set_function(lambda: self._held_bytes_max)
         self._unsent: list[Delivery] = []
         self._flush_soon = False
         self._channel: Channel | None = None
@@ -99,6 +102,7 @@ class EngineProcess(Part):
             return
         self._held[delivery.receive_id] = delivery
         self._held_bytes += len(delivery.payload)
+        self._held_bytes_max = max(self._held_bytes_max, self._held_bytes)
         self._unsent.append(delivery)
         if not self._flush_soon:
             self._flush_soon = True
@@ -107,11 +111,6 @@ class EngineProcess(Part):
     @property
     def busy(self) -> bool:
         return self._held_bytes >= self.settings().engine.max_channel_bytes
-
-    @property
-    def held(self) -> int:
-        """Deliveries taken and not yet committed (on their way, or in the engine)."""
-        return len(self._held)
 
     async def drain(self) -> None:
         await self.stop()

@@ -78,6 +78,14 @@ class OutboxPublisher(Loop):
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_timeout_s - 1)
 
+    async def _publish_row(self, row: dict[str, Any]) -> bool:
+        payload, qos, retain = row["payload"], row["qos"], bool(row["retain"])
+        messages = [
+            Outbound(topic, payload, qos=qos, retain=retain) for topic in outbox.topics(row)
+        ]
+        confirmed = await asyncio.gather(*(self.session.publish_confirmed(m) for m in messages))
+        return all(confirmed)
+
     async def ready(self) -> None:
         await self.session.connected.wait()
 
@@ -92,12 +100,9 @@ class OutboxPublisher(Loop):
         return 0 if len(rows) == self.page else self.poll_s
 
     async def _publish(self, rows: list[dict[str, Any]]) -> int:
-        """Publish claimed rows; mark what was PUBACKed, release the rest. Returns failures."""
-        messages = [
-            Outbound(row["topic"], row["payload"], qos=row["qos"], retain=bool(row["retain"]))
-            for row in rows
-        ]
-        results = await asyncio.gather(*(self.session.publish_confirmed(m) for m in messages))
+        """Publish claimed rows, each to all its topics; mark what was PUBACKed on every
+        topic, release the rest (published again whole: at least once). Returns failures."""
+        results = await asyncio.gather(*(self._publish_row(row) for row in rows))
         acked_us = now_us()
         sent = [row["id"] for row, ok in zip(rows, results, strict=True) if ok]
         failed = [row["id"] for row, ok in zip(rows, results, strict=True) if not ok]
