@@ -80,19 +80,16 @@ class ChannelClosed(Exception):
 
 
 class Channel:
-    """One end of the channel: frames written as they come, read one at a time."""
+    """One end of the channel: frames written as they come, read one at a time.
+    `incoming` is the union this end reads (`ToEngine` or `FromEngine`)."""
 
     def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        incoming: type[ToEngine] | type[FromEngine] | Any,
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, incoming: Any
     ) -> None:
         self.reader = reader
         self.writer = writer
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(incoming)
         self._encoder = msgspec.msgpack.Encoder()
-        self.sent_bytes = 0
 
     @classmethod
     async def open(cls, sock: Any, incoming: Any) -> Channel:
@@ -106,12 +103,6 @@ class Channel:
             raise ChannelClosed
         body = self._encoder.encode(frame)
         self.writer.write(HEADER.pack(len(body)) + body)
-        self.sent_bytes += HEADER.size + len(body)
-
-    @property
-    def buffered(self) -> int:
-        """Bytes written and not yet taken by the socket."""
-        return self.writer.transport.get_write_buffer_size()
 
     async def receive(self) -> Any:
         """The next frame; ChannelClosed at the end of the stream."""

@@ -49,8 +49,11 @@ def _line_writer(*_args: Any) -> LineWriter:
     return LineWriter(sys.stdout)
 
 
-def setup(level: str = "info", fmt: Format = "auto") -> None:
-    """Configure structlog and route the stdlib loggers of libraries to the same place."""
+def setup(level: str = "info", fmt: Format = "auto", process: str | None = None) -> None:
+    """Configure structlog and route the stdlib loggers of libraries to the same place.
+
+    `process` names the process on every line (the engine process's, which shares the
+    daemon's stdout and journal), from every thread."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -59,6 +62,7 @@ def setup(level: str = "info", fmt: Format = "auto") -> None:
     )
     structlog.configure(
         processors=[
+            *([_named(process)] if process else []),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -75,6 +79,14 @@ def setup(level: str = "info", fmt: Format = "auto") -> None:
         format="%(levelname)s %(name)s %(message)s",
         force=True,
     )
+
+
+def _named(process: str) -> structlog.typing.Processor:
+    def name(_logger: Any, _method: str, event: structlog.typing.EventDict) -> Any:
+        event.setdefault("process", process)
+        return event
+
+    return name
 
 
 def set_level(level: str) -> None:

@@ -103,8 +103,7 @@ async def serve(fd: int) -> int:
     if not isinstance(start, Start):
         return 2
     settings = Settings.model_validate(start.settings)
-    logs.setup(settings.log.level, settings.log.format)
-    structlog.contextvars.bind_contextvars(process="engine")
+    logs.setup(settings.log.level, settings.log.format, process="engine")
     side = EngineSide(settings)
     tune_gc()
     log.debug("engine started", pid=os.getpid())
