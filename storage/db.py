@@ -10,6 +10,8 @@ from sqlalchemy import ColumnElement, and_, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from storage.inline_sqlite import inline_connector
+
 CHUNK = 900
 """Rows per IN list: under SQLite's and PostgreSQL's bound-parameter limits."""
 
@@ -55,12 +57,16 @@ def is_sqlite(url: str | URL) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> AsyncEngine:
+def create_engine(
+    url: str, *, echo: bool = False, pool_size: int = 5, inline: bool = False
+) -> AsyncEngine:
     """An async engine; for SQLite, WAL with `synchronous=FULL`.
 
     An ack promises the operation survives a power cut, so each commit must reach
     the disk: FULL fsyncs the WAL on every commit, and group commit makes that one
     fsync per batch. `busy_timeout` lets the CLI read while the daemon writes.
+    `inline`: SQLite's statements run on the awaiting thread, for a thread that
+    does nothing else (the writer's: storage/inline_sqlite.py).
     """
     parsed = make_url(url)
     # Bound parameters never appear in exception messages or echo logs: an alert's
@@ -70,6 +76,8 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> AsyncE
         database = parsed.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if inline and database and database != ":memory:":
+            kwargs["async_creator"] = inline_connector(database)
         engine = create_async_engine(parsed, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine

@@ -184,7 +184,7 @@ class Writer:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
-        self.engine = create_engine(self.url, echo=self.echo)
+        self.engine = create_engine(self.url, echo=self.echo, inline=True)
         self._started.set()
         loop.run_forever()
         loop.run_until_complete(self.engine.dispose())
