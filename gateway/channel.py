@@ -22,8 +22,8 @@ from gateway.seam import Delivery, EngineState, Result
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 30
-"""A frame longer than this is a broken channel, not a message (a batch of deliveries
-is bounded by `engine.max_channel_bytes`, at most 1 GiB by config)."""
+"""A frame longer than this is a broken channel, not a message: a `Submit` holds at
+most 8 MiB of payloads, or one payload (MQTT's packets stop at 256 MiB)."""
 
 
 class Start(msgspec.Struct, tag="start", array_like=True):

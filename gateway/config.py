@@ -89,9 +89,10 @@ class EngineConfig(Section):
     max_channel_bytes: Annotated[int, Field(ge=1 << 20)] = 64 << 20
     """Payloads handed to the engine and not yet committed, at most (with
     `writer.max_in_process` messages): beyond, the MQTT side stops reading."""
-    restart_max_s: Annotated[float, Field(gt=0, le=25)] = 10.0
-    """The longest pause before restarting an engine that died: below systemd's
-    WatchdogSec (30 s), which restarts the whole daemon if the engine stays down."""
+    restart_max_s: Annotated[float, Field(gt=0, le=20)] = 10.0
+    """The longest pause before restarting an engine that died: with the engine's
+    start-up and its stop's grace (5 s), below systemd's WatchdogSec (30 s), which
+    restarts the whole daemon if the engine stays down."""
 
 
 class SyncConfig(Section):

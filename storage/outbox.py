@@ -102,11 +102,20 @@ async def mark_sent(engine: AsyncEngine, ids: Sequence[int], now_us: int) -> Non
         await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(sent_at=now_us))
 
 
-async def release(engine: AsyncEngine, ids: Sequence[int]) -> None:
-    """Give rows back at once (a failed publish), so the next round retries them."""
+async def release(
+    engine: AsyncEngine, ids: Sequence[int], left: Mapping[int, Sequence[str]] | None = None
+) -> None:
+    """Give rows back at once (a failed publish), so the next round retries them; a row
+    in `left` only to the topics named there (the others had their PUBACK)."""
     if not ids:
         return
     async with engine.begin() as conn:
+        for row_id, topics_left in (left or {}).items():
+            first, *also = topics_left
+            also_to = msgspec.json.encode(also).decode() if also else None
+            await conn.execute(
+                update(outbox).where(outbox.c.id == row_id).values(topic=first, also_to=also_to)
+            )
         await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(claimed_until=None))
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tests.support import (
@@ -260,3 +261,63 @@ def test_the_watchdog_is_withheld_while_the_engine_is_down(
     pings = notify.count("WATCHDOG=1")
     wait_for(lambda: notify.count("WATCHDOG=1") >= pings + 2)
     assert daemon.terminate() == 0
+
+
+def test_an_admin_write_while_the_engine_is_down_is_answered_unavailable(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """An admin write cannot wait for an engine that may not come back: answered
+    `unavailable` at once, nothing written; once the engine serves, the same write
+    goes through.
+
+    Checked against: the write held until the next engine (the operator's command
+    hangs, or is applied twice when the dead engine had committed it)."""
+    daemon = make_daemon(broker.port, **SPINE_ONLY)
+    admin = Admin(client, daemon.root)
+    kill_engine(daemon)
+    wait_for(lambda: deaths(daemon), timeout=10, interval=0.01)
+    ack = {"alert_id": "a-1", "by": "officer-1"}
+    assert admin.error("alerts/ack", **ack) == {
+        "code": "unavailable",
+        "message": "the engine is down: nothing was written; retry later",
+    }
+    wait_for(lambda: len(engines(daemon)) == 2, timeout=30)
+    assert admin.error("alerts/ack", **ack) == {  # the engine's answer: it got there
+        "code": "invalid_args",
+        "message": "no crisis alert with that alert_id",
+        "path": "alert_id",
+    }
+    assert daemon.terminate() == 0
+
+
+def test_a_stop_while_the_engine_restarts_leaves_no_process(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon]
+) -> None:
+    """SIGTERM while the engine is down (or starting again): the daemon stops, exit 0,
+    and no engine process outlives it.
+
+    Where the stop lands (the pause before the restart, or the new engine's start)
+    depends on timing; either way the daemon must end whole, within its budget."""
+    daemon = make_daemon(broker.port, **SPINE_ONLY)
+    (first,) = engines(daemon)
+    kill_engine(daemon)
+    wait_for(lambda: deaths(daemon), timeout=10, interval=0.01)
+    assert daemon.proc is not None
+    parent = daemon.proc.pid
+    assert daemon.terminate(timeout=15) == 0
+    assert not running(first)
+    assert [pid for pid in children_of(parent) if running(pid)] == []
+    assert "part did not stop in time" not in daemon.log()
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (read from /proc: the parent may be gone)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import socket
 import sys
 import threading
@@ -41,7 +42,7 @@ from gateway.channel import (
     Start,
     Submit,
 )
-from gateway.config import Settings, portable
+from gateway.config import ENV_PREFIX, Settings, portable
 from gateway.lifecycle import Part, backoff
 from gateway.metrics import Metrics
 from gateway.seam import Delivery, EngineState, Reply, Result
@@ -53,6 +54,15 @@ ANSWER_TIMEOUT_S = 5.0
 """How long a ping or a reload may wait for the engine's answer."""
 STOP_WAIT_S = 5.0
 """How long the engine process may take to exit after its drain, before it is killed."""
+SUBMIT_BYTES = 8 << 20
+"""Payload bytes in one `Submit` frame, at most (a single larger delivery goes alone)."""
+
+
+def _engine_environment() -> dict[str, str]:
+    """The environment without fieldgate's settings: the engine runs with those the
+    MQTT process sends (`Start`, `Reload`), which the environment must not override
+    (pydantic-settings would let it: a `log_level` command would not reach it)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
 
 class EngineProcess(Part):
@@ -95,10 +105,9 @@ class EngineProcess(Part):
         self._callback = callback
 
     def submit(self, delivery: Delivery) -> None:
-        if delivery.reply and self._closing.is_set():
-            error = Error(Code.UNAVAILABLE, "the gateway is stopping: nothing was written")
-            reply = Reply(error=error.as_dict())
-            self._callback(Result(done=[delivery.receive_id], replies={delivery.receive_id: reply}))
+        if delivery.reply and (self._closing.is_set() or self.down is not None):
+            why = "the gateway is stopping" if self._closing.is_set() else "the engine is down"
+            self._refuse(delivery, f"{why}: nothing was written; retry later")
             return
         self._held[delivery.receive_id] = delivery
         self._held_bytes += len(delivery.payload)
@@ -115,13 +124,27 @@ class EngineProcess(Part):
     async def drain(self) -> None:
         await self.stop()
 
+    def _refuse(self, delivery: Delivery, why: str) -> None:
+        """Answer an admin write `unavailable` without the engine."""
+        reply = Reply(error=Error(Code.UNAVAILABLE, why).as_dict())
+        self._callback(Result(done=[delivery.receive_id], replies={delivery.receive_id: reply}))
+
     def _flush(self) -> None:
-        """Everything submitted since the last flush, in one frame."""
+        """Everything submitted since the last flush: one frame, or a few when it is much
+        (the resubmission after a restart), each under SUBMIT_BYTES."""
         self._flush_soon = False
         if self._channel is None or not self._unsent:
             return
+        frame: list[Delivery] = []
+        size = 0
         with contextlib.suppress(ChannelClosed):  # the engine died: it is given them again
-            self._channel.send(Submit(self._unsent))
+            for delivery in self._unsent:
+                if frame and size + len(delivery.payload) > SUBMIT_BYTES:
+                    self._channel.send(Submit(frame))
+                    frame, size = [], 0
+                frame.append(delivery)
+                size += len(delivery.payload)
+            self._channel.send(Submit(frame))
         self._unsent = []
 
     # -- state, for health, stats, the watchdog and the metrics endpoint --------------
@@ -143,13 +166,13 @@ class EngineProcess(Part):
             await self._ask(Ping(next(self._seq)))
 
     def _refresh_from_thread(self) -> None:
-        """For the metrics endpoint's thread: the engine's latest figures on a scrape."""
+        """For the metrics endpoint's thread: the engine's latest figures on a scrape
+        (what it last said, when it does not answer in time)."""
         loop = self._loop
-        if loop is None or threading.get_ident() == self._loop_thread:
+        if loop is None or loop.is_closed() or threading.get_ident() == self._loop_thread:
             return
-        future = asyncio.run_coroutine_threadsafe(self.refresh(), loop)
         with contextlib.suppress(Exception):
-            future.result(ANSWER_TIMEOUT_S)
+            asyncio.run_coroutine_threadsafe(self.refresh(), loop).result(ANSWER_TIMEOUT_S)
 
     async def reload(self, settings: Settings) -> None:
         """Apply new settings in the engine; returns once it has (or it is down)."""
@@ -174,7 +197,7 @@ class EngineProcess(Part):
         self._loop_thread = threading.get_ident()
         self.metrics.relay.refresh = self._refresh_from_thread
         failures = 0
-        while True:
+        while not self._closing.is_set():
             started = time.monotonic()
             ended = await self._serve()
             if self._closing.is_set():
@@ -190,12 +213,27 @@ class EngineProcess(Part):
                 restart_in_s=delay,
                 failures=failures,
             )
+            self._abandon_writes()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
-                return
+
+    def _abandon_writes(self) -> None:
+        """The admin writes a dead engine held: it may have committed them, or not.
+        Say so, rather than submit them again (a resolution submitted twice would
+        answer "resolved already" for a write that succeeded)."""
+        for receive_id, delivery in list(self._held.items()):
+            if delivery.reply:
+                del self._held[receive_id]
+                self._held_bytes -= len(delivery.payload)
+                self._refuse(
+                    delivery,
+                    "the engine process died during this write: it may have been committed;"
+                    " look before you retry",
+                )
 
     async def _serve(self) -> str:
-        """Start one engine process and serve it until it exits; how it ended."""
+        """Start one engine process and serve it until it exits; how it ended. However
+        this ends (a stop's timeout cancels it), the process does not outlive it."""
         ours, theirs = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -204,33 +242,43 @@ class EngineProcess(Part):
                 "gateway.ingest.process",
                 str(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
+                env=_engine_environment(),
             )
         finally:
             theirs.close()
-        channel = await Channel.open(ours, FromEngine)
         try:
-            channel.send(Start(portable(self.settings())))
-            # everything held goes (again), in the order it was taken
-            self._unsent = list(self._held.values())
-            self._channel = channel
-            self._flush()
-            pings = asyncio.create_task(self._ping(channel), name="engine:ping")
+            channel = await Channel.open(ours, FromEngine)
             try:
-                await self._read(channel)
+                await self._serve_channel(channel)
+            except ChannelClosed:
+                pass
+            except Exception:
+                log.exception("engine channel failed: starting another engine")
             finally:
-                pings.cancel()
-        except ChannelClosed:
-            pass
-        except asyncio.CancelledError:
-            process.kill()
-            raise
+                self._channel = None
+                channel.close()
+                for answer in self._answers.values():
+                    if not answer.done():
+                        answer.set_exception(ChannelClosed())
+            return await self._ended(process)
         finally:
-            self._channel = None
-            channel.close()
-            for answer in self._answers.values():
-                if not answer.done():
-                    answer.set_exception(ChannelClosed())
-        return await self._ended(process)
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+
+    async def _serve_channel(self, channel: Channel) -> None:
+        channel.send(Start(portable(self.settings())))
+        # everything held goes (again), in the order it was taken
+        self._unsent = list(self._held.values())
+        self._channel = channel
+        self._flush()
+        if self._closing.is_set():  # the stop came while this engine was starting
+            channel.send(Drain())
+        pings = asyncio.create_task(self._ping(channel), name="engine:ping")
+        try:
+            await self._read(channel)
+        finally:
+            pings.cancel()
 
     async def _read(self, channel: Channel) -> None:
         """Frames from the engine until `Drained` (or ChannelClosed)."""
@@ -242,7 +290,11 @@ class EngineProcess(Part):
                     delivery = self._held.pop(receive_id, None)
                     if delivery is not None:
                         self._held_bytes -= len(delivery.payload)
-                self._callback(result)
+                try:
+                    self._callback(result)
+                except Exception:
+                    # a bug on the MQTT side: the engine and its commits are fine
+                    log.exception("a commit's result could not be handled")
             elif isinstance(frame, Pong):
                 self.state = frame.state
                 self.last_answer = time.monotonic()

@@ -78,13 +78,13 @@ class OutboxPublisher(Loop):
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_timeout_s - 1)
 
-    async def _publish_row(self, row: dict[str, Any]) -> bool:
+    async def _publish_row(self, row: dict[str, Any]) -> list[str]:
+        """Publish a row to each of its topics; the topics that did not confirm."""
         payload, qos, retain = row["payload"], row["qos"], bool(row["retain"])
-        messages = [
-            Outbound(topic, payload, qos=qos, retain=retain) for topic in outbox.topics(row)
-        ]
+        topics = outbox.topics(row)
+        messages = [Outbound(topic, payload, qos=qos, retain=retain) for topic in topics]
         confirmed = await asyncio.gather(*(self.session.publish_confirmed(m) for m in messages))
-        return all(confirmed)
+        return [topic for topic, ok in zip(topics, confirmed, strict=True) if not ok]
 
     async def ready(self) -> None:
         await self.session.connected.wait()
@@ -101,16 +101,22 @@ class OutboxPublisher(Loop):
 
     async def _publish(self, rows: list[dict[str, Any]]) -> int:
         """Publish claimed rows, each to all its topics; mark what was PUBACKed on every
-        topic, release the rest (published again whole: at least once). Returns failures."""
-        results = await asyncio.gather(*(self._publish_row(row) for row in rows))
+        topic, release the rest, to the topics that did not confirm (at least once).
+        Returns failures."""
+        unconfirmed = await asyncio.gather(*(self._publish_row(row) for row in rows))
         acked_us = now_us()
-        sent = [row["id"] for row, ok in zip(rows, results, strict=True) if ok]
-        failed = [row["id"] for row, ok in zip(rows, results, strict=True) if not ok]
+        sent = [row for row, left in zip(rows, unconfirmed, strict=True) if not left]
+        failed = [row["id"] for row, left in zip(rows, unconfirmed, strict=True) if left]
+        partly = {
+            row["id"]: left
+            for row, left in zip(rows, unconfirmed, strict=True)
+            if left and len(left) < len(outbox.topics(row))
+        }
         if self.on_sent is not None and sent:
-            self.on_sent([row for row, ok in zip(rows, results, strict=True) if ok], acked_us)
+            self.on_sent(sent, acked_us)
         try:
-            await outbox.mark_sent(self.engine, sent, now_us())
-            await outbox.release(self.engine, failed)
+            await outbox.mark_sent(self.engine, [row["id"] for row in sent], now_us())
+            await outbox.release(self.engine, failed, partly)
         except DBAPIError as exc:
             # The leases lapse: the rows are published again (at least once).
             log.warning("outbox bookkeeping failed", error=type(exc).__name__)
