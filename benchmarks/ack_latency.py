@@ -99,7 +99,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from array import array
 from collections import Counter
@@ -112,6 +111,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from benchmarks.drain import scrape
 from tests.support import (
     ROOT,
     Client,
@@ -462,21 +462,6 @@ def dump_stacks(pid: int, path: Path) -> str | None:
                     check=False,
                 )
     return str(path)
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The daemon's Prometheus series without labels (and _sum/_count), by name."""
-    out: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        for line in text.splitlines():
-            if line.startswith("#") or "{" in line or " " not in line:
-                continue
-            name, _, value = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                out[name] = float(value)
-    return out
 
 
 class Gateway:

@@ -22,6 +22,7 @@ from tests.support import (
     Daemon,
     Mosquitto,
     OpStream,
+    counter_ops,
     db_rows,
     sync_op,
     wait_for,
@@ -33,18 +34,7 @@ ENTITIES = 23
 
 
 def stream_ops(count: int, prefix: str) -> list[tuple[str, dict[str, Any]]]:
-    """`count` single ops over several devices and entities, each entity from several devices."""
-    return [
-        (
-            f"dev-{index % DEVICES}",
-            sync_op(
-                f"{prefix}{index:05d}",
-                entity_id=f"e{index % ENTITIES}",
-                changes={"counter": {"old": index, "new": index + 1}},
-            ),
-        )
-        for index in range(count)
-    ]
+    return counter_ops(count, prefix, DEVICES, ENTITIES)
 
 
 def queue_for(port: int, root: str, ops: list[tuple[str, dict[str, Any]]]) -> None:

@@ -24,6 +24,7 @@ from tests.support import (
     Mosquitto,
     NotifySocket,
     OpStream,
+    counter_ops,
     db_rows,
     results_of,
     sync_op,
@@ -35,17 +36,7 @@ ENTITIES = 17
 
 
 def stream_ops(count: int, prefix: str) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (
-            f"dev-{index % DEVICES}",
-            sync_op(
-                f"{prefix}{index:05d}",
-                entity_id=f"e{index % ENTITIES}",
-                changes={"counter": {"old": index, "new": index + 1}},
-            ),
-        )
-        for index in range(count)
-    ]
+    return counter_ops(count, prefix, DEVICES, ENTITIES)
 
 
 def engines(daemon: Daemon) -> list[int]:

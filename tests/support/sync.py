@@ -47,6 +47,25 @@ def sync_op(
     return op
 
 
+def counter_ops(
+    count: int, prefix: str, devices: int, entities: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """`count` single ops (device, op) round-robin over `devices` devices and `entities`
+    entities, so that each entity is edited from several devices: the crash tests'
+    stream, whose every op is distinct and whose versions per entity must be gapless."""
+    return [
+        (
+            f"dev-{index % devices}",
+            sync_op(
+                f"{prefix}{index:05d}",
+                entity_id=f"e{index % entities}",
+                changes={"counter": {"old": index, "new": index + 1}},
+            ),
+        )
+        for index in range(count)
+    ]
+
+
 def sync_topic(root: str, device: str = "d1") -> str:
     return f"{root}/devices/{device}/sync"
 
