@@ -12,8 +12,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from handlers import webhooks
 
 DEFAULT_CONFIG_PATH = Path("config/fieldgate.toml")
 ENV_PREFIX = "FIELDGATE_"
@@ -179,6 +194,68 @@ class MetricsConfig(Section):
     listen: str = ""
 
 
+def _http_url(url: str) -> str:
+    """http or https with a host; the URL is not quoted back (it may hold a token)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return url
+
+
+def _signing_secret(secret: SecretStr) -> SecretStr:
+    webhooks.secret_key(secret.get_secret_value())
+    return secret
+
+
+def _events(events: list[str]) -> list[str]:
+    if webhooks.ALL_EVENTS in events and len(events) > 1:
+        raise ValueError(f'"{webhooks.ALL_EVENTS}" means every event and stands alone')
+    return events
+
+
+def _default_retry_schedule() -> list[float]:
+    return [0.0, 5.0, 30.0, 120.0, 600.0, 1800.0]
+
+
+class WebhookConfig(Section):
+    """One endpoint (`[[webhooks]]`): where events go, which, and how it is treated
+    when it fails (docs/webhooks.md)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    url: Annotated[str, AfterValidator(_http_url)]
+    events: Annotated[list[webhooks.Subscription], Field(min_length=1), AfterValidator(_events)]
+    secret: Annotated[SecretStr, AfterValidator(_signing_secret)]
+    """`whsec_` then the base64 of the key (Standard Webhooks)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    retry_schedule_s: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = Field(
+        default_factory=_default_retry_schedule
+    )
+    """The wait before each attempt, the first included: its length is the attempts."""
+    max_in_flight: Annotated[int, Field(ge=1)] = 8
+    enabled: bool = True
+    breaker_failures: Annotated[int, Field(ge=1)] = 5
+    """Failed attempts in a row that pause the endpoint."""
+    breaker_pause_s: Annotated[float, Field(gt=0, le=webhooks.MAX_PAUSE_S)] = 60.0
+    """The first pause; each failed probe doubles it, up to 30 minutes."""
+
+
+def _unique_names(endpoints: list[WebhookConfig]) -> list[WebhookConfig]:
+    seen: dict[str, int] = {}
+    for index, endpoint in enumerate(endpoints):
+        if endpoint.name in seen:
+            raise PydanticCustomError(
+                "duplicate_name",
+                "webhooks[{first}] has the same name, {name}",
+                {"name": endpoint.name, "first": seen[endpoint.name], "at": f"[{index}].name"},
+            )
+        seen[endpoint.name] = index
+    return endpoints
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -209,6 +286,9 @@ class Settings(BaseSettings):
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    webhooks: Annotated[list[WebhookConfig], AfterValidator(_unique_names)] = Field(
+        default_factory=list
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -224,10 +304,17 @@ class Settings(BaseSettings):
 
 
 def _describe(error: Any) -> str:
-    loc = ".".join(str(part) for part in error["loc"])
+    """`webhooks[1].secret: <why>`: the key's path (an item of a list by its index from
+    0), and pydantic's message without the input. A validator of a whole list names the
+    item it refuses in its error's `at` (`[2].name`); its own messages lose pydantic's
+    "Value error, " prefix."""
+    loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])
+    loc = loc.removeprefix(".") + error.get("ctx", {}).get("at", "")
     msg = str(error["msg"])
     if error["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif error["type"] == "value_error":
+        msg = str(error["ctx"]["error"])
     return f"{loc}: {msg}"
 
 
@@ -251,6 +338,10 @@ def load(path: Path | None = None) -> Settings:
         raise ConfigError(f"config {path}: no such file")
     try:
         return Settings(**data)
+    except SettingsError as exc:
+        # A list or table from the environment that is not JSON: the message names the
+        # field, never the value.
+        raise ConfigError(f"config {path}: the environment: {exc}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

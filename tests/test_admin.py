@@ -317,13 +317,22 @@ def test_config_get_hides_every_secret(
         "mqtt": "mqtt-Pw-c4d2",
         "redis": "redis-Pw-e9a0",
         "database": "pg-Pw-5b3c",
+        "webhook": "d2gtS2V5LWE4ZjM=",  # the key's base64, as it follows `whsec_`
     }
     db_url = pg_url.replace("postgres@", f"postgres:{secrets['database']}@", 1)
     assert secrets["database"] in db_url
     redis_url = f"redis://:{secrets['redis']}@127.0.0.1:6379/0"
+    endpoint = {
+        "name": "ops",
+        "url": "https://hooks.example/in",
+        "events": ["alert.crisis"],
+    }
     daemon = make_daemon(
         broker.port,
         db_url,
+        "[[webhooks]]\n"
+        + "".join(f"{key} = {json.dumps(value)}\n" for key, value in endpoint.items())
+        + f'secret = "whsec_{secrets["webhook"]}"\n',
         ADMIN__TOKEN=secrets["admin"],
         MQTT__USERNAME="gateway",
         MQTT__PASSWORD=secrets["mqtt"],
@@ -368,8 +377,21 @@ def test_config_get_hides_every_secret(
         "alerts",
         "conflicts",
         "outbox",
+        "webhooks",
     }
     assert data["outbox"] == {"retention_s": 604800.0}
+    assert data["webhooks"] == [
+        {
+            **endpoint,
+            "secret": "***",
+            "timeout_s": 15.0,
+            "retry_schedule_s": [0.0, 5.0, 30.0, 120.0, 600.0, 1800.0],
+            "max_in_flight": 8,
+            "enabled": True,
+            "breaker_failures": 5,
+            "breaker_pause_s": 60.0,
+        }
+    ]
     info = admin.data("info")
     assert info["database"] == data["database"]["url"]
 
@@ -440,6 +462,54 @@ def test_config_reload_applies_the_file(
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: admin.data("config/get")["log"]["level"] == "error")
     assert daemon.proc.poll() is None
+
+
+def test_config_reload_changes_which_events_wait_for_webhooks(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """The engine process writes a webhook row for an event exactly when an enabled
+    endpoint subscribes to it, as the running config says, reloads included.
+
+    Checked against: the subscriptions built once at start (a reload not reaching the
+    engine process's notices), a disabled endpoint's events written, and a refused
+    reload (a bad secret) that changed them or quoted the secret."""
+    endpoint = (
+        '[[webhooks]]\nname = "ops"\nurl = "http://127.0.0.1:9/"\nevents = ["alert.crisis"]\n'
+        'secret = "whsec_c2VjcmV0LWtleQ=="\n'
+    )
+    daemon = make_daemon(broker.port, config_text=endpoint + "enabled = false\n")
+    admin = Admin(client, daemon.root)
+    watch = Watch(client, daemon.root)
+
+    def webhook_rows() -> list[tuple[str, str]]:
+        rows = db_rows(
+            daemon.db_url, "select event_type, payload from outbox where channel = 'webhook'"
+        )
+        return sorted((event, json.loads(payload)["alert_id"]) for event, payload in rows)
+
+    watch.send(alert("a1", kind="panic"))
+    assert watch.ack_of("a1")["classification"] == "crisis"
+    assert webhook_rows() == []
+
+    daemon.config_path.write_text(endpoint)
+    assert admin.data("config/reload") == {"reloaded": True, "needs_restart": []}
+    watch.send(alert("a2", kind="panic"))
+    watch.send(alert("a3", user_id="u3", mood=3))  # wellness: not subscribed
+    assert watch.ack_of("a2")["classification"] == "crisis"
+    assert watch.ack_of("a3")["classification"] == "wellness"
+    assert webhook_rows() == [("alert.crisis", "a2")]
+
+    daemon.config_path.write_text(endpoint.replace("whsec_c2VjcmV0LWtleQ==", "c2VjcmV0LWtleQ=="))
+    tx = admin.send("config/reload")
+    error = admin.answer("config/reload", tx)["error"]
+    assert error["message"] == (
+        f"config {daemon.config_path}: webhooks[0].secret:"
+        " the secret must be whsec_ then the base64 of the key"
+    )
+    watch.send(alert("a4", kind="panic"))
+    assert watch.ack_of("a4")["classification"] == "crisis"
+    assert webhook_rows() == [("alert.crisis", "a2"), ("alert.crisis", "a4")]
+    assert "c2VjcmV0LWtleQ" not in daemon.log()
 
 
 def test_config_reload_rotates_the_token(

@@ -6,6 +6,7 @@ Pure: no daemon, a TOML file in the test's directory and the test's environment.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,8 @@ BOUNDS: list[tuple[str, str, list[Any], list[Any]]] = [
 
 
 def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, list):
@@ -212,6 +215,221 @@ def test_sections_are_frozen() -> None:
         settings.mqtt.port = 1
 
 
+# -- webhook endpoints ([[webhooks]]) --------------------------------------------------------
+
+KEY_B64 = "c2VjcmV0LWtleS1mb3ItdGVzdHM="
+"""The base64 of the key: no error and no answer may show it, even in part."""
+ENDPOINT = (
+    '[[webhooks]]\nname = "ops"\nurl = "https://hooks.example/in"\n'
+    f'events = ["alert.crisis"]\nsecret = "whsec_{KEY_B64}"\n'
+)
+ENDPOINT_DEFAULTS: dict[str, Any] = {
+    "name": "ops",
+    "url": "https://hooks.example/in",
+    "events": ["alert.crisis"],
+    "secret": SecretStr(f"whsec_{KEY_B64}"),
+    "timeout_s": 15.0,
+    "retry_schedule_s": [0.0, 5.0, 30.0, 120.0, 600.0, 1800.0],
+    "max_in_flight": 8,
+    "enabled": True,
+    "breaker_failures": 5,
+    "breaker_pause_s": 60.0,
+}
+
+
+def endpoint(**keys: Any) -> str:
+    """ENDPOINT with `keys` set (a key set to None is left out)."""
+    lines = ENDPOINT.splitlines(keepends=True)
+    for key, value in keys.items():
+        lines = [line for line in lines if not line.startswith(f"{key} =")]
+        if value is not None:
+            lines.append(f"{key} = {toml_value(value)}\n")
+    return "".join(lines)
+
+
+def test_an_endpoint_has_these_defaults(tmp_path: Path) -> None:
+    """Checked against: a changed default (docs/configuration.md states these), and
+    the secret read as anything but a SecretStr (its repr would show it)."""
+    settings = load(write(tmp_path, ENDPOINT))
+    assert settings.model_dump()["webhooks"] == [ENDPOINT_DEFAULTS]
+    assert KEY_B64 not in repr(settings)
+
+
+def test_the_edges_an_endpoint_accepts(tmp_path: Path) -> None:
+    """Checked against: a bound one step too tight (a name of 64, `.`, `_` and `-` in
+    a name, http as well as https, a schedule of one attempt, `*` alone)."""
+    text = endpoint(
+        name="a.b_c-" + "x" * 58,
+        url="http://127.0.0.1:8080/hook?x=1",
+        events=["*"],
+        secret="whsec_YQ",
+        timeout_s=0.001,
+        retry_schedule_s=[0],
+        max_in_flight=1,
+        enabled=False,
+        breaker_failures=1,
+        breaker_pause_s=1800,
+    )
+    (hook,) = load(write(tmp_path, text)).webhooks
+    assert hook.model_dump() == {
+        "name": "a.b_c-" + "x" * 58,
+        "url": "http://127.0.0.1:8080/hook?x=1",
+        "events": ["*"],
+        "secret": SecretStr("whsec_YQ"),
+        "timeout_s": 0.001,
+        "retry_schedule_s": [0.0],
+        "max_in_flight": 1,
+        "enabled": False,
+        "breaker_failures": 1,
+        "breaker_pause_s": 1800.0,
+    }
+
+
+BAD_ENDPOINTS: list[tuple[str, str, str]] = [
+    # (id, the file, its one line after `config <path>: `)
+    (
+        "url-scheme",
+        endpoint(url="ftp://hooks.example/in"),
+        "webhooks[0].url: must be an http:// or https:// URL with a host",
+    ),
+    (
+        "url-no-host",
+        endpoint(url="https:///in"),
+        "webhooks[0].url: must be an http:// or https:// URL with a host",
+    ),
+    ("url-port", endpoint(url="https://hooks.example:99999/"), "webhooks[0].url: not a valid URL"),
+    ("secret-empty", endpoint(secret=""), "webhooks[0].secret: the secret is empty"),
+    (
+        "secret-no-prefix",
+        endpoint(secret=KEY_B64),
+        "webhooks[0].secret: the secret must be whsec_ then the base64 of the key",
+    ),
+    (
+        "secret-not-base64",
+        endpoint(secret=f"whsec_{KEY_B64[:8]}*{KEY_B64[9:]}"),
+        "webhooks[0].secret: the part after whsec_ is not valid base64",
+    ),
+    (
+        "secret-truncated",
+        endpoint(secret=f"whsec_{KEY_B64[:-4]}c"),
+        "webhooks[0].secret: the part after whsec_ is not valid base64",
+    ),
+    (
+        "secret-no-key",
+        endpoint(secret="whsec_"),
+        "webhooks[0].secret: the key after whsec_ is empty",
+    ),
+    ("secret-missing", endpoint(secret=None), "webhooks[0].secret: Field required"),
+    (
+        "event-unknown",
+        endpoint(events=["alert.crisis", "alert.panic"]),
+        "webhooks[0].events[1]: Input should be 'conflict.detected', 'conflict.updated',"
+        " 'conflict.resolved', 'alert.crisis', 'alert.crisis.escalated', 'alert.wellness',"
+        " 'model.trained' or '*'",
+    ),
+    (
+        "event-all-and-more",
+        endpoint(events=["*", "alert.crisis"]),
+        'webhooks[0].events: "*" means every event and stands alone',
+    ),
+    (
+        "events-empty",
+        endpoint(events=[]),
+        "webhooks[0].events: List should have at least 1 item after validation, not 0",
+    ),
+    (
+        "name-characters",
+        endpoint(name="ops team"),
+        "webhooks[0].name: String should match pattern '^[A-Za-z0-9_.-]{1,64}$'",
+    ),
+    (
+        "name-long",
+        endpoint(name="n" * 65),
+        "webhooks[0].name: String should match pattern '^[A-Za-z0-9_.-]{1,64}$'",
+    ),
+    (
+        "name-duplicate",
+        ENDPOINT + endpoint(name="other") + endpoint(url="https://elsewhere.example/"),
+        "webhooks[2].name: webhooks[0] has the same name, ops",
+    ),
+    (
+        "schedule-empty",
+        endpoint(retry_schedule_s=[]),
+        "webhooks[0].retry_schedule_s: List should have at least 1 item after validation, not 0",
+    ),
+    (
+        "schedule-negative",
+        endpoint(retry_schedule_s=[0, 5, -1]),
+        "webhooks[0].retry_schedule_s[2]: Input should be greater than or equal to 0",
+    ),
+    ("timeout", endpoint(timeout_s=0), "webhooks[0].timeout_s: Input should be greater than 0"),
+    (
+        "in-flight",
+        endpoint(max_in_flight=0),
+        "webhooks[0].max_in_flight: Input should be greater than or equal to 1",
+    ),
+    (
+        "breaker-failures",
+        endpoint(breaker_failures=0),
+        "webhooks[0].breaker_failures: Input should be greater than or equal to 1",
+    ),
+    (
+        "breaker-pause-zero",
+        endpoint(breaker_pause_s=0),
+        "webhooks[0].breaker_pause_s: Input should be greater than 0",
+    ),
+    (
+        "breaker-pause-long",
+        endpoint(breaker_pause_s=1801),
+        "webhooks[0].breaker_pause_s: Input should be less than or equal to 1800",
+    ),
+    ("unknown-key", endpoint(secrte="x"), "webhooks[0].secrte: unknown key"),
+    ("not-a-list", '[webhooks]\nname = "ops"\n', "webhooks: Input should be a valid list"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [(t, line) for _, t, line in BAD_ENDPOINTS],
+    ids=[i for i, _, _ in BAD_ENDPOINTS],
+)
+def test_a_bad_endpoint_is_one_line_naming_the_key(tmp_path: Path, text: str, line: str) -> None:
+    """Checked against: a bad endpoint accepted (an ftp URL, a secret that cannot sign,
+    an event no one sends, two endpoints of one name), pydantic's "Value error, "
+    prefix or a location written `webhooks.0.secret`, and the secret's text in the
+    message (it goes to logs and to the `config/reload` answer)."""
+    path = write(tmp_path, text)
+    message = refused(path)
+    assert message == f"config {path}: {line}"
+    for part in (KEY_B64, KEY_B64[:8], KEY_B64[-8:]):
+        assert part not in message
+
+
+def test_the_environment_replaces_the_list_as_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`FIELDGATE_WEBHOOKS` is the whole list, as JSON, and replaces the file's; one
+    endpoint's key cannot be set alone (docs/configuration.md says so).
+
+    Checked against: the environment's list merged into the file's, an indexed
+    variable silently ignored, and a value that is not JSON ending in a traceback or
+    quoting the value."""
+    path = write(tmp_path, ENDPOINT)
+    given = [{"name": "env", "url": "http://h/", "events": ["*"], "secret": "whsec_YQ"}]
+    monkeypatch.setenv("FIELDGATE_WEBHOOKS", json.dumps(given))
+    assert [(w.name, w.url) for w in load(path).webhooks] == [("env", "http://h/")]
+    monkeypatch.setenv("FIELDGATE_WEBHOOKS", "[]")
+    assert load(path).webhooks == []
+    monkeypatch.setenv("FIELDGATE_WEBHOOKS", f'[{{"secret": "whsec_{KEY_B64}"')
+    assert refused(path) == (
+        f'config {path}: the environment: error parsing value for field "webhooks"'
+        ' from source "EnvSettingsSource"'
+    )
+    monkeypatch.delenv("FIELDGATE_WEBHOOKS")
+    monkeypatch.setenv("FIELDGATE_WEBHOOKS__0__URL", "http://other/")
+    assert refused(path) == f"config {path}: webhooks: Input should be a valid list"
+
+
 # -- what may be shown -------------------------------------------------------------------
 
 
@@ -238,7 +456,8 @@ def test_redacted_shows_every_setting_and_no_secret(tmp_path: Path) -> None:
         '[admin]\ntoken = "adm-tok"\n'
         '[database]\nurl = "postgresql+psycopg://gw:db-pw@db/fg"\n'
         '[redis]\nurl = "redis://:redis-pw@127.0.0.1:6379/0"\n'
-        '[conflicts.types.task]\nstrategy = "manual"\ncritical_fields = ["status"]\n',
+        '[conflicts.types.task]\nstrategy = "manual"\ncritical_fields = ["status"]\n'
+        + endpoint(url="https://gw:hook-pw@hooks.example/in"),
     )
     shown = redacted(load(path))
     expected = {
@@ -256,9 +475,16 @@ def test_redacted_shows_every_setting_and_no_secret(tmp_path: Path) -> None:
             **CONFIG_DEFAULTS["conflicts"],
             "types": {"task": {"strategy": "manual", "critical_fields": ["status"]}},
         },
+        "webhooks": [
+            {
+                **ENDPOINT_DEFAULTS,
+                "url": "https://gw:***@hooks.example/in",
+                "secret": "***",
+            }
+        ],
     }
     assert shown == expected
-    for secret in ("mqtt-pw", "adm-tok", "db-pw", "redis-pw"):
+    for secret in ("mqtt-pw", "adm-tok", "db-pw", "redis-pw", "hook-pw", KEY_B64):
         assert secret not in repr(shown)
 
 

@@ -1,11 +1,19 @@
-"""The messages alerts and conflicts cause, as outbox records, on the handlers alone.
+"""The messages alerts and conflicts cause, as outbox records: the handlers alone, and
+the subscriptions the config's `[[webhooks]]` give them (gateway/ingest/rules.py).
 
-A webhook row is written only for an event some endpoint subscribes to: with
+A webhook row is written only for an event some enabled endpoint subscribes to: with
 none, nothing waits in the outbox for a delivery that would never come.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import pytest
+
+from gateway.config import ENV_PREFIX, Settings
+from gateway.ingest import rules
 from handlers.alerts import AlertNotices, CrisisFacts
 from handlers.conflicts import ConflictNotices
 from handlers.records import AlertRecord, OutboxRecord
@@ -78,3 +86,83 @@ def test_conflict_events_to_operators_devices_and_subscribed_webhooks() -> None:
     ]
     assert [r.also_to for r in resolved] == [("fg/devices/d1/conflicts",), ()]
     assert resolved[0].payload == resolved[1].payload
+
+
+def settings_of(
+    monkeypatch: pytest.MonkeyPatch, webhooks: list[dict[str, Any]] | None = None
+) -> Settings:
+    """Settings of these endpoints and the defaults, whatever the shell's environment."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    return Settings.model_validate({"webhooks": webhooks or []})
+
+
+def endpoint(name: str, events: list[str], enabled: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "url": f"https://{name}.example/in",
+        "events": events,
+        "secret": "whsec_c2VjcmV0LWtleQ==",
+        "enabled": enabled,
+    }
+
+
+def test_webhook_events_are_the_union_of_the_enabled_endpoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the engine's notices are built with, at start and on every reload
+    (gateway/ingest/rules.py).
+
+    Checked against: only the first endpoint's events, a disabled endpoint's events
+    written (nothing would send them), and `*` kept as a literal event name."""
+    assert rules.webhook_events(settings_of(monkeypatch)) == frozenset()
+    settings = settings_of(
+        monkeypatch,
+        [
+            endpoint("a", ["alert.crisis"]),
+            endpoint("b", ["conflict.detected", "alert.crisis"]),
+            endpoint("c", ["alert.wellness"], enabled=False),
+        ],
+    )
+    assert rules.webhook_events(settings) == frozenset({"alert.crisis", "conflict.detected"})
+    everything = settings_of(monkeypatch, [endpoint("a", ["alert.crisis"]), endpoint("all", ["*"])])
+    assert rules.webhook_events(everything) == frozenset(
+        {
+            "conflict.detected",
+            "conflict.updated",
+            "conflict.resolved",
+            "alert.crisis",
+            "alert.crisis.escalated",
+            "alert.wellness",
+            "model.trained",
+        }
+    )
+    off = settings_of(monkeypatch, [endpoint("all", ["*"], enabled=False)])
+    assert rules.webhook_events(off) == frozenset()
+
+
+def test_the_notices_write_the_subscribed_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the settings to the rows: the alert and conflict notices carry the union.
+
+    Checked against: notices built with their default (no events) whatever the
+    config, on either side."""
+    settings = settings_of(
+        monkeypatch, [endpoint("a", ["alert.crisis"]), endpoint("b", ["conflict.resolved"])]
+    )
+    alerts = rules.alert_notices(settings)
+    assert channels(alerts.crisis(FACTS, 0, 5)) == [
+        ("mqtt", "fieldgate/alerts/crisis", "alert.crisis", True),
+        ("webhook", None, "alert.crisis", False),
+    ]
+    assert channels(alerts.wellness(RECORD, "low_mood", "n-1", 4_000_000)) == [
+        ("mqtt", "fieldgate/alerts/wellness/u%2F1", "alert.wellness", True)
+    ]
+    conflicts = rules.conflict_notices(settings)
+    assert channels(conflicts.event("conflict.resolved", {"conflict_id": "c-1"}, [])) == [
+        ("mqtt", "fieldgate/conflicts", None, False),
+        ("webhook", None, "conflict.resolved", False),
+    ]
+    assert channels(conflicts.event("conflict.detected", {"conflict_id": "c-1"}, [])) == [
+        ("mqtt", "fieldgate/conflicts", None, False)
+    ]

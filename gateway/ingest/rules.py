@@ -7,6 +7,7 @@ rules built here, at start and again on every reload.
 from __future__ import annotations
 
 from gateway.config import DEFAULT_CRITICAL_FIELDS, Settings
+from handlers import webhooks
 from handlers.alerts import AlertNotices, AlertRules
 from handlers.conflicts import ConflictNotices, Rules, TypeRules
 from handlers.sync import Limits
@@ -77,9 +78,15 @@ def conflict_rules(settings: Settings) -> Rules:
 
 
 def webhook_events(settings: Settings) -> frozenset[str]:
-    """The event types some configured webhook endpoint subscribes to: none yet, so the
-    outbox holds no webhook rows that nothing would ever send."""
-    return frozenset()
+    """The event types some enabled webhook endpoint subscribes to (`*`: all of them):
+    the outbox holds a webhook row for these only, none that nothing would send."""
+    events: set[str] = set()
+    for endpoint in settings.webhooks:
+        if endpoint.enabled:
+            events.update(endpoint.events)
+    if webhooks.ALL_EVENTS in events:
+        return webhooks.EVENT_TYPES
+    return frozenset(events)
 
 
 def conflict_notices(settings: Settings) -> ConflictNotices:

@@ -78,5 +78,6 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "health": {"interval_s": 60.0, "wedged_after_s": 30.0},
     "metrics": {"listen": ""},
     "log": {"level": "info", "format": "auto"},
+    "webhooks": [],
 }
 """`Settings().model_dump()`: every key, every default."""
