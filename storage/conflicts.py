@@ -72,7 +72,7 @@ from storage.schema import (
     entities,
     user_counters,
 )
-from storage.sync_log import Before, Prior
+from storage.sync_log import Before, Prior, op_view
 
 EntityKey = tuple[str, str]
 
@@ -84,7 +84,6 @@ LOOSE_MAX = 512
 rebuilt on demand (an entity one device edits alone, very often)."""
 
 _encode = msgspec.json.Encoder().encode
-_decode_changes = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_group = msgspec.json.Decoder(Group).decode
 
 
@@ -516,7 +515,7 @@ class _Batch:
         for key in wanted:
             rows = found.get(key, [])
             views = sorted(
-                ((_row_view(row), row["conflict_id"]) for row in rows),
+                ((op_view(row), row["conflict_id"]) for row in rows),
                 key=lambda item: item[0].version,
             )
             self.entities[key].candidates = views
@@ -904,21 +903,6 @@ def _conflict_row(conflict: _Conflict, now_us: int) -> dict[str, Any]:
         "merged_into": conflict.merged_into,
         "note": conflict.note,
     }
-
-
-def _row_view(row: Any) -> OpView:
-    return OpView(
-        op_id=row["op_id"],
-        device_id=row["device_id"],
-        user_id=row["user_id"],
-        entity_type=row["entity_type"],
-        entity_id=row["entity_id"],
-        operation=row["operation"],
-        changes=_decode_changes(row["changes"]),
-        edited_at_us=row["edited_at"],
-        version=row["version"],
-        base_version=row["base_version"],
-    )
 
 
 async def _forget_summaries(conn: AsyncConnection, keys: Sequence[EntityKey]) -> None:

@@ -22,7 +22,6 @@ operator, a ticket or a webhook receiver knew; the later pairs' ids are gone, an
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import msgspec
 
@@ -140,18 +139,3 @@ def severity_counts(migrated: Iterable[Migrated]) -> dict[str, int]:
         key = f"severity:{conflict.group.severity}"
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def op_view(row: Mapping[str, Any]) -> OpView:
-    return OpView(
-        op_id=row["op_id"],
-        device_id=row["device_id"],
-        user_id=row["user_id"],
-        entity_type=row["entity_type"],
-        entity_id=row["entity_id"],
-        operation=row["operation"],
-        changes=msgspec.json.decode(row["changes"]),
-        edited_at_us=row["edited_at"],
-        version=row["version"],
-        base_version=row["base_version"],
-    )

@@ -7,13 +7,15 @@ version in one upsert, insert the new rows in one executemany.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import msgspec
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
 from storage.db import chunks
@@ -203,3 +205,23 @@ async def history(
         .limit(limit)
     )
     return [dict(row) for row in result.mappings()]
+
+
+_decode_changes = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def op_view(row: Mapping[str, Any]) -> OpView:
+    """A stored operation (a `sync_log` row, or a row that selects its columns) as the
+    conflict rules read it."""
+    return OpView(
+        op_id=row["op_id"],
+        device_id=row["device_id"],
+        user_id=row["user_id"],
+        entity_type=row["entity_type"],
+        entity_id=row["entity_id"],
+        operation=row["operation"],
+        changes=_decode_changes(row["changes"]),
+        edited_at_us=row["edited_at"],
+        version=row["version"],
+        base_version=row["base_version"],
+    )

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from handlers.times import HOUR_US
-from storage import conflicts_v1
+from storage import conflicts_v1, sync_log
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -91,7 +91,7 @@ def _ops(bind: Any, op_ids: set[str]) -> dict[str, Any]:
     ).bindparams(sa.bindparam("ids", expanding=True))
     for start in range(0, len(ordered), 900):
         for row in bind.execute(query, {"ids": ordered[start : start + 900]}).mappings():
-            found[row["op_id"]] = conflicts_v1.op_view(row)
+            found[row["op_id"]] = sync_log.op_view(row)
     return found
 
 
