@@ -24,6 +24,7 @@ from tests.support import (
     OpStream,
     counter_ops,
     db_rows,
+    kill_marks,
     sync_op,
     wait_for,
 )
@@ -88,13 +89,8 @@ def test_sigkill_mid_stream_loses_nothing_and_stores_once(
     ops = stream_ops(count, "k")
     acks = AckRecorder(own_broker.port, daemon.root).start()
     # The stream holds before each kill's mark: the daemon answers what it has at its
-    # own pace, then the stream resumes and the kill lands while it flows. The k-th
-    # kill waits for (2k - 1) / (2 kills + 1) of the ops answered, the stream holding
-    # at 2k / (2 kills + 1).
-    marks = [
-        (count * (2 * k - 1) // (2 * kills + 1), count * 2 * k // (2 * kills + 1))
-        for k in range(1, kills + 1)
-    ]
+    # own pace, then the stream resumes and the kill lands while it flows.
+    marks = kill_marks(count, kills)
     holds = [hold for _, hold in marks]
     stream = OpStream(
         own_broker.port, daemon.root, ops, chunk=100, pause_s=0.02, holds=holds

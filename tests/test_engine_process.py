@@ -26,6 +26,7 @@ from tests.support import (
     OpStream,
     counter_ops,
     db_rows,
+    kill_marks,
     results_of,
     sync_op,
     wait_for,
@@ -89,10 +90,7 @@ def test_the_engine_killed_mid_stream_loses_nothing_and_stores_once(
     daemon = make_daemon(own_broker.port, **SPINE_ONLY)
     ops = stream_ops(count, "x")
     acks = AckRecorder(own_broker.port, daemon.root).start()
-    marks = [
-        (count * (2 * k - 1) // (2 * kills + 1), count * 2 * k // (2 * kills + 1))
-        for k in range(1, kills + 1)
-    ]
+    marks = kill_marks(count, kills)
     stream = OpStream(
         own_broker.port, daemon.root, ops, chunk=100, pause_s=0.02, holds=[h for _, h in marks]
     ).start()

@@ -66,6 +66,16 @@ def counter_ops(
     ]
 
 
+def kill_marks(count: int, kills: int) -> list[tuple[int, int]]:
+    """For a stream of `count` ops broken `kills` times: (answered, hold) per kill. The
+    k-th kill waits for (2k - 1) / (2 kills + 1) of the ops answered, the stream holding
+    at 2k / (2 kills + 1), so that each kill lands while the stream flows."""
+    return [
+        (count * (2 * k - 1) // (2 * kills + 1), count * 2 * k // (2 * kills + 1))
+        for k in range(1, kills + 1)
+    ]
+
+
 def sync_topic(root: str, device: str = "d1") -> str:
     return f"{root}/devices/{device}/sync"
 
