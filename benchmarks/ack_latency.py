@@ -88,7 +88,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import random
 import re
 import shutil
@@ -104,14 +103,13 @@ from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.drain import scrape
+from benchmarks.drain import machine, scrape
 from tests.support import (
     ROOT,
     Client,
@@ -667,24 +665,6 @@ def run_once(
 
 
 # -- the report -----------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mosquitto = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False)
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "mosquitto": (mosquitto.stdout.splitlines() or ["?"])[0].removeprefix("mosquitto version "),
-        "paho-mqtt": metadata.version("paho-mqtt"),
-    }
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
