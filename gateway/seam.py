@@ -109,6 +109,3 @@ class Engine(Protocol):
 
     def on_result(self, callback: Callable[[Result], None]) -> None:
         """Where every `Result` goes, on the MQTT side's event loop."""
-
-    async def drain(self) -> None:
-        """Take nothing more; commit and hand back what was submitted."""

@@ -72,9 +72,6 @@ class Recording:
     def on_result(self, callback: Callable[[Result], None]) -> None:
         self.callback = callback
 
-    async def drain(self) -> None:
-        pass
-
 
 def intake(session: Session, engine: Recording, max_in_process: int = 4) -> Intake:
     found = Intake(

@@ -121,9 +121,6 @@ class EngineProcess(Part):
     def busy(self) -> bool:
         return self._held_bytes >= self.settings().engine.max_channel_bytes
 
-    async def drain(self) -> None:
-        await self.stop()
-
     def _refuse(self, delivery: Delivery, why: str) -> None:
         """Answer an admin write `unavailable` without the engine."""
         reply = Reply(error=Error(Code.UNAVAILABLE, why).as_dict())
