@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
+from prometheus_client.samples import Sample
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -131,16 +132,10 @@ class Status:
         healthy = checks["mqtt"]["ok"] and engine["ok"] and database["ok"] and parts["ok"]
         return {"healthy": bool(healthy), "checks": checks}
 
-    def _value(self, name: str) -> int:
-        return int(self.metrics.registry.get_sample_value(name, {}) or 0)
-
-    def _by_label(self, name: str, label: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for family in self.metrics.registry.collect():
-            for sample in family.samples:
-                if sample.name == name and label in sample.labels:
-                    out[sample.labels[label]] = int(sample.value)
-        return out
+    def _samples(self) -> list[Sample]:
+        """Every series' samples, collected once: the engine's are parsed from its last
+        report at each collection."""
+        return [sample for family in self.metrics.registry.collect() for sample in family.samples]
 
     async def _from_database(self) -> tuple[int | None, dict[str, int] | None, int | None]:
         """The outbox's depth, and the conflicts and their members now (every instance's):
@@ -157,8 +152,9 @@ class Status:
         """Counters since this process started, the conflicts as they stand (all
         instances), and the depth of every queue."""
         await self.engine.refresh()
-        ops = self._by_label("fieldgate_sync_ops_total", "status")
-        rejected = self._by_label("fieldgate_rejected_total", "code")
+        samples = self._samples()
+        ops = _by_label(samples, "fieldgate_sync_ops_total", "status")
+        rejected = _by_label(samples, "fieldgate_rejected_total", "code")
         depth, conflicts, members = await self._from_database()
         return {
             "since": started_at_text(self.started_at),
@@ -171,10 +167,10 @@ class Status:
             "rejected_by_code": rejected,
             "conflicts": conflicts,
             "conflict_members": members,
-            "messages": self._by_label("fieldgate_messages_received_total", "kind"),
-            "alerts": self._by_label("fieldgate_alerts_total", "classification"),
-            "open_crises": self._value("fieldgate_open_crises"),
-            "escalations": self._value("fieldgate_crisis_escalations_total"),
+            "messages": _by_label(samples, "fieldgate_messages_received_total", "kind"),
+            "alerts": _by_label(samples, "fieldgate_alerts_total", "classification"),
+            "open_crises": _value(samples, "fieldgate_open_crises"),
+            "escalations": _value(samples, "fieldgate_crisis_escalations_total"),
             "commits": self.engine.state.commits,
             "queues": {
                 "in_flight": len(self.intake.acks),
@@ -194,6 +190,15 @@ class Status:
             "instance": self.settings().instance,
             "started_at": started_at_text(self.started_at),
         }
+
+
+def _value(samples: list[Sample], name: str) -> int:
+    """An unlabelled series' value (0 while it has none)."""
+    return next((int(s.value) for s in samples if s.name == name and not s.labels), 0)
+
+
+def _by_label(samples: list[Sample], name: str, label: str) -> dict[str, int]:
+    return {s.labels[label]: int(s.value) for s in samples if s.name == name and label in s.labels}
 
 
 def started_at_text(moment: datetime) -> str:
