@@ -20,13 +20,15 @@ import contextlib
 import gc
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy.exc import DBAPIError
 
 log = structlog.get_logger("fieldgate.lifecycle")
+T = TypeVar("T")
 
 STOP_TIMEOUT_S = 1.0
 """A part's default time to stop (its `stop()`, then its run ending or being
@@ -43,6 +45,16 @@ def backoff(failures: int, low: float = RESTART_MIN_S, high: float = RESTART_MAX
     """Full jitter: parts (or instances) that failed together do not retry together."""
     cap = min(high, low * 2 ** max(0, failures - 1))
     return round(random.uniform(low, max(cap, low)), 3)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to its end on uvloop where it is installed (each process of the
+    daemon: its loop does the socket work)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def tune_gc() -> None:

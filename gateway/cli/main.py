@@ -11,6 +11,7 @@ import typer
 from gateway import config, logs
 from gateway.cli import admin
 from gateway.cli.options import ConfigOption, load_settings
+from gateway.lifecycle import run_async
 
 app = typer.Typer(
     name="fieldgate",
@@ -23,15 +24,6 @@ db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.command()(admin.admin)
 app.command()(admin.status)
-
-
-def run_async(main: object) -> object:
-    """Run a coroutine on uvloop where it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)  # type: ignore[arg-type]
-    return uvloop.run(main)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -58,7 +50,7 @@ def run(
     except config.ConfigError as exc:
         typer.echo(f"fieldgate: {exc}", err=True)
         raise typer.Exit(2) from None
-    raise typer.Exit(int(code) if isinstance(code, int) else 1)
+    raise typer.Exit(code)
 
 
 @db_app.command("upgrade")

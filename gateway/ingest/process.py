@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
 
 import structlog
 
@@ -41,7 +40,7 @@ from gateway.channel import (
 )
 from gateway.config import Settings
 from gateway.ingest.assembly import EngineSide
-from gateway.lifecycle import tune_gc
+from gateway.lifecycle import run_async, tune_gc
 from gateway.seam import Result
 
 log = structlog.get_logger("fieldgate.engine")
@@ -122,14 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    runner: Any
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    sys.exit(runner(serve(int(args[0]))))
+    sys.exit(run_async(serve(int(args[0]))))
 
 
 if __name__ == "__main__":
