@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -29,13 +28,12 @@ from tests.support import (
     Daemon,
     Mosquitto,
     free_port,
+    in_a_terminal,
     require,
     send_one,
     stored,
     sync_op,
 )
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -358,23 +356,6 @@ def test_status_falls_back_to_the_retained_report_when_the_daemon_does_not_answe
     found = json.loads(result.stdout)
     assert (found["status"]["state"], found["source"]) == ("online", "retained")
     assert found["health"] == report.json()
-
-
-def in_a_terminal(args: list[str | Path]) -> tuple[int, list[str]]:
-    """Run the CLI on a pseudo-terminal; its exit code and its lines, colours stripped."""
-    command = shlex.join([sys.executable, "-m", "gateway", *map(str, args)])
-    result = subprocess.run(
-        ["script", "-qec", command, "/dev/null"],
-        cwd=ROOT,
-        env=clean_env(COLUMNS="160", TERM="xterm"),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    lines = [ANSI.sub("", line).rstrip() for line in result.stdout.replace("\r", "").splitlines()]
-    return result.returncode, [line for line in lines if line]
 
 
 def test_tables_on_a_terminal(config: Path, daemon: Daemon, client: Client) -> None:

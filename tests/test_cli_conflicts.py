@@ -10,9 +10,7 @@ competing values side by side, the winner starred; --json-output is the raw answ
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,33 +19,14 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, Client, Daemon, Mosquitto, require, sync_op, wait_for
+from tests.support import ROOT, Client, Daemon, Mosquitto, in_a_terminal, require, sync_op, wait_for
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LONG_TASK = "task-replace-the-hvac-filter-in-building-seven"
 
 
 @pytest.fixture(autouse=True)
 def terminal() -> None:
     require("script")
-
-
-def in_a_terminal(args: list[str], columns: int) -> tuple[int, list[str]]:
-    """The CLI on a pseudo-terminal `columns` wide: exit code, non-empty lines, no colour."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDGATE_")}
-    env.update(COLUMNS=str(columns), TERM="xterm")
-    result = subprocess.run(
-        ["script", "-qec", shlex.join([sys.executable, "-m", "gateway", *args]), "/dev/null"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    lines = [ANSI.sub("", line).rstrip() for line in result.stdout.replace("\r", "").splitlines()]
-    return result.returncode, [line for line in lines if line]
 
 
 def cells(line: str) -> list[str]:

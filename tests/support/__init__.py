@@ -31,6 +31,7 @@ from tests.support.processes import (
     daemon_env,
     end_process,
     free_port,
+    in_a_terminal,
     wait_for,
     wait_port,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "expect_results",
     "free_port",
     "from_us",
+    "in_a_terminal",
     "in_ci",
     "iso",
     "kill_marks",

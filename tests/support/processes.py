@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -20,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +403,28 @@ def _accepts(url: str) -> bool:
             return True
     except psycopg.OperationalError:
         return False
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def in_a_terminal(args: Sequence[str | Path], columns: int = 160) -> tuple[int, list[str]]:
+    """The CLI as a person sees it: on a pseudo-terminal (`script`) `columns` wide, with
+    none of this process's FIELDGATE_ settings. Its exit code and its non-empty lines,
+    colours stripped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDGATE_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env.update(COLUMNS=str(columns), TERM="xterm")
+    command = shlex.join([sys.executable, "-m", "gateway", *map(str, args)])
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = [ANSI.sub("", line).rstrip() for line in result.stdout.replace("\r", "").splitlines()]
+    return result.returncode, [line for line in lines if line]
