@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 KEY_PREFIX = "webhook:dlq:"
 INDEX = "webhook:dlq:index"
@@ -44,6 +45,10 @@ class DlqEntry(msgspec.Struct, kw_only=True):
     failed_at: str
     last_status: int | None = None
     last_error: str | None = None
+    webhook_id: str | None = None
+    """The `webhook-id` its attempts carried, which a replay carries again (receivers
+    deduplicate by it). Beyond PROTOCOL.md's fields; absent from other producers'
+    entries, whose replays get a new one."""
 
 
 class Page(msgspec.Struct):
@@ -51,11 +56,29 @@ class Page(msgspec.Struct):
     next_cursor: str | None
 
 
+class Replayable(msgspec.Struct, kw_only=True):
+    """What a replay needs of an entry, with the payload as the bytes stored: a replay
+    signs and sends exactly what Redis holds, never a re-encoding of it (which could
+    order keys or write numbers otherwise than the first attempts did)."""
+
+    id: str
+    webhook: str
+    event_type: str
+    payload: msgspec.Raw
+    webhook_id: str | None = None
+
+
 class BadCursor(ValueError):
     """A cursor this module did not make."""
 
 
+class NotAnEntry(ValueError):
+    """The key holds something that is not an entry of this layout."""
+
+
 _decode_entry = msgspec.json.Decoder(DlqEntry).decode
+_decode_replayable = msgspec.json.Decoder(Replayable).decode
+_decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -79,6 +102,121 @@ async def put(redis: Redis, entry: DlqEntry, ttl_s: int) -> None:
 async def get(redis: Redis, entry_id: str) -> DlqEntry | None:
     raw = await redis.get(key(entry_id))
     return None if raw is None else _decode_entry(raw)
+
+
+async def get_many(redis: Redis, ids: Sequence[str]) -> list[DlqEntry | None]:
+    """The entries of `ids`, in their order; None where there is none (or it is not an
+    entry of this layout)."""
+    if not ids:
+        return []
+    found: list[DlqEntry | None] = []
+    for raw in await redis.mget([key(entry_id) for entry_id in ids]):
+        try:
+            found.append(None if raw is None else _decode_entry(raw))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            found.append(None)
+    return found
+
+
+async def get_replayable(redis: Redis, entry_id: str) -> Replayable | None:
+    """The entry as a replay sends it; None if there is none. Raises NotAnEntry for a
+    key that holds something else."""
+    raw = await redis.get(key(entry_id))
+    if raw is None:
+        return None
+    try:
+        return _decode_replayable(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        raise NotAnEntry(f"{entry_id} is not a dead-letter entry of this layout") from None
+
+
+async def update_after_replay(
+    redis: Redis, entry_id: str, status: int | None, error: str | None, webhook_id: str
+) -> bool:
+    """Count a failed replay in the entry: `attempts` + 1, the attempt's `last_status`
+    and `last_error`, and the `webhook-id` it carried (so that the next replay carries
+    it again). False if the entry is gone.
+
+    The rest is kept as stored, byte for byte (the payload, `failed_at`, fields other
+    producers added), and so are the index score and the TTL: a replay does not make
+    an entry newer, nor keep it longer. Read, change and write under WATCH, so that
+    two replays of one entry at once both count; SET XX so that an entry purged or
+    expired meanwhile is not written back (without its TTL, for ever).
+    """
+    name = key(entry_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(name)
+                raw = await pipe.get(name)
+                if raw is None:
+                    return False
+                fields = _decode_fields(raw)
+                attempts = msgspec.json.decode(fields.get("attempts", msgspec.Raw(b"0")), type=int)
+                fields["attempts"] = msgspec.Raw(_encode(attempts + 1))
+                fields["last_status"] = msgspec.Raw(_encode(status))
+                fields["last_error"] = msgspec.Raw(_encode(error))
+                if bytes(fields.get("webhook_id", b"null")) == b"null":
+                    fields["webhook_id"] = msgspec.Raw(_encode(webhook_id))
+                pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                pipe.set(name, _encode(fields), xx=True, keepttl=True)
+                (written,) = await pipe.execute()
+                return bool(written)
+            except WatchError:
+                continue
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                raise NotAnEntry(f"{entry_id} is not a dead-letter entry of this layout") from None
+
+
+async def collect(
+    redis: Redis,
+    *,
+    since_ms: int | None = None,
+    webhook: str | None = None,
+    event_type: str | None = None,
+) -> list[str]:
+    """The ids of the entries that failed at or after `since_ms` (all of them if None)
+    and match the filters, newest first, as the index holds them now: an entry that
+    arrives while this runs is not chased (the walk goes down from where it started).
+    Index members whose entry expired are dropped on the way, as a page drops them."""
+    ids: list[str] = []
+    last: tuple[int, str] | None = None
+    filtered = webhook is not None or event_type is not None
+    while True:
+        batch = await _members_after(redis, last, SCAN_COUNT)
+        if since_ms is not None:
+            batch = [item for item in batch if item[0] >= since_ms]
+        if not batch:
+            return ids
+        last = batch[-1]
+        members = [member for _score, member in batch]
+        names = [key(member) for member in members]
+        if filtered:
+            raws: list[bytes | str | None] = await redis.mget(names)
+        else:  # no need to carry the payloads over: whether each one is there
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.exists(name)
+                raws = [b"" if there else None for there in await pipe.execute()]
+        expired = [member for member, raw in zip(members, raws, strict=True) if raw is None]
+        if expired:
+            await redis.zrem(INDEX, *expired)
+        for member, raw in zip(members, raws, strict=True):
+            if raw is None:
+                continue
+            if filtered and not _matches(raw, webhook, event_type):
+                continue
+            ids.append(member)
+
+
+def _matches(raw: bytes | str, webhook: str | None, event_type: str | None) -> bool:
+    try:
+        entry = _decode_entry(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return False
+    return (webhook is None or entry.webhook == webhook) and (
+        event_type is None or entry.event_type == event_type
+    )
 
 
 async def delete(redis: Redis, ids: Sequence[str]) -> int:

@@ -68,6 +68,7 @@ async def test_an_entry_and_its_index_member_are_written_together(redis: Redis) 
     Checked against: the score in seconds (pages misordered within a second), and an
     entry written without its TTL (kept forever)."""
     one = entry(7)
+    one.webhook_id = "msg_0007"
     await dlq.put(redis, one, ttl_s=1209600)
     raw = await redis.get("webhook:dlq:e00007")
     assert isinstance(raw, bytes)
@@ -82,6 +83,7 @@ async def test_an_entry_and_its_index_member_are_written_together(redis: Redis) 
         "failed_at": "2026-12-06T04:00:00.007Z",
         "last_status": 503,
         "last_error": "HTTP 503",
+        "webhook_id": "msg_0007",
     }
     assert 1209500 < await redis.ttl("webhook:dlq:e00007") <= 1209600
     assert await redis.zrange("webhook:dlq:index", 0, -1, withscores=True) == [
@@ -181,3 +183,90 @@ async def test_purge_by_ids_and_by_age(redis: Redis) -> None:
 async def test_a_cursor_that_is_not_ours_is_refused(redis: Redis) -> None:
     with pytest.raises(dlq.BadCursor):
         await dlq.page(redis, 10, "bm90IGEgY3Vyc29y")
+
+
+async def test_a_failed_replay_counts_an_attempt_and_keeps_the_rest_as_stored(
+    redis: Redis,
+) -> None:
+    """`attempts` + 1, the new status and error, the `webhook-id` the replay carried;
+    the payload's bytes, `failed_at`, another producer's own fields, the index score
+    and the TTL as they were.
+
+    Checked against: a rewrite through DlqEntry (the foreign field dropped, the payload
+    re-encoded), a SET without KEEPTTL (the entry kept for ever), and an entry purged
+    meanwhile written back."""
+    stored = (
+        b'{"id":"f1","webhook":"ops","url":"https://ops.example/hook",'
+        b'"event_type":"alert.crisis","payload":{"b": 1.50, "a": [1, 2]},"attempts":6,'
+        b'"first_attempt_at":"2026-12-06T04:00:00Z","failed_at":"2026-12-06T04:00:00.005Z",'
+        b'"last_status":503,"last_error":"HTTP 503","producer":"etl"}'
+    )
+    await redis.set("webhook:dlq:f1", stored, ex=3600)
+    assert await dlq.reindex(redis) == 1
+    replayable = await dlq.get_replayable(redis, "f1")
+    assert replayable is not None
+    assert bytes(replayable.payload) == b'{"b": 1.50, "a": [1, 2]}'
+    assert replayable.webhook_id is None
+
+    assert await dlq.update_after_replay(redis, "f1", None, "cannot connect", "msg_new")
+    assert await dlq.update_after_replay(redis, "f1", 404, "HTTP 404", "msg_other")
+    raw = await redis.get("webhook:dlq:f1")
+    assert isinstance(raw, bytes)
+    assert b'"payload":{"b": 1.50, "a": [1, 2]}' in raw
+    assert msgspec.json.decode(raw) == {
+        **msgspec.json.decode(stored),
+        "attempts": 8,
+        "last_status": 404,
+        "last_error": "HTTP 404",
+        "webhook_id": "msg_new",
+    }
+    assert 3500 < await redis.ttl("webhook:dlq:f1") <= 3600
+    assert await redis.zscore("webhook:dlq:index", "f1") == int(T0.timestamp() * 1000) + 5
+
+    await dlq.delete(redis, ["f1"])
+    assert not await dlq.update_after_replay(redis, "f1", 500, "HTTP 500", "msg_new")
+    assert await redis.exists("webhook:dlq:f1") == 0
+
+
+async def test_two_replays_failing_at_once_both_count(redis: Redis) -> None:
+    """Checked against: read, change and write without WATCH (one count lost)."""
+    await dlq.put(redis, entry(1), 3600)
+    await asyncio.gather(
+        *(dlq.update_after_replay(redis, "e00001", 500, "HTTP 500", "m") for _ in range(20))
+    )
+    found = await dlq.get(redis, "e00001")
+    assert found is not None
+    assert found.attempts == 26
+
+
+async def test_what_is_not_an_entry_is_said_so(redis: Redis) -> None:
+    await redis.set("webhook:dlq:junk", b"[1, 2]")
+    with pytest.raises(dlq.NotAnEntry):
+        await dlq.get_replayable(redis, "junk")
+    assert await dlq.get_replayable(redis, "nothing") is None
+    await dlq.put(redis, entry(3), 3600)
+    assert await dlq.get_many(redis, ["e00003", "junk", "nothing"]) == [entry(3), None, None]
+
+
+async def test_collect_chooses_by_time_and_filters_newest_first(redis: Redis) -> None:
+    """What `dlq/replay` with `all` or `since` replays: every entry at or after `since`
+    that matches, across more than one step of the walk; expired members dropped.
+
+    Checked against: `since` exclusive (the entry of that very millisecond left out), a
+    walk that stops after its first step, expired members kept in the index."""
+    entries = [
+        entry(n, webhook="ops" if n % 2 else "erp", event="alert.crisis" if n % 3 else "x.y")
+        for n in range(1200)
+    ]
+    await put_all(redis, entries)
+    await redis.delete("webhook:dlq:e01199", "webhook:dlq:e00001")  # as if expired
+    everything = await dlq.collect(redis)
+    assert everything == [e.id for e in reversed(entries) if e.id not in ("e01199", "e00001")]
+    assert await redis.zscore("webhook:dlq:index", "e01199") is None
+    t0_ms = int(T0.timestamp() * 1000)
+    assert await dlq.collect(redis, since_ms=t0_ms + 1190) == [
+        f"e{n:05d}" for n in range(1198, 1189, -1)
+    ]
+    ops_crisis = await dlq.collect(redis, webhook="ops", event_type="alert.crisis")
+    assert ops_crisis == [f"e{n:05d}" for n in range(1197, 2, -1) if n % 2 and n % 3]
+    assert await dlq.collect(redis, since_ms=t0_ms + 5000) == []
