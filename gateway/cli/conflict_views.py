@@ -14,16 +14,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich import box
-from rich.console import JustifyMethod, RenderableType
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from gateway.cli.cells import Columns, fitted, line_table, more, when
 
 SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "dim"}
 STATUS_STYLE = {"open": "bold", "merged": "dim"}
 DEVICES_SHOWN = 2
 WINNER = "★"
 
-LIST_COLUMNS: list[tuple[str, JustifyMethod]] = [
+LIST_COLUMNS: Columns = [
     ("id", "left"),
     ("entity", "left"),
     ("severity", "left"),
@@ -50,19 +52,11 @@ def conflicts_list(data: dict[str, Any], width: int) -> list[RenderableType]:
             ", ".join(item["fields"]),
             str(item["member_count"]),
             _few(item["device_ids"]),
-            _when(item["detected_at"]),
+            when(item["detected_at"]),
         ]
         for item in items
     ]
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-        header_style="bold",
-    )
-    for (name, justify), size in zip(LIST_COLUMNS, _widths(rows, width), strict=True):
-        table.add_column(name, justify=justify, width=size, no_wrap=True, overflow="ellipsis")
+    table = line_table(LIST_COLUMNS, fitted(LIST_COLUMNS, rows, width, SHRINKABLE))
     for row in rows:
         conflict_id, entity, severity, status, fields, members, devices, detected = row
         table.add_row(
@@ -77,25 +71,7 @@ def conflicts_list(data: dict[str, Any], width: int) -> list[RenderableType]:
         )
     if not items:
         table.caption = "no conflicts"
-    return [table, *_more(data)]
-
-
-def _widths(rows: Sequence[Sequence[str]], width: int) -> list[int]:
-    """Each column as wide as its widest cell; when that does not fit, the shrinkable
-    ones (entity, fields, devices) give way down to their floors, devices first."""
-    natural = [
-        max([len(name), *(len(row[i]) for row in rows)])
-        for i, (name, _justify) in enumerate(LIST_COLUMNS)
-    ]
-    sizes = list(natural)
-    excess = sum(sizes) + 2 * (len(sizes) - 1) - width
-    for index, floor in SHRINKABLE:
-        if excess <= 0:
-            break
-        give = min(excess, max(0, sizes[index] - floor))
-        sizes[index] -= give
-        excess -= give
-    return sizes
+    return [table, *more(data)]
 
 
 def conflict_get(data: dict[str, Any], _width: int) -> list[RenderableType]:
@@ -108,7 +84,7 @@ def conflict_get(data: dict[str, Any], _width: int) -> list[RenderableType]:
         _header(conflict),
         Text(""),
         _members(members, fields, winners),
-        *_more(data),
+        *more(data),
     ]
 
 
@@ -135,12 +111,12 @@ def _header(conflict: dict[str, Any]) -> Table:
         ("members", _members_count(conflict)),
         ("devices", ", ".join(conflict["device_ids"])),
         ("users", ", ".join(conflict["user_ids"])),
-        ("detected", _when(conflict["detected_at"], full=True)),
-        ("updated", _when(conflict["updated_at"], full=True)),
+        ("detected", when(conflict["detected_at"], full=True)),
+        ("updated", when(conflict["updated_at"], full=True)),
     ]
     if conflict["resolved_at"]:
         by = f" by {conflict['resolved_by']}" if conflict["resolved_by"] else ""
-        rows.append(("resolved", f"{_when(conflict['resolved_at'], full=True)}{by}"))
+        rows.append(("resolved", f"{when(conflict['resolved_at'], full=True)}{by}"))
     if conflict["note"]:
         rows.append(("note", conflict["note"]))
     for name, value in rows:
@@ -166,7 +142,7 @@ def _members(
             member["device_id"],
             member["user_id"],
             str(member["version"]),
-            _when(member["edited_at"]),
+            when(member["edited_at"]),
             *cells,
         )
     if winners:
@@ -216,17 +192,3 @@ def _few(names: Sequence[str]) -> str:
     shown = ", ".join(names[:DEVICES_SHOWN])
     rest = len(names) - DEVICES_SHOWN
     return f"{shown} +{rest}" if rest > 0 else shown
-
-
-def _when(stamp: str | None, *, full: bool = False) -> str:
-    """`2026-12-05T23:40:12.345678Z` -> `12-05 23:40:12` (or the whole stamp)."""
-    if not stamp:
-        return "-"
-    if full:
-        return stamp
-    return f"{stamp[5:10]} {stamp[11:19]}"
-
-
-def _more(data: dict[str, Any]) -> list[RenderableType]:
-    cursor = data.get("next_cursor")
-    return [Text(f"more: --arg cursor={cursor}")] if cursor else []

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from gateway.cli import conflict_views
+from gateway.cli import conflict_views, dlq_views
 
 View = Callable[[dict[str, Any], int], list[RenderableType]]
 """A view takes the answer's data and the terminal's width."""
@@ -18,6 +18,12 @@ VIEWS: dict[str, View] = {
     "conflicts/list": conflict_views.conflicts_list,
     "conflicts/get": conflict_views.conflict_get,
     "conflicts/resolve": conflict_views.conflict_resolved,
+    "dlq/list": dlq_views.dlq_list,
+    "dlq/get": dlq_views.dlq_get,
+    "dlq/replay": dlq_views.dlq_replay,
+    "dlq/purge": dlq_views.dlq_purge,
+    "dlq/reindex": dlq_views.dlq_reindex,
+    "webhooks/list": dlq_views.webhooks_list,
 }
 """Commands whose answers have a chosen layout; every other answer gets the generic
 one (items as a table, the rest as rows). A new view is a row here and a module."""
