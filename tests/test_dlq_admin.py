@@ -79,6 +79,10 @@ class Receiver:
     async def gone(self, _request: web.Request) -> web.Response:
         return web.Response(status=410)
 
+    async def slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return await self.ok(request)
+
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
@@ -86,6 +90,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/ok", found.ok)
     app.router.add_post("/gone", found.gone)
+    app.router.add_post("/slow", found.slow)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     found.port = free_port()
@@ -127,6 +132,7 @@ def settings_for(receiver: Receiver, concurrency: int = 8) -> Settings:
             "webhooks": [
                 {"name": "ops", "url": receiver.url("/ok"), "events": ["*"], "secret": SECRET},
                 {"name": "erp", "url": receiver.url("/gone"), "events": ["*"], "secret": SECRET},
+                {"name": "lag", "url": receiver.url("/slow"), "events": ["*"], "secret": SECRET},
                 {
                     "name": "off",
                     "url": f"http://127.0.0.1:{refused_port}/x?token={TOKEN}",
@@ -297,7 +303,8 @@ async def test_a_replay_of_1000_entries_reports_progress_in_order_and_sums_up(
     redis: Redis, poster: Poster, receiver: Receiver, session: MqttSession, root: str
 ) -> None:
     """`all`: 1,000 entries, 25 of them for an endpoint that is gone. Progress is 1..1000
-    of 1000, in order; the summary counts all, names the first 20 failures; every other
+    of 1000, in order (the heartbeat, which repeats the last report after 5 s without
+    one, has nothing to say here); the summary counts all, names the first 20 failures; every other
     entry arrived once, signed; at most `replay_concurrency` were in flight at once, and
     that many were.
 
@@ -323,6 +330,27 @@ async def test_a_replay_of_1000_entries_reports_progress_in_order_and_sums_up(
     )
     assert receiver.most_in_flight == 8
     assert sorted(await indexed(redis)) == [f"dlq_{n:05d}" for n in range(0, 1000, 40)]
+
+
+async def test_a_slow_replay_repeats_its_progress_so_that_a_client_keeps_waiting(
+    redis: Redis, poster: Poster, receiver: Receiver, session: MqttSession, root: str
+) -> None:
+    """No entry finishes for a while (an endpoint slower than the heartbeat): the last
+    progress is reported again, `(0, 1)` before the first finishes.
+
+    Checked against: no report until the first entry finishes (the CLI gives up after
+    10 s, an attempt may take 15)."""
+    await put(redis, entry(1, webhook="lag"))
+    settings = settings_for(receiver)
+    made = DlqCommands(redis, poster, lambda: settings, session, root)
+    made.heartbeat_s = 0.3
+    replay = next(c for c in made.commands() if c.name == "dlq/replay")
+    progress: list[tuple[int, int]] = []
+    answer = await call(replay, {"ids": ["dlq_00001"]}, progress)
+    assert answer["replayed"] == 1
+    assert progress[-1] == (1, 1)
+    assert set(progress[:-1]) == {(0, 1)}
+    assert 2 <= len(progress[:-1]) <= 4
 
 
 async def test_a_replay_since_a_time_with_filters_takes_only_what_matches(

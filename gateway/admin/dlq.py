@@ -45,6 +45,10 @@ from storage import dlq
 log = structlog.get_logger("fieldgate.admin.dlq")
 
 Ids = Annotated[list[Str128], Meta(min_length=1, max_length=1000)]
+HEARTBEAT_S = 5.0
+"""A replay repeats its progress when none was reported for this long: the CLI waits
+10 s for each message of a long command, and one attempt may take an endpoint's
+whole `timeout_s` (15 s by default)."""
 FAILURES_SHOWN = 20
 """The replay's answer names this many failures; the counts cover them all."""
 TOPIC_UNSAFE = frozenset("+#/\x00")
@@ -85,6 +89,12 @@ class _Tally:
     replayed: int = 0
     failed: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
+    reported_at: float = 0.0
+    """The event loop's time of the last progress report."""
+
+    def report(self, progress: Progress) -> None:
+        self.reported_at = asyncio.get_running_loop().time()
+        progress(self.done, self.total)
 
 
 class DlqCommands:
@@ -104,6 +114,7 @@ class DlqCommands:
         self.settings = settings
         self.session = session
         self.root = root
+        self.heartbeat_s = HEARTBEAT_S
 
     def commands(self) -> list[Command]:
         return [
@@ -184,19 +195,20 @@ class DlqCommands:
                     self.redis, since_ms=since_ms, webhook=args.webhook, event_type=args.event_type
                 )
                 ids = found[::-1]
-            tally = _Tally(len(ids))
+            tally = _Tally(len(ids), reported_at=asyncio.get_running_loop().time())
             endpoints = {endpoint.name: endpoint for endpoint in settings.webhooks}
             pending = iter(ids)
             workers = [
                 asyncio.create_task(self._worker(pending, args.target, endpoints, tally, progress))
                 for _ in range(min(settings.dlq.replay_concurrency, len(ids)))
             ]
+            heartbeat = asyncio.create_task(self._heartbeat(tally, progress))
             try:
                 await asyncio.gather(*workers)
             finally:  # one failed (Redis went away): the others stop too, before the answer
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+                for task in (*workers, heartbeat):
+                    task.cancel()
+                await asyncio.gather(*workers, heartbeat, return_exceptions=True)
         log.info(
             "dlq replayed",
             target=args.target,
@@ -233,7 +245,16 @@ class DlqCommands:
                 if len(tally.failures) < FAILURES_SHOWN:
                     tally.failures.append({"id": entry_id, "error": error})
                 log.info("dlq replay failed", id=entry_id, target=target, error=error)
-            progress(tally.done, tally.total)
+            tally.report(progress)
+
+    async def _heartbeat(self, tally: _Tally, progress: Progress) -> None:
+        """Reports the progress again when no entry finished for `heartbeat_s`, so that
+        a client waiting for the next report does not give up on a slow endpoint."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.0, tally.reported_at + self.heartbeat_s - loop.time()))
+            if loop.time() - tally.reported_at >= self.heartbeat_s:
+                tally.report(progress)
 
     async def _over_http(self, entry_id: str, endpoints: dict[str, WebhookConfig]) -> str | None:
         """One entry to its endpoint: None if delivered (and removed), else why not."""
