@@ -184,6 +184,17 @@ class OutboxConfig(Section):
     """Rows already published are deleted this long after, a few at a time."""
 
 
+class DlqConfig(Section):
+    """The webhook dead-letter queue in Redis (PROTOCOL.md names the TTL
+    `webhooks.dlq_ttl_s`; `webhooks` is the list of endpoints, so it lives here:
+    docs/decisions/0011-webhook-delivery.md)."""
+
+    ttl_s: Annotated[int, Field(ge=60)] = 14 * 86400
+    """How long Redis keeps an entry."""
+    replay_concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+    """Entries `dlq/replay` re-delivers at once."""
+
+
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(gt=0)] = 60.0
     wedged_after_s: Annotated[float, Field(gt=0)] = 30.0
@@ -283,6 +294,7 @@ class Settings(BaseSettings):
     alerts: AlertsConfig = AlertsConfig()
     conflicts: ConflictsConfig = ConflictsConfig()
     outbox: OutboxConfig = OutboxConfig()
+    dlq: DlqConfig = DlqConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
@@ -349,16 +361,20 @@ def load(path: Path | None = None) -> Settings:
 
 
 def hide_url_password(url: Any) -> Any:
-    """`scheme://user:***@host/db`: a URL is worth showing, its password is not."""
+    """`scheme://user:***@host/db?key=***`: a URL is worth showing, its password is not,
+    nor the values of its query (a webhook URL may carry a token there)."""
     if isinstance(url, SecretStr):
         url = url.get_secret_value()
     if not isinstance(url, str):
         return url
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        url = urlunsplit(parts._replace(netloc=netloc))
+    if parts.query:
+        keys = [pair.partition("=")[0] for pair in parts.query.split("&")]
+        url = url.partition("?")[0] + "?" + "&".join(f"{key}=***" for key in keys)
+    return url
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

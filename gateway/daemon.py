@@ -3,8 +3,9 @@
 This is the one place that knows every part; each part is given what it uses.
 The parts, in the order they start (and, reversed, stop):
 
-    mqtt session -> outbox -> engine -> intake -> admin -> escalation -> outbox
-    cleanup -> health report -> watchdog -> ready notice -> metrics endpoint
+    mqtt session -> outbox -> dead letters -> webhooks -> engine -> intake -> admin
+    -> escalation -> outbox cleanup -> health report -> watchdog -> ready notice
+    -> metrics endpoint
 
 On a stop the intake stops taking messages first; then the parts stop in the
 reverse order: the admin commands finish, the engine drains, the outbox
@@ -31,8 +32,9 @@ from redis.asyncio import Redis
 from gateway import __version__, config, logs, systemd
 from gateway.admin.alerts import AlertCommands
 from gateway.admin.conflicts import ConflictCommands
+from gateway.admin.dlq import DlqCommands
 from gateway.admin.quarantine import QuarantineCommands
-from gateway.admin.server import AdminServer
+from gateway.admin.server import AdminServer, Command
 from gateway.admin.sync import SyncCommands
 from gateway.admin.system import SystemCommands
 from gateway.ingest import rules
@@ -41,10 +43,13 @@ from gateway.metrics import Metrics, MetricsEndpoint
 from gateway.mqtt.engine_process import EngineProcess
 from gateway.mqtt.intake import Intake
 from gateway.mqtt.session import MqttSession
+from gateway.outbound.dead_letters import DeadLetters
 from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
 from gateway.outbound.outbox import OutboxPublisher
 from gateway.outbound.outbox_cleanup import OutboxCleanup
+from gateway.outbound.webhook_http import Poster
+from gateway.outbound.webhook_sender import WebhookSender
 from gateway.seam import KIND_PATTERNS, WAKE_ESCALATION, WAKE_OUTBOX, Outbound
 from gateway.status import Status
 from gateway.systemd import ReadyNotice, Watchdog
@@ -90,12 +95,25 @@ class Daemon:
             on_connected=self._birth,
         )
         self.outbox = OutboxPublisher(self.database, self.session, on_sent=self._outbox_sent)
+
+        # Webhooks: events fanned out to the endpoints; the dead ones to Redis.
+        self.poster = Poster()
+        self.dead_letters = DeadLetters(
+            self.database, self.redis, lambda: self.settings, self.metrics
+        )
+        self.webhooks = WebhookSender(
+            self.database,
+            lambda: self.settings,
+            self.poster,
+            self.metrics,
+            on_dead=self._dead_delivery,
+        )
         self.escalation = AlertStep(rules.alert_policy(settings), rules.alert_notices(settings))
         self.escalator = Escalator(
             self.database,
             self.escalation,
             self.metrics,
-            self.outbox.poke,
+            self._outbox_written,
             lambda: self.settings.alerts.escalation_poll_s,
         )
         self.intake = Intake(
@@ -105,7 +123,7 @@ class Daemon:
             [(name, pattern) for name, pattern in KIND_PATTERNS.items() if pattern is not None],
             max_in_process=settings.writer.max_in_process,
             metrics=self.metrics,
-            wake={WAKE_OUTBOX: self.outbox.poke, WAKE_ESCALATION: self.escalator.poke},
+            wake={WAKE_OUTBOX: self._outbox_written, WAKE_ESCALATION: self.escalator.poke},
             publish_leased=self.outbox.publish_leased,
         )
         self.status = Status(
@@ -118,6 +136,7 @@ class Daemon:
             redis=self.redis,
             metrics=self.metrics,
             outbox=self.outbox,
+            webhooks=self.webhooks,
             trouble=self._trouble,
         )
 
@@ -130,6 +149,10 @@ class Daemon:
             *SyncCommands(self.database).commands(),
             *AlertCommands(self.database, self.intake.call).commands(),
             *ConflictCommands(self.database, self.intake.call).commands(),
+            *DlqCommands(
+                self.redis, self.poster, lambda: self.settings, self.session, root
+            ).commands(),
+            Command("webhooks/list", self._webhooks_list),
         ]
         self.admin = AdminServer(root, self.session, commands, self._token, self.metrics)
         self.intake.mount("admin/request/{command:path}", self.admin.request)
@@ -139,6 +162,8 @@ class Daemon:
             [
                 self.session,
                 self.outbox,
+                self.dead_letters,
+                self.webhooks,
                 self.engine,
                 self.intake,
                 self.admin,
@@ -158,6 +183,20 @@ class Daemon:
     def _trouble(self) -> dict[str, dict[str, object]]:
         """(Parts are made after Status, which is one of theirs.)"""
         return self.parts.trouble()
+
+    def _outbox_written(self) -> None:
+        """A commit wrote outbox rows: messages for the broker, events for webhooks."""
+        self.outbox.poke()
+        self.webhooks.poke()
+
+    def _dead_delivery(self) -> None:
+        """A delivery died: its `webhook.dead` notice is in the outbox, its entry in the
+        spool for Redis."""
+        self.outbox.poke()
+        self.dead_letters.poke()
+
+    async def _webhooks_list(self, _args: object, _progress: object) -> dict[str, Any]:
+        return {"items": await self.webhooks.snapshot(), "next_cursor": None}
 
     def _token(self) -> str | None:
         token = self.settings.admin.token
@@ -206,13 +245,14 @@ class Daemon:
                 "conflicts.cache_max_ops is no longer used: conflicts v2 keep their windows"
                 " in the database; remove the key"
             )
-        self.parts.start()
-        stop = asyncio.ensure_future(self._stop.wait())
-        failed = asyncio.ensure_future(self.parts.failed.wait())
-        await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        failed.cancel()
-        await self._shutdown()
+        async with self.poster:
+            self.parts.start()
+            stop = asyncio.ensure_future(self._stop.wait())
+            failed = asyncio.ensure_future(self.parts.failed.wait())
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            failed.cancel()
+            await self._shutdown()
         return 1 if self.parts.failed.is_set() else 0
 
     def request_stop(self) -> None:
@@ -267,6 +307,7 @@ class Daemon:
         self.escalation.policy = rules.alert_policy(settings)
         self.escalation.notices = rules.alert_notices(settings)
         self.escalator.poke()
+        self.webhooks.reconfigure()
         await self.engine.reload(settings)
         log.info("config reloaded", needs_restart=restart or None)
         return restart

@@ -24,6 +24,7 @@ log = structlog.get_logger("fieldgate.daemon")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CRISIS_BUCKETS = (*LATENCY_BUCKETS, 30.0, 60.0, 300.0, 900.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+WEBHOOK_BUCKETS = (*LATENCY_BUCKETS, 15.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -77,6 +78,45 @@ class Metrics:
         )
         self.engine_restarts = Counter(
             "fieldgate_engine_restarts", "Engine processes that died and were restarted", registry=r
+        )
+        self.webhook_deliveries = Counter(
+            "fieldgate_webhook_deliveries",
+            "Webhook attempts by endpoint and outcome (delivered, retry, dead)",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "fieldgate_webhook_delivery_seconds",
+            "From a webhook POST to its answer (or its failure)",
+            ["endpoint"],
+            buckets=WEBHOOK_BUCKETS,
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "fieldgate_webhook_pending",
+            "Deliveries waiting for an attempt or being attempted (all instances)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_retrying = Gauge(
+            "fieldgate_webhook_retries_pending",
+            "Waiting deliveries that failed before (all instances)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_breaker_open = Gauge(
+            "fieldgate_webhook_breaker_open",
+            "1 while the endpoint's circuit breaker pauses it (or probes), else 0",
+            ["endpoint"],
+            registry=r,
+        )
+        self.dlq_entries = Gauge(
+            "fieldgate_dlq_entries", "Entries in the dead-letter queue in Redis", registry=r
+        )
+        self.dlq_spool = Gauge(
+            "fieldgate_dlq_spool",
+            "Dead deliveries waiting in the database for Redis (all instances)",
+            registry=r,
         )
 
 

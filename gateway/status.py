@@ -37,6 +37,14 @@ class Published(Protocol):
     failed: int
 
 
+class Delivering(Protocol):
+    """The webhook sender's counts since start."""
+
+    delivered: int
+    failed: int
+    dead: int
+
+
 class Status:
     """What the daemon can say about itself; shared by the admin commands, the retained
     health report and the systemd watchdog."""
@@ -53,6 +61,7 @@ class Status:
         redis: Redis,
         metrics: Metrics,
         outbox: Published,
+        webhooks: Delivering,
         trouble: Callable[[], dict[str, dict[str, object]]],
     ) -> None:
         self.settings = settings
@@ -64,6 +73,7 @@ class Status:
         self.redis = redis
         self.metrics = metrics
         self.outbox = outbox
+        self.webhooks = webhooks
         self.trouble = trouble
         """Parts that failed recently and were restarted (`Parts.trouble`)."""
 
@@ -179,6 +189,14 @@ class Status:
                 "mqtt_outgoing": self.session.outgoing_pending(),
             },
             "outbox": {"published": self.outbox.published, "failed": self.outbox.failed},
+            "webhooks": {
+                "delivered": self.webhooks.delivered,
+                "failed": self.webhooks.failed,
+                "dead": self.webhooks.dead,
+                "pending": _sum(samples, "fieldgate_webhook_pending"),
+                "dlq": _value(samples, "fieldgate_dlq_entries"),
+                "spool": _value(samples, "fieldgate_dlq_spool"),
+            },
         }
 
     def announcement(self, state: str) -> dict[str, Any]:
@@ -195,6 +213,11 @@ class Status:
 def _value(samples: list[Sample], name: str) -> int:
     """An unlabelled series' value (0 while it has none)."""
     return next((int(s.value) for s in samples if s.name == name and not s.labels), 0)
+
+
+def _sum(samples: list[Sample], name: str) -> int:
+    """A labelled gauge's sum over its labels."""
+    return sum(int(s.value) for s in samples if s.name == name)
 
 
 def _by_label(samples: list[Sample], name: str, label: str) -> dict[str, int]:

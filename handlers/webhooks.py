@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Literal, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -40,6 +41,18 @@ Subscription = Literal[EventType, "*"]
 """What an endpoint's `events` lists."""
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
+
+
+def public_url(url: str) -> str:
+    """The URL without its query and user info, which may hold credentials: what
+    answers, logs and dead-letter entries show of an endpoint."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
 
 # -- signing -----------------------------------------------------------------------------
 

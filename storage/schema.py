@@ -107,6 +107,30 @@ outbox = Table(
     Index(None, "channel", "sent_at", "id"),
 )
 
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("event_id", String(40), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("due_at", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("claimed_until", BigInteger, nullable=True),
+    Column("first_attempt_at", BigInteger, nullable=True),
+    Column("last_status", Integer, nullable=True),
+    Column("last_error", String(300), nullable=True),
+    Column("dead_at", BigInteger, nullable=True),
+    Column("dlq_id", String(40), nullable=True),
+    Column("url", Text, nullable=True),
+    Index(None, "endpoint", "dead_at", "due_at"),
+    Index(None, "dead_at"),
+)
+"""One row per event and endpoint until it is delivered (the row goes) or dead (the
+row waits, `dead_at` set, until the dead-letter queue in Redis holds it)."""
+
 alerts = Table(
     "alerts",
     metadata,

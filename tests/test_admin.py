@@ -318,13 +318,14 @@ def test_config_get_hides_every_secret(
         "redis": "redis-Pw-e9a0",
         "database": "pg-Pw-5b3c",
         "webhook": "d2gtS2V5LWE4ZjM=",  # the key's base64, as it follows `whsec_`
+        "webhook_url": "hook-Tok-77aa",  # a token in the endpoint URL's query
     }
     db_url = pg_url.replace("postgres@", f"postgres:{secrets['database']}@", 1)
     assert secrets["database"] in db_url
     redis_url = f"redis://:{secrets['redis']}@127.0.0.1:6379/0"
     endpoint = {
         "name": "ops",
-        "url": "https://hooks.example/in",
+        "url": f"https://hooks.example/in?token={secrets['webhook_url']}",
         "events": ["alert.crisis"],
     }
     daemon = make_daemon(
@@ -377,12 +378,14 @@ def test_config_get_hides_every_secret(
         "alerts",
         "conflicts",
         "outbox",
+        "dlq",
         "webhooks",
     }
     assert data["outbox"] == {"retention_s": 604800.0}
     assert data["webhooks"] == [
         {
             **endpoint,
+            "url": "https://hooks.example/in?token=***",
             "secret": "***",
             "timeout_s": 15.0,
             "retry_schedule_s": [0.0, 5.0, 30.0, 120.0, 600.0, 1800.0],

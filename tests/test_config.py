@@ -441,6 +441,11 @@ def test_the_environment_replaces_the_list_as_json(
         ("postgresql+psycopg://gw@db/fg", "postgresql+psycopg://gw@db/fg"),
         ("sqlite+aiosqlite:///var/fieldgate.db", "sqlite+aiosqlite:///var/fieldgate.db"),
         (SecretStr("redis://u:pw@h/1"), "redis://u:***@h/1"),
+        ("https://h/hook?token=abc&v=2", "https://h/hook?token=***&v=***"),
+        (
+            "postgresql+psycopg://gw:pw@db/fg?sslmode=require",
+            "postgresql+psycopg://gw:***@db/fg?sslmode=***",
+        ),
         (None, None),
         (5, 5),
     ],

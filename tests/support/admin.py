@@ -29,6 +29,7 @@ STATS_KEYS = frozenset(
         "escalations",
         "conflicts",
         "conflict_members",
+        "webhooks",
     }
 )
 """Every key of the `stats` answer (also carried by the retained health report)."""

@@ -75,6 +75,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
         "cache_max_ops": None,
     },
     "outbox": {"retention_s": 604800.0},
+    "dlq": {"ttl_s": 1209600, "replay_concurrency": 8},
     "health": {"interval_s": 60.0, "wedged_after_s": 30.0},
     "metrics": {"listen": ""},
     "log": {"level": "info", "format": "auto"},

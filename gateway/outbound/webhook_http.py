@@ -1,0 +1,117 @@
+"""One attempt to deliver a webhook: a signed POST on the one pooled aiohttp session.
+
+The sender and `dlq/replay` both attempt through here, so that a replayed entry is
+sent, signed and judged exactly as the first attempts were. An attempt never
+raises for what the network or the receiver did: it returns what happened, in a
+form that goes into a log, an answer or a dead-letter entry as it is (one line, no
+URL: an endpoint's URL may carry a token in its query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from types import TracebackType
+
+import aiohttp
+
+from gateway import __version__
+from handlers import webhooks
+
+BODY_READ_LIMIT = 64 * 1024
+"""What is read of a receiver's answer (then the connection goes back to the pool);
+the body itself is never used."""
+
+
+class Attempt:
+    """What one POST came to."""
+
+    __slots__ = ("error", "retry_after_s", "seconds", "status")
+
+    def __init__(
+        self, status: int | None, error: str | None, retry_after_s: float | None, seconds: float
+    ) -> None:
+        self.status = status
+        self.error = error
+        """The transport's failure (a timeout, a refused connection), else None."""
+        self.retry_after_s = retry_after_s
+        self.seconds = seconds
+
+    @property
+    def outcome(self) -> webhooks.Outcome:
+        return webhooks.classify(self.status, self.error)
+
+    def describe(self) -> str | None:
+        """`last_error`: the transport's failure, or the status a failure answered."""
+        if self.error is not None:
+            return self.error
+        if self.outcome == "success":
+            return None
+        return f"HTTP {self.status}"
+
+
+class Poster:
+    """An async context manager holding the session; `post` makes one attempt."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Poster:
+        # No limit on the pool: each endpoint bounds its own concurrency
+        # (`max_in_flight`), and a shared bound would let one endpoint starve another.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"user-agent": f"fieldgate/{__version__}", "content-type": "application/json"},
+            skip_auto_headers=("accept-encoding",),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def post(
+        self, url: str, key: bytes, msg_id: str, body: bytes, timeout_s: float
+    ) -> Attempt:
+        """POST `body` signed for `msg_id` now; redirects are not followed (a 3xx is a
+        final answer, PROTOCOL.md)."""
+        assert self._session is not None, "Poster used outside its `async with`"
+        stamp = int(time.time())
+        headers = webhooks.headers(msg_id, stamp, webhooks.sign(key, msg_id, stamp, body))
+        started = time.perf_counter()
+        status: int | None = None
+        try:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                status = response.status
+                retry_after = response.headers.get("retry-after")
+                await response.content.read(BODY_READ_LIMIT)
+        except TimeoutError:
+            return Attempt(status, f"no answer within {timeout_s:g} s", None, _since(started))
+        except aiohttp.ClientConnectorError as exc:
+            errno = exc.os_error.errno
+            reason = os.strerror(errno) if errno else type(exc.os_error).__name__
+            return Attempt(None, f"cannot connect: {reason}", None, _since(started))
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            return Attempt(
+                status, f"connection failed: {type(exc).__name__}", None, _since(started)
+            )
+        wait = webhooks.parse_retry_after(retry_after, time.time())
+        return Attempt(status, None, wait, _since(started))
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started

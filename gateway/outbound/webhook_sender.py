@@ -1,0 +1,408 @@
+"""Delivers webhook events: fan-out from the outbox, one lane per endpoint, settled in
+batches.
+
+- **Fan-out** takes the outbox's webhook events and writes one delivery per
+  subscribed endpoint (storage/webhook_deliveries.py), in one transaction.
+- **A lane per endpoint** claims that endpoint's due deliveries, up to its
+  `max_in_flight`, and posts them. Lanes share nothing but the HTTP pool, which has
+  no limit of its own: an endpoint that is slow or down fills its own slots and
+  never delays another's. Its circuit breaker (handlers/webhooks.py) pauses it
+  after `breaker_failures` failures in a row, then lets one probe through.
+- **Settling** writes outcomes (delivered, retry at, dead) in batches: one
+  transaction for all that finished since the last, not one per POST.
+
+A delivery is leased for its attempt (twice the timeout): if this process
+dies mid-attempt, the lease lapses and this or another instance sends it again.
+Receivers deduplicate by `webhook-id`, stable across attempts: delivery is at
+least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.config import Settings, WebhookConfig
+from gateway.lifecycle import Part, backoff
+from gateway.metrics import Metrics
+from gateway.outbound.webhook_http import Attempt, Poster
+from handlers import webhooks
+from handlers.times import now_us, rfc3339
+from storage import webhook_deliveries
+from storage.webhook_deliveries import Delivery, Settled, Target
+
+log = structlog.get_logger("fieldgate.webhooks")
+
+FAN_OUT_PAGE = 500
+LEASE_MARGIN_S = 1.0
+"""A claimed delivery's lease is twice its timeout plus this: the attempt, then the
+settling of its outcome (batched, so it may wait behind a slow transaction)."""
+POLL_S = 1.0
+"""How often an idle lane looks for due retries (and other instances' lapsed leases)."""
+GAUGES_EVERY_S = 5.0
+"""How often the gauges read from the database (waiting deliveries, spool) are read."""
+
+
+class Lane:
+    """One endpoint: its queue in the database, its slots, its breaker, its record."""
+
+    def __init__(self, config: WebhookConfig, sender: WebhookSender) -> None:
+        self.sender = sender
+        self.breaker = webhooks.CLOSED
+        self.in_flight = 0
+        self.wake = asyncio.Event()
+        self.last_success_at: int | None = None
+        self.last_error: str | None = None
+        self.last_error_at: int | None = None
+        self.attempts: set[asyncio.Task[None]] = set()
+        self.configure(config)
+
+    def configure(self, config: WebhookConfig) -> None:
+        """Take a reloaded endpoint's settings; its breaker and record stay."""
+        self.config = config
+        self.key = webhooks.secret_key(config.secret.get_secret_value())
+        self.policy = webhooks.BreakerPolicy(config.breaker_failures, config.breaker_pause_s)
+        self.wake.set()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def state(self) -> str:
+        if not self.config.enabled:
+            return "disabled"
+        return {"closed": "active", "open": "paused", "half_open": "probing"}[self.breaker.state]
+
+    async def run(self) -> None:
+        """Claim what is due into free slots; sleep until a slot frees, a poke, or a poll."""
+        failures = 0
+        while True:
+            self.wake.clear()
+            wait_s: float | None = POLL_S
+            try:
+                wait_s = await self._fill()
+                failures = 0
+            except DBAPIError as exc:
+                failures += 1
+                wait_s = backoff(failures, 0.2, 5.0)
+                log.warning("webhook claim failed", endpoint=self.name, error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=wait_s)
+
+    async def _fill(self) -> float | None:
+        """Start attempts for due deliveries; the seconds to wait before looking again
+        (None: until woken)."""
+        config = self.config
+        if not config.enabled:
+            return None
+        now_s = time.monotonic()
+        admitted = webhooks.admit(self.breaker, now_s)
+        if admitted is None:
+            if self.breaker.state == "open":
+                return max(0.0, self.breaker.until_s - now_s)
+            return None  # the probe is out: its outcome wakes the lane
+        free = config.max_in_flight - self.in_flight
+        if admitted.state == "half_open":
+            free = 1 if self.in_flight == 0 else 0
+        elif free < max(1, config.max_in_flight // 2) and self.in_flight:
+            return None  # claim several at once: a slot's end wakes the lane
+        if free <= 0:
+            return None
+        lease_us = int((2 * config.timeout_s + LEASE_MARGIN_S) * 1e6)
+        claimed = await webhook_deliveries.claim(
+            self.sender.database, self.name, free, now_us(), lease_us
+        )
+        if not claimed:
+            return POLL_S
+        self.breaker = admitted
+        for delivery in claimed:
+            self.in_flight += 1
+            task = asyncio.create_task(self._attempt(delivery), name=f"webhook:{self.name}")
+            self.attempts.add(task)
+            task.add_done_callback(self.attempts.discard)
+        return 0 if len(claimed) == free else POLL_S
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        config = self.config
+        try:
+            attempt = await self.sender.poster.post(
+                config.url, self.key, delivery.event_id, delivery.body, config.timeout_s
+            )
+            self.sender.settle(self._outcome(delivery, attempt))
+        finally:
+            self.in_flight -= 1
+            self.wake.set()
+
+    def _outcome(self, delivery: Delivery, attempt: Attempt) -> Settled:
+        """What the attempt means for the delivery, the breaker and the record."""
+        at = now_us()
+        outcome = attempt.outcome
+        self.breaker = webhooks.record(self.breaker, outcome, time.monotonic(), self.policy)
+        self.sender.metrics.webhook_seconds.labels(self.name).observe(attempt.seconds)
+        if outcome == "success":
+            self.last_success_at = at
+            return Settled(delivery=delivery, outcome="delivered", attempted_at=at)
+        error = attempt.describe()
+        self.last_error, self.last_error_at = error, at
+        delay = None
+        if outcome == "retry":
+            delay = webhooks.next_delay_s(
+                delivery.attempts + 1,
+                self.config.retry_schedule_s,
+                attempt.retry_after_s,
+                self.sender.rng,
+            )
+        common: dict[str, Any] = {
+            "delivery": delivery,
+            "attempted_at": at,
+            "status": attempt.status,
+            "error": error,
+            "url": webhooks.public_url(self.config.url),
+        }
+        if delay is None:
+            log.warning(
+                "webhook delivery dead",
+                endpoint=self.name,
+                event_type=delivery.event_type,
+                attempts=delivery.attempts + 1,
+                error=error,
+            )
+            return Settled(outcome="dead", **common)
+        return Settled(outcome="retry", due_at=at + int(delay * 1e6), **common)
+
+    def snapshot(self, pending: webhook_deliveries.Counts | None) -> dict[str, Any]:
+        """`webhooks/list`'s row: never the secret, never the URL's query."""
+        breaker = self.breaker
+        paused_until = None
+        if breaker.state == "open":
+            paused_until = rfc3339(now_us() + int((breaker.until_s - time.monotonic()) * 1e6), 0)
+        return {
+            "name": self.name,
+            "url": webhooks.public_url(self.config.url),
+            "events": list(self.config.events),
+            "enabled": self.config.enabled,
+            "state": self.state(),
+            "in_flight": self.in_flight,
+            "pending": pending.pending if pending else 0,
+            "retrying": pending.retrying if pending else 0,
+            "last_success_at": rfc3339(self.last_success_at),
+            "last_error": self.last_error,
+            "last_error_at": rfc3339(self.last_error_at),
+            "breaker": {
+                "state": breaker.state,
+                "failures": breaker.failures,
+                "paused_until": paused_until,
+            },
+        }
+
+
+class WebhookSender(Part):
+    """Fans the outbox's webhook events out to the endpoints, and runs their lanes."""
+
+    name = "webhooks"
+    stop_timeout_s = 4.0
+
+    def __init__(
+        self,
+        database: AsyncEngine,
+        settings: Callable[[], Settings],
+        poster: Poster,
+        metrics: Metrics,
+        *,
+        on_dead: Callable[[], None],
+    ) -> None:
+        self.database = database
+        self.settings = settings
+        self.poster = poster
+        self.metrics = metrics
+        self.on_dead = on_dead
+        """Dead deliveries were written: their notices (outbox) and the spool (the
+        dead-letter mover) have work."""
+        self.rng = random.Random()
+        self.lanes: dict[str, Lane] = {}
+        self._lane_tasks: dict[str, asyncio.Task[None]] = {}
+        self._fan_wake = asyncio.Event()
+        self._settled: list[Settled] = []
+        self._settle_wake = asyncio.Event()
+        self._stopping = False
+        self._configured: set[str] | None = None
+        self.delivered = 0
+        self.failed = 0
+        self.dead = 0
+
+    def poke(self) -> None:
+        """A commit wrote outbox rows: some may be webhook events."""
+        self._fan_wake.set()
+
+    def reconfigure(self) -> None:
+        """Follow the endpoints of the current settings: lanes start, change or stop."""
+        if self._stopping:
+            return
+        endpoints = {e.name: e for e in self.settings().webhooks}
+        for name in list(self.lanes):
+            if name not in endpoints:
+                self.lanes.pop(name)
+                self._lane_tasks.pop(name).cancel()
+        for name, config in endpoints.items():
+            lane = self.lanes.get(name)
+            if lane is None:
+                lane = self.lanes[name] = Lane(config, self)
+                self._lane_tasks[name] = asyncio.create_task(lane.run(), name=f"lane:{name}")
+            else:
+                lane.configure(config)
+        self._fan_wake.set()
+
+    def settle(self, settled: Settled) -> None:
+        self._settled.append(settled)
+        self._settle_wake.set()
+
+    async def run(self) -> None:
+        self.reconfigure()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._fan_out_loop(), name="webhooks:fan-out")
+            tasks.create_task(self._settle_loop(), name="webhooks:settle")
+
+    async def stop(self) -> None:
+        """No new attempts; those under way finish (within the stop timeout) and their
+        outcomes are written. What is cut short is sent again when its lease lapses."""
+        self._stopping = True
+        for task in self._lane_tasks.values():
+            task.cancel()
+        attempts = {task for lane in self.lanes.values() for task in lane.attempts}
+        if attempts:
+            await asyncio.wait(attempts, timeout=self.stop_timeout_s - 1.5)
+        await self._settle_all()
+
+    # -- fan-out ----------------------------------------------------------------------
+
+    def _subscribers(self) -> dict[str, list[Target]]:
+        """Event type -> the enabled endpoints that subscribe to it."""
+        out: dict[str, list[Target]] = {}
+        for endpoint in self.settings().webhooks:
+            if not endpoint.enabled:
+                continue
+            events = (
+                webhooks.EVENT_TYPES
+                if webhooks.ALL_EVENTS in endpoint.events
+                else set(endpoint.events)
+            )
+            first_us = int(endpoint.retry_schedule_s[0] * 1e6)
+            for event in events:
+                out.setdefault(event, []).append(Target(endpoint.name, endpoint.url, first_us))
+        return out
+
+    async def _fan_out_loop(self) -> None:
+        failures = 0
+        gauges_at = 0.0
+        while True:
+            self._fan_wake.clear()
+            wait_s = POLL_S
+            try:
+                if time.monotonic() >= gauges_at:
+                    await self.refresh_metrics()
+                    gauges_at = time.monotonic() + GAUGES_EVERY_S
+                await self._abandon_unconfigured()
+                taken, added = await webhook_deliveries.fan_out(
+                    self.database, self._subscribers(), FAN_OUT_PAGE, now_us()
+                )
+                for name in added:
+                    if name in self.lanes:
+                        self.lanes[name].wake.set()
+                failures = 0
+                if taken == FAN_OUT_PAGE:
+                    continue
+            except DBAPIError as exc:
+                failures += 1
+                wait_s = backoff(failures, 0.2, 5.0)
+                log.warning("webhook fan-out failed", error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fan_wake.wait(), timeout=wait_s)
+
+    async def _abandon_unconfigured(self) -> None:
+        """Once per change of the endpoints: dead-letter deliveries of removed ones."""
+        configured = set(self.lanes)
+        if configured == self._configured:
+            return
+        count = await webhook_deliveries.abandon(
+            self.database, sorted(configured), now_us(), self._dead_topic()
+        )
+        self._configured = configured
+        if count:
+            log.warning("deliveries of removed endpoints dead-lettered", deliveries=count)
+            self.dead += count
+            self.on_dead()
+
+    def _dead_topic(self) -> str:
+        return f"{self.settings().mqtt.topic_root}/webhooks/dead"
+
+    # -- settling ---------------------------------------------------------------------
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await self._settle_wake.wait()
+            self._settle_wake.clear()
+            await self._settle_all()
+
+    async def _settle_all(self) -> None:
+        """Write every outcome in hand, retrying while the database is away (the
+        leases may lapse meanwhile: those deliveries are sent again)."""
+        failures = 0
+        while self._settled:
+            batch, self._settled = self._settled, []
+            try:
+                await webhook_deliveries.settle(self.database, batch, self._dead_topic())
+            except DBAPIError as exc:
+                self._settled[:0] = batch
+                failures += 1
+                log.warning("webhook outcomes not written", error=type(exc).__name__)
+                if self._stopping:
+                    return
+                await asyncio.sleep(backoff(failures, 0.2, 5.0))
+                continue
+            self._count(batch)
+
+    def _count(self, batch: list[Settled]) -> None:
+        dead = 0
+        for s in batch:
+            outcome = s.outcome
+            self.metrics.webhook_deliveries.labels(s.delivery.endpoint, outcome).inc()
+            if outcome == "delivered":
+                self.delivered += 1
+            elif outcome == "retry":
+                self.failed += 1
+            else:
+                self.failed += 1
+                dead += 1
+        if dead:
+            self.dead += dead
+            self.on_dead()
+
+    # -- what it says about itself ------------------------------------------------------
+
+    async def snapshot(self) -> list[dict[str, Any]]:
+        """Each endpoint's state, slots, waiting deliveries and last outcomes."""
+        async with self.database.connect() as conn:
+            counts = await webhook_deliveries.counts(conn)
+        return [lane.snapshot(counts.get(name)) for name, lane in sorted(self.lanes.items())]
+
+    async def refresh_metrics(self) -> None:
+        """The gauges read from the database and the lanes."""
+        async with self.database.connect() as conn:
+            counts = await webhook_deliveries.counts(conn)
+            spool = await webhook_deliveries.spool_size(conn)
+        for name, lane in self.lanes.items():
+            waiting = counts.get(name)
+            self.metrics.webhook_pending.labels(name).set(waiting.pending if waiting else 0)
+            self.metrics.webhook_retrying.labels(name).set(waiting.retrying if waiting else 0)
+            self.metrics.webhook_breaker_open.labels(name).set(
+                0 if lane.breaker.state == "closed" else 1
+            )
+        self.metrics.dlq_spool.set(spool)

@@ -1,0 +1,337 @@
+"""Webhook deliveries: one row per event and endpoint, from fan-out to delivered or dead.
+
+The event itself is an outbox row (channel `webhook`), written in the transaction
+of its cause; `fan_out` turns it into one delivery per endpoint that subscribes to
+it, and marks the outbox row sent, in one transaction: a crash before leaves the
+event to fan out again, a crash after leaves the deliveries. The engine's hot path
+writes one row per event whatever the number of endpoints.
+
+A delivery is claimed with a lease (`claimed_until`) for one attempt, so that two
+instances never send it at once and one that dies lets the lease lapse. Its outcome
+is settled after: delivered (the row goes), retried later (`due_at`), or dead
+(`dead_at`: the row stays as the spool of the dead-letter queue until Redis holds
+its entry, and a `webhook.dead` notice goes to the outbox in the same transaction).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from handlers import webhooks
+from handlers.records import OutboxRecord
+from handlers.times import rfc3339
+from storage import outbox
+from storage.dlq import DlqEntry
+from storage.schema import outbox as outbox_table
+from storage.schema import webhook_deliveries as deliveries
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """A claimed delivery: what the sender needs for one attempt, and for its outcome."""
+
+    id: int
+    event_id: str
+    endpoint: str
+    event_type: str
+    body: bytes
+    created_at: int
+    attempts: int
+    """Attempts made before this one."""
+    first_attempt_at: int | None
+
+
+class Target(NamedTuple):
+    """An endpoint an event goes to, and the wait before its first attempt."""
+
+    name: str
+    url: str
+    first_wait_us: int
+
+
+class Settled(msgspec.Struct, frozen=True, kw_only=True):
+    """An attempt's outcome, to write: `retry` needs `due_at`, the others not."""
+
+    delivery: Delivery
+    outcome: Literal["delivered", "retry", "dead"]
+    attempted_at: int
+    status: int | None = None
+    error: str | None = None
+    due_at: int = 0
+    url: str = ""
+    attempt: bool = True
+    """False for a delivery given up without an attempt (its endpoint was removed)."""
+
+
+def new_id(prefix: str) -> str:
+    """`msg_<32 hex>`: unique without coordination between instances."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+async def fan_out(
+    engine: AsyncEngine, subscribers: Mapping[str, Sequence[Target]], limit: int, now_us: int
+) -> tuple[int, dict[str, int]]:
+    """Turn up to `limit` unsent webhook events of the outbox into deliveries, one per
+    subscribed endpoint (`subscribers`: event type -> targets), and mark the events
+    sent. Returns the events taken and the new deliveries per endpoint.
+
+    An event no endpoint subscribes to any more (a reload removed it) is marked sent
+    with no delivery. The rows are locked (PostgreSQL: SKIP LOCKED), so instances fan
+    out different events.
+    """
+    added: dict[str, int] = {}
+    async with engine.begin() as conn:
+        due = (
+            select(
+                outbox_table.c.id,
+                outbox_table.c.event_type,
+                outbox_table.c.payload,
+                outbox_table.c.created_at,
+            )
+            .where(outbox_table.c.channel == "webhook", outbox_table.c.sent_at.is_(None))
+            .order_by(outbox_table.c.id)
+            .limit(limit)
+        )
+        if conn.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        events = (await conn.execute(due)).all()
+        if not events:
+            return 0, added
+        rows: list[dict[str, Any]] = []
+        for _, event_type, payload, created_at in events:
+            targets = subscribers.get(event_type or "", ())
+            if not targets:
+                continue
+            body = webhooks.body(event_type, created_at, payload)
+            event_id = new_id("msg")
+            for name, url, first_wait_us in targets:
+                rows.append(
+                    {
+                        "event_id": event_id,
+                        "endpoint": name,
+                        "event_type": event_type,
+                        "body": body,
+                        "created_at": created_at,
+                        "due_at": now_us + first_wait_us,
+                        "attempts": 0,
+                        "url": webhooks.public_url(url),
+                    }
+                )
+                added[name] = added.get(name, 0) + 1
+        if rows:
+            await conn.execute(insert(deliveries), rows)
+        ids = [row_id for row_id, *_ in events]
+        await conn.execute(
+            update(outbox_table).where(outbox_table.c.id.in_(ids)).values(sent_at=now_us)
+        )
+    return len(events), added
+
+
+_CLAIMED = (
+    deliveries.c.id,
+    deliveries.c.event_id,
+    deliveries.c.endpoint,
+    deliveries.c.event_type,
+    deliveries.c.body,
+    deliveries.c.created_at,
+    deliveries.c.attempts,
+    deliveries.c.first_attempt_at,
+)
+
+
+async def claim(
+    engine: AsyncEngine, endpoint: str, limit: int, now_us: int, lease_us: int
+) -> list[Delivery]:
+    """Lease up to `limit` of the endpoint's due deliveries, the longest due first."""
+    async with engine.begin() as conn:
+        due = (
+            select(deliveries.c.id)
+            .where(
+                deliveries.c.endpoint == endpoint,
+                deliveries.c.dead_at.is_(None),
+                deliveries.c.due_at <= now_us,
+                or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now_us),
+            )
+            .order_by(deliveries.c.due_at, deliveries.c.id)
+            .limit(limit)
+        )
+        if conn.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        ids = [row_id for (row_id,) in await conn.execute(due)]
+        if not ids:
+            return []
+        await conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(ids))
+            .values(claimed_until=now_us + lease_us)
+        )
+        rows = await conn.execute(
+            select(*_CLAIMED)
+            .where(deliveries.c.id.in_(ids))
+            .order_by(deliveries.c.due_at, deliveries.c.id)
+        )
+        return [Delivery(**row) for row in rows.mappings()]
+
+
+async def next_due(engine: AsyncEngine, endpoint: str) -> int | None:
+    """When the endpoint's next waiting delivery is due (a lease counts as a wait)."""
+    async with engine.connect() as conn:
+        due = await conn.execute(
+            select(func.min(func.coalesce(deliveries.c.claimed_until, deliveries.c.due_at))).where(
+                deliveries.c.endpoint == endpoint, deliveries.c.dead_at.is_(None)
+            )
+        )
+        value = due.scalar_one_or_none()
+        return None if value is None else int(value)
+
+
+async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: str) -> None:
+    """Write attempts' outcomes in one transaction; a dead one's `webhook.dead` notice
+    with it (to `dead_topic`)."""
+    if not settled:
+        return
+    async with engine.begin() as conn:
+        delivered = [s.delivery.id for s in settled if s.outcome == "delivered"]
+        if delivered:
+            await conn.execute(delete(deliveries).where(deliveries.c.id.in_(delivered)))
+        for s in settled:
+            if s.outcome == "retry":
+                await conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id == s.delivery.id)
+                    .values(**_attempted(s), due_at=s.due_at)
+                )
+        await bury(conn, [s for s in settled if s.outcome == "dead"], dead_topic)
+
+
+def _attempted(s: Settled) -> dict[str, Any]:
+    first = s.delivery.first_attempt_at
+    return {
+        "attempts": s.delivery.attempts + int(s.attempt),
+        "claimed_until": None,
+        "first_attempt_at": first or (s.attempted_at if s.attempt else None),
+        "last_status": s.status,
+        "last_error": s.error[:300] if s.error else None,
+    }
+
+
+async def bury(conn: AsyncConnection, dead: Sequence[Settled], dead_topic: str) -> None:
+    """Mark deliveries dead, each with its dead-letter entry's id, and write their
+    `webhook.dead` notices: the entry as it will be in Redis."""
+    notices: list[OutboxRecord] = []
+    for s in dead:
+        dlq_id = new_id("dlq")
+        await conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id == s.delivery.id)
+            .values(**_attempted(s), dead_at=s.attempted_at, dlq_id=dlq_id, url=s.url)
+        )
+        attempted = {**_attempted(s), "dead_at": s.attempted_at, "dlq_id": dlq_id, "url": s.url}
+        entry = entry_of({**msgspec.structs.asdict(s.delivery), **attempted})
+        body = _encode({"event": "webhook.dead", "entry": entry})
+        notices.append(OutboxRecord(channel="mqtt", topic=dead_topic, payload=body))
+    await outbox.add(conn, notices, dead[0].attempted_at if dead else 0)
+
+
+def entry_of(row: Mapping[Any, Any]) -> DlqEntry:
+    """The dead-letter entry of a dead delivery row (PROTOCOL.md's layout)."""
+    return DlqEntry(
+        id=row["dlq_id"],
+        webhook=row["endpoint"],
+        url=row["url"] or "",
+        event_type=row["event_type"],
+        payload=msgspec.Raw(row["body"]),
+        attempts=row["attempts"],
+        first_attempt_at=rfc3339(row["first_attempt_at"] or row["dead_at"]),
+        failed_at=rfc3339(row["dead_at"]),
+        last_status=row["last_status"],
+        last_error=row["last_error"],
+        webhook_id=row["event_id"],
+    )
+
+
+async def spooled(engine: AsyncEngine, limit: int) -> list[DlqEntry]:
+    """Dead deliveries not yet in Redis, oldest first."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(deliveries)
+            .where(deliveries.c.dead_at.is_not(None))
+            .order_by(deliveries.c.dead_at, deliveries.c.id)
+            .limit(limit)
+        )
+        return [entry_of(row) for row in rows.mappings()]
+
+
+async def unspool(engine: AsyncEngine, dlq_ids: Sequence[str]) -> None:
+    """Forget dead deliveries that Redis now holds."""
+    if dlq_ids:
+        async with engine.begin() as conn:
+            await conn.execute(delete(deliveries).where(deliveries.c.dlq_id.in_(dlq_ids)))
+
+
+async def abandon(
+    engine: AsyncEngine, configured: Sequence[str], now_us: int, dead_topic: str
+) -> int:
+    """Dead-letter the waiting deliveries of endpoints no longer configured (a reload
+    or restart removed them): they would wait forever, and their entries keep them
+    replayable. Returns how many."""
+    async with engine.begin() as conn:
+        rows = await conn.execute(
+            select(*_CLAIMED, deliveries.c.url, deliveries.c.last_status).where(
+                deliveries.c.dead_at.is_(None), deliveries.c.endpoint.not_in(configured)
+            )
+        )
+        dead = [
+            Settled(
+                delivery=Delivery(
+                    **{k: v for k, v in row.items() if k not in ("url", "last_status")}
+                ),
+                outcome="dead",
+                attempted_at=now_us,
+                status=row["last_status"],
+                error="the endpoint is no longer configured",
+                url=row["url"] or "",
+                attempt=False,
+            )
+            for row in rows.mappings()
+        ]
+        if dead:
+            await bury(conn, dead, dead_topic)
+        return len(dead)
+
+
+class Counts(msgspec.Struct, frozen=True):
+    """An endpoint's deliveries waiting in the database."""
+
+    pending: int
+    """Not dead: due now, later, or being attempted."""
+    retrying: int
+    """Of those, attempted before and failed."""
+
+
+async def counts(conn: AsyncConnection) -> dict[str, Counts]:
+    """Waiting deliveries per endpoint (one grouped query)."""
+    rows = await conn.execute(
+        select(
+            deliveries.c.endpoint,
+            func.count(),
+            func.count().filter(deliveries.c.attempts > 0),
+        )
+        .where(deliveries.c.dead_at.is_(None))
+        .group_by(deliveries.c.endpoint)
+    )
+    return {name: Counts(int(p), int(r)) for name, p, r in rows}
+
+
+async def spool_size(conn: AsyncConnection) -> int:
+    result = await conn.execute(
+        select(func.count()).select_from(deliveries).where(deliveries.c.dead_at.is_not(None))
+    )
+    return int(result.scalar_one())

@@ -1,0 +1,331 @@
+"""Webhook delivery end to end: a daemon process, real receivers on loopback, a real
+Redis of the test's own, the broker (PROTOCOL.md, "Webhooks and the dead-letter queue").
+
+Events come from panic alerts (each makes one `alert.crisis` event). Each status
+class, the crash of the daemon mid-delivery, the isolation of endpoints, the
+breaker, Redis down while deliveries die, reloads, and secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+import redis
+
+from tests.support.admin import Admin
+from tests.support.alerts import alert
+from tests.support.database import db_rows
+from tests.support.mqtt import Client
+from tests.support.processes import Daemon, Mosquitto, RedisServer, free_port, wait_for
+from tests.support.webhooks import SECRET, Receiver, Reply, endpoint
+
+FAST_RETRIES = [0, 0.1, 0.1]
+
+
+def panics(client: Client, daemon: Daemon, count: int, start: int = 0) -> list[str]:
+    """Publish `count` panic alerts; their ids."""
+    ids = [f"alert-{i}" for i in range(start, start + count)]
+    for alert_id in ids:
+        client.publish(
+            f"{daemon.root}/devices/dev1/alerts",
+            alert(alert_id, user_id=f"u-{alert_id}", kind="panic"),
+        )
+    return ids
+
+
+def waiting(daemon: Daemon) -> list[tuple[Any, ...]]:
+    return db_rows(daemon.db_url, "SELECT endpoint, attempts, dead_at FROM webhook_deliveries")
+
+
+def settled(daemon: Daemon) -> None:
+    """Every delivery is done with: delivered (gone) or in Redis (gone from the spool)."""
+    wait_for(lambda: not waiting(daemon) and not unsent_events(daemon))
+
+
+def unsent_events(daemon: Daemon) -> list[tuple[Any, ...]]:
+    return db_rows(
+        daemon.db_url, "SELECT id FROM outbox WHERE channel = 'webhook' AND sent_at IS NULL"
+    )
+
+
+def dlq_entries(server: RedisServer) -> dict[str, dict[str, Any]]:
+    r = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        members = cast(list[str], r.zrange("webhook:dlq:index", 0, -1))
+        entries = {}
+        for member in members:
+            raw = r.get(f"webhook:dlq:{member}")
+            assert raw is not None, member
+            entries[member] = json.loads(raw)
+        return entries
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def start(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], own_redis: RedisServer
+) -> Callable[..., Daemon]:
+    """`start(*endpoint_tables)`: a daemon with those endpoints and the test's Redis."""
+
+    def make(*tables: str, **env: str) -> Daemon:
+        return make_daemon(
+            broker.port, config_text="".join(tables), REDIS__URL=own_redis.url, **env
+        )
+
+    return make
+
+
+def test_a_200_is_delivered_once_signed_with_the_crisis_message_as_its_data(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    with Receiver() as receiver:
+        daemon = start(endpoint("ops", receiver.url))
+        client.subscribe(f"{daemon.root}/alerts/crisis")
+        panics(client, daemon, 1)
+        (crisis,) = client.expect(1)
+        (request,) = receiver.wait(1)
+        settled(daemon)
+        assert len(receiver.requests) == 1
+    assert request.verified
+    assert request.msg_id.startswith("msg_")
+    event = request.event
+    assert set(event) == {"type", "timestamp", "data"}
+    assert event["type"] == "alert.crisis"
+    assert event["data"] == crisis.json()
+    stats = Admin(client, daemon.root).data("stats")["webhooks"]
+    assert stats == {"delivered": 1, "failed": 0, "dead": 0, "pending": 0, "dlq": 0, "spool": 0}
+
+
+def test_a_500_then_a_200_is_delivered_on_the_retry_with_the_same_webhook_id(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    with Receiver(lambda n: Reply(500) if n == 0 else Reply()) as receiver:
+        daemon = start(endpoint("ops", receiver.url, retry_schedule_s=FAST_RETRIES))
+        panics(client, daemon, 1)
+        first, second = receiver.wait(2)
+        settled(daemon)
+        assert len(receiver.requests) == 2
+    assert first.msg_id == second.msg_id
+    assert first.body == second.body
+    assert first.verified and second.verified
+    webhooks = Admin(client, daemon.root).data("stats")["webhooks"]
+    assert (webhooks["delivered"], webhooks["failed"], webhooks["dead"]) == (1, 1, 0)
+
+
+def test_a_400_is_dead_at_once_in_redis_and_announced(
+    start: Callable[..., Daemon], client: Client, own_redis: RedisServer
+) -> None:
+    with Receiver(lambda _n: Reply(400)) as receiver:
+        daemon = start(endpoint("ops", receiver.url, retry_schedule_s=FAST_RETRIES))
+        client.subscribe(f"{daemon.root}/webhooks/dead")
+        panics(client, daemon, 1)
+        (notice,) = client.expect(1)
+        settled(daemon)
+        (request,) = receiver.requests
+    announced = notice.json()
+    assert announced["event"] == "webhook.dead"
+    entry = announced["entry"]
+    assert dlq_entries(own_redis) == {entry["id"]: entry}
+    assert entry["id"].startswith("dlq_")
+    assert entry["webhook"] == "ops"
+    assert entry["url"] == receiver.url.split("?")[0]  # the query may hold a token
+    assert entry["event_type"] == "alert.crisis"
+    assert entry["payload"] == request.event
+    assert entry["attempts"] == 1
+    assert entry["last_status"] == 400
+    assert entry["last_error"] == "HTTP 400"
+    assert entry["webhook_id"] == request.msg_id
+    assert entry["first_attempt_at"] <= entry["failed_at"]
+
+
+def test_a_timeout_is_retried_then_dead(
+    start: Callable[..., Daemon], client: Client, own_redis: RedisServer
+) -> None:
+    with Receiver(lambda _n: Reply(200, delay_s=2.0)) as receiver:
+        daemon = start(endpoint("slow", receiver.url, retry_schedule_s=[0, 0.1], timeout_s=0.3))
+        panics(client, daemon, 1)
+        first, second = receiver.wait(2)
+        settled(daemon)
+    assert first.msg_id == second.msg_id
+    (entry,) = dlq_entries(own_redis).values()
+    assert (entry["attempts"], entry["last_status"]) == (2, None)
+    assert entry["last_error"] == "no answer within 0.3 s"
+
+
+def test_a_429_is_retried_no_sooner_than_its_retry_after(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    def respond(n: int) -> Reply:
+        return Reply(429, headers={"Retry-After": "1"}) if n == 0 else Reply()
+
+    with Receiver(respond) as receiver:
+        daemon = start(endpoint("ops", receiver.url, retry_schedule_s=FAST_RETRIES))
+        panics(client, daemon, 1)
+        first, second = receiver.wait(2)
+        settled(daemon)
+    # The schedule alone would have retried after 0.08-0.12 s.
+    assert second.at - first.at >= 0.95
+    assert first.msg_id == second.msg_id
+
+
+def test_a_refused_connection_is_retried_then_dead(
+    start: Callable[..., Daemon], client: Client, own_redis: RedisServer
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    daemon = start(endpoint("gone", url, retry_schedule_s=FAST_RETRIES))
+    panics(client, daemon, 1)
+    wait_for(lambda: len(dlq_entries(own_redis)) == 1)
+    settled(daemon)
+    (entry,) = dlq_entries(own_redis).values()
+    assert entry["attempts"] == 3
+    assert entry["last_status"] is None
+    assert entry["last_error"] == "cannot connect: Connection refused"
+
+
+def test_after_a_sigkill_mid_delivery_every_event_is_delivered_once_by_webhook_id(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    """The first eight requests hang past the kill; the restarted daemon sends what the
+    dead one had leased once the leases lapse (2 x timeout + 1 s)."""
+    with Receiver(lambda n: Reply(200, delay_s=1.5 if n < 8 else 0)) as receiver:
+        daemon = start(endpoint("ops", receiver.url, timeout_s=2, retry_schedule_s=FAST_RETRIES))
+        ids = panics(client, daemon, 20)
+        receiver.wait(8)
+        daemon.kill()
+        daemon.start()
+        wait_for(lambda: len(receiver.distinct()) == 20 and not waiting(daemon), timeout=30)
+        settled(daemon)
+        distinct = receiver.distinct()
+    alerts_by_id = {r.event["data"]["alert_id"]: r.msg_id for r in distinct.values()}
+    assert sorted(alerts_by_id) == sorted(ids)
+    assert all(r.verified for r in distinct.values())
+
+
+def test_a_slow_endpoint_does_not_delay_a_fast_one(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    """Each takes the same events; the fast one has them all before the slow one has
+    answered its first request (5 s)."""
+    with (
+        Receiver(lambda _n: Reply(200, delay_s=5.0)) as slow,
+        Receiver() as fast,
+    ):
+        daemon = start(
+            endpoint("slow", slow.url, max_in_flight=2, timeout_s=10),
+            endpoint("fast", fast.url),
+        )
+        panics(client, daemon, 30)
+        fast.wait(30, timeout=20)
+        assert slow.answered == 0
+        assert len(slow.requests) <= 2
+    assert len(fast.distinct()) == 30
+
+
+def test_the_breaker_pauses_an_endpoint_that_keeps_failing_and_resumes_it(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    healthy = False
+
+    def respond(_n: int) -> Reply:
+        return Reply(200 if healthy else 503)
+
+    with Receiver(respond) as receiver:
+        daemon = start(
+            endpoint(
+                "flaky",
+                receiver.url,
+                max_in_flight=1,
+                breaker_failures=3,
+                breaker_pause_s=1.0,
+                retry_schedule_s=[0] + [0.05] * 20,
+            )
+        )
+        admin = Admin(client, daemon.root)
+        panics(client, daemon, 4)
+        receiver.wait(3)
+        (row,) = wait_for(
+            lambda: [r for r in admin.data("webhooks/list")["items"] if r["state"] == "paused"]
+        )
+        assert len(receiver.requests) == 3  # paused: nothing more goes
+        assert row["breaker"]["state"] == "open"
+        assert row["breaker"]["failures"] == 3
+        assert row["last_error"] == "HTTP 503"
+        healthy = True
+        wait_for(lambda: not waiting(daemon))
+        (row,) = admin.data("webhooks/list")["items"]
+    assert row["state"] == "active"
+    assert row["breaker"] == {"state": "closed", "failures": 0, "paused_until": None}
+    assert len(receiver.distinct()) == 4
+
+
+def test_entries_wait_in_the_database_while_redis_is_down_then_all_move_once(
+    start: Callable[..., Daemon], client: Client, own_redis: RedisServer
+) -> None:
+    with Receiver(lambda _n: Reply(410)) as receiver:
+        # (410s in a row would open the breaker after 5, the default)
+        daemon = start(endpoint("ops", receiver.url, breaker_failures=100))
+        client.subscribe(f"{daemon.root}/webhooks/dead")
+        own_redis.stop()
+        panics(client, daemon, 10)
+        notices = client.expect(10)
+        wait_for(lambda: len([r for r in waiting(daemon) if r[2] is not None]) == 10)
+        assert len(receiver.requests) == 10
+        own_redis.start()
+        settled(daemon)
+    entries = dlq_entries(own_redis)
+    announced = {n.json()["entry"]["id"] for n in notices}
+    assert set(entries) == announced
+    assert len(entries) == 10
+
+
+def test_a_reload_adds_an_endpoint_and_dead_letters_a_removed_ones_waiting_deliveries(
+    start: Callable[..., Daemon], client: Client, own_redis: RedisServer
+) -> None:
+    with Receiver(lambda _n: Reply(503)) as down, Receiver() as up:
+        daemon = start(endpoint("down", down.url, retry_schedule_s=[0, 3600]))
+        panics(client, daemon, 2)
+        down.wait(2)
+        daemon.config_path.write_text(endpoint("up", up.url))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(dlq_entries(own_redis)) == 2)
+        panics(client, daemon, 1, start=2)
+        (request,) = up.wait(1)
+        settled(daemon)
+    assert request.event["data"]["alert_id"] == "alert-2"
+    for entry in dlq_entries(own_redis).values():
+        assert entry["webhook"] == "down"
+        assert entry["last_error"] == "the endpoint is no longer configured"
+        assert entry["attempts"] == 1
+
+
+def test_secrets_appear_nowhere(
+    start: Callable[..., Daemon], client: Client, own_redis: RedisServer, broker: Mosquitto
+) -> None:
+    everything = Client(broker.port).connect()
+    with Receiver(lambda _n: Reply(400)) as receiver:
+        daemon = start(endpoint("ops", receiver.url), LOG__LEVEL="debug")
+        admin = Admin(client, daemon.root)
+        everything.subscribe(f"{daemon.root}/#")
+        panics(client, daemon, 1)
+        wait_for(lambda: len(dlq_entries(own_redis)) == 1)
+        answers = [
+            admin.data("config/get"),
+            admin.data("webhooks/list"),
+            admin.data("dlq/list"),
+            admin.data("stats"),
+        ]
+    seen = [daemon.log(), json.dumps(answers), json.dumps(dlq_entries(own_redis))]
+    everything.fence()
+    everything.close()
+    seen += [m.payload.decode(errors="replace") for m in everything.all]
+    assert any("webhook.dead" in text for text in seen[3:])
+    for text in seen:
+        assert SECRET not in text
+        assert SECRET.removeprefix("whsec_") not in text
+        assert "query-secret" not in text
