@@ -34,9 +34,10 @@ from gateway.admin.alerts import AlertCommands
 from gateway.admin.conflicts import ConflictCommands
 from gateway.admin.dlq import DlqCommands
 from gateway.admin.quarantine import QuarantineCommands
-from gateway.admin.server import AdminServer, Command
+from gateway.admin.server import AdminServer
 from gateway.admin.sync import SyncCommands
 from gateway.admin.system import SystemCommands
+from gateway.admin.webhooks import WebhookCommands
 from gateway.ingest import rules
 from gateway.lifecycle import Parts, tune_gc
 from gateway.metrics import Metrics, MetricsEndpoint
@@ -152,7 +153,7 @@ class Daemon:
             *DlqCommands(
                 self.redis, self.poster, lambda: self.settings, self.session, root
             ).commands(),
-            Command("webhooks/list", self._webhooks_list),
+            *WebhookCommands(self.webhooks).commands(),
         ]
         self.admin = AdminServer(root, self.session, commands, self._token, self.metrics)
         self.intake.mount("admin/request/{command:path}", self.admin.request)
@@ -194,9 +195,6 @@ class Daemon:
         spool for Redis."""
         self.outbox.poke()
         self.dead_letters.poke()
-
-    async def _webhooks_list(self, _args: object, _progress: object) -> dict[str, Any]:
-        return {"items": await self.webhooks.snapshot(), "next_cursor": None}
 
     def _token(self) -> str | None:
         token = self.settings.admin.token
