@@ -105,12 +105,36 @@ def test_the_list_is_one_line_per_entry_within_100_columns() -> None:
     ]
     assert lines[-2:] == [
         "more: --arg cursor=WzE3OTY1Mjk2MDAwMDcsImUiXQ",
-        "ids shortened: dlq/get and --json-output give them whole",
+        "ids cut to fit: a wider terminal or --json-output shows them whole",
+    ]
+
+
+def test_a_wide_terminal_shows_the_whole_ids() -> None:
+    lines = seen("dlq/list", {"items": ITEMS[:2], "next_cursor": None}, width=140)
+    assert table(lines, 140) == [
+        ["id", "webhook", "event", "attempts", "last status / error", "failed (UTC)"],
+        [
+            "dlq_a1b2c3d4e5f60718293a4b5c6d7e8f90",
+            "ops-console",
+            "alert.crisis.escalated",
+            "6",
+            "no answer within 15 s",
+            "12-06 04:00:00",
+        ],
+        [
+            "dlq_5e6f00000000000000000000000000aa",
+            "warehouse",
+            "conflict.detected",
+            "6",
+            "HTTP 503",
+            "12-06 04:00:00",
+        ],
     ]
 
 
 def test_on_a_narrow_terminal_the_error_gives_way_first() -> None:
     lines = seen("dlq/list", {"items": ITEMS[:2], "next_cursor": None}, width=80)
+    assert lines[-1] == "ids cut to fit: a wider terminal or --json-output shows them whole"
     assert table(lines[:-1], 80) == [
         ["id", "webhook", "event", "attempts", "last status…", "failed (UTC)"],
         ["dlq_a1b2c3d4…", "ops-con…", "alert.crisis.e…", "6", "no answer w…", "12-06 04:00:00"],

@@ -20,10 +20,6 @@ from rich.text import Text
 
 from gateway.cli.cells import Columns, fitted, line_table, more, when
 
-ID_SHOWN = 12
-"""Characters of an entry's id the list shows (`dlq_` and 8 hex digits: distinct enough
-to tell entries apart; `dlq/get` and --json-output give them whole)."""
-
 LIST_COLUMNS: Columns = [
     ("id", "left"),
     ("webhook", "left"),
@@ -32,8 +28,9 @@ LIST_COLUMNS: Columns = [
     ("last status / error", "left"),
     ("failed (UTC)", "left"),
 ]
-LIST_SHRINKABLE = [(4, 12), (1, 8), (2, 10)]
-"""(column, floor): what gives way on a narrow terminal: the error first, the event last."""
+LIST_SHRINKABLE = [(0, 13), (4, 12), (1, 8), (2, 10)]
+"""(column, floor): what gives way on a narrow terminal: the id first (down to `dlq_` and
+8 hex digits, distinct enough to tell entries apart), then the error, the event last."""
 
 WEBHOOK_COLUMNS: Columns = [
     ("name", "left"),
@@ -49,11 +46,12 @@ STATE_STYLE = {"active": "green", "paused": "bold yellow", "probing": "yellow", 
 
 
 def dlq_list(data: dict[str, Any], width: int) -> list[RenderableType]:
-    """One line per entry, newest first, within `width` columns."""
+    """One line per entry, newest first, within `width` columns: whole ids from about
+    130 columns on, cut below (they are 37 characters)."""
     items: list[dict[str, Any]] = data.get("items") or []
     rows = [
         [
-            _short(item["id"]),
+            item["id"],
             item["webhook"],
             item["event_type"],
             str(item["attempts"]),
@@ -62,14 +60,15 @@ def dlq_list(data: dict[str, Any], width: int) -> list[RenderableType]:
         ]
         for item in items
     ]
-    table = line_table(LIST_COLUMNS, fitted(LIST_COLUMNS, rows, width, LIST_SHRINKABLE))
+    sizes = fitted(LIST_COLUMNS, rows, width, LIST_SHRINKABLE)
+    table = line_table(LIST_COLUMNS, sizes)
     for row in rows:
         table.add_row(*row)
     if not items:
         table.caption = "the dead-letter queue is empty"
-    shortened = any(len(item["id"]) > ID_SHOWN for item in items)
-    notes = [Text("ids shortened: dlq/get and --json-output give them whole")] if shortened else []
-    return [table, *more(data), *notes]
+    cut = any(len(row[0]) > sizes[0] for row in rows)
+    notes = [Text("ids cut to fit: a wider terminal or --json-output shows them whole")]
+    return [table, *more(data), *(notes if cut else [])]
 
 
 def dlq_get(data: dict[str, Any], _width: int) -> list[RenderableType]:
@@ -157,10 +156,6 @@ def _entry(item: dict[str, Any]) -> Table:
     for name, value in rows:
         facts.add_row(name, value)
     return facts
-
-
-def _short(entry_id: str) -> str:
-    return entry_id if len(entry_id) <= ID_SHOWN else entry_id[:ID_SHOWN] + "…"
 
 
 def _last(item: dict[str, Any]) -> str:
