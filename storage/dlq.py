@@ -109,13 +109,7 @@ async def get_many(redis: Redis, ids: Sequence[str]) -> list[DlqEntry | None]:
     entry of this layout)."""
     if not ids:
         return []
-    found: list[DlqEntry | None] = []
-    for raw in await redis.mget([key(entry_id) for entry_id in ids]):
-        try:
-            found.append(None if raw is None else _decode_entry(raw))
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            found.append(None)
-    return found
+    return [_entry_or_none(raw) for raw in await redis.mget([key(entry_id) for entry_id in ids])]
 
 
 async def get_replayable(redis: Redis, entry_id: str) -> Replayable | None:
@@ -204,16 +198,26 @@ async def collect(
         for member, raw in zip(members, raws, strict=True):
             if raw is None:
                 continue
-            if filtered and not _matches(raw, webhook, event_type):
-                continue
+            if filtered:
+                entry = _entry_or_none(raw)
+                if entry is None or not _matches(entry, webhook, event_type):
+                    continue
             ids.append(member)
 
 
-def _matches(raw: bytes | str, webhook: str | None, event_type: str | None) -> bool:
+def _entry_or_none(raw: bytes | str | None) -> DlqEntry | None:
+    """The entry `raw` holds; None if there is none, or if another tool indexed
+    something that is not an entry of this layout (one such key must not break every
+    page)."""
+    if raw is None:
+        return None
     try:
-        entry = _decode_entry(raw)
+        return _decode_entry(raw)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return False
+        return None
+
+
+def _matches(entry: DlqEntry, webhook: str | None, event_type: str | None) -> bool:
     return (webhook is None or entry.webhook == webhook) and (
         event_type is None or entry.event_type == event_type
     )
@@ -270,12 +274,8 @@ async def page(
         if expired:
             await redis.zrem(INDEX, *expired)
         for raw in raws:
-            if raw is None:
-                continue
-            entry = _decode_entry(raw)
-            if webhook is not None and entry.webhook != webhook:
-                continue
-            if event_type is not None and entry.event_type != event_type:
+            entry = _entry_or_none(raw)
+            if entry is None or not _matches(entry, webhook, event_type):
                 continue
             items.append(entry)
     assert last is not None

@@ -240,12 +240,19 @@ async def test_two_replays_failing_at_once_both_count(redis: Redis) -> None:
 
 
 async def test_what_is_not_an_entry_is_said_so(redis: Redis) -> None:
+    """Another tool indexed a key that holds no entry: replay says so, get and pages
+    pass it over.
+
+    Checked against: one such key failing every page of the list."""
     await redis.set("webhook:dlq:junk", b"[1, 2]")
+    await redis.zadd("webhook:dlq:index", {"junk": int(T0.timestamp() * 1000) + 9})
     with pytest.raises(dlq.NotAnEntry):
         await dlq.get_replayable(redis, "junk")
     assert await dlq.get_replayable(redis, "nothing") is None
     await dlq.put(redis, entry(3), 3600)
     assert await dlq.get_many(redis, ["e00003", "junk", "nothing"]) == [entry(3), None, None]
+    assert await all_pages(redis, 1) == [["e00003"]]
+    assert await dlq.collect(redis, webhook="ops") == ["e00003"]
 
 
 async def test_collect_chooses_by_time_and_filters_newest_first(redis: Redis) -> None:
