@@ -22,6 +22,7 @@ from tests.support.database import db_rows
 from tests.support.mqtt import Client
 from tests.support.processes import Daemon, Mosquitto, RedisServer, free_port, wait_for
 from tests.support.webhooks import SECRET, Receiver, Reply, endpoint
+from tests.test_metrics import scrape, value
 
 FAST_RETRIES = [0, 0.1, 0.1]
 
@@ -102,10 +103,22 @@ def test_a_200_is_delivered_once_signed_with_the_crisis_message_as_its_data(
 
 
 def test_a_500_then_a_200_is_delivered_on_the_retry_with_the_same_webhook_id(
-    start: Callable[..., Daemon], client: Client
+    broker: Mosquitto,
+    make_daemon: Callable[..., Daemon],
+    own_redis: RedisServer,
+    client: Client,
+    db_url: str,
 ) -> None:
+    """On SQLite and PostgreSQL (its claims lock with SKIP LOCKED)."""
+    port = free_port()
     with Receiver(lambda n: Reply(500) if n == 0 else Reply()) as receiver:
-        daemon = start(endpoint("ops", receiver.url, retry_schedule_s=FAST_RETRIES))
+        daemon = make_daemon(
+            broker.port,
+            db_url,
+            endpoint("ops", receiver.url, retry_schedule_s=FAST_RETRIES),
+            REDIS__URL=own_redis.url,
+            METRICS__LISTEN=f"127.0.0.1:{port}",
+        )
         panics(client, daemon, 1)
         first, second = receiver.wait(2)
         settled(daemon)
@@ -115,6 +128,37 @@ def test_a_500_then_a_200_is_delivered_on_the_retry_with_the_same_webhook_id(
     assert first.verified and second.verified
     webhooks = Admin(client, daemon.root).data("stats")["webhooks"]
     assert (webhooks["delivered"], webhooks["failed"], webhooks["dead"]) == (1, 1, 0)
+    series = scrape(f"http://127.0.0.1:{port}/metrics")[1]
+    assert (
+        value(series, "fieldgate_webhook_deliveries_total", endpoint="ops", outcome="delivered")
+        == 1
+    )
+    assert value(series, "fieldgate_webhook_deliveries_total", endpoint="ops", outcome="retry") == 1
+    assert value(series, "fieldgate_webhook_delivery_seconds_count", endpoint="ops") == 2
+
+
+def test_two_instances_on_one_postgresql_send_each_delivery_once(
+    broker: Mosquitto,
+    make_daemon: Callable[..., Daemon],
+    own_redis: RedisServer,
+    client: Client,
+    pg_url: str,
+) -> None:
+    """Both fan out and claim from the same tables at once: neither sends what the
+    other leased (a fast receiver: no lease lapses, so not even at least once twice).
+
+    Checked against: claims without SKIP LOCKED / leases (requests > 40)."""
+    with Receiver() as receiver:
+        table = endpoint("ops", receiver.url, max_in_flight=4)
+        first, second = (
+            make_daemon(broker.port, pg_url, table, REDIS__URL=own_redis.url) for _ in range(2)
+        )
+        panics(client, first, 20)
+        panics(client, second, 20, start=20)
+        receiver.wait(40)
+        settled(first)
+        assert len(receiver.requests) == 40
+        assert len(receiver.distinct()) == 40
 
 
 def test_a_400_is_dead_at_once_in_redis_and_announced(

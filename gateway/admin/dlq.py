@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import structlog
@@ -35,6 +34,7 @@ from gateway.config import Settings, WebhookConfig
 from gateway.mqtt.session import MqttSession
 from gateway.outbound.webhook_http import Poster
 from gateway.seam import Outbound
+from handlers import webhooks
 from handlers.admin import Progress
 from handlers.errors import Code
 from handlers.fields import AwareTime, Str64, Str128
@@ -307,18 +307,8 @@ def shown(entry: dlq.DlqEntry) -> dict[str, Any]:
     """An entry as an answer carries it: every field, the URL without what may be a
     credential."""
     item = msgspec.structs.asdict(entry)
-    item["url"] = public_url(entry.url)
+    item["url"] = webhooks.public_url(entry.url)
     return item
-
-
-def public_url(url: str) -> str:
-    """The URL without its query and user info, which may hold credentials."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def epoch_ms(moment: datetime) -> int:
