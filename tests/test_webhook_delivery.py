@@ -285,7 +285,7 @@ def test_the_breaker_pauses_an_endpoint_that_keeps_failing_and_resumes_it(
                 receiver.url,
                 max_in_flight=1,
                 breaker_failures=3,
-                breaker_pause_s=1.0,
+                breaker_pause_s=2.0,
                 retry_schedule_s=[0] + [0.05] * 20,
             )
         )
@@ -305,6 +305,11 @@ def test_the_breaker_pauses_an_endpoint_that_keeps_failing_and_resumes_it(
     assert row["state"] == "active"
     assert row["breaker"] == {"state": "closed", "failures": 0, "paused_until": None}
     assert len(receiver.distinct()) == 4
+    said = [(line["event"], line.get("failures")) for line in daemon.log_lines()]
+    assert [e for e in said if e[0].startswith("webhook endpoint")] == [
+        ("webhook endpoint paused", 3),
+        ("webhook endpoint resumed", None),
+    ]
 
 
 def test_entries_wait_in_the_database_while_redis_is_down_then_all_move_once(

@@ -145,13 +145,15 @@ class Lane:
         """What the attempt means for the delivery, the breaker and the record."""
         at = now_us()
         outcome = attempt.outcome
-        self.breaker = webhooks.record(self.breaker, outcome, time.monotonic(), self.policy)
-        self.sender.metrics.webhook_seconds.labels(self.name).observe(attempt.seconds)
+        error = attempt.describe()
         if outcome == "success":
             self.last_success_at = at
+        else:
+            self.last_error, self.last_error_at = error, at
+        self._breaker_to(webhooks.record(self.breaker, outcome, time.monotonic(), self.policy))
+        self.sender.metrics.webhook_seconds.labels(self.name).observe(attempt.seconds)
+        if outcome == "success":
             return Settled(delivery=delivery, outcome="delivered", attempted_at=at)
-        error = attempt.describe()
-        self.last_error, self.last_error_at = error, at
         delay = None
         if outcome == "retry":
             delay = webhooks.next_delay_s(
@@ -177,6 +179,21 @@ class Lane:
             )
             return Settled(outcome="dead", **common)
         return Settled(outcome="retry", due_at=at + int(delay * 1e6), **common)
+
+    def _breaker_to(self, breaker: webhooks.Breaker) -> None:
+        """Take the breaker's next state; say so when the endpoint is paused or resumes
+        (the operator's first clue that a receiver is down, or back)."""
+        before, self.breaker = self.breaker.state, breaker
+        if breaker.state == "open" and before != "open":
+            log.warning(
+                "webhook endpoint paused",
+                endpoint=self.name,
+                failures=breaker.failures,
+                pause_s=breaker.pause_s,
+                error=self.last_error,
+            )
+        elif breaker.state == "closed" and before != "closed":
+            log.info("webhook endpoint resumed", endpoint=self.name)
 
     def snapshot(self, pending: webhook_deliveries.Counts | None) -> dict[str, Any]:
         """`webhooks/list`'s row: never the secret, never the URL's query."""
