@@ -146,6 +146,5 @@ class FieldWindow(msgspec.Struct):
                 del self.groups[conflict_id]
 
 
-windows_encoder = msgspec.json.Encoder()
 windows_decoder = msgspec.json.Decoder(dict[str, FieldWindow])
 """An entity's windows, field by field, as storage keeps them."""

@@ -164,8 +164,13 @@ def colliding_fields(a: OpView, b: OpView) -> list[str]:
 def severity(a: OpView, b: OpView, fields: Iterable[str], critical: frozenset[str]) -> Severity:
     """The first that holds: critical (one side deletes), high (a critical field),
     medium (two or more fields), low."""
+    return pair_severity((a.operation == "delete") != (b.operation == "delete"), fields, critical)
+
+
+def pair_severity(one_deletes: bool, fields: Iterable[str], critical: frozenset[str]) -> Severity:
+    """`severity` for a pair of which exactly one side deletes (`one_deletes`) or not."""
     names = list(fields)
-    if (a.operation == "delete") != (b.operation == "delete"):
+    if one_deletes:
         return "critical"
     if critical.intersection(names):
         return "high"

@@ -10,14 +10,15 @@ windows only ever change under its lock.
 Each new operation N is judged against the entity's stored operations one of two
 ways, both exact:
 
-- **fast** (the common case): from the entity's window summaries
-  (`handlers.conflict_windows`), when they hold N's whole window: N is not a
-  delete, has no `base_version`, no delete lies in its window, the summaries
+- **fast** (the common case): with a `base_version`, from the entity's latest
+  versions (`handlers.conflict_versions`) when they reach back to it; without,
+  from its window summaries (`handlers.conflict_windows`) when they hold N's
+  whole window: N is not a delete, no delete lies in its window, the summaries
   start before its window and no edit of its fields lies past its window. The
   cost depends on the devices and conflicts in the window, not on its edits;
 - **slow**: the stored operations in N's window from the database, each judged
-  with N (`handlers.conflicts.judge`), as v1 did. It serves deletes,
-  `base_version`, late arrivals, and entities whose summaries do not exist yet
+  with N (`handlers.conflicts.judge`), as v1 did. It serves deletes, older
+  `base_version`s, late arrivals, and entities whose summaries do not exist yet
   (they are built from what it read).
 
 Either way N then joins the conflicts it collides with: a new one, or the
@@ -37,13 +38,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from handlers.conflict_windows import (
-    FieldWindow,
-    Loose,
-    Mark,
-    windows_decoder,
-    windows_encoder,
-)
+from handlers.conflict_versions import Version, Versions, colliding
+from handlers.conflict_windows import FieldWindow, Loose, Mark
 from handlers.conflicts import (
     MEMBERS_SHOWN,
     RANK,
@@ -57,11 +53,12 @@ from handlers.conflicts import (
     judge,
     new_conflict_id,
     new_value,
+    pair_severity,
     value_key,
 )
 from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
-from storage import conflict_store
+from storage import conflict_store, conflict_summaries
 from storage.db import by_entity, chunks
 from storage.schema import (
     SUMMARY_ALL,
@@ -186,6 +183,7 @@ class _Entity:
         "rebuild",
         "stored_from",
         "summary_from",
+        "versions",
         "windows",
     )
 
@@ -195,8 +193,11 @@ class _Entity:
         summary_from: int | None,
         delete_max: int | None,
         stored_from: int | None,
+        version: int,
     ) -> None:
         self.key = key
+        self.versions = Versions(since=version + 1)
+        """Its latest operations; until the summary is read, from this batch's on."""
         self.summary_from = summary_from
         self.stored_from = stored_from
         """`summary_from` as stored: the row is written only when it moved."""
@@ -321,7 +322,9 @@ class _Batch:
                 lo = min(op.edited_at_us for op in ops) - window_us
                 if before.edited_max is None or before.edited_max < lo:
                     summary_from = lo
-            self.entities[key] = _Entity(key, summary_from, before.delete_max, before.summary_from)
+            self.entities[key] = _Entity(
+                key, summary_from, before.delete_max, before.summary_from, before.version
+            )
             if before.version and before.summary_from is not None:
                 summarized.append(key)
         names: set[str] = set()
@@ -329,10 +332,15 @@ class _Batch:
         for where in by_entity(w.entity_type, w.entity_id, summarized):
             result = await self.conn.execute(select(conflict_windows).where(where))
             for row in result.mappings():
-                windows = windows_decoder.decode(row["body"])
-                self.entities[(row["entity_type"], row["entity_id"])].windows = windows
-                for window in windows.values():
+                summary = conflict_summaries.decode(row["body"])
+                state = self.entities[(row["entity_type"], row["entity_id"])]
+                state.windows = summary.windows
+                for window in summary.windows.values():
                     names.update(window.groups)
+                versions = summary.versions
+                if versions is not None and versions.ends_at(state.versions.since - 1):
+                    state.versions = versions
+                    names.update(op.conflict_id for op in versions.ops if op.conflict_id)
         await self._load_conflicts(names)
 
     async def _load_conflicts(self, names: Iterable[str]) -> None:
@@ -368,18 +376,33 @@ class _Batch:
             else:
                 self.detector.fast += 1
             self._apply(state, op, hits)
+            delete = op.operation == "delete"
+            state.versions.add(
+                Version(
+                    op.version,
+                    op.op_id,
+                    op.device_id,
+                    op.user_id,
+                    op.operation,
+                    op.edited_at_us,
+                    {} if delete else self._values(op),
+                    self.roots.get(op.op_id),
+                )
+            )
         if state.rebuild:
             self._build_windows(state, ops)
         else:
             self._prune(state)
 
     def _needs_log(self, state: _Entity, op: OpView) -> bool:
-        """Whether the summaries cannot judge `op`: no summaries (yet), a delete or a
-        `base_version` (concurrency by version, which they do not keep), an edit older
-        than where they start, or a delete in its window."""
+        """Whether the summaries cannot judge `op`: no summaries (yet), a `base_version`
+        older than the versions they keep, a delete (without `base_version`), an edit
+        older than where they start, or a delete in its window."""
         if not self.detector.windows or state.rebuild:
             return True
-        if op.operation == "delete" or op.base_version is not None:
+        if op.base_version is not None:
+            return not state.versions.holds(op.base_version)
+        if op.operation == "delete":
             return True
         since = op.edited_at_us - self.rules.window_us
         assert state.summary_from is not None
@@ -391,6 +414,8 @@ class _Batch:
         """The pairs of `op` from the windows, or None when they cannot tell exactly."""
         if self._needs_log(state, op):
             return None
+        if op.base_version is not None:
+            return self._by_version(state, op, op.base_version)
         window_us = self.rules.window_us
         since = op.edited_at_us - window_us
         hits = _Hits()
@@ -412,12 +437,42 @@ class _Batch:
                 loose.setdefault(edit.op_id, []).append(name)
         for op_id, names in loose.items():
             hits.loose[op_id] = self._loose_view(state, op, op_id)
-            hits.pair(names, _pair_level(names, critical))
+            hits.pair(names, pair_severity(False, names, critical))
         level: Severity = hits.severity or "low"
         for conflict_id in hits.groups:
             level = higher(level, self.conflicts[conflict_id].group.severity)
         if RANK[level] < RANK["medium"] and any(n >= 2 for n in group_fields.values()):
             return None  # a member may collide on two fields: only the members can tell
+        return hits
+
+    def _by_version(self, state: _Entity, op: OpView, base_version: int) -> _Hits:
+        """The pairs of `op` from the entity's latest versions: those above its
+        `base_version` are concurrent with it, whenever they were edited."""
+        hits = _Hits()
+        critical = self.rules.for_type(op.entity_type).critical_fields
+        delete = op.operation == "delete"
+        values = {} if delete else self._values(op)
+        for stored in state.versions.above(base_version, op.version):
+            fields = colliding(stored, op.device_id, delete, values)
+            if not fields:
+                continue
+            one_deletes = delete != (stored.operation == "delete")
+            hits.pair(fields, pair_severity(one_deletes, fields, critical))
+            root = self.conflict_of(stored.op_id, stored.conflict_id)
+            if root:
+                hits.groups.add(root)
+            else:
+                hits.loose[stored.op_id] = OpView(
+                    op_id=stored.op_id,
+                    device_id=stored.device_id,
+                    user_id=stored.user_id,
+                    entity_type=op.entity_type,
+                    entity_id=op.entity_id,
+                    operation=stored.operation,
+                    changes=dict.fromkeys(stored.values),
+                    edited_at_us=stored.at_us,
+                    version=stored.version,
+                )
         return hits
 
     def _values(self, op: OpView) -> dict[str, str]:
@@ -565,6 +620,7 @@ class _Batch:
         self.absorbed[other.conflict_id] = target.conflict_id
         for window in state.windows.values():
             window.fold(other.conflict_id, target.conflict_id)
+        state.versions.fold(other.conflict_id, target.conflict_id)
         gone = self.touched.pop(other.conflict_id, None)
         if gone is not None:
             # Absorbed in the batch that made or changed it: its news is the target's.
@@ -591,6 +647,8 @@ class _Batch:
         self._count("members", 1)
         self._count_event("joined")
         self.members.append((op, target.conflict_id))
+        if not fresh:
+            state.versions.join(op.op_id, target.conflict_id)
         if state.rebuild or op.operation == "delete":
             return
         assert state.summary_from is not None
@@ -759,7 +817,11 @@ class _Batch:
             if state.summary_from is None:
                 dropped.append(key)
                 continue
-            rows.append((*key, windows_encoder.encode(state.windows)))
+            for op in state.versions.ops:
+                if op.conflict_id is not None:
+                    op.conflict_id = self.root(op.conflict_id)
+            summary = conflict_summaries.Summary(state.windows, state.versions)
+            rows.append((*key, conflict_summaries.encode(summary)))
         if bounds:
             await conn.exec_driver_sql(_sql(conn, _UPDATE_SUMMARY_FROM), bounds)
         w = conflict_windows.c
@@ -867,13 +929,6 @@ _UPDATE_CONFLICT = "UPDATE conflicts SET " + _ASSIGNMENTS + " WHERE conflict_id 
 def _sql(conn: AsyncConnection, sql: str) -> str:
     """`sql` with `?` placeholders in the driver's style (psycopg's `%s`)."""
     return sql.replace("?", "%s") if conn.dialect.name == "postgresql" else sql
-
-
-def _pair_level(fields: Sequence[str], critical: frozenset[str]) -> Severity:
-    """The severity of a pair of non-deletes colliding on `fields`."""
-    if critical.intersection(fields):
-        return "high"
-    return "medium" if len(fields) >= 2 else "low"
 
 
 def _conflict_update(conflict: _Conflict, now_us: int) -> tuple[Any, ...]:

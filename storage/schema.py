@@ -241,8 +241,9 @@ conflict_windows = Table(
     Column("body", LargeBinary, nullable=False),
 )
 """Per entity, the summary of its recent edits that detection reads instead of the
-edits themselves: field -> `handlers.conflict_windows.FieldWindow`, as JSON (field
-names are a device's words, and stay inside it)."""
+edits themselves: its field windows and latest versions, as JSON
+(`storage.conflict_summaries`; field names are a device's words, and stay inside
+it)."""
 
 conflict_totals = Table(
     "conflict_totals",

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from handlers.conflict_versions import KEPT
 from storage import conflict_store
 from tests.conflict_harness import ROOT, Store
 from tests.conflict_oracle import DEFAULT_CRITICAL, Expected, as_expected, expected_conflicts
@@ -581,8 +582,8 @@ async def test_an_entity_quiet_for_longer_than_the_window_is_not_read(tmp_path: 
 
 
 async def test_which_path_judges_what(tmp_path: Path) -> None:
-    """In-window edits of a summarized entity take the fast path; a late arrival, a
-    delete and an op with base_version take the slow one."""
+    """In-window edits of a summarized entity and an op whose base_version the kept
+    versions reach take the fast path; a late arrival and a delete take the slow one."""
     store = await Store(f"sqlite+aiosqlite:///{tmp_path}/p.db").start()
     try:
 
@@ -607,7 +608,30 @@ async def test_which_path_judges_what(tmp_path: Path) -> None:
         ]
     finally:
         await store.close()
-    assert taken == ["fast", "fast", "slow", "slow", "slow", "slow"]
+    assert taken == ["fast", "fast", "slow", "fast", "slow", "slow"]
+
+
+async def test_a_base_version_older_than_the_kept_versions_reads_the_log(tmp_path: Path) -> None:
+    """The summary keeps the entity's last KEPT versions: a base_version further back
+    is judged against the log (and still finds every op above it); one within them is
+    not."""
+    store = await Store(f"sqlite+aiosqlite:///{tmp_path}/v.db").start()
+    try:
+        kept = [upd(f"k{n:02}", {"title": f"v{n}"}, n) for n in range(KEPT + 2)]
+        await store.commit(("d1", kept))
+        slow = store.detector.slow
+        await store.commit(("d2", [upd("old", {"title": "x"}, 40, base_version=1)]))
+        reads = store.detector.slow - slow
+        fast = store.detector.fast
+        base = KEPT + 2  # the version before "old": it alone is concurrent
+        await store.commit(("d3", [upd("new", {"title": "y"}, 41, base_version=base)]))
+        judged = store.detector.fast - fast
+        records = await store.conflicts()
+    finally:
+        await store.close()
+    assert (reads, judged) == (1, 1)
+    others = sorted(op["op_id"] for op in kept[1:])
+    assert [r["member_ids"] for r in records] == [sorted([*others, "old", "new"])]
 
 
 async def test_stats_count_conflicts_members_and_rates(tmp_path: Path) -> None:
