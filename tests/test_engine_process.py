@@ -24,6 +24,7 @@ from tests.support import (
     Mosquitto,
     NotifySocket,
     OpStream,
+    PostgresServer,
     counter_ops,
     db_rows,
     kill_marks,
@@ -209,6 +210,33 @@ def test_the_engine_exits_when_the_mqtt_process_is_killed(
     assert sorted(op_id for (op_id,) in rows) == sorted(op["op_id"] for _, op in ops)
     assert deaths(daemon) == []
     assert daemon.terminate() == 0
+
+
+def test_the_engine_exits_when_the_mqtt_process_is_killed_during_its_drain(
+    private_pg: PostgresServer, broker: Mosquitto, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A stop whose drain cannot finish (the database went away with an operation in
+    hand: the engine retries its commit) outlasts the MQTT process, which its stop
+    timeout or an operator kills: the engine, reading its channel while it drains,
+    exits too.
+
+    Checked against: an engine that stopped reading its channel during a drain (it
+    lived on, retrying the commit every 5 s for nobody: seen after a test dropped
+    its database under a stopping daemon)."""
+    url = private_pg.start().replace("postgresql://", "postgresql+psycopg://", 1)
+    daemon = make_daemon(broker.port, url)
+    (engine,) = engines(daemon)
+    private_pg.stop()
+    client = Client(broker.port).connect()
+    client.publish(f"{daemon.root}/devices/d1/sync", sync_op("op-1"), wait=False)
+    wait_for(lambda: "commit failed, retrying" in daemon.log())
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "stopping: draining what is in hand" in daemon.log())
+    daemon.kill()
+    wait_for(lambda: not running(engine), timeout=10)
+    client.close()
+    assert "the MQTT process is gone" in daemon.log()
 
 
 def test_a_stop_drains_the_engine_then_the_session(

@@ -103,13 +103,14 @@ def test_a_200_is_delivered_once_signed_with_the_crisis_message_as_its_data(
 
 
 def test_a_500_then_a_200_is_delivered_on_the_retry_with_the_same_webhook_id(
+    db_url: str,
     broker: Mosquitto,
     make_daemon: Callable[..., Daemon],
     own_redis: RedisServer,
     client: Client,
-    db_url: str,
 ) -> None:
-    """On SQLite and PostgreSQL (its claims lock with SKIP LOCKED)."""
+    """On SQLite and PostgreSQL (its claims lock with SKIP LOCKED). (db_url first: its
+    database must outlive the daemon, which stops before it is dropped.)"""
     port = free_port()
     with Receiver(lambda n: Reply(500) if n == 0 else Reply()) as receiver:
         daemon = make_daemon(
@@ -138,11 +139,11 @@ def test_a_500_then_a_200_is_delivered_on_the_retry_with_the_same_webhook_id(
 
 
 def test_two_instances_on_one_postgresql_send_each_delivery_once(
+    pg_url: str,
     broker: Mosquitto,
     make_daemon: Callable[..., Daemon],
     own_redis: RedisServer,
     client: Client,
-    pg_url: str,
 ) -> None:
     """Both fan out and claim from the same tables at once: neither sends what the
     other leased (a fast receiver: no lease lapses, so not even at least once twice).

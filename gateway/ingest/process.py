@@ -81,11 +81,32 @@ class Server:
                 logs.set_level(settings.log.level)
                 self._pong(frame.seq)
             elif isinstance(frame, Drain):
-                await engine.drain()
-                await running
+                await self._drain(running)
                 self.channel.send(Drained())
                 await self.channel.writer.drain()
                 return
+
+    async def _drain(self, running: asyncio.Task[None]) -> None:
+        """Commit what is in hand, still reading the channel: a drain can outlast the
+        MQTT process (a commit retried while the database is away, until its stop
+        times out and it is killed). Then the channel closes, and this process must
+        not live on, an orphan retrying for nobody (ChannelClosed, as in `serve`)."""
+
+        async def finish() -> None:
+            await self.side.engine.drain()
+            await running
+
+        finished = asyncio.ensure_future(finish())
+        while not finished.done():
+            frame = asyncio.ensure_future(self.channel.receive())
+            await asyncio.wait({finished, frame}, return_when=asyncio.FIRST_COMPLETED)
+            if not frame.done():
+                frame.cancel()
+                break
+            received = frame.result()  # raises ChannelClosed: the MQTT process is gone
+            if isinstance(received, Ping):
+                self._pong(received.seq)
+        await finished
 
 
 def _exit_if_failed(task: asyncio.Task[None]) -> None:
