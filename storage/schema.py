@@ -18,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData(
@@ -286,3 +287,41 @@ device_counters = Table(
 """Per device: operations stored and the last commit that stored one.
 
 Per entity, the edit count is `entities.version` (one per stored operation)."""
+
+ml_models = Table(
+    "ml_models",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("algorithm", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("data_since", BigInteger, nullable=True),
+    Column("data_until", BigInteger, nullable=True),
+    Column("holdout_from", BigInteger, nullable=True),
+    Column("train_rows", Integer, nullable=True),
+    Column("holdout_rows", Integer, nullable=True),
+    Column("train_positives", Integer, nullable=True),
+    Column("holdout_positives", Integer, nullable=True),
+    Column("metrics", Text, nullable=True),
+    Column("baseline_metrics", Text, nullable=True),
+    Column("failure_reason", Text, nullable=True),
+    Column("file_path", Text, nullable=True),
+    Column("sha256", String(64), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=True),
+    Column("activated_at", BigInteger, nullable=True),
+    Index(None, "created_at"),
+    Index(
+        None,
+        "status",
+        unique=True,
+        sqlite_where=text("status = 'active'"),
+        postgresql_where=text("status = 'active'"),
+    ),
+)
+"""The model registry (storage/ml_models.py): one row per training run. `status` is
+`training`, `ready`, `failed` or `active` (at most one row: the partial unique
+index). Times in µs; `data_since`/`data_until` are the first and last `stored_at`
+of the rows it learned from, `holdout_from` the first of the time-ordered holdout;
+`metrics` and `baseline_metrics` are JSON (ml/train.py); `file_path` is the skops
+file, absolute, and `sha256` its bytes' hash."""
