@@ -29,6 +29,23 @@ free port, persistence on, `max_queued_messages 1000000`, `max_queued_bytes 0`):
 
 `bare` and `naive` are timed from their first message to their N-th ack.
 Rates are messages a second; with `--repeat`, medians.
+
+Webhooks (issue 13: the drain with two endpoints at least 0.9 of its rate without):
+
+    .venv/bin/python -m benchmarks.drain --messages 100000 --repeat 3 --webhooks 2
+
+`--webhooks N` adds the variant `gateway-webhooks`: `gateway` (detection on, the
+shipped config) with N endpoints (`FIELDGATE_WEBHOOKS`), each subscribed to `"*"`
+with the defaults (`max_in_flight` 8, timeout 15 s), all posting to one fast
+receiver (`benchmarks/receiver.py`, a process of its own for the whole run,
+reset before each drain) at `/hook/<endpoint>`; its dead-letter queue in Redis
+database 15 (`--redis`). Given without `--variants`, the variants are
+`gateway,gateway-webhooks`, alternating, and the ratio of their medians is
+printed. Reported for each such drain: the webhook events the engine wrote
+(outbox rows of channel `webhook`), the deliveries fanned out, those the
+receiver had and those still waiting when the last op was answered, and how
+long after that every delivery had arrived (the sender catching up, not part
+of the drain's time). Nothing changes when `--webhooks` is not given.
 """
 
 from __future__ import annotations
@@ -60,6 +77,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from benchmarks.receiver import ReceiverProcess
 from gateway.config import load as load_config
 from loadgen.generator import GeneratorOptions, generate
 from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port
@@ -67,6 +85,9 @@ from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port
 VARIANTS = ("bare", "naive", "gateway", "gateway-off")
 """`gateway` runs the shipped config (conflict detection on); `gateway-off` the same
 with `conflicts.enabled = false`, the baseline of what detection costs."""
+WEBHOOK_VARIANT = "gateway-webhooks"
+"""`gateway` with `--webhooks N` endpoints (only with `--webhooks`)."""
+WEBHOOK_SECRET = "whsec_" + "ZmllbGRnYXRlLWJlbmNobWFyay1zaWduaW5nLWtleS0wMQ=="
 SESSION_EXPIRY_S = 3600
 CONFIG = ROOT / "config" / "fieldgate.toml"
 
@@ -435,6 +456,44 @@ def _rows(db: Path) -> int:
         return 0
 
 
+def _webhook_counts(db: Path, receiver: ReceiverProcess) -> dict[str, int]:
+    """Webhook events written (outbox rows), fanned out, deliveries waiting and dead in
+    the database; requests the receiver had."""
+    received = receiver.count()
+    with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn:
+        events, fanned = conn.execute(
+            "select count(*), count(sent_at) from outbox where channel = 'webhook'"
+        ).fetchone()
+        waiting, dead = conn.execute(
+            "select count(*) - count(dead_at), count(dead_at) from webhook_deliveries"
+        ).fetchone()
+    return {
+        "events": int(events),
+        "fanned_out": int(fanned),
+        "deliveries_waiting": int(waiting or 0),
+        "deliveries_dead": int(dead or 0),
+        "received": int(received["requests"]),
+        "received_distinct": int(received["distinct"]),
+    }
+
+
+def _catch_up(
+    db: Path, receiver: ReceiverProcess, done_at: float | None, limit_s: float
+) -> dict[str, Any]:
+    """Wait until every webhook event is fanned out and every delivery settled (or
+    `limit_s`); how long after the drain's end that was, and the counts then."""
+    deadline = time.monotonic() + limit_s
+    counts = _webhook_counts(db, receiver)
+    while time.monotonic() < deadline and (
+        counts["fanned_out"] < counts["events"] or counts["deliveries_waiting"]
+    ):
+        time.sleep(0.1)
+        counts = _webhook_counts(db, receiver)
+    caught_up = not (counts["fanned_out"] < counts["events"] or counts["deliveries_waiting"])
+    after = round(time.time() - done_at, 2) if caught_up and done_at is not None else None
+    return {"at_end": counts, "caught_up_after_s": after}
+
+
 def drain_gateway(
     port: int,
     root: str,
@@ -445,9 +504,13 @@ def drain_gateway(
     profile: Path | None,
     profile_format: str,
     extra_env: dict[str, str] | None = None,
+    receiver: ReceiverProcess | None = None,
 ) -> Drain:
     db = workdir / "bench.db"
     metrics_port = free_port()
+    if receiver is not None:
+        receiver.reset()
+    webhooks: dict[str, Any] = {}
     notify = NotifySocket(workdir / "notify.sock")
     acks = _AckCounter(port, root, n)
     env = {
@@ -504,6 +567,8 @@ def drain_gateway(
                     cpu_at_done = cpu_seconds(proc.pid)
                     own_at_done = cpu_seconds(os.getpid())
                     engine_at_done = cpu_seconds(engine_pid) if engine_pid else {}
+                    if receiver is not None:
+                        webhooks["at_done"] = _webhook_counts(db, receiver)
                 rows = _rows(db)
                 if rows >= n:
                     break
@@ -514,6 +579,8 @@ def drain_gateway(
                 f"gateway: {len(acks.stored)} of {n} answered stored, {rows} rows, "
                 f"before the {timeout_s:.0f} s timeout"
             )
+        if receiver is not None:
+            webhooks.update(_catch_up(db, receiver, done_at=acks.done_at, limit_s=timeout_s))
         series = scrape(metrics_port)
         rss = {"mqtt": peak_rss_mib(proc.pid), "engine": peak_rss_mib(engine_pid or -1)}
         with contextlib.closing(sqlite3.connect(db)) as conn:
@@ -554,6 +621,8 @@ def drain_gateway(
             sum(cpu_delta(os.getpid(), own_at_first, own_at_done or own_at_first).values()), 2
         ),
     }
+    if webhooks:
+        extra["webhooks"] = webhooks
     if notify.ready_at is not None:
         extra["from_ready_s"] = round(done_at - notify.ready_at, 3)
         extra["rate_from_ready"] = round(n / (done_at - notify.ready_at), 1)
@@ -645,6 +714,23 @@ def run_one(
             profile = None
             if args.profile is not None:
                 profile = Path(args.profile).with_suffix(f".{index + 1}{Path(args.profile).suffix}")
+            env = dict(kv.split("=", 1) for kv in args.gateway_env)
+            if variant == "gateway-off":
+                env["FIELDGATE_CONFLICTS__ENABLED"] = "false"
+            receiver = args.receiver if variant == WEBHOOK_VARIANT else None
+            if receiver is not None:
+                env["FIELDGATE_WEBHOOKS"] = json.dumps(
+                    [
+                        {
+                            "name": f"bench-{i + 1}",
+                            "url": f"{receiver.url}/bench-{i + 1}",
+                            "events": ["*"],
+                            "secret": WEBHOOK_SECRET,
+                        }
+                        for i in range(args.webhooks)
+                    ]
+                )
+                env["FIELDGATE_REDIS__URL"] = args.redis
             result = drain_gateway(
                 broker.port,
                 root,
@@ -654,14 +740,8 @@ def run_one(
                 workdir,
                 profile,
                 args.profile_format,
-                {
-                    **dict(kv.split("=", 1) for kv in args.gateway_env),
-                    **(
-                        {"FIELDGATE_CONFLICTS__ENABLED": "false"}
-                        if variant == "gateway-off"
-                        else {}
-                    ),
-                },
+                env,
+                receiver,
             )
         cpu = result.extra.get("cpu_s", {})
         result.extra["cpu_us_per_msg"] = {
@@ -743,11 +823,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra environment for the gateway (repeatable), e.g. FIELDGATE_WRITER__MAX_WAIT_MS=5",
     )
+    parser.add_argument(
+        "--webhooks",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"N endpoints for the variant {WEBHOOK_VARIANT} (without --variants: run"
+        f" gateway,{WEBHOOK_VARIANT})",
+    )
+    parser.add_argument(
+        "--redis", default="redis://127.0.0.1:6379/15", help="for the webhooks' dead letters"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
+    explicit = any(a == "--variants" or a.startswith("--variants=") for a in (argv or sys.argv))
+    if args.webhooks and not explicit:
+        args.variants = f"gateway,{WEBHOOK_VARIANT}"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
+    known = {*VARIANTS, WEBHOOK_VARIANT} if args.webhooks > 0 else set(VARIANTS)
+    unknown = set(variants) - known
     if unknown or args.messages < 1 or args.repeat < 1:
         parser.error(f"bad arguments (unknown variants: {sorted(unknown)})")
     if not args.timeout:
@@ -759,15 +854,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = sorted(len(body) for _, body in messages)
     base = Path(tempfile.mkdtemp(prefix="fieldgate-drain-"))
     results: dict[str, list[Drain]] = {v: [] for v in variants}
-    try:
-        for index in range(args.repeat):
-            for variant in variants:
-                results[variant].append(
-                    run_one(variant, messages, args, base, index, receive_maximum)
-                )
-    finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        args.receiver = None
+        if WEBHOOK_VARIANT in variants:
+            args.receiver = stack.enter_context(ReceiverProcess(log=base / "receiver.log"))
+        try:
+            for index in range(args.repeat):
+                for variant in variants:
+                    results[variant].append(
+                        run_one(variant, messages, args, base, index, receive_maximum)
+                    )
+        finally:
+            if not args.keep:
+                shutil.rmtree(base, ignore_errors=True)
 
     medians = {v: statistics.median(d.rate for d in runs) for v, runs in results.items()}
     report: dict[str, Any] = {
@@ -780,6 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "receive_maximum": receive_maximum,
         "gateway_env": args.gateway_env,
+        "webhooks": args.webhooks,
         "median_rate": {v: round(r, 1) for v, r in medians.items()},
         "runs": {
             v: [
@@ -801,6 +901,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["gateway_over_naive"] = round(medians["gateway"] / medians["naive"], 2)
         if "gateway-off" in medians:
             report["detection_on_over_off"] = round(medians["gateway"] / medians["gateway-off"], 3)
+        if WEBHOOK_VARIANT in medians:
+            report["webhooks_over_without"] = round(
+                medians[WEBHOOK_VARIANT] / medians["gateway"], 3
+            )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -810,24 +914,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _text(report: dict[str, Any]) -> str:
     m = report["machine"]
+    w = max(12, *(len(v) + 1 for v in report["runs"]))
     lines = [
         f"{report['messages']} messages (mean {report['payload_bytes']['mean']} B), "
         f"QoS 1, {report['repeat']} run(s) each, medians; "
         f"{m['nproc']} CPUs {m['cpu']}, Python {m['python']}, Mosquitto {m['mosquitto']}",
         "",
-        f"{'variant':<12}{'msg/s':>10}   runs            timed from",
+        f"{'variant':<{w}}{'msg/s':>10}   runs            timed from",
     ]
     for variant, runs in report["runs"].items():
         each = ", ".join(f"{r['rate']:,.0f}" for r in runs)
         lines.append(
-            f"{variant:<12}{report['median_rate'][variant]:>10,.0f}   {each:<15} "
+            f"{variant:<{w}}{report['median_rate'][variant]:>10,.0f}   {each:<15} "
             f"{runs[0]['timed_from']}"
         )
         if variant.startswith("gateway"):
             ready = [r.get("rate_from_ready") for r in runs if r.get("rate_from_ready")]
             if ready:
                 lines.append(
-                    f"{'':<12}{statistics.median(ready):>10,.0f}"
+                    f"{'':<{w}}{statistics.median(ready):>10,.0f}"
                     "   (from READY=1 to the last answer)"
                 )
     lines.append("")
@@ -835,7 +940,8 @@ def _text(report: dict[str, Any]) -> str:
         for r in runs:
             cpu = r.get("cpu_s", {})
             detail = (
-                f"{variant:<12}{r['seconds']:>8.2f} s  CPU main thread {cpu.get('main', 0):.2f} s, "
+                f"{variant:<{w}}{r['seconds']:>8.2f} s  "
+                f"CPU main thread {cpu.get('main', 0):.2f} s, "
                 f"other threads {cpu.get('threads', 0):.2f} s, "
                 f"broker {r.get('broker_cpu_s', 0):.2f} s"
             )
@@ -879,6 +985,21 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(f"gateway / naive baseline:      {report['gateway_over_naive']:.1f}x")
     if "detection_on_over_off" in report:
         lines.append(f"detection on / off:            {report['detection_on_over_off']:.2f}")
+    for r in report["runs"].get(WEBHOOK_VARIANT, []):
+        hooks = r.get("webhooks", {})
+        done, end = hooks.get("at_done", {}), hooks.get("at_end", {})
+        lines.append(
+            f"{WEBHOOK_VARIANT}: at the last answer {done.get('events', 0):,} events written,"
+            f" {done.get('fanned_out', 0):,} fanned out, {done.get('received', 0):,}"
+            f" deliveries received, {done.get('deliveries_waiting', 0):,} waiting; all"
+            f" {end.get('received', 0):,} delivered {hooks.get('caught_up_after_s')} s after"
+            f" it ({end.get('deliveries_dead', 0)} dead)"
+        )
+    if "webhooks_over_without" in report:
+        lines.append(
+            f"with {report['webhooks']} webhook endpoints / without:"
+            f" {report['webhooks_over_without']:.2f} (target >= 0.9)"
+        )
     return "\n".join(lines)
 
 
