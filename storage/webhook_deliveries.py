@@ -205,7 +205,7 @@ async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: st
             if s.outcome == "retry":
                 await conn.execute(
                     update(deliveries)
-                    .where(deliveries.c.id == s.delivery.id)
+                    .where(deliveries.c.id == s.delivery.id, deliveries.c.dead_at.is_(None))
                     .values(**_attempted(s), due_at=s.due_at)
                 )
         await bury(conn, [s for s in settled if s.outcome == "dead"], dead_topic)
@@ -281,11 +281,15 @@ async def abandon(
 ) -> int:
     """Dead-letter the waiting deliveries of endpoints no longer configured (a reload
     or restart removed them): they would wait forever, and their entries keep them
-    replayable. Returns how many."""
+    replayable. An attempt under way is left to finish (its outcome may be
+    `delivered`); a later call takes it if it is to be retried. Returns how many."""
     async with engine.begin() as conn:
         rows = await conn.execute(
             select(*_CLAIMED, deliveries.c.url, deliveries.c.last_status).where(
-                deliveries.c.dead_at.is_(None), deliveries.c.endpoint.not_in(configured)
+                deliveries.c.dead_at.is_(None),
+                deliveries.c.endpoint.not_in(configured),
+                # one in flight is left to its outcome: it is given up after that
+                or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now_us),
             )
         )
         dead = [

@@ -48,7 +48,8 @@ settling of its outcome (batched, so it may wait behind a slow transaction)."""
 POLL_S = 1.0
 """How often an idle lane looks for due retries (and other instances' lapsed leases)."""
 GAUGES_EVERY_S = 5.0
-"""How often the gauges read from the database (waiting deliveries, spool) are read."""
+"""How often the gauges read from the database (waiting deliveries, spool) are read,
+and removed endpoints' deliveries looked for."""
 
 
 class Lane:
@@ -127,8 +128,15 @@ class Lane:
             self.in_flight += 1
             task = asyncio.create_task(self._attempt(delivery), name=f"webhook:{self.name}")
             self.attempts.add(task)
-            task.add_done_callback(self.attempts.discard)
+            task.add_done_callback(self._attempt_done)
         return 0 if len(claimed) == free else POLL_S
+
+    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+        """An attempt that raised is a bug: say so (its lease lapses and it is sent
+        again)."""
+        self.attempts.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook attempt failed", endpoint=self.name, exc_info=task.exception())
 
     async def _attempt(self, delivery: Delivery) -> None:
         config = self.config
@@ -250,7 +258,9 @@ class WebhookSender(Part):
         self._settled: list[Settled] = []
         self._settle_wake = asyncio.Event()
         self._stopping = False
-        self._configured: set[str] | None = None
+        self._reconfigured = False
+        self._failed: asyncio.Future[None] | None = None
+        """Set (in `run`) when a lane raised."""
         self.delivered = 0
         self.failed = 0
         self.dead = 0
@@ -272,18 +282,33 @@ class WebhookSender(Part):
             lane = self.lanes.get(name)
             if lane is None:
                 lane = self.lanes[name] = Lane(config, self)
-                self._lane_tasks[name] = asyncio.create_task(lane.run(), name=f"lane:{name}")
             else:
                 lane.configure(config)
+            task = self._lane_tasks.get(name)
+            if task is None or task.done():
+                task = asyncio.create_task(lane.run(), name=f"lane:{name}")
+                task.add_done_callback(self._lane_done)
+                self._lane_tasks[name] = task
+        self._reconfigured = True
         self._fan_wake.set()
+
+    def _lane_done(self, task: asyncio.Task[None]) -> None:
+        """A lane runs until cancelled; one that raised is a bug, and fails the part
+        (which restarts it, lanes included, and makes `health` say so)."""
+        if task.cancelled() or self._failed is None or self._failed.done():
+            return
+        if (exc := task.exception()) is not None:
+            self._failed.set_exception(exc)
 
     def settle(self, settled: Settled) -> None:
         self._settled.append(settled)
         self._settle_wake.set()
 
     async def run(self) -> None:
+        failed = self._failed = asyncio.get_running_loop().create_future()
         self.reconfigure()
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(_raise_from(failed), name="webhooks:lanes")
             tasks.create_task(self._fan_out_loop(), name="webhooks:fan-out")
             tasks.create_task(self._settle_loop(), name="webhooks:settle")
 
@@ -320,13 +345,15 @@ class WebhookSender(Part):
         failures = 0
         gauges_at = 0.0
         while True:
+            if self._reconfigured:
+                self._reconfigured, gauges_at = False, 0.0
             self._fan_wake.clear()
             wait_s = POLL_S
             try:
                 if time.monotonic() >= gauges_at:
+                    await self._abandon_unconfigured()
                     await self.refresh_metrics()
                     gauges_at = time.monotonic() + GAUGES_EVERY_S
-                await self._abandon_unconfigured()
                 taken, added = await webhook_deliveries.fan_out(
                     self.database, self._subscribers(), FAN_OUT_PAGE, now_us()
                 )
@@ -344,14 +371,11 @@ class WebhookSender(Part):
                 await asyncio.wait_for(self._fan_wake.wait(), timeout=wait_s)
 
     async def _abandon_unconfigured(self) -> None:
-        """Once per change of the endpoints: dead-letter deliveries of removed ones."""
-        configured = set(self.lanes)
-        if configured == self._configured:
-            return
+        """Dead-letter the waiting deliveries of removed endpoints (each round: one
+        that was in flight when its endpoint went is taken once it has settled)."""
         count = await webhook_deliveries.abandon(
-            self.database, sorted(configured), now_us(), self._dead_topic()
+            self.database, sorted(self.lanes), now_us(), self._dead_topic()
         )
-        self._configured = configured
         if count:
             log.warning("deliveries of removed endpoints dead-lettered", deliveries=count)
             self.dead += count
@@ -423,3 +447,7 @@ class WebhookSender(Part):
                 0 if lane.breaker.state == "closed" else 1
             )
         self.metrics.dlq_spool.set(spool)
+
+
+async def _raise_from(failed: asyncio.Future[None]) -> None:
+    await failed
