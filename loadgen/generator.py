@@ -154,6 +154,11 @@ class GeneratorOptions:
     """Stop after exactly this many operations (a malformed payload counts as one)."""
     base_version_share: float = 0.7
     device_meta_share: float = 0.5
+    scenario: Literal["default", "causal"] = "default"
+    """Which stream `fieldgate simulate` sends: this module's, or the causal scenario's
+    (loadgen/causal.py: conflicts from causes a model can learn; of these options it
+    takes devices, entities, seed, max_ops, the clock's, max_batch, device_prefix and
+    entity_types)."""
 
     def __post_init__(self) -> None:
         if self.devices < 1:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from handlers.times import now_us
+from loadgen.causal import CausalGenerator
 from loadgen.generator import Generator, GeneratorOptions, Payload
 
 
@@ -237,11 +238,16 @@ def run_simulation(
     options = dataclasses.replace(
         gen_options, max_ops=min(run.count, gen_options.max_ops or run.count)
     )
-    generator = Generator(options, clock=now_us)
+    generator: Generator | CausalGenerator = (
+        CausalGenerator(options, clock=now_us)
+        if options.scenario == "causal"
+        else Generator(options, clock=now_us)
+    )
     tally = Tally()
+    device_ids = [device.device_id for device in generator.devices]
     clients = {
-        device.device_id: _SimClient(index + 1, device.device_id, broker, tally, run.inflight)
-        for index, device in enumerate(generator.devices)
+        device_id: _SimClient(index + 1, device_id, broker, tally, run.inflight)
+        for index, device_id in enumerate(device_ids)
     }
     stop_progress = threading.Event()
     started = time.monotonic()
@@ -303,7 +309,7 @@ def run_simulation(
 
 
 def _send(
-    generator: Generator,
+    generator: Generator | CausalGenerator,
     clients: dict[str, _SimClient],
     tally: Tally,
     root: str,

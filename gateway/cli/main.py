@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -98,6 +98,13 @@ def simulate(
     hot_share: Annotated[float, typer.Option(min=0, max=1)] = 0.05,
     device_meta_share: Annotated[float, typer.Option(min=0, max=1)] = 0.5,
     seed: Annotated[int | None, typer.Option(help="[default: random]")] = None,
+    scenario: Annotated[
+        Literal["default", "causal"],
+        typer.Option(
+            help="causal: conflicts from causes a model can learn (docs/ml.md); "
+            "it does not use the share options."
+        ),
+    ] = "default",
     inflight: Annotated[int, typer.Option(min=1, max=60_000, help="Per client.")] = 100,
     ack_wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for acks.")] = 10.0,
     allow_remote: Annotated[bool, typer.Option("--allow-remote")] = False,
@@ -128,6 +135,7 @@ def simulate(
         duplicate_share=duplicate_share,
         device_meta_share=device_meta_share,
         seed=generator.random_seed() if seed is None else seed,
+        scenario=scenario,
     )
     run = runner.RunOptions(
         rate=rate,
