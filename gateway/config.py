@@ -195,6 +195,24 @@ class DlqConfig(Section):
     """Entries `dlq/replay` re-delivers at once."""
 
 
+class MlConfig(Section):
+    """Conflict prediction (docs/ml.md)."""
+
+    models_dir: Path = Path("var/models")
+    """Where trained models are saved (skops files and their holdout scores)."""
+    min_rows: Annotated[int, Field(ge=100)] = 1000
+    """Operations with a closed window a training run needs, at least."""
+    first_sync_hours: Annotated[float, Field(gt=0)] = 168.0
+    """`hours_since_last_sync` of a device's first operation, and the cap of all."""
+    algorithm: Literal["random_forest", "logistic_regression"] = "random_forest"
+    """What `ml/train` fits when the request names none (and the scheduled runs)."""
+    retrain_interval_s: Annotated[float, Field(ge=0)] = 0.0
+    """Train on this schedule (0: never); a scheduled model is activated only when it
+    beats the active one on the same holdout."""
+    hint_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7
+    """A stored operation scored at or above this gets a hint to its device."""
+
+
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(gt=0)] = 60.0
     wedged_after_s: Annotated[float, Field(gt=0)] = 30.0
@@ -295,6 +313,7 @@ class Settings(BaseSettings):
     conflicts: ConflictsConfig = ConflictsConfig()
     outbox: OutboxConfig = OutboxConfig()
     dlq: DlqConfig = DlqConfig()
+    ml: MlConfig = MlConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

@@ -379,6 +379,7 @@ def test_config_get_hides_every_secret(
         "conflicts",
         "outbox",
         "dlq",
+        "ml",
         "webhooks",
     }
     assert data["outbox"] == {"retention_s": 604800.0}

@@ -480,6 +480,7 @@ def test_redacted_shows_every_setting_and_no_secret(tmp_path: Path) -> None:
             **CONFIG_DEFAULTS["conflicts"],
             "types": {"task": {"strategy": "manual", "critical_fields": ["status"]}},
         },
+        "ml": {**CONFIG_DEFAULTS["ml"], "models_dir": "var/models"},
         "webhooks": [
             {
                 **ENDPOINT_DEFAULTS,

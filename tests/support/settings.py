@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -76,6 +77,14 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     },
     "outbox": {"retention_s": 604800.0},
     "dlq": {"ttl_s": 1209600, "replay_concurrency": 8},
+    "ml": {
+        "models_dir": Path("var/models"),
+        "min_rows": 1000,
+        "first_sync_hours": 168.0,
+        "algorithm": "random_forest",
+        "retrain_interval_s": 0.0,
+        "hint_threshold": 0.7,
+    },
     "health": {"interval_s": 60.0, "wedged_after_s": 30.0},
     "metrics": {"listen": ""},
     "log": {"level": "info", "format": "auto"},
