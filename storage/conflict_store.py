@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from handlers.conflicts import MEMBERS_SHOWN, ConflictNotices, Group
+from handlers.conflicts import MEMBERS_SHOWN, ConflictNotices, Group, OpView
 from handlers.records import ResolutionRecord
 from handlers.times import HOUR_US, rfc3339
 from storage.db import chunks, driver_rows
@@ -35,6 +35,7 @@ from storage.schema import (
     sync_log,
     user_counters,
 )
+from storage.sync_log import op_view
 from storage.writer import Step, Written
 
 _decode = msgspec.json.decode
@@ -128,34 +129,36 @@ _LATEST_COLUMNS = (
     "op_id",
     "device_id",
     "user_id",
+    "entity_type",
+    "entity_id",
     "version",
     "operation",
     "edited_at",
     "changes",
+    "base_version",
 )
 _LATEST_PART = (
-    "SELECT * FROM (SELECT m.conflict_id, m.op_id, m.device_id, m.user_id, m.version,"
-    " s.operation, s.edited_at, s.changes FROM conflict_members m"
-    " JOIN sync_log s ON s.op_id = m.op_id WHERE m.conflict_id = ?"
+    "SELECT * FROM (SELECT m.conflict_id, m.op_id, m.device_id, m.user_id, m.entity_type,"
+    " m.entity_id, m.version, s.operation, s.edited_at, s.changes, s.base_version"
+    " FROM conflict_members m JOIN sync_log s ON s.op_id = m.op_id WHERE m.conflict_id = ?"
     " ORDER BY m.version DESC LIMIT ?) AS latest"
 )
 
 
 async def latest_members(
-    conn: AsyncConnection, fields: Mapping[str, Sequence[str]]
-) -> dict[str, list[dict[str, Any]]]:
-    """The latest MEMBERS_SHOWN members of each conflict in `fields` (conflict_id ->
-    its fields), latest first: one statement per chunk of conflicts, each part one
-    range of the (conflict_id, version) index."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    for part in chunks(sorted(fields), COMPOUND_CHUNK):
+    conn: AsyncConnection, conflict_ids: Sequence[str]
+) -> dict[str, list[OpView]]:
+    """The latest MEMBERS_SHOWN members of each conflict, latest first, as whole
+    operations: one statement per chunk of conflicts, each part one range of the
+    (conflict_id, version) index."""
+    found: dict[str, list[OpView]] = {}
+    for part in chunks(sorted(conflict_ids), COMPOUND_CHUNK):
         sql = " UNION ALL ".join([_LATEST_PART] * len(part))
         params = [value for conflict_id in part for value in (conflict_id, MEMBERS_SHOWN)]
         for row in await driver_rows(conn, sql, params, _LATEST_COLUMNS):
-            conflict_id = row["conflict_id"]
-            found.setdefault(conflict_id, []).append(member(row, fields[conflict_id]))
-    for rows in found.values():
-        rows.sort(key=lambda m: m["version"], reverse=True)
+            found.setdefault(row["conflict_id"], []).append(op_view(row))
+    for views in found.values():
+        views.sort(key=lambda op: op.version, reverse=True)
     return found
 
 

@@ -60,6 +60,7 @@ from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
 from storage import conflict_store, conflict_summaries
 from storage.db import by_entity, chunks
+from storage.member_cache import MemberCache
 from storage.schema import (
     SUMMARY_ALL,
     conflict_totals,
@@ -102,6 +103,7 @@ class _Conflict:
         "detected_at",
         "entity",
         "group",
+        "loaded_count",
         "merged_into",
         "new",
         "note",
@@ -128,10 +130,13 @@ class _Conflict:
             self.resolved_by: str | None = None
             self.merged_into: str | None = None
             self.note: str | None = None
+            self.loaded_count = 0
             return
         self.conflict_id = row["conflict_id"]
         self.entity = (row["entity_type"], row["entity_id"])
         self.group = _decode_group(row["state"])
+        self.loaded_count = self.group.member_count
+        """Its members as read under the entity's lock, before this batch."""
         self.status = row["status"]
         self.strategy = row["strategy"]
         self.winners = msgspec.json.decode(row["winners"], type=dict[str, str])
@@ -252,11 +257,13 @@ class Detector:
         self.fast = 0
         self.slow = 0
         """Operations judged each way since start (the benchmarks read them)."""
+        self.cache = MemberCache()
 
     async def run(
         self, conn: AsyncConnection, records: Sequence[OpRecord], now_us: int, prior: Prior
     ) -> Detected:
         """Detect and store the conflicts of the batch's stored operations."""
+        self.failed()
         stored = [record for record in records if record.status == "stored"]
         if not stored:
             return Detected()
@@ -268,7 +275,8 @@ class Detector:
         batch = _Batch(self, conn, now_us)
         per_entity: dict[EntityKey, list[OpView]] = {}
         for record in sorted(stored, key=lambda r: (r.entity_type, r.entity_id, r.version or 0)):
-            per_entity.setdefault((record.entity_type, record.entity_id), []).append(view(record))
+            op = batch.stored[record.op_id] = view(record)
+            per_entity.setdefault((record.entity_type, record.entity_id), []).append(op)
         await batch.load(per_entity, prior)
         await batch.prefetch(per_entity)
         for key, ops in per_entity.items():
@@ -278,7 +286,16 @@ class Detector:
         events = batch.events + [
             {"event": event, "count": n} for event, n in sorted(batch.tallies.items())
         ]
-        return Detected(await batch.announce(), events)
+        outbox = await batch.announce()
+        self.cache.stage(batch.latest, batch.absorbed, list(batch.stored.values()))
+        return Detected(outbox, events)
+
+    def committed(self) -> None:
+        """What the batch staged in memory is true now."""
+        self.cache.commit()
+
+    def failed(self) -> None:
+        self.cache.drop()
 
 
 class _Batch:
@@ -297,6 +314,13 @@ class _Batch:
         """conflict_id -> the conflict that absorbed it in this batch."""
         self.members: list[tuple[OpView, str]] = []
         """Operations that joined, with the conflict they joined (its root at the end)."""
+        self.partial: set[str] = set()
+        """Joiners seen only in the summaries: their views name the fields they change,
+        without the values."""
+        self.stored: dict[str, OpView] = {}
+        """The operations this batch stores, whole."""
+        self.latest: dict[str, tuple[int, list[OpView]]] = {}
+        """Per touched conflict, its member count and latest members, once announced."""
         self.touched: dict[str, _Touch] = {}
         self.events: list[dict[str, Any]] = []
         self.user_members: dict[str, int] = {}
@@ -308,8 +332,9 @@ class _Batch:
     # -- loading ----------------------------------------------------------------------
 
     async def load(self, per_entity: dict[EntityKey, list[OpView]], prior: Prior) -> None:
-        """Each entity's summaries (windows) and the conflicts they name."""
+        """Each entity's summaries (windows and versions) and the conflicts they name."""
         summarized: list[EntityKey] = []
+        names: set[str] = set()
         window_us = self.rules.window_us
         for key, ops in per_entity.items():
             before = prior.get(key, Before(0, None, None, None))
@@ -327,21 +352,24 @@ class _Batch:
             )
             if before.version and before.summary_from is not None:
                 summarized.append(key)
-        names: set[str] = set()
         w = conflict_windows.c
         for where in by_entity(w.entity_type, w.entity_id, summarized):
             result = await self.conn.execute(select(conflict_windows).where(where))
             for row in result.mappings():
-                summary = conflict_summaries.decode(row["body"])
                 state = self.entities[(row["entity_type"], row["entity_id"])]
-                state.windows = summary.windows
-                for window in summary.windows.values():
-                    names.update(window.groups)
-                versions = summary.versions
-                if versions is not None and versions.ends_at(state.versions.since - 1):
-                    state.versions = versions
-                    names.update(op.conflict_id for op in versions.ops if op.conflict_id)
+                self._summarize(state, conflict_summaries.decode(row["body"]), names)
         await self._load_conflicts(names)
+
+    @staticmethod
+    def _summarize(state: _Entity, summary: conflict_summaries.Summary, names: set[str]) -> None:
+        """`state` takes its stored summary; `names` gains the conflicts it names."""
+        state.windows = summary.windows
+        for window in summary.windows.values():
+            names.update(window.groups)
+        versions = summary.versions
+        if versions is not None and versions.ends_at(state.versions.since - 1):
+            state.versions = versions
+            names.update(op.conflict_id for op in versions.ops if op.conflict_id)
 
     async def _load_conflicts(self, names: Iterable[str]) -> None:
         missing = sorted(set(names) - self.conflicts.keys())
@@ -437,6 +465,7 @@ class _Batch:
                 loose.setdefault(edit.op_id, []).append(name)
         for op_id, names in loose.items():
             hits.loose[op_id] = self._loose_view(state, op, op_id)
+            self.partial.add(op_id)
             hits.pair(names, pair_severity(False, names, critical))
         level: Severity = hits.severity or "low"
         for conflict_id in hits.groups:
@@ -473,6 +502,7 @@ class _Batch:
                     edited_at_us=stored.at_us,
                     version=stored.version,
                 )
+                self.partial.add(stored.op_id)
         return hits
 
     def _values(self, op: OpView) -> dict[str, str]:
@@ -858,26 +888,77 @@ class _Batch:
 
     async def _records(self) -> dict[str, dict[str, Any]]:
         """Each touched conflict's record as its message carries it, with its latest
-        members: from memory when this batch stored at least that many of them, else
+        members: from memory when this batch and the cache hold them (`_latest`), else
         read, for all such conflicts in one go."""
         records: dict[str, dict[str, Any]] = {}
-        unread: dict[str, list[str]] = {}
+        joiners: dict[str, list[OpView]] = {}
+        for op, conflict_id in self.members:
+            joiners.setdefault(self.root(conflict_id), []).append(op)
+        parts: dict[str, list[_Conflict]] = {}
+        for absorbed in self.absorbed:
+            parts.setdefault(self.root(absorbed), []).append(self.conflicts[absorbed])
+        unread: list[str] = []
         for conflict_id, touch in self.touched.items():
             conflict = self.conflicts[conflict_id]
-            record = records[conflict_id] = conflict_store.record(
-                _conflict_row(conflict, self.now_us)
+            records[conflict_id] = conflict_store.record(_conflict_row(conflict, self.now_us))
+            found = self._latest(
+                conflict, touch, joiners.get(conflict_id, []), parts.get(conflict_id, [])
             )
-            fields = record["fields"]
-            latest = sorted(touch.fresh, key=lambda op: op.version, reverse=True)[:MEMBERS_SHOWN]
-            if len(latest) == min(MEMBERS_SHOWN, conflict.group.member_count):
-                record["members"] = [_member(op, fields) for op in latest]
+            if found is None:
+                unread.append(conflict_id)
             else:
-                unread[conflict_id] = fields
+                self.latest[conflict_id] = (conflict.group.member_count, found)
         if unread:
-            found = await conflict_store.latest_members(self.conn, unread)
+            read = await conflict_store.latest_members(self.conn, unread)
             for conflict_id in unread:
-                records[conflict_id]["members"] = found.get(conflict_id, [])
+                count = self.conflicts[conflict_id].group.member_count
+                self.latest[conflict_id] = (count, read.get(conflict_id, []))
+        for conflict_id, record in records.items():
+            fields = record["fields"]
+            record["members"] = [_member(op, fields) for op in self.latest[conflict_id][1]]
         return records
+
+    def _latest(
+        self,
+        conflict: _Conflict,
+        touch: _Touch,
+        joiners: list[OpView],
+        absorbed: list[_Conflict],
+    ) -> list[OpView] | None:
+        """The conflict's latest members, newest first, without reading them, or None.
+
+        The ops this batch stored are the entity's newest: when they are enough, they
+        are the answer. Else the latest of the conflict's members before the batch and
+        of those of the conflicts it absorbed (from the cache, each only when its count
+        is the one read under the lock), and of the ops that joined in the batch (whole:
+        from the cache for those the summaries named), when they add up to its count.
+        """
+        shown = min(MEMBERS_SHOWN, conflict.group.member_count)
+        fresh = sorted(touch.fresh, key=lambda op: op.version, reverse=True)
+        if len(fresh) >= shown:
+            return fresh[:shown]
+        cache = self.detector.cache
+        views: list[OpView] = []
+        for op in joiners:
+            whole: OpView | None = op
+            if op.op_id in self.partial:
+                whole = self.stored.get(op.op_id) or cache.op(op.op_id)
+            if whole is None:
+                return None
+            views.append(whole)
+        count = len(joiners)
+        for part in [conflict, *absorbed]:
+            if part.new:
+                continue
+            kept = cache.latest(part.conflict_id, part.loaded_count)
+            if kept is None:
+                return None
+            views.extend(kept)
+            count += part.loaded_count
+        if count != conflict.group.member_count:
+            return None
+        views.sort(key=lambda op: op.version, reverse=True)
+        return views[:shown]
 
 
 def _member(op: OpView, fields: Sequence[str]) -> dict[str, Any]:

@@ -35,6 +35,14 @@ class SyncStep(Step):
         detected = await self.detector.run(conn, records, now_us, prior)
         return Written(outbox=detected.outbox, events=detected.events)
 
+    def committed(self) -> None:
+        if self.detector is not None:
+            self.detector.committed()
+
+    def failed(self) -> None:
+        if self.detector is not None:
+            self.detector.failed()
+
     def reset(self, records: Sequence[OpRecord]) -> None:
         for record in records:
             record.status = "pending"

@@ -7,7 +7,8 @@ restart (a new detector on the same database) in the middle, the conflicts that
 are not merged, each with its members, fields, severity, status and winners, are
 the connected groups of the oracle's pairs; and the outbox holds the messages
 PROTOCOL.md allows, one per conflict and topic per commit, counted from the
-oracle's groups commit by commit. On SQLite and on PostgreSQL, with the window
+oracle's groups commit by commit, each carrying the conflict as the database
+holds it after that commit. On SQLite and on PostgreSQL, with the window
 summaries (fast path) and without (slow path).
 
 `FIELDGATE_HYPOTHESIS_EXAMPLES` raises the number of examples for a long run.
@@ -30,7 +31,7 @@ from sqlalchemy import text
 
 from storage import migrate
 from storage.db import create_engine
-from tests.conflict_harness import Store
+from tests.conflict_harness import ROOT, Store
 from tests.conflict_oracle import DEFAULT_CRITICAL, Expected, as_expected, expected_conflicts
 from tests.support import at
 
@@ -222,11 +223,18 @@ async def play(
 ) -> tuple[list[dict[str, Any]], int]:
     store = await Store(url, windows=windows, **config).start()
     try:
+        seen = 0
         for number, commit in enumerate(commits):
             if number == restart_after:
                 await store.close()
                 store = await Store(url, windows=windows, **config).start()
             await store.commit(*[(device, [op]) for device, op in commit])
+            notices = await store.notices()
+            for notice in notices[seen:]:
+                if notice["topic"] == f"{ROOT}/conflicts":
+                    conflict = notice["payload"]["conflict"]
+                    assert conflict == await store.record(conflict["conflict_id"])
+            seen = len(notices)
         records = await store.conflicts()
         messages = [n for n in await store.notices() if n["channel"] == "mqtt"]
         return records, len(messages)
