@@ -48,16 +48,56 @@ class TrainParams:
 
 
 def params_from_settings(settings: Any, **overrides: Any) -> TrainParams:
-    """TrainParams from the daemon's Settings: `conflicts.window_s`, and `[ml]`'s
-    `models_dir`, `min_rows`, `first_sync_hours` where that section exists (module
-    defaults otherwise), then `overrides` (the command's own arguments)."""
-    section = getattr(settings, "ml", None)
-    values: dict[str, Any] = {"window_s": float(settings.conflicts.window_s)}
-    for key in ("models_dir", "min_rows", "first_sync_hours"):
-        value = getattr(section, key, None)
-        if value is not None:
-            values[key] = Path(value) if key == "models_dir" else value
-    return replace(TrainParams(**values), **overrides)
+    """TrainParams from the daemon's Settings (`conflicts.window_s`; `[ml]`'s
+    `algorithm`, `models_dir`, `min_rows`, `first_sync_hours`), then `overrides`, the
+    command's own arguments. Duck-typed: ml/ sits below gateway/ and never imports it."""
+    section = settings.ml
+    return replace(
+        TrainParams(
+            algorithm=section.algorithm,
+            models_dir=Path(section.models_dir),
+            window_s=float(settings.conflicts.window_s),
+            first_sync_hours=float(section.first_sync_hours),
+            min_rows=int(section.min_rows),
+        ),
+        **overrides,
+    )
+
+
+async def train_and_register(
+    engine: AsyncEngine,
+    params: TrainParams,
+    progress: Progress | None = None,
+    *,
+    in_process: bool = False,
+) -> ModelRow:
+    """The run, end to end; returns the model's row, `ready` or `failed`.
+
+    Progress stages: `extract` (as ml.features reports it), then train's own.
+    Errors other than a training failure (the database gone) propagate, after the
+    row is marked failed if the database still answers.
+    """
+    from ml.features import extract
+
+    row = await ml_models.register(engine, algorithm=params.algorithm, seed=params.seed)
+
+    def extracted(done: int, total: int) -> None:
+        if progress is not None:
+            progress("extract", done, total)
+
+    try:
+        dataset = await extract(
+            engine,
+            window_s=params.window_s,
+            first_sync_hours=params.first_sync_hours,
+            since_us=params.since_us,
+            as_of_us=params.as_of_us,
+            progress=extracted,
+        )
+    except BaseException as exc:
+        await _mark_failed_quietly(engine, row.id, _reason(exc, "extraction"))
+        raise
+    return await train_registered(engine, row, dataset, params, progress, in_process=in_process)
 
 
 async def train_registered(
@@ -69,9 +109,8 @@ async def train_registered(
     *,
     in_process: bool = False,
 ) -> ModelRow:
-    """Train `row` (registered, `training`) on `dataset`, save it, and mark it; returns
-    the row, `ready` or `failed`. Errors other than a training failure (the database
-    gone) propagate, after the row is marked failed if the database still answers."""
+    """Train `row` (registered, `training`) on `dataset`, save it, and mark it: the
+    second half of train_and_register, for a caller that has its dataset."""
     run = _in_worker if in_process else _on_thread
     try:
         result = await run(dataset, params, progress)

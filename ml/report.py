@@ -132,16 +132,17 @@ def _markdown(
 _CAPTIONS = {
     "roc.png": "True against false positive rate at every cut, model and baseline: the"
     " higher curve ranks conflicts above the rest more often (the area is the ROC AUC).",
-    "pr.png": "Precision against recall at every cut: with few conflicts this shows what"
-    " the ROC curve hides, how many warnings are right. The dotted line is the share of"
+    "pr.png": "Precision against recall at every cut: when conflicts are few this shows"
+    " what the ROC curve hides, how many warnings are right. The dotted line is the share of"
     " conflict members, what guessing gives.",
     "importances.png": "How much each feature weighs in the model (forest: impurity"
     " importances; logistic regression: |coefficient| on standardised features),"
     " scaled to sum to 1.",
     "calibration.png": "Observed share of conflict members against the predicted"
-    " probability, by deciles of the score. Balanced class weights push a model's"
-    " probabilities up: a curve under the diagonal says the `risk` overstates, so"
-    " read it as a rank, and set `ml.hint_threshold` from this picture.",
+    " probability, by deciles of the score. Balanced class weights move a model's"
+    " probabilities away from the observed rates (up when conflicts are rare): a curve"
+    " off the diagonal says the `risk` over- or understates, so read it as a rank, and"
+    " set `ml.hint_threshold` from this picture.",
     "scores.png": "The model's scores of the holdout's conflict members and of the rest:"
     " the less they overlap, the better a threshold separates them.",
 }
@@ -201,7 +202,7 @@ def _calibration(holdout: Holdout, feature: str) -> Figure:
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
     axes.set_xlabel("predicted probability")
     axes.set_ylabel("observed share of conflict members")
-    axes.legend(loc="upper left")
+    axes.legend(loc="best")
     return figure
 
 

@@ -4,6 +4,7 @@ failures that end as `failed` rows, cancellation, the worker process, the report
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.testing import CliRunner
 
+from gateway.cli.main import app
+from loadgen.generator import GeneratorOptions
 from ml import registry
 from ml.dataset import FEATURES, Dataset
 from ml.pipeline import TrainParams, train_registered
@@ -22,6 +26,7 @@ from storage import migrate, ml_models
 from storage.db import create_engine
 from storage.ml_models import ModelRow
 from tests.support.ml import COMMIT_US, relabelled, synthetic
+from tests.support.ml_data import store_causal
 
 ROWS = 4000
 
@@ -258,3 +263,41 @@ def test_the_report_writes_its_pictures_and_a_page(forest: TrainResult, tmp_path
         assert re.search(rf"^\| {name} \| 0\.\d{{3}} \| 0\.\d{{3}} \|$", page, re.M), name
     for name in names:
         assert f"]({name})" in page
+
+
+def test_fieldgate_ml_trains_lists_and_reports_on_a_simulated_log(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+    options = GeneratorOptions(devices=8, entities=60, seed=2, max_ops=2000, payloads_per_s=0.05)
+    assert asyncio.run(store_causal(url, options, ops_per_commit=50)) == 2000
+    runner = CliRunner()
+    (tmp_path / "empty.toml").write_text("")
+    env = {
+        "FIELDGATE_DATABASE__URL": url,
+        "FIELDGATE_ML__MODELS_DIR": str(tmp_path / "models"),
+        "FIELDGATE_ML__MIN_ROWS": "100",
+        "FIELDGATE_CONFIG": str(tmp_path / "empty.toml"),
+    }
+
+    trained = runner.invoke(app, ["ml", "train", "--algorithm", "logistic_regression"], env=env)
+    assert trained.exit_code == 0, trained.output
+    assert "time-ordered holdout" in trained.output and "verdict: the model" in trained.output
+
+    listed = runner.invoke(app, ["ml", "models", "--json-output"], env=env)
+    assert listed.exit_code == 0, listed.output
+    (model,) = json.loads(listed.output)
+    assert model["status"] == "ready" and model["algorithm"] == "logistic_regression"
+    assert model["train_rows"] + model["holdout_rows"] <= 2000
+    assert model["id"] in trained.output
+    assert set(model["metrics"]["holdout"]) == set(METRICS)
+    assert Path(model["file_path"]).parent == (tmp_path / "models").resolve()
+
+    out = tmp_path / "report"
+    reported = runner.invoke(app, ["ml", "report", model["id"], "--out", str(out)], env=env)
+    assert reported.exit_code == 0, reported.output
+    assert (out / "report.md").read_text().startswith(f"# Conflict model {model['id']}")
+
+    later = runner.invoke(app, ["ml", "train", "--since", "2999-01-01T00:00:00Z"], env=env)
+    assert later.exit_code == 1
+    assert "too few rows: 0 operations" in later.output
+    missing = runner.invoke(app, ["ml", "report", "m_000000000000", "--out", str(out)], env=env)
+    assert missing.exit_code == 1

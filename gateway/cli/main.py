@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import typer
 
 from gateway import config, logs
-from gateway.cli import admin
+from gateway.cli import admin, ml
 from gateway.cli.options import ConfigOption, load_settings
 from gateway.lifecycle import run_async
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(ml.app, name="ml")
 app.command()(admin.admin)
 app.command()(admin.status)
 
