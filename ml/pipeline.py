@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ml import registry
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, Dataset
+from ml.features import extract
 from ml.train import DEFAULT_MIN_ROWS, Algorithm, Progress, TrainingFailed, TrainResult, train
 from ml.worker import main as worker_main
 from storage import ml_models
@@ -77,8 +78,6 @@ async def train_and_register(
     Errors other than a training failure (the database gone) propagate, after the
     row is marked failed if the database still answers.
     """
-    from ml.features import extract
-
     row = await ml_models.register(engine, algorithm=params.algorithm, seed=params.seed)
 
     def extracted(done: int, total: int) -> None:
