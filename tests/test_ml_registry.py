@@ -6,23 +6,27 @@ from __future__ import annotations
 import asyncio
 import builtins
 import hashlib
+import io
 import zipfile
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skops.io as sio
+from rich.console import Console
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.cli.ml import models_view
 from ml import registry
 from ml.registry import ModelRefused
 from ml.train import TrainResult, train
 from storage import migrate, ml_models
 from storage.db import create_engine
-from storage.ml_models import DataWindow, UnknownModel, WrongStatus
+from storage.ml_models import DataWindow, ModelRow, UnknownModel, WrongStatus
 from tests.support.ml import synthetic
 
 WINDOW = DataWindow(
@@ -201,3 +205,61 @@ def test_bytes_that_are_not_skops_are_refused(tmp_path: Path) -> None:
     path.write_bytes(b"not a zip file")
     with pytest.raises(ModelRefused, match="not a readable skops file"):
         registry.load(path, hashlib.sha256(b"not a zip file").hexdigest())
+
+
+def test_the_models_table_fits_a_terminal_and_says_why_a_run_failed() -> None:
+    ready = ModelRow(
+        id="m_0123456789ab",
+        algorithm="random_forest",
+        status="active",
+        seed=0,
+        created_at=1_796_536_600_000_000,
+        window=WINDOW,
+        metrics={"holdout": {"roc_auc": 0.8281, "pr_auc": 0.9641}},
+        baseline_metrics={"feature": "concurrent_editors", "holdout": {"roc_auc": 0.55}},
+        failure_reason=None,
+        file_path="/models/m_0123456789ab.skops",
+        sha256="0" * 64,
+        finished_at=None,
+        activated_at=None,
+    )
+    failed = replace(
+        ready,
+        id="m_ba9876543210",
+        algorithm="logistic_regression",
+        status="failed",
+        window=None,
+        metrics=None,
+        baseline_metrics=None,
+        failure_reason="one class only: no conflict member in all 1200 operations",
+    )
+    shown = io.StringIO()
+    console = Console(width=80, file=shown, color_system=None)
+    console.print(*models_view([failed, ready], console.width))
+    lines = shown.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert lines[0].split() == [
+        "id",
+        "algorithm",
+        "status",
+        "rows",
+        "ROC",
+        "AUC",
+        "PR",
+        "AUC",
+        "baseline",
+        "created",
+    ]
+    assert lines[2].split()[:4] == ["m_ba9876543210", "logistic", "failed", "-"]
+    assert lines[3].split()[:7] == [
+        "m_0123456789ab",
+        "forest",
+        "active",
+        "100",
+        "0.828",
+        "0.964",
+        "0.550",
+    ]
+    assert lines[4] == (
+        "m_ba9876543210 failed: one class only: no conflict member in all 1200 operations"
+    )
