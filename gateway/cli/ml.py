@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gateway.cli.cells import Columns, fitted, line_table, when
-from gateway.cli.options import ConfigOption, load_settings
+from gateway.cli.options import EXIT_USAGE, ConfigOption, load_settings
 from handlers.times import rfc3339, to_us
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ app = typer.Typer(
 )
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 _MEASURES = ("roc_auc", "pr_auc", "f1", "precision", "recall", "accuracy")
 
