@@ -70,6 +70,7 @@ from storage.schema import (
     entities,
     user_counters,
 )
+from storage.summary_cache import SummaryCache
 from storage.sync_log import Before, Prior, op_view
 
 EntityKey = tuple[str, str]
@@ -258,6 +259,7 @@ class Detector:
         self.slow = 0
         """Operations judged each way since start (the benchmarks read them)."""
         self.cache = MemberCache()
+        self.summaries = SummaryCache()
 
     async def run(
         self, conn: AsyncConnection, records: Sequence[OpRecord], now_us: int, prior: Prior
@@ -293,9 +295,11 @@ class Detector:
     def committed(self) -> None:
         """What the batch staged in memory is true now."""
         self.cache.commit()
+        self.summaries.commit()
 
     def failed(self) -> None:
         self.cache.drop()
+        self.summaries.drop()
 
 
 class _Batch:
@@ -332,7 +336,9 @@ class _Batch:
     # -- loading ----------------------------------------------------------------------
 
     async def load(self, per_entity: dict[EntityKey, list[OpView]], prior: Prior) -> None:
-        """Each entity's summaries (windows and versions) and the conflicts they name."""
+        """Each entity's summaries (windows and versions) and the conflicts they name:
+        as this engine's last commit left them when no operation was stored since
+        (`storage.summary_cache`), else read."""
         summarized: list[EntityKey] = []
         names: set[str] = set()
         window_us = self.rules.window_us
@@ -347,11 +353,15 @@ class _Batch:
                 lo = min(op.edited_at_us for op in ops) - window_us
                 if before.edited_max is None or before.edited_max < lo:
                     summary_from = lo
-            self.entities[key] = _Entity(
+            state = self.entities[key] = _Entity(
                 key, summary_from, before.delete_max, before.summary_from, before.version
             )
             if before.version and before.summary_from is not None:
-                summarized.append(key)
+                kept = self.detector.summaries.take(key, before.version)
+                if kept is None:
+                    summarized.append(key)
+                else:
+                    self._summarize(state, kept, names)
         w = conflict_windows.c
         for where in by_entity(w.entity_type, w.entity_id, summarized):
             result = await self.conn.execute(select(conflict_windows).where(where))
@@ -839,6 +849,7 @@ class _Batch:
         work per row cost more than the database's)."""
         conn = self.conn
         rows: list[tuple[str, str, bytes]] = []
+        kept: list[tuple[EntityKey, int, conflict_summaries.Summary]] = []
         bounds: list[tuple[int | None, str, str]] = []
         dropped: list[EntityKey] = []
         for key, state in sorted(self.entities.items()):
@@ -852,6 +863,9 @@ class _Batch:
                     op.conflict_id = self.root(op.conflict_id)
             summary = conflict_summaries.Summary(state.windows, state.versions)
             rows.append((*key, conflict_summaries.encode(summary)))
+            # The versions end with this batch's last op: the entity's version once committed.
+            kept.append((key, state.versions.ops[-1].version, summary))
+        self.detector.summaries.stage(kept)
         if bounds:
             await conn.exec_driver_sql(_sql(conn, _UPDATE_SUMMARY_FROM), bounds)
         w = conflict_windows.c

@@ -1,9 +1,10 @@
 """What an engine keeps in memory between commits never shows.
 
 The detector builds a message's latest 50 members from the batch and from what it
-kept of earlier commits (`storage.member_cache`). Whatever it kept, each message
-must equal the record read back after its commit, and the conflicts must be the
-oracle's: with chains
+kept of earlier commits (`storage.member_cache`), and takes an entity's summary
+from its own last commit when no operation was stored since
+(`storage.summary_cache`). Whatever it kept, each message must equal the record
+read back after its commit, and the conflicts must be the oracle's: with chains
 longer than 50 members, merges, deletes, operations that join late,
 base_version, two instances taking turns on one database (each one's memory is
 stale after the other's commit), and transactions that fail and are tried again,
