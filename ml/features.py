@@ -4,11 +4,14 @@
 (chunked by id, for progress) and computes the features of `ml.dataset` with sorts,
 `searchsorted` and cumulative maxima over integer keys, never a statement or a Python
 step per operation: a million operations in seconds, on SQLite and PostgreSQL alike.
-The arithmetic is in numpy rather than in the databases' window functions because
-"before" is "committed earlier" (`stored_at` strictly below), a frame neither
-database can slide per row without a self-join for the windowed counts, and because a
-sort of a million integers costs numpy ~0.1 s where SQLite spends seconds in a
-temporary B-tree per partitioning.
+The arithmetic is in numpy rather than in window functions: the per-user and
+per-device counts would be window frames (`RANGE ... 1 PRECEDING` over `stored_at`),
+but the entity features ask two things at once (edited within a range *and*
+committed earlier), which no frame expresses without a self-join, and a sort of a
+million integers costs numpy ~0.1 s where SQLite spends seconds in a temporary B-tree
+per partitioning. The log may be read while the daemon writes: a row committed
+during the read may be in it or not, and every row's features are its own either
+way (they depend only on what was committed before it).
 
 `reference_features` computes the same numbers the obvious way, one operation at a
 time against the whole log: the oracle `extract` is tested against.
@@ -24,12 +27,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, FEATURES, Dataset
@@ -54,10 +58,10 @@ _SELECT = (
     " FROM sync_log s LEFT JOIN conflict_members m ON m.op_id = s.op_id"
 )
 _CHUNK = (
-    "SELECT op_id, device_id, user_id, entity_type, entity_id, changes, edited_at,"
+    "SELECT id, op_id, device_id, user_id, entity_type, entity_id, changes, edited_at,"
     " received_at, stored_at FROM sync_log WHERE id >= {lo} AND id < {hi} ORDER BY id"
 )
-_MEMBERS = "SELECT op_id, joined_at FROM conflict_members"
+_MEMBERS = "SELECT s.id, m.joined_at FROM conflict_members m JOIN sync_log s ON s.op_id = m.op_id"
 _CHANGES = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
 
 
@@ -65,7 +69,7 @@ _CHANGES = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
 class _Log:
     """The whole log as columns, in id order; strings as integer codes."""
 
-    op_ids: list[str]
+    op_ids: npt.NDArray[np.object_]
     device: I64
     user: I64
     entity: I64
@@ -102,53 +106,63 @@ async def extract(
 
 
 async def _read(engine: AsyncEngine, progress: Callable[[int, int], None] | None) -> _Log:
-    """The log in chunks of ids, then the members in one statement, joined here by a
-    hash of the op_ids (a join in SQLite costs an index probe per row)."""
-    columns: list[list[object]] = [[] for _ in range(9)]
+    """The log in chunks of ids, then the members' rows in one statement."""
+    blocks = []
     async with engine.connect() as conn:
         bounds = await conn.exec_driver_sql("SELECT min(id), max(id), count(*) FROM sync_log")
         first, last, total = tuple(bounds.one())
         done = 0
         if total:
             for lo in range(int(first), int(last) + 1, CHUNK_IDS):
-                result = await conn.exec_driver_sql(_CHUNK.format(lo=lo, hi=lo + CHUNK_IDS))
-                rows = result.all()
+                rows = await conn.run_sync(_fetch, _CHUNK.format(lo=lo, hi=lo + CHUNK_IDS))
                 if rows:
-                    for column, values in zip(columns, zip(*rows, strict=True), strict=True):
-                        column.extend(values)
+                    # One C loop into a 2-D object array: 3.6x faster than zip(*rows).
+                    blocks.append(np.array(rows, dtype=object))
                 done += len(rows)
                 if progress is not None:
                     progress(done, int(total))
-        members = [tuple(row) for row in await conn.exec_driver_sql(_MEMBERS)]
-    op_ids, devices, users, types, ids, changes, edited, received, stored = columns
-    joined = np.full(len(op_ids), NEVER, dtype=np.int64)
+        members = await conn.run_sync(_fetch, _MEMBERS)
+    table = np.concatenate(blocks) if blocks else np.empty((0, 10), dtype=object)
+    ids = table[:, 0].astype(np.int64)
+    joined = np.full(len(ids), NEVER, dtype=np.int64)
     if members:
-        member_ids, joined_at = zip(*members, strict=True)
-        rows = pd.Index(op_ids).get_indexer(list(member_ids))
-        found = rows >= 0
-        joined[rows[found]] = np.array(joined_at, dtype=np.int64)[found]
-    entity_type = _codes(types)
-    entity = _pair_codes(entity_type, _codes(ids))
-    field_op, field = _fields(changes)
+        pairs = np.array(members, dtype=np.int64)
+        # Members of rows committed after the log was read are not in it.
+        at = np.minimum(np.searchsorted(ids, pairs[:, 0]), len(ids) - 1)
+        found = ids[at] == pairs[:, 0]
+        joined[at[found]] = pairs[found, 1]
+    entity_type = _codes(table[:, 4])
+    field_op, field = _fields(table[:, 6])
     return _Log(
-        op_ids=[str(op_id) for op_id in op_ids],
-        device=_codes(devices),
-        user=_codes(users),
-        entity=entity,
+        op_ids=table[:, 1],
+        device=_codes(table[:, 2]),
+        user=_codes(table[:, 3]),
+        entity=_pair_codes(entity_type, _codes(table[:, 5])),
         entity_type=entity_type,
-        edited=np.array(edited, dtype=np.int64),
-        received=np.array(received, dtype=np.int64),
-        stored=np.array(stored, dtype=np.int64),
+        edited=table[:, 7].astype(np.int64),
+        received=table[:, 8].astype(np.int64),
+        stored=table[:, 9].astype(np.int64),
         joined=joined,
         field_op=field_op,
         field=field,
     )
 
 
-def _codes(values: Sequence[object]) -> I64:
+def _fetch(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of `sql` as the driver gives them: plain tuples, without SQLAlchemy's
+    row objects (they doubled the time of reading a million rows)."""
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def _codes(values: npt.NDArray[np.object_]) -> I64:
     """Each value's code: equal values, equal codes (hashed, not sorted: a sort of a
     million Python strings costs seconds)."""
-    codes, _uniques = pd.factorize(np.array(values, dtype=object))
+    codes, _uniques = pd.factorize(values)
     return np.asarray(codes, dtype=np.int64)
 
 
@@ -173,16 +187,16 @@ def _pair_codes(major: I64, minor: I64) -> I64:
     return major * (int(minor.max(initial=0)) + 1) + minor
 
 
-def _fields(changes: Sequence[object]) -> tuple[I64, I64]:
+def _fields(changes: npt.NDArray[np.object_]) -> tuple[I64, I64]:
     """(operation row, field code) for every field each operation's `changes` names,
     all of them decoded in one call."""
-    if not changes:
+    if not len(changes):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    decoded = _CHANGES.decode(("[" + ",".join(map(str, changes)) + "]").encode())
+    decoded = _CHANGES.decode(("[" + ",".join(changes) + "]").encode())
     lengths = np.fromiter(map(len, decoded), dtype=np.int64, count=len(decoded))
     names = list(itertools.chain.from_iterable(decoded))
     op = np.repeat(np.arange(len(decoded), dtype=np.int64), lengths)
-    return op, _codes(names) if names else np.zeros(0, np.int64)
+    return op, _codes(np.array(names, dtype=object)) if names else np.zeros(0, np.int64)
 
 
 def _dataset(
@@ -215,7 +229,7 @@ def _dataset(
         X=X[rows],
         y=(log.joined[rows] != NEVER).astype(np.int8),
         stored_at=log.stored[rows],
-        op_ids=[log.op_ids[i] for i in rows],
+        op_ids=log.op_ids[rows].tolist(),
     )
 
 
