@@ -33,6 +33,7 @@ from gateway import __version__, config, logs, systemd
 from gateway.admin.alerts import AlertCommands
 from gateway.admin.conflicts import ConflictCommands
 from gateway.admin.dlq import DlqCommands
+from gateway.admin.ml import MlCommands
 from gateway.admin.quarantine import QuarantineCommands
 from gateway.admin.server import AdminServer
 from gateway.admin.sync import SyncCommands
@@ -154,6 +155,7 @@ class Daemon:
                 self.redis, self.poster, lambda: self.settings, self.session, root
             ).commands(),
             *WebhookCommands(self.webhooks).commands(),
+            *MlCommands(self.database, lambda: self.settings, self._outbox_written).commands(),
         ]
         self.admin = AdminServer(root, self.session, commands, self._token, self.metrics)
         self.intake.mount("admin/request/{command:path}", self.admin.request)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from ml import registry
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, Dataset
 from ml.features import extract
 from ml.train import DEFAULT_MIN_ROWS, Algorithm, Progress, TrainingFailed, TrainResult, train
+from ml.worker import Extraction
 from ml.worker import main as worker_main
 from storage import ml_models
 from storage.ml_models import ModelRow
@@ -71,14 +72,24 @@ async def train_and_register(
     progress: Progress | None = None,
     *,
     in_process: bool = False,
+    database_url: str | None = None,
+    announce: ml_models.Announce | None = None,
 ) -> ModelRow:
     """The run, end to end; returns the model's row, `ready` or `failed`.
 
     Progress stages: `extract` (as ml.features reports it), then train's own.
     Errors other than a training failure (the database gone) propagate, after the
-    row is marked failed if the database still answers.
+    row is marked failed if the database still answers. `in_process` with the
+    `database_url`: the worker process extracts too (the daemon's way). `announce`:
+    the outbox rows written with the row's `ready` (ml_models.mark_ready).
     """
     row = await ml_models.register(engine, algorithm=params.algorithm, seed=params.seed)
+    if in_process and database_url is not None:
+        source = Extraction(
+            database_url, params.window_s, params.first_sync_hours, params.since_us, params.as_of_us
+        )
+        training = _in_worker(source, params, progress)
+        return await _finish(engine, row, params, training, announce)
 
     def extracted(done: int, total: int) -> None:
         if progress is not None:
@@ -96,7 +107,9 @@ async def train_and_register(
     except BaseException as exc:
         await _mark_failed_quietly(engine, row.id, _reason(exc, "extraction"))
         raise
-    return await train_registered(engine, row, dataset, params, progress, in_process=in_process)
+    return await train_registered(
+        engine, row, dataset, params, progress, in_process=in_process, announce=announce
+    )
 
 
 async def train_registered(
@@ -107,12 +120,24 @@ async def train_registered(
     progress: Progress | None = None,
     *,
     in_process: bool = False,
+    announce: ml_models.Announce | None = None,
 ) -> ModelRow:
     """Train `row` (registered, `training`) on `dataset`, save it, and mark it: the
     second half of train_and_register, for a caller that has its dataset."""
     run = _in_worker if in_process else _on_thread
+    return await _finish(engine, row, params, run(dataset, params, progress), announce)
+
+
+async def _finish(
+    engine: AsyncEngine,
+    row: ModelRow,
+    params: TrainParams,
+    training: Awaitable[TrainResult],
+    announce: ml_models.Announce | None = None,
+) -> ModelRow:
+    """Await the training, save what it made, and mark the row ready or failed."""
     try:
-        result = await run(dataset, params, progress)
+        result = await training
         saved = await asyncio.to_thread(
             registry.save, result.pipeline, result.holdout, params.models_dir, row.id
         )
@@ -129,6 +154,7 @@ async def train_registered(
         baseline_metrics=result.baseline,
         file_path=str(saved.path),
         sha256=saved.sha256,
+        announce=announce,
     )
 
 
@@ -170,7 +196,7 @@ async def _on_thread(
 
 
 async def _in_worker(
-    dataset: Dataset, params: TrainParams, progress: Progress | None
+    source: Dataset | Extraction, params: TrainParams, progress: Progress | None
 ) -> TrainResult:
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")
@@ -178,7 +204,7 @@ async def _in_worker(
     stop = context.Event()
     worker = context.Process(
         target=worker_main,
-        args=(theirs, stop, dataset, params.algorithm, params.seed, params.min_rows, params.n_jobs),
+        args=(theirs, stop, source, params.algorithm, params.seed, params.min_rows, params.n_jobs),
         name="fieldgate-ml-train",
     )
     worker.start()

@@ -7,30 +7,46 @@ process imports everything its target's module does before it can start.
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 
 from ml.dataset import Dataset
-from ml.train import Algorithm, TrainingFailed, train
+from ml.train import Algorithm, Progress, TrainingFailed, train
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """Where the worker reads its dataset itself: the daemon's event loop must not
+    run the extraction's seconds of numpy, nor hold its memory."""
+
+    database_url: str
+    window_s: float
+    first_sync_hours: float
+    since_us: int | None
+    as_of_us: int | None
 
 
 def main(
     conn: Connection,
     stop: Event,
-    dataset: Dataset,
+    source: Dataset | Extraction,
     algorithm: Algorithm,
     seed: int,
     min_rows: int,
     n_jobs: int,
 ) -> None:
-    """Train, sending `("progress", stage, done, total)` as it goes and then one final
-    message: `("done", TrainResult)` or `("failed", reason)`. Anything else (a bug,
-    the OOM killer) closes the pipe without a final message."""
+    """Extract (when given an `Extraction`) and train, sending `("progress", stage,
+    done, total)` as it goes and then one final message: `("done", TrainResult)` or
+    `("failed", reason)`. Anything else (a bug, the OOM killer) closes the pipe
+    without a final message."""
 
     def report(stage: str, done: int, total: int) -> None:
         conn.send(("progress", stage, done, total))
 
     try:
+        dataset = source if isinstance(source, Dataset) else _extract(source, report)
         result = train(
             dataset,
             algorithm,
@@ -46,3 +62,24 @@ def main(
         conn.send(("done", result))
     finally:
         conn.close()
+
+
+def _extract(source: Extraction, report: Progress) -> Dataset:
+    from ml.features import extract
+    from storage.db import create_engine
+
+    async def run() -> Dataset:
+        engine = create_engine(source.database_url, pool_size=1)
+        try:
+            return await extract(
+                engine,
+                window_s=source.window_s,
+                first_sync_hours=source.first_sync_hours,
+                since_us=source.since_us,
+                as_of_us=source.as_of_us,
+                progress=lambda done, total: report("extract", done, total),
+            )
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())

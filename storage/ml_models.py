@@ -10,6 +10,7 @@ The files themselves are ml/registry.py's; this module never reads them.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,7 +19,9 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.times import now_us
+from handlers.records import OutboxRecord
+from handlers.times import now_us, rfc3339
+from storage import outbox
 from storage.schema import ml_models
 
 Status = Literal["training", "ready", "failed", "active"]
@@ -107,6 +110,38 @@ class ModelRow:
         }
 
 
+def shown(row: ModelRow) -> dict[str, Any]:
+    """A model as answers, events and views show it: times in RFC 3339, the holdout's
+    figures beside the baseline's, and the verdict (a higher holdout ROC AUC)."""
+    window = row.window
+    metrics = (row.metrics or {}).get("holdout")
+    baseline = row.baseline_metrics or {}
+    held_base = baseline.get("holdout")
+    return {
+        "model_id": row.id,
+        "algorithm": row.algorithm,
+        "status": row.status,
+        "created_at": rfc3339(row.created_at),
+        "finished_at": rfc3339(row.finished_at),
+        "activated_at": rfc3339(row.activated_at),
+        "data_since": rfc3339(window.since_us) if window else None,
+        "data_until": rfc3339(window.until_us) if window else None,
+        "train_rows": window.train_rows if window else None,
+        "holdout_rows": window.holdout_rows if window else None,
+        "holdout_positives": window.holdout_positives if window else None,
+        "metrics": metrics,
+        "baseline": {"feature": baseline.get("feature"), **held_base} if held_base else None,
+        "beats_baseline": (
+            bool(metrics["roc_auc"] > held_base["roc_auc"]) if metrics and held_base else None
+        ),
+        "failure_reason": row.failure_reason,
+    }
+
+
+Announce = Callable[[ModelRow], Sequence[OutboxRecord]]
+"""The outbox rows that tell of a model that became ready."""
+
+
 def new_id() -> str:
     return f"m_{secrets.token_hex(6)}"
 
@@ -188,7 +223,10 @@ async def mark_ready(
     baseline_metrics: dict[str, Any],
     file_path: str,
     sha256: str,
+    announce: Announce | None = None,
 ) -> ModelRow:
+    """`announce(row)`: the outbox rows that tell of the ready model (`model.trained`),
+    written in the same transaction, so that a model is never ready unannounced."""
     return await _finish(
         engine,
         model_id,
@@ -200,6 +238,7 @@ async def mark_ready(
             "file_path": file_path,
             "sha256": sha256,
         },
+        announce,
     )
 
 
@@ -213,18 +252,22 @@ async def mark_failed(
     )
 
 
-async def _finish(engine: AsyncEngine, model_id: str, values: dict[str, Any]) -> ModelRow:
+async def _finish(
+    engine: AsyncEngine, model_id: str, values: dict[str, Any], announce: Announce | None = None
+) -> ModelRow:
     """Only a `training` row ends: marking a model twice would rewrite its history."""
     async with engine.begin() as conn:
         current = await _fetch(conn, model_id)
         if current.status != TRAINING:
             raise WrongStatus(model_id, current.status, "only a training run can be marked")
+        now = now_us()
         await conn.execute(
-            update(ml_models)
-            .where(ml_models.c.id == model_id)
-            .values(finished_at=now_us(), **values)
+            update(ml_models).where(ml_models.c.id == model_id).values(finished_at=now, **values)
         )
-        return await _fetch(conn, model_id)
+        row = await _fetch(conn, model_id)
+        if announce is not None:
+            await outbox.add(conn, announce(row), now)
+        return row
 
 
 async def activate(engine: AsyncEngine, model_id: str) -> ModelRow:

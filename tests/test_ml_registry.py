@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.cli.ml import models_view
+from gateway.cli.ml_views import models_view
 from ml import registry
 from ml.registry import ModelRefused
 from ml.train import TrainResult, train
@@ -235,7 +235,7 @@ def test_the_models_table_fits_a_terminal_and_says_why_a_run_failed() -> None:
     )
     shown = io.StringIO()
     console = Console(width=80, file=shown, color_system=None)
-    console.print(*models_view([failed, ready], console.width))
+    console.print(*models_view([ml_models.shown(failed), ml_models.shown(ready)], console.width))
     lines = shown.getvalue().splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert lines[0].split() == [

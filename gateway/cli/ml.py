@@ -22,9 +22,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
-from gateway.cli.cells import Columns, fitted, line_table, when
+from gateway.cli.ml_views import models_view
 from gateway.cli.options import EXIT_USAGE, ConfigOption, load_settings
 from handlers.times import rfc3339, to_us
 
@@ -194,58 +193,7 @@ def models(
         typer.echo(json.dumps([row.as_dict() for row in rows]))
         return
     console = Console()
-    console.print(*models_view(rows, console.width))
-
-
-_MODEL_COLUMNS: Columns = (
-    ("id", "left"),
-    ("algorithm", "left"),
-    ("status", "left"),
-    ("rows", "right"),
-    ("ROC AUC", "right"),
-    ("PR AUC", "right"),
-    ("baseline", "right"),
-    ("created", "left"),
-)
-"""`baseline`: the best single feature's holdout ROC AUC."""
-
-_SHORT_NAMES = {"random_forest": "forest", "logistic_regression": "logistic"}
-
-
-def models_view(rows: list[ModelRow], width: int) -> list[Any]:
-    """One line per model, within the terminal (the time gives way first, then the
-    algorithm; the id, what one types next, never); each failed model's reason on a
-    line of its own below."""
-    cells = []
-    for row in rows:
-        held = (row.metrics or {}).get("holdout") or {}
-        base = (row.baseline_metrics or {}).get("holdout") or {}
-        window = row.window
-        cells.append(
-            (
-                row.id,
-                _SHORT_NAMES.get(row.algorithm, row.algorithm),
-                row.status,
-                str(window.train_rows + window.holdout_rows) if window else "-",
-                _number(held.get("roc_auc")),
-                _number(held.get("pr_auc")),
-                _number(base.get("roc_auc")),
-                when(rfc3339(row.created_at)),
-            )
-        )
-    table = line_table(_MODEL_COLUMNS, fitted(_MODEL_COLUMNS, cells, width, [(7, 11), (1, 6)]))
-    for line in cells:
-        table.add_row(*line)
-    if not rows:
-        return ["no models: train one with `fieldgate ml train`"]
-    failures = [
-        Text(f"{row.id} failed: {row.failure_reason}") for row in rows if row.failure_reason
-    ]
-    return [table, *failures]
-
-
-def _number(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else "-"
+    console.print(*models_view([ml_models.shown(row) for row in rows], console.width))
 
 
 @app.command()

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from gateway.cli import conflict_views, dlq_views
+from gateway.cli import conflict_views, dlq_views, ml_views
 
 View = Callable[[dict[str, Any], int], list[RenderableType]]
 """A view takes the answer's data and the terminal's width."""
@@ -24,6 +24,10 @@ VIEWS: dict[str, View] = {
     "dlq/purge": dlq_views.dlq_purge,
     "dlq/reindex": dlq_views.dlq_reindex,
     "webhooks/list": dlq_views.webhooks_list,
+    "ml/models": ml_views.list_view,
+    "ml/train": ml_views.model_view,
+    "ml/activate": ml_views.model_view,
+    "ml/status": ml_views.status_view,
 }
 """Commands whose answers have a chosen layout; every other answer gets the generic
 one (items as a table, the rest as rows). A new view is a row here and a module."""

@@ -1,0 +1,156 @@
+"""`ml/train`, `ml/status`, `ml/models`, `ml/activate` over MQTT, against a daemon
+process whose database holds a causal log stored through the real detection.
+
+Training is a long command run in a worker process: its progress comes in order and
+ends with the model, `model.trained` is published, and ingest keeps answering while
+it runs. Activation checks the model's file first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loadgen.generator import GeneratorOptions
+from tests.support import Admin, Client, Daemon, Mosquitto, send_one, stored, sync_op
+from tests.support.ml_data import store_causal
+
+MODEL_KEYS = {
+    "model_id",
+    "algorithm",
+    "status",
+    "created_at",
+    "finished_at",
+    "activated_at",
+    "data_since",
+    "data_until",
+    "train_rows",
+    "holdout_rows",
+    "holdout_positives",
+    "metrics",
+    "baseline",
+    "beats_baseline",
+    "failure_reason",
+}
+
+
+def causal_daemon(
+    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], ops: int = 2000
+) -> Daemon:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+    options = GeneratorOptions(devices=8, entities=60, seed=2, max_ops=ops, payloads_per_s=0.05)
+    assert asyncio.run(store_causal(url, options, ops_per_commit=50)) == ops
+    return make_daemon(
+        broker.port, url, ML__MODELS_DIR=str(tmp_path / "models"), ML__MIN_ROWS="100"
+    )
+
+
+def train(admin: Admin, **args: Any) -> dict[str, Any]:
+    """The model one ml/train answered with."""
+    answer = admin.answer("ml/train", admin.send("ml/train", args), timeout=120)
+    assert answer["status"] == "ok", answer
+    model: dict[str, Any] = answer["data"]["model"]
+    return model
+
+
+def test_a_training_run_reports_progress_in_order_announces_and_registers(
+    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    daemon = causal_daemon(tmp_path, broker, make_daemon)
+    admin = Admin(client, daemon.root)
+    client.subscribe(f"{daemon.root}/admin/progress/#", f"{daemon.root}/ml/models")
+    client.subscribe(f"{daemon.root}/devices/d1/sync/ack")
+
+    transaction = admin.send("ml/train", {"algorithm": "logistic_regression"})
+    # Ingest answers while the worker extracts and trains.
+    assert send_one(client, daemon.root, "d1", sync_op("during-training")) == stored(
+        "during-training", 1
+    )
+    answer = admin.answer("ml/train", transaction, timeout=120)
+    accepted = [a for a in admin.answers("ml/train", transaction) if a["status"] == "accepted"]
+    assert len(accepted) == 1
+    assert answer["status"] == "ok", answer
+    model = answer["data"]["model"]
+    assert set(model) == MODEL_KEYS
+    assert (model["status"], model["algorithm"]) == ("ready", "logistic_regression")
+    assert set(model["metrics"]) == {
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "roc_auc",
+        "pr_auc",
+        "confusion_matrix",
+    }
+    assert model["train_rows"] + model["holdout_rows"] <= 2001
+
+    progress = [
+        m.json()
+        for m in client.on(f"{daemon.root}/admin/progress/ml/train")
+        if m.json()["transaction"] == transaction
+    ]
+    done = [p["done"] for p in progress]
+    assert done == sorted(set(done)) and done[-1] == 100
+    assert {p["total"] for p in progress} == {100}
+
+    (announced,) = client.on(f"{daemon.root}/ml/models")
+    assert announced.json() == {"event": "model.trained", "model": model}
+
+    models = admin.data("ml/models")
+    assert [m["model_id"] for m in models["items"]] == [model["model_id"]]
+    status = admin.data("ml/status")
+    assert (status["training"], status["active"]) == (None, None)
+    assert status["latest"]["model_id"] == model["model_id"]
+
+
+def test_activation_checks_the_file_and_a_tampered_one_leaves_the_active_model(
+    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    daemon = causal_daemon(tmp_path, broker, make_daemon)
+    admin = Admin(client, daemon.root)
+    client.subscribe(f"{daemon.root}/admin/progress/#")
+    first = train(admin, algorithm="logistic_regression")
+    second = train(admin, algorithm="random_forest")
+    activated = admin.data("ml/activate", model_id=first["model_id"])["model"]
+    assert activated["status"] == "active"
+    assert admin.data("ml/status")["active"]["model_id"] == first["model_id"]
+
+    models_dir = tmp_path / "models"
+    (path,) = [p for p in models_dir.iterdir() if p.name == f"{second['model_id']}.skops"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    error = admin.error("ml/activate", model_id=second["model_id"])
+    assert error["code"] == "invalid_args" and error["path"] == "model_id"
+    assert error["message"].startswith(f"model {second['model_id']} refused: ")
+    assert admin.data("ml/status")["active"]["model_id"] == first["model_id"]
+
+    assert admin.error("ml/activate", model_id="m_000000000000") == {
+        "code": "invalid_args",
+        "message": "no model m_000000000000",
+        "path": "model_id",
+    }
+
+
+def test_a_run_without_enough_rows_ends_failed_with_its_reason(
+    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    daemon = causal_daemon(tmp_path, broker, make_daemon, ops=300)
+    admin = Admin(client, daemon.root)
+    model = train(admin, since="2999-01-01T00:00:00Z")
+    assert model["status"] == "failed"
+    assert model["failure_reason"].startswith("too few rows: 0 operations")
+    assert [key for key, value in model.items() if value is None] == [
+        "activated_at",
+        "data_since",
+        "data_until",
+        "train_rows",
+        "holdout_rows",
+        "holdout_positives",
+        "metrics",
+        "baseline",
+        "beats_baseline",
+    ]
+    assert admin.data("ml/status")["training"] is None
