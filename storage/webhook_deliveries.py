@@ -149,35 +149,51 @@ _CLAIMED = (
 async def claim(
     engine: AsyncEngine, endpoint: str, limit: int, now_us: int, lease_us: int
 ) -> list[Delivery]:
-    """Lease up to `limit` of the endpoint's due deliveries, the longest due first."""
-    async with engine.begin() as conn:
-        due = (
-            select(deliveries.c.id)
-            .where(
-                deliveries.c.endpoint == endpoint,
-                deliveries.c.dead_at.is_(None),
-                deliveries.c.due_at <= now_us,
-                or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now_us),
+    """Lease up to `limit` of the endpoint's due deliveries, the longest due first.
+
+    One statement, committed by itself (autocommit): SQLite's one write lock is held
+    for one driver call, not across the event loop's turns between the statements
+    of a transaction, while the engine process waits for it to commit a batch
+    (docs/benchmarks.md, "Webhook delivery"). PostgreSQL: the rows are locked with
+    SKIP LOCKED, so instances claim different ones.
+    """
+    due = (
+        select(deliveries.c.id)
+        .where(
+            deliveries.c.endpoint == endpoint,
+            deliveries.c.dead_at.is_(None),
+            deliveries.c.due_at <= now_us,
+            or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now_us),
+        )
+        .order_by(deliveries.c.due_at, deliveries.c.id)
+        .limit(limit)
+    )
+    if engine.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    claimed = (
+        update(deliveries)
+        .where(deliveries.c.id.in_(due.scalar_subquery()))
+        .values(claimed_until=now_us + lease_us)
+        .returning(deliveries.c.due_at, *_CLAIMED)
+    )
+    async with engine.connect() as conn:
+        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        rows = (await auto.execute(claimed)).mappings().all()
+    ordered = sorted(rows, key=lambda row: (row["due_at"], row["id"]))
+    return [Delivery(**{k: v for k, v in row.items() if k != "due_at"}) for row in ordered]
+
+
+async def release(engine: AsyncEngine, ids: Sequence[int]) -> None:
+    """Give claimed deliveries back unattempted (a paused, disabled or stopping
+    endpoint's queue), so that they need not wait for their leases to lapse."""
+    if ids:
+        async with engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(
+                update(deliveries)
+                .where(deliveries.c.id.in_(ids), deliveries.c.dead_at.is_(None))
+                .values(claimed_until=None)
             )
-            .order_by(deliveries.c.due_at, deliveries.c.id)
-            .limit(limit)
-        )
-        if conn.dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        ids = [row_id for (row_id,) in await conn.execute(due)]
-        if not ids:
-            return []
-        await conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id.in_(ids))
-            .values(claimed_until=now_us + lease_us)
-        )
-        rows = await conn.execute(
-            select(*_CLAIMED)
-            .where(deliveries.c.id.in_(ids))
-            .order_by(deliveries.c.due_at, deliveries.c.id)
-        )
-        return [Delivery(**row) for row in rows.mappings()]
 
 
 async def next_due(engine: AsyncEngine, endpoint: str) -> int | None:
@@ -193,22 +209,29 @@ async def next_due(engine: AsyncEngine, endpoint: str) -> int | None:
 
 
 async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: str) -> None:
-    """Write attempts' outcomes in one transaction; a dead one's `webhook.dead` notice
-    with it (to `dead_topic`)."""
+    """Write attempts' outcomes: the delivered ones' rows go in one statement; the
+    retries and the dead (with their `webhook.dead` notices, to `dead_topic`) in one
+    transaction."""
     if not settled:
         return
+    delivered = [s.delivery.id for s in settled if s.outcome == "delivered"]
+    if delivered:
+        # The common outcome, one statement: committed by itself (see `claim`).
+        async with engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(delete(deliveries).where(deliveries.c.id.in_(delivered)))
+    failed = [s for s in settled if s.outcome != "delivered"]
+    if not failed:
+        return
     async with engine.begin() as conn:
-        delivered = [s.delivery.id for s in settled if s.outcome == "delivered"]
-        if delivered:
-            await conn.execute(delete(deliveries).where(deliveries.c.id.in_(delivered)))
-        for s in settled:
+        for s in failed:
             if s.outcome == "retry":
                 await conn.execute(
                     update(deliveries)
                     .where(deliveries.c.id == s.delivery.id, deliveries.c.dead_at.is_(None))
                     .values(**_attempted(s), due_at=s.due_at)
                 )
-        await bury(conn, [s for s in settled if s.outcome == "dead"], dead_topic)
+        await bury(conn, [s for s in failed if s.outcome == "dead"], dead_topic)
 
 
 def _attempted(s: Settled) -> dict[str, Any]:

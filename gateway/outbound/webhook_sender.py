@@ -3,18 +3,25 @@ batches.
 
 - **Fan-out** takes the outbox's webhook events and writes one delivery per
   subscribed endpoint (storage/webhook_deliveries.py), in one transaction.
-- **A lane per endpoint** claims that endpoint's due deliveries, up to its
-  `max_in_flight`, and posts them. Lanes share nothing but the HTTP pool, which has
-  no limit of its own: an endpoint that is slow or down fills its own slots and
-  never delays another's. Its circuit breaker (handlers/webhooks.py) pauses it
-  after `breaker_failures` failures in a row, then lets one probe through.
-- **Settling** writes outcomes (delivered, retry at, dead) in batches: one
-  transaction for all that finished since the last, not one per POST.
+- **A lane per endpoint** claims that endpoint's due deliveries a few pages ahead
+  into a queue, and posts them, `max_in_flight` at once; an attempt's end starts
+  the next queued one, with no database round trip per attempt. Lanes share
+  nothing but the HTTP pool, which has no limit of its own: an endpoint that is
+  slow or down fills its own slots and never delays another's. Its circuit
+  breaker (handlers/webhooks.py) pauses it after `breaker_failures` failures in a
+  row, then lets one probe through.
+- **Settling** writes outcomes (delivered, retry at, dead) every 50 ms, together:
+  the delivered ones in one statement, not a transaction per POST.
 
-A delivery is leased for its attempt (twice the timeout): if this process
-dies mid-attempt, the lease lapses and this or another instance sends it again.
-Receivers deduplicate by `webhook-id`, stable across attempts: delivery is at
-least once.
+Claims and the delivered ones' deletes are single statements in autocommit: on
+SQLite, the one write lock is held for one driver call, never across the event
+loop's turns, while the engine process waits for it (docs/benchmarks.md).
+
+A claimed delivery is leased for its wait in the queue and its attempt ((2 +
+CLAIM_PAGES) timeouts and a second): if this process dies, the lease lapses and
+this or another instance sends it again; a paused, disabled or stopping lane gives
+its queue back at once. Receivers deduplicate by `webhook-id`, stable across
+attempts: delivery is at least once.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +51,13 @@ log = structlog.get_logger("fieldgate.webhooks")
 
 FAN_OUT_PAGE = 500
 LEASE_MARGIN_S = 1.0
-"""A claimed delivery's lease is twice its timeout plus this: the attempt, then the
-settling of its outcome (batched, so it may wait behind a slow transaction)."""
+"""Added to a claimed delivery's lease: the settling of its outcome waits a little
+(batched) and may wait behind a slow transaction."""
+CLAIM_PAGES = 4
+"""A lane claims up to this many times its `max_in_flight` at once and queues them:
+a claim per few attempts cost the sender its pace (docs/benchmarks.md)."""
+SETTLE_EVERY_S = 0.05
+"""Outcomes are gathered this long before they are written, in one go."""
 POLL_S = 1.0
 """How often an idle lane looks for due retries (and other instances' lapsed leases)."""
 GAUGES_EVERY_S = 5.0
@@ -64,6 +77,9 @@ class Lane:
         self.last_error: str | None = None
         self.last_error_at: int | None = None
         self.attempts: set[asyncio.Task[None]] = set()
+        self.queue: deque[Delivery] = deque()
+        """Claimed (leased) and not yet started: slots are filled from here, with no
+        database round trip per attempt."""
         self.configure(config)
 
     def configure(self, config: WebhookConfig) -> None:
@@ -99,37 +115,66 @@ class Lane:
                 await asyncio.wait_for(self.wake.wait(), timeout=wait_s)
 
     async def _fill(self) -> float | None:
-        """Start attempts for due deliveries; the seconds to wait before looking again
-        (None: until woken)."""
+        """Keep the queue of claimed deliveries topped up and the slots busy; the seconds
+        to wait before looking again (None: until woken)."""
         config = self.config
         if not config.enabled:
+            await self.release_queue()
             return None
         now_s = time.monotonic()
         admitted = webhooks.admit(self.breaker, now_s)
         if admitted is None:
+            await self.release_queue()  # paused: what waits here goes back meanwhile
             if self.breaker.state == "open":
                 return max(0.0, self.breaker.until_s - now_s)
             return None  # the probe is out: its outcome wakes the lane
-        free = config.max_in_flight - self.in_flight
         if admitted.state == "half_open":
-            free = 1 if self.in_flight == 0 else 0
-        elif free < max(1, config.max_in_flight // 2) and self.in_flight:
-            return None  # claim several at once: a slot's end wakes the lane
-        if free <= 0:
+            if self.in_flight:
+                return None
+            probe = await self._claim(1)
+            if not probe:
+                return POLL_S
+            self.breaker = admitted
+            self._start(probe[0])
             return None
-        lease_us = int((2 * config.timeout_s + LEASE_MARGIN_S) * 1e6)
-        claimed = await webhook_deliveries.claim(
-            self.sender.database, self.name, free, now_us(), lease_us
+        more = True
+        if len(self.queue) < config.max_in_flight:
+            want = CLAIM_PAGES * config.max_in_flight - len(self.queue)
+            claimed = await self._claim(want)
+            self.queue.extend(claimed)
+            more = len(claimed) == want
+        self._start_queued()
+        if self.queue:
+            return None  # attempts' ends start the queued ones, and wake the lane
+        return 0 if more else POLL_S
+
+    async def _claim(self, count: int) -> list[Delivery]:
+        """A lease long enough for the wait in the queue: each delivery waits for at most
+        CLAIM_PAGES rounds of attempts, each at most a timeout."""
+        timeout_s = self.config.timeout_s
+        lease_us = int(((2 + CLAIM_PAGES) * timeout_s + LEASE_MARGIN_S) * 1e6)
+        return await webhook_deliveries.claim(
+            self.sender.database, self.name, count, now_us(), lease_us
         )
-        if not claimed:
-            return POLL_S
-        self.breaker = admitted
-        for delivery in claimed:
-            self.in_flight += 1
-            task = asyncio.create_task(self._attempt(delivery), name=f"webhook:{self.name}")
-            self.attempts.add(task)
-            task.add_done_callback(self._attempt_done)
-        return 0 if len(claimed) == free else POLL_S
+
+    def _start_queued(self) -> None:
+        while self.queue and self.in_flight < self.config.max_in_flight:
+            if self.breaker.state != "closed" or not self.config.enabled:
+                return
+            self._start(self.queue.popleft())
+
+    def _start(self, delivery: Delivery) -> None:
+        self.in_flight += 1
+        task = asyncio.create_task(self._attempt(delivery), name=f"webhook:{self.name}")
+        self.attempts.add(task)
+        task.add_done_callback(self._attempt_done)
+
+    async def release_queue(self) -> None:
+        """Give the queued deliveries back (their leases would hold them meanwhile)."""
+        if self.queue:
+            ids = [delivery.id for delivery in self.queue]
+            self.queue.clear()
+            await webhook_deliveries.release(self.sender.database, ids)
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         """An attempt that raised is a bug: say so (its lease lapses and it is sent
@@ -147,7 +192,9 @@ class Lane:
             self.sender.settle(self._outcome(delivery, attempt))
         finally:
             self.in_flight -= 1
-            self.wake.set()
+            self._start_queued()
+            if len(self.queue) < self.config.max_in_flight or self.breaker.state != "closed":
+                self.wake.set()
 
     def _outcome(self, delivery: Delivery, attempt: Attempt) -> Settled:
         """What the attempt means for the delivery, the breaker and the record."""
@@ -318,6 +365,9 @@ class WebhookSender(Part):
         self._stopping = True
         for task in self._lane_tasks.values():
             task.cancel()
+        for lane in self.lanes.values():
+            with contextlib.suppress(DBAPIError):
+                await lane.release_queue()
         attempts = {task for lane in self.lanes.values() for task in lane.attempts}
         if attempts:
             await asyncio.wait(attempts, timeout=self.stop_timeout_s - 1.5)
@@ -389,6 +439,7 @@ class WebhookSender(Part):
     async def _settle_loop(self) -> None:
         while True:
             await self._settle_wake.wait()
+            await asyncio.sleep(SETTLE_EVERY_S)
             self._settle_wake.clear()
             await self._settle_all()
 
