@@ -60,7 +60,7 @@ from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
 from storage import conflict_store, conflict_summaries
 from storage.db import by_entity, chunks
-from storage.member_cache import MemberCache
+from storage.member_cache import MemberCache, Rendered
 from storage.schema import (
     SUMMARY_ALL,
     conflict_totals,
@@ -289,7 +289,7 @@ class Detector:
             {"event": event, "count": n} for event, n in sorted(batch.tallies.items())
         ]
         outbox = await batch.announce()
-        self.cache.stage(batch.latest, batch.absorbed, list(batch.stored.values()))
+        self.cache.stage(batch.latest, batch.absorbed, list(batch.stored.values()), batch.rendered)
         return Detected(outbox, events)
 
     def committed(self) -> None:
@@ -325,6 +325,8 @@ class _Batch:
         """The operations this batch stores, whole."""
         self.latest: dict[str, tuple[int, list[OpView]]] = {}
         """Per touched conflict, its member count and latest members, once announced."""
+        self.rendered: dict[str, Rendered] = {}
+        """The members its messages show, as they show them."""
         self.touched: dict[str, _Touch] = {}
         self.events: list[dict[str, Any]] = []
         self.user_members: dict[str, int] = {}
@@ -928,9 +930,21 @@ class _Batch:
                 count = self.conflicts[conflict_id].group.member_count
                 self.latest[conflict_id] = (count, read.get(conflict_id, []))
         for conflict_id, record in records.items():
-            fields = record["fields"]
-            record["members"] = [_member(op, fields) for op in self.latest[conflict_id][1]]
+            fields = tuple(record["fields"])
+            record["members"] = [self._render(op, fields) for op in self.latest[conflict_id][1]]
         return records
+
+    def _render(self, op: OpView, fields: tuple[str, ...]) -> msgspec.Raw:
+        """A member's JSON in a message: as the last message showed it, when it showed
+        the same fields of its conflict."""
+        found = self.rendered.get(op.op_id)
+        if found is not None and found[0] == fields:
+            return found[1]
+        shown = self.detector.cache.rendered(op.op_id, fields)
+        if shown is None:
+            shown = msgspec.Raw(_encode(_member(op, fields)))
+        self.rendered[op.op_id] = (fields, shown)
+        return shown
 
     def _latest(
         self,

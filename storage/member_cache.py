@@ -6,7 +6,9 @@ all the rest of detection on a fleet's workload (docs/benchmarks.md); yet the
 batch before usually wrote them. So each commit leaves here, per conflict it
 touched, its member count and latest members (whole operations, since the
 conflict's fields may grow), and the operations it stored, which may join a
-conflict later.
+conflict later; and each member as the last message showed it (its JSON, for
+the conflict's fields then), since most members are shown again by the next
+message about their conflict.
 
 Nothing here is trusted without a check against what the batch read under the
 entity's lock: a conflict's latest members are used only when the count kept is
@@ -20,9 +22,14 @@ never changes once stored. Only what a commit made durable comes here
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+
+import msgspec
 
 from handlers.conflicts import OpView
+
+Rendered = tuple[tuple[str, ...], msgspec.Raw]
+"""A member as a message shows it: for these fields of its conflict, this JSON."""
 
 MAX_VIEWS = 100_000
 """Operations held, in members and stored operations each; the least recently used
@@ -35,9 +42,11 @@ class MemberCache:
         self._latest: OrderedDict[str, tuple[int, list[OpView]]] = OrderedDict()
         self._held = 0
         self._ops: OrderedDict[str, OpView] = OrderedDict()
+        self._rendered: OrderedDict[str, Rendered] = OrderedDict()
         self._staged_latest: dict[str, tuple[int, list[OpView]]] = {}
         self._staged_gone: list[str] = []
         self._staged_ops: list[OpView] = []
+        self._staged_rendered: Mapping[str, Rendered] = {}
 
     def latest(self, conflict_id: str, member_count: int) -> list[OpView] | None:
         """The conflict's latest members (newest first) when it has `member_count`."""
@@ -51,18 +60,25 @@ class MemberCache:
         """A stored operation, whole."""
         return self._ops.get(op_id)
 
+    def rendered(self, op_id: str, fields: tuple[str, ...]) -> msgspec.Raw | None:
+        """A member's JSON for its conflict's `fields`, as a message showed it."""
+        found = self._rendered.get(op_id)
+        return found[1] if found is not None and found[0] == fields else None
+
     def stage(
         self,
         latest: dict[str, tuple[int, list[OpView]]],
         gone: Iterable[str],
         stored: Sequence[OpView],
+        rendered: Mapping[str, Rendered],
     ) -> None:
         """What the transaction under way will have made true once committed: the
         latest members of the conflicts it touched, the conflicts it merged away, the
-        operations it stored."""
+        operations it stored, the members its messages showed."""
         self._staged_latest = latest
         self._staged_gone = list(gone)
         self._staged_ops = list(stored)
+        self._staged_rendered = rendered
 
     def commit(self) -> None:
         for conflict_id in self._staged_gone:
@@ -78,10 +94,16 @@ class MemberCache:
             self._ops[op.op_id] = op
         while len(self._ops) > self.max_views:
             self._ops.popitem(last=False)
+        for op_id, shown in self._staged_rendered.items():
+            self._rendered.pop(op_id, None)
+            self._rendered[op_id] = shown
+        while len(self._rendered) > self.max_views:
+            self._rendered.popitem(last=False)
         self.drop()
 
     def drop(self) -> None:
         self._staged_latest, self._staged_gone, self._staged_ops = {}, [], []
+        self._staged_rendered = {}
 
     def _forget(self, conflict_id: str) -> None:
         found = self._latest.pop(conflict_id, None)
