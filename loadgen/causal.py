@@ -113,6 +113,10 @@ class Causes:
     """A device out of coverage makes an edit every this many seconds, on average."""
     online_delay_s: float = 20.0
     """An online device syncs an edit within this many seconds of making it."""
+    view_age_s: float = 120.0
+    """A careful user's `base_version` is the version the entity had when the screen
+    was opened, up to this many seconds before the edit: on a hot entity, others have
+    often stored an edit since."""
 
     def __post_init__(self) -> None:
         for name in ("hot_entities", "hot_edits", "careless_users"):
@@ -290,7 +294,8 @@ class CausalGenerator:
         entity = self._pick()
         assert entity is not None
         edited = self._sim_us - int(rng.uniform(0, self.causes.online_delay_s) * _SECOND_US)
-        base = None if device.careless else entity.version
+        opened = edited - int(rng.uniform(0, self.causes.view_age_s) * _SECOND_US)
+        base = None if device.careless else entity.version_at(opened)
         op = self._edit(device, entity, edited, base)
         self._ops_made += 1
         return Payload(
@@ -302,12 +307,13 @@ class CausalGenerator:
         )
 
     def _pick(self, existing_at: int | None = None) -> _Entity | None:
-        """An entity to edit (hot ones at `hot_edits`); with `existing_at`, one that
-        existed then (a device can only edit what it has seen)."""
+        """An entity to edit: online, a hot one at `hot_edits`; out of coverage (with
+        `existing_at`), one of the crew's own cold jobs that existed when it left (a
+        device edits only what it has seen, and the hot ones are where the crowd is)."""
         rng = self._rng
         n = len(self.entities)
         for _ in range(8):
-            if self.hot >= n or rng.random() < self.causes.hot_edits:
+            if self.hot >= n or (existing_at is None and rng.random() < self.causes.hot_edits):
                 entity = self.entities[rng.randrange(self.hot)]
             else:
                 entity = self.entities[rng.randrange(self.hot, n)]
