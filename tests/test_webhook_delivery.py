@@ -236,14 +236,15 @@ def test_after_a_sigkill_mid_delivery_every_event_is_delivered_once_by_webhook_i
     start: Callable[..., Daemon], client: Client
 ) -> None:
     """The first eight requests hang past the kill; the restarted daemon sends what the
-    dead one had leased once the leases lapse (2 x timeout + 1 s)."""
+    dead one had leased (in flight or queued) once the leases lapse ((2 + 8) x timeout
+    + 1 s: 21 s)."""
     with Receiver(lambda n: Reply(200, delay_s=1.5 if n < 8 else 0)) as receiver:
         daemon = start(endpoint("ops", receiver.url, timeout_s=2, retry_schedule_s=FAST_RETRIES))
         ids = panics(client, daemon, 20)
         receiver.wait(8)
         daemon.kill()
         daemon.start()
-        wait_for(lambda: len(receiver.distinct()) == 20 and not waiting(daemon), timeout=30)
+        wait_for(lambda: len(receiver.distinct()) == 20 and not waiting(daemon), timeout=60)
         settled(daemon)
         distinct = receiver.distinct()
     alerts_by_id = {r.event["data"]["alert_id"]: r.msg_id for r in distinct.values()}

@@ -53,7 +53,7 @@ FAN_OUT_PAGE = 500
 LEASE_MARGIN_S = 1.0
 """Added to a claimed delivery's lease: the settling of its outcome waits a little
 (batched) and may wait behind a slow transaction."""
-CLAIM_PAGES = 4
+CLAIM_PAGES = 8
 """A lane claims up to this many times its `max_in_flight` at once and queues them:
 a claim per few attempts cost the sender its pace (docs/benchmarks.md)."""
 SETTLE_EVERY_S = 0.05
