@@ -116,12 +116,9 @@ class FieldWindow(msgspec.Struct):
         self.seen(edit.at_us)
         self.loose.append(edit)
 
-    def take_loose(self, op_id: str) -> Loose | None:
-        """Remove the loose edit of `op_id` (it joined a conflict) and return it."""
-        for index, edit in enumerate(self.loose):
-            if edit.op_id == op_id:
-                return self.loose.pop(index)
-        return None
+    def drop_loose(self, edit: Loose) -> None:
+        """The operation of a loose edit joined a conflict: the edit is a member's now."""
+        self.loose.remove(edit)
 
     def fold(self, absorbed: str, into: str) -> None:
         """Group `absorbed` merged into `into`: its marks become `into`'s."""

@@ -186,6 +186,7 @@ class _Entity:
         "candidates",
         "delete_max",
         "key",
+        "loose_index",
         "rebuild",
         "stored_from",
         "summary_from",
@@ -209,6 +210,9 @@ class _Entity:
         """`summary_from` as stored: the row is written only when it moved."""
         self.delete_max = delete_max
         self.windows: dict[str, FieldWindow] = {}
+        self.loose_index: dict[str, dict[str, Loose]] | None = None
+        """op_id -> its loose edits by field, built when first needed: finding an op's
+        edits by scanning every window's loose list cost more than judging it."""
         self.candidates: list[tuple[OpView, str | None]] | None = None
         """The slow path's stored operations (with their conflict), once read."""
         self.rebuild = summary_from is None
@@ -220,6 +224,30 @@ class _Entity:
         if found is None:
             found = self.windows[field] = FieldWindow()
         return found
+
+    def loose_of(self, op_id: str) -> dict[str, Loose]:
+        """The loose edits of `op_id`, by field."""
+        if self.loose_index is None:
+            index: dict[str, dict[str, Loose]] = {}
+            for name, window in self.windows.items():
+                for edit in window.loose:
+                    index.setdefault(edit.op_id, {})[name] = edit
+            self.loose_index = index
+        return self.loose_index.get(op_id, {})
+
+    def add_loose(self, field: str, edit: Loose) -> None:
+        self.window(field).add_loose(edit)
+        if self.loose_index is not None:
+            self.loose_index.setdefault(edit.op_id, {})[field] = edit
+
+    def take_loose(self, op_id: str) -> dict[str, Loose]:
+        """The loose edits of `op_id`, which joined a conflict, out of the windows."""
+        edits = self.loose_of(op_id)
+        assert self.loose_index is not None
+        self.loose_index.pop(op_id, None)
+        for name, edit in edits.items():
+            self.windows[name].drop_loose(edit)
+        return edits
 
 
 def view(record: OpRecord) -> OpView:
@@ -528,12 +556,7 @@ class _Batch:
 
     def _loose_view(self, state: _Entity, op: OpView, op_id: str) -> OpView:
         """A loose operation as the group needs it, from its edits in the windows."""
-        edits = {
-            name: edit
-            for name, window in state.windows.items()
-            for edit in window.loose
-            if edit.op_id == op_id
-        }
+        edits = state.loose_of(op_id)
         first = next(iter(edits.values()))
         return OpView(
             op_id=op_id,
@@ -695,11 +718,9 @@ class _Batch:
             return
         assert state.summary_from is not None
         if not fresh:
-            for window in state.windows.values():
-                edit = window.take_loose(op.op_id)
-                if edit is not None:
-                    mark = Mark(edit.at_us, edit.value)
-                    window.add_member(target.conflict_id, edit.device_id, mark)
+            for name, edit in state.take_loose(op.op_id).items():
+                mark = Mark(edit.at_us, edit.value)
+                state.windows[name].add_member(target.conflict_id, edit.device_id, mark)
             return
         if op.edited_at_us < state.summary_from:
             return
@@ -713,8 +734,9 @@ class _Batch:
         if op.operation == "delete" or op.edited_at_us < state.summary_from:
             return
         for name, value in self._values(op).items():
-            state.window(name).add_loose(
-                Loose(op.edited_at_us, op.device_id, value, op.op_id, op.user_id, op.version)
+            state.add_loose(
+                name,
+                Loose(op.edited_at_us, op.device_id, value, op.op_id, op.user_id, op.version),
             )
 
     def _settle(self, conflict: _Conflict) -> None:
@@ -747,6 +769,7 @@ class _Batch:
         """The summaries of an entity that had none, from what the slow path read."""
         assert state.candidates is not None and state.summary_from is not None
         state.windows = {}
+        state.loose_index = None
         known = {view.op_id: (view, conflict_id) for view, conflict_id in state.candidates}
         for op in ops:
             known.setdefault(op.op_id, (op, None))
@@ -777,6 +800,7 @@ class _Batch:
     def _prune(self, state: _Entity) -> None:
         """Keep the summaries about two windows deep; drop them when loose edits pile up."""
         window_us = self.rules.window_us
+        state.loose_index = None
         highs = [w.high for w in state.windows.values() if w.high is not None]
         assert state.summary_from is not None
         if highs:

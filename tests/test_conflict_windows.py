@@ -65,7 +65,7 @@ def test_a_window_folds_an_absorbed_group_and_forgets_what_is_pruned() -> None:
     window.prune(6)
     assert window.groups == {"old": {"d1": Marks(Mark(20, "b"), Mark(10, "a"))}}
     assert [e.op_id for e in window.loose] == ["op-2"]
-    assert window.take_loose("op-2") == Loose(30, "d3", "b", "op-2", "u3", 8)
+    window.drop_loose(Loose(30, "d3", "b", "op-2", "u3", 8))
     assert window.loose == []
     assert window.hits("d9", "c", 15) == ({"old"}, [])
     # d1's edit since 15 agrees with "b"; the one that differs (10) is before.
