@@ -4,8 +4,8 @@ This is the one place that knows every part; each part is given what it uses.
 The parts, in the order they start (and, reversed, stop):
 
     mqtt session -> outbox -> dead letters -> webhooks -> engine -> intake -> admin
-    -> escalation -> outbox cleanup -> health report -> watchdog -> ready notice
-    -> metrics endpoint
+    -> escalation -> outbox cleanup -> retraining -> health report -> watchdog
+    -> ready notice -> metrics endpoint
 
 On a stop the intake stops taking messages first; then the parts stop in the
 reverse order: the admin commands finish, the engine drains, the outbox
@@ -50,6 +50,7 @@ from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
 from gateway.outbound.outbox import OutboxPublisher
 from gateway.outbound.outbox_cleanup import OutboxCleanup
+from gateway.outbound.training import Retraining, Trainer
 from gateway.outbound.webhook_http import Poster
 from gateway.outbound.webhook_sender import WebhookSender
 from gateway.seam import KIND_PATTERNS, WAKE_ESCALATION, WAKE_OUTBOX, Outbound
@@ -142,6 +143,10 @@ class Daemon:
             trouble=self._trouble,
         )
 
+        # Conflict prediction: training runs (commands and the schedule share them).
+        self.trainer = Trainer(self.database, lambda: self.settings, self._outbox_written)
+        self.retraining = Retraining(self.trainer)
+
         # Admin: one table of commands, each area given what it uses.
         commands = [
             *SystemCommands(
@@ -155,7 +160,7 @@ class Daemon:
                 self.redis, self.poster, lambda: self.settings, self.session, root
             ).commands(),
             *WebhookCommands(self.webhooks).commands(),
-            *MlCommands(self.database, lambda: self.settings, self._outbox_written).commands(),
+            *MlCommands(self.database, self.trainer).commands(),
         ]
         self.admin = AdminServer(root, self.session, commands, self._token, self.metrics)
         self.intake.mount("admin/request/{command:path}", self.admin.request)
@@ -172,6 +177,7 @@ class Daemon:
                 self.admin,
                 self.escalator,
                 OutboxCleanup(self.database, lambda: self.settings.outbox.retention_s),
+                self.retraining,
                 HealthReport(
                     root, self.session, self.status, lambda: self.settings.health.interval_s
                 ),
@@ -308,6 +314,7 @@ class Daemon:
         self.escalation.notices = rules.alert_notices(settings)
         self.escalator.poke()
         self.webhooks.reconfigure()
+        self.retraining.poke()
         await self.engine.reload(settings)
         log.info("config reloaded", needs_restart=restart or None)
         return restart

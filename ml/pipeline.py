@@ -25,7 +25,7 @@ from ml import registry
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, Dataset
 from ml.features import extract
 from ml.train import DEFAULT_MIN_ROWS, Algorithm, Progress, TrainingFailed, TrainResult, train
-from ml.worker import Extraction
+from ml.worker import Extraction, Incumbent
 from ml.worker import main as worker_main
 from storage import ml_models
 from storage.ml_models import ModelRow
@@ -47,6 +47,8 @@ class TrainParams:
     since_us: int | None = None
     as_of_us: int | None = None
     n_jobs: int = 1
+    incumbent: Incumbent | None = None
+    """The active model, judged on the new model's holdout (in a worker only)."""
 
 
 def params_from_settings(settings: Any, **overrides: Any) -> TrainParams:
@@ -204,7 +206,10 @@ async def _in_worker(
     stop = context.Event()
     worker = context.Process(
         target=worker_main,
-        args=(theirs, stop, source, params.algorithm, params.seed, params.min_rows, params.n_jobs),
+        args=(
+            *(theirs, stop, source, params.algorithm, params.seed),
+            *(params.min_rows, params.n_jobs, params.incumbent),
+        ),
         name="fieldgate-ml-train",
     )
     worker.start()

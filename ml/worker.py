@@ -11,9 +11,12 @@ import asyncio
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
+from typing import Any
+
+import numpy as np
 
 from ml.dataset import Dataset
-from ml.train import Algorithm, Progress, TrainingFailed, train
+from ml.train import Algorithm, Progress, TrainingFailed, TrainResult, metrics, train
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,16 @@ class Extraction:
     as_of_us: int | None
 
 
+@dataclass(frozen=True)
+class Incumbent:
+    """The active model, to be judged on the new model's holdout: a scheduled model
+    replaces it only if it does better on the same operations."""
+
+    model_id: str
+    file_path: str
+    sha256: str
+
+
 def main(
     conn: Connection,
     stop: Event,
@@ -36,11 +49,13 @@ def main(
     seed: int,
     min_rows: int,
     n_jobs: int,
+    incumbent: Incumbent | None = None,
 ) -> None:
     """Extract (when given an `Extraction`) and train, sending `("progress", stage,
     done, total)` as it goes and then one final message: `("done", TrainResult)` or
     `("failed", reason)`. Anything else (a bug, the OOM killer) closes the pipe
-    without a final message."""
+    without a final message. With an `incumbent`, the result's metrics carry its
+    figures on the same holdout (`metrics["incumbent"]`)."""
 
     def report(stage: str, done: int, total: int) -> None:
         conn.send(("progress", stage, done, total))
@@ -56,12 +71,28 @@ def main(
             min_rows=min_rows,
             n_jobs=n_jobs,
         )
+        if incumbent is not None:
+            result.metrics["incumbent"] = _judge(incumbent, dataset, result)
     except TrainingFailed as exc:
         conn.send(("failed", exc.reason))
     else:
         conn.send(("done", result))
     finally:
         conn.close()
+
+
+def _judge(incumbent: Incumbent, dataset: Dataset, result: TrainResult) -> dict[str, Any]:
+    """The incumbent's metrics on the new model's holdout; a file that cannot be loaded
+    any more is said so (and loses to any model)."""
+    from ml.registry import ModelRefused, load
+
+    held = dataset.stored_at >= result.window.holdout_from_us
+    try:
+        model = load(incumbent.file_path, incumbent.sha256)
+    except ModelRefused as exc:
+        return {"model_id": incumbent.model_id, "refused": exc.reason}
+    scores = model.predict_proba(dataset.X[held])[:, 1]
+    return {"model_id": incumbent.model_id, **metrics(dataset.y[held].astype(np.int8), scores)}
 
 
 def _extract(source: Extraction, report: Progress) -> Dataset:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.generator import GeneratorOptions
-from tests.support import Admin, Client, Daemon, Mosquitto, send_one, stored, sync_op
+from tests.support import Admin, Client, Daemon, Mosquitto, send_one, stored, sync_op, wait_for
 from tests.support.ml_data import store_causal
 
 MODEL_KEYS = {
@@ -154,3 +154,37 @@ def test_a_run_without_enough_rows_ends_failed_with_its_reason(
         "beats_baseline",
     ]
     assert admin.data("ml/status")["training"] is None
+
+
+def test_the_schedule_replaces_the_active_model_only_with_a_better_one(
+    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """`ml.retrain_interval_s`: a run that finds a model active judges it on the new
+    model's holdout, and activates the new one only if it does better. On the same log
+    with the same seed the new model is the same model: it does not do better, and
+    the active one stays.
+
+    Checked against: a schedule that activated every new model."""
+    daemon = causal_daemon(tmp_path, broker, make_daemon)
+    admin = Admin(client, daemon.root)
+    first = train(admin, algorithm="random_forest")
+    admin.data("ml/activate", model_id=first["model_id"])
+    daemon.stop()
+    daemon.env["FIELDGATE_ML__RETRAIN_INTERVAL_S"] = "1"
+    daemon.start()
+    def scheduled_run() -> dict[str, Any] | None:
+        newest = admin.data("ml/models")["items"][0]
+        done = newest["model_id"] != first["model_id"] and newest["status"] != "training"
+        return newest if done else None
+
+    scheduled = wait_for(scheduled_run, timeout=120)
+    wait_for(lambda: "scheduled model" in daemon.log())
+    assert scheduled["status"] == "ready"
+    assert admin.data("ml/status")["active"]["model_id"] == first["model_id"]
+    said = [line for line in daemon.log_lines() if line.get("event") == "scheduled model"]
+    assert said[0]["model_id"] == scheduled["model_id"]
+    assert said[0]["activated"] is False
+    roc = scheduled["metrics"]["roc_auc"]
+    assert said[0]["why"] == (
+        f"ROC AUC {roc:.3f}, active {first['model_id']} {roc:.3f} on the same holdout"
+    )
