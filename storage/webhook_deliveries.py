@@ -183,17 +183,20 @@ async def claim(
     return [Delivery(**{k: v for k, v in row.items() if k != "due_at"}) for row in ordered]
 
 
-async def release(engine: AsyncEngine, ids: Sequence[int]) -> None:
+async def release(engine: AsyncEngine, leases: Mapping[int, Sequence[int]]) -> None:
     """Give claimed deliveries back unattempted (a paused, disabled or stopping
-    endpoint's queue), so that they need not wait for their leases to lapse."""
-    if ids:
+    endpoint's queue), so that they need not wait for their leases to lapse.
+    `leases`: the lease each was claimed with -> their ids; a delivery whose lease
+    lapsed and that another instance claimed since keeps that instance's lease."""
+    if leases:
         async with engine.connect() as conn:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await auto.execute(
-                update(deliveries)
-                .where(deliveries.c.id.in_(ids), deliveries.c.dead_at.is_(None))
-                .values(claimed_until=None)
-            )
+            for until, ids in leases.items():
+                await auto.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_(ids), deliveries.c.claimed_until == until)
+                    .values(claimed_until=None)
+                )
 
 
 async def next_due(engine: AsyncEngine, endpoint: str) -> int | None:

@@ -10,7 +10,7 @@ batches.
   slow or down fills its own slots and never delays another's. Its circuit
   breaker (handlers/webhooks.py) pauses it after `breaker_failures` failures in a
   row, then lets one probe through.
-- **Settling** writes outcomes (delivered, retry at, dead) every 50 ms, together:
+- **Settling** writes outcomes (delivered, retry at, dead) every 250 ms, together:
   the delivered ones in one statement, not a transaction per POST.
 
 Claims and the delivered ones' deletes are single statements in autocommit: on
@@ -56,8 +56,11 @@ LEASE_MARGIN_S = 1.0
 CLAIM_PAGES = 8
 """A lane claims up to this many times its `max_in_flight` at once and queues them:
 a claim per few attempts cost the sender its pace (docs/benchmarks.md)."""
-SETTLE_EVERY_S = 0.05
-"""Outcomes are gathered this long before they are written, in one go."""
+SETTLE_EVERY_S = 0.25
+"""Outcomes are gathered this long before they are written, in one go: each write
+takes SQLite's one lock from the engine (the drain with two endpoints measured 0.82
+of without at 250 ms, 0.71 at 50 ms; docs/benchmarks.md). The lease margin covers
+it."""
 POLL_S = 1.0
 """How often an idle lane looks for due retries (and other instances' lapsed leases)."""
 GAUGES_EVERY_S = 5.0
@@ -77,6 +80,8 @@ class Lane:
         self.last_error: str | None = None
         self.last_error_at: int | None = None
         self.attempts: set[asyncio.Task[None]] = set()
+        self.leases: dict[int, int] = {}
+        """Each claimed delivery's lease (until it is attempted): a release names it."""
         self.queue: deque[Delivery] = deque()
         """Claimed (leased) and not yet started: slots are filled from here, with no
         database round trip per attempt."""
@@ -153,9 +158,13 @@ class Lane:
         CLAIM_PAGES rounds of attempts, each at most a timeout."""
         timeout_s = self.config.timeout_s
         lease_us = int(((2 + CLAIM_PAGES) * timeout_s + LEASE_MARGIN_S) * 1e6)
-        return await webhook_deliveries.claim(
-            self.sender.database, self.name, count, now_us(), lease_us
+        now = now_us()
+        claimed = await webhook_deliveries.claim(
+            self.sender.database, self.name, count, now, lease_us
         )
+        for delivery in claimed:
+            self.leases[delivery.id] = now + lease_us
+        return claimed
 
     def _start_queued(self) -> None:
         while self.queue and self.in_flight < self.config.max_in_flight:
@@ -164,6 +173,7 @@ class Lane:
             self._start(self.queue.popleft())
 
     def _start(self, delivery: Delivery) -> None:
+        self.leases.pop(delivery.id, None)
         self.in_flight += 1
         task = asyncio.create_task(self._attempt(delivery), name=f"webhook:{self.name}")
         self.attempts.add(task)
@@ -172,9 +182,11 @@ class Lane:
     async def release_queue(self) -> None:
         """Give the queued deliveries back (their leases would hold them meanwhile)."""
         if self.queue:
-            ids = [delivery.id for delivery in self.queue]
+            leases: dict[int, list[int]] = {}
+            for delivery in self.queue:
+                leases.setdefault(self.leases.pop(delivery.id), []).append(delivery.id)
             self.queue.clear()
-            await webhook_deliveries.release(self.sender.database, ids)
+            await webhook_deliveries.release(self.sender.database, leases)
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         """An attempt that raised is a bug: say so (its lease lapses and it is sent
