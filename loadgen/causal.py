@@ -105,7 +105,7 @@ class Causes:
     """...and the share of online edits that go to them."""
     careless_users: float = 0.1
     """Share of the users who never send `base_version` (at least one)."""
-    offline_share: float = 0.2
+    offline_share: float = 0.1
     """Long-run share of device time spent out of coverage."""
     offline_hours: tuple[float, float] = (1.0, 8.0)
     """An outage lasts a uniform draw from this range."""
