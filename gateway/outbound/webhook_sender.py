@@ -50,6 +50,9 @@ from storage.webhook_deliveries import Delivery, Settled, Target
 log = structlog.get_logger("fieldgate.webhooks")
 
 FAN_OUT_PAGE = 500
+FAN_OUT_EVERY_S = 0.2
+"""While events flow, fan-out runs at most this often (a page at once when there is a
+backlog): a transaction per commit of the engine took SQLite's lock from it as often."""
 LEASE_MARGIN_S = 1.0
 """Added to a claimed delivery's lease: the settling of its outcome waits a little
 (batched) and may wait behind a slow transaction."""
@@ -425,6 +428,8 @@ class WebhookSender(Part):
                 failures = 0
                 if taken == FAN_OUT_PAGE:
                     continue
+                if taken:
+                    await asyncio.sleep(FAN_OUT_EVERY_S)
             except DBAPIError as exc:
                 failures += 1
                 wait_s = backoff(failures, 0.2, 5.0)
