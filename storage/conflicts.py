@@ -60,7 +60,7 @@ from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
 from storage import conflict_store, conflict_summaries
 from storage.db import by_entity, chunks
-from storage.member_cache import MemberCache, Rendered
+from storage.member_cache import Latest, MemberCache, Rendered
 from storage.schema import (
     SUMMARY_ALL,
     conflict_totals,
@@ -317,7 +317,8 @@ class Detector:
             {"event": event, "count": n} for event, n in sorted(batch.tallies.items())
         ]
         outbox = await batch.announce()
-        self.cache.stage(batch.latest, batch.absorbed, list(batch.stored.values()), batch.rendered)
+        loose = [op for op_id, op in batch.stored.items() if op_id not in batch.roots]
+        self.cache.stage(batch.latest, batch.absorbed, loose, batch.roots)
         return Detected(outbox, events)
 
     def committed(self) -> None:
@@ -351,10 +352,9 @@ class _Batch:
         without the values."""
         self.stored: dict[str, OpView] = {}
         """The operations this batch stores, whole."""
-        self.latest: dict[str, tuple[int, list[OpView]]] = {}
-        """Per touched conflict, its member count and latest members, once announced."""
-        self.rendered: dict[str, Rendered] = {}
-        """The members its messages show, as they show them."""
+        self.latest: dict[str, Latest] = {}
+        """Per touched conflict, its member count and latest members as its message
+        shows them, once announced."""
         self.touched: dict[str, _Touch] = {}
         self.events: list[dict[str, Any]] = []
         self.user_members: dict[str, int] = {}
@@ -937,6 +937,7 @@ class _Batch:
         parts: dict[str, list[_Conflict]] = {}
         for absorbed in self.absorbed:
             parts.setdefault(self.root(absorbed), []).append(self.conflicts[absorbed])
+        latest: dict[str, list[OpView]] = {}
         unread: list[str] = []
         for conflict_id, touch in self.touched.items():
             conflict = self.conflicts[conflict_id]
@@ -947,28 +948,26 @@ class _Batch:
             if found is None:
                 unread.append(conflict_id)
             else:
-                self.latest[conflict_id] = (conflict.group.member_count, found)
+                latest[conflict_id] = found
         if unread:
             read = await conflict_store.latest_members(self.conn, unread)
             for conflict_id in unread:
-                count = self.conflicts[conflict_id].group.member_count
-                self.latest[conflict_id] = (count, read.get(conflict_id, []))
+                latest[conflict_id] = read.get(conflict_id, [])
         for conflict_id, record in records.items():
             fields = tuple(record["fields"])
-            record["members"] = [self._render(op, fields) for op in self.latest[conflict_id][1]]
+            shown = {op.op_id: self._render(conflict_id, op, fields) for op in latest[conflict_id]}
+            record["members"] = [raw for _fields, raw in shown.values()]
+            count = self.conflicts[conflict_id].group.member_count
+            self.latest[conflict_id] = Latest(count, latest[conflict_id], shown)
         return records
 
-    def _render(self, op: OpView, fields: tuple[str, ...]) -> msgspec.Raw:
-        """A member's JSON in a message: as the last message showed it, when it showed
-        the same fields of its conflict."""
-        found = self.rendered.get(op.op_id)
-        if found is not None and found[0] == fields:
-            return found[1]
-        shown = self.detector.cache.rendered(op.op_id, fields)
+    def _render(self, conflict_id: str, op: OpView, fields: tuple[str, ...]) -> Rendered:
+        """A member's JSON in a message: as the conflict's last message showed it, when
+        it showed the same fields."""
+        shown = self.detector.cache.rendered(conflict_id, op.op_id, fields)
         if shown is None:
             shown = msgspec.Raw(_encode(_member(op, fields)))
-        self.rendered[op.op_id] = (fields, shown)
-        return shown
+        return fields, shown
 
     def _latest(
         self,
