@@ -9,9 +9,12 @@ it runs. Activation checks the model's file first.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from loadgen.generator import GeneratorOptions
 from tests.support import Admin, Client, Daemon, Mosquitto, send_one, stored, sync_op, wait_for
@@ -36,15 +39,46 @@ MODEL_KEYS = {
 }
 
 
+@pytest.fixture(scope="module")
+def causal_logs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """`causal_logs(ops)`: a causal log of that many operations, stored through the real
+    detection once for the module; each test copies it."""
+    built: dict[int, Path] = {}
+
+    def log_of(ops: int) -> Path:
+        if ops not in built:
+            path = tmp_path_factory.mktemp("causal") / "log.db"
+            options = GeneratorOptions(
+                devices=8, entities=60, seed=2, max_ops=ops, payloads_per_s=0.05
+            )
+            url = f"sqlite+aiosqlite:///{path}"
+            assert asyncio.run(store_causal(url, options, ops_per_commit=50)) == ops
+            built[ops] = path
+        return built[ops]
+
+    return log_of
+
+
+@pytest.fixture
 def causal_daemon(
-    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], ops: int = 2000
-) -> Daemon:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
-    options = GeneratorOptions(devices=8, entities=60, seed=2, max_ops=ops, payloads_per_s=0.05)
-    assert asyncio.run(store_causal(url, options, ops_per_commit=50)) == ops
-    return make_daemon(
-        broker.port, url, ML__MODELS_DIR=str(tmp_path / "models"), ML__MIN_ROWS="100"
-    )
+    tmp_path: Path,
+    broker: Mosquitto,
+    make_daemon: Callable[..., Daemon],
+    causal_logs: Callable[[int], Path],
+) -> Callable[..., Daemon]:
+    """`causal_daemon()`: a daemon on a copy of the module's causal log."""
+
+    def start(ops: int = 2000) -> Daemon:
+        path = tmp_path / "log.db"
+        shutil.copy(causal_logs(ops), path)
+        return make_daemon(
+            broker.port,
+            f"sqlite+aiosqlite:///{path}",
+            ML__MODELS_DIR=str(tmp_path / "models"),
+            ML__MIN_ROWS="100",
+        )
+
+    return start
 
 
 def train(admin: Admin, **args: Any) -> dict[str, Any]:
@@ -56,9 +90,9 @@ def train(admin: Admin, **args: Any) -> dict[str, Any]:
 
 
 def test_a_training_run_reports_progress_in_order_announces_and_registers(
-    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+    causal_daemon: Callable[..., Daemon], client: Client
 ) -> None:
-    daemon = causal_daemon(tmp_path, broker, make_daemon)
+    daemon = causal_daemon()
     admin = Admin(client, daemon.root)
     client.subscribe(f"{daemon.root}/admin/progress/#", f"{daemon.root}/ml/models")
     client.subscribe(f"{daemon.root}/devices/d1/sync/ack")
@@ -106,9 +140,9 @@ def test_a_training_run_reports_progress_in_order_announces_and_registers(
 
 
 def test_activation_checks_the_file_and_a_tampered_one_leaves_the_active_model(
-    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+    tmp_path: Path, causal_daemon: Callable[..., Daemon], client: Client
 ) -> None:
-    daemon = causal_daemon(tmp_path, broker, make_daemon)
+    daemon = causal_daemon()
     admin = Admin(client, daemon.root)
     client.subscribe(f"{daemon.root}/admin/progress/#")
     first = train(admin, algorithm="logistic_regression")
@@ -135,9 +169,9 @@ def test_activation_checks_the_file_and_a_tampered_one_leaves_the_active_model(
 
 
 def test_a_run_without_enough_rows_ends_failed_with_its_reason(
-    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+    causal_daemon: Callable[..., Daemon], client: Client
 ) -> None:
-    daemon = causal_daemon(tmp_path, broker, make_daemon, ops=300)
+    daemon = causal_daemon()
     admin = Admin(client, daemon.root)
     model = train(admin, since="2999-01-01T00:00:00Z")
     assert model["status"] == "failed"
@@ -157,7 +191,7 @@ def test_a_run_without_enough_rows_ends_failed_with_its_reason(
 
 
 def test_the_schedule_replaces_the_active_model_only_with_a_better_one(
-    tmp_path: Path, broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client
+    causal_daemon: Callable[..., Daemon], client: Client
 ) -> None:
     """`ml.retrain_interval_s`: a run that finds a model active judges it on the new
     model's holdout, and activates the new one only if it does better. On the same log
@@ -165,13 +199,14 @@ def test_the_schedule_replaces_the_active_model_only_with_a_better_one(
     the active one stays.
 
     Checked against: a schedule that activated every new model."""
-    daemon = causal_daemon(tmp_path, broker, make_daemon)
+    daemon = causal_daemon()
     admin = Admin(client, daemon.root)
-    first = train(admin, algorithm="random_forest")
+    first = train(admin)
     admin.data("ml/activate", model_id=first["model_id"])
     daemon.stop()
     daemon.env["FIELDGATE_ML__RETRAIN_INTERVAL_S"] = "1"
     daemon.start()
+
     def scheduled_run() -> dict[str, Any] | None:
         newest = admin.data("ml/models")["items"][0]
         done = newest["model_id"] != first["model_id"] and newest["status"] != "training"

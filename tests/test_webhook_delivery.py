@@ -237,9 +237,9 @@ def test_after_a_sigkill_mid_delivery_every_event_is_delivered_once_by_webhook_i
 ) -> None:
     """The first eight requests hang past the kill; the restarted daemon sends what the
     dead one had leased (in flight or queued) once the leases lapse ((2 + 8) x timeout
-    + 1 s: 21 s)."""
-    with Receiver(lambda n: Reply(200, delay_s=1.5 if n < 8 else 0)) as receiver:
-        daemon = start(endpoint("ops", receiver.url, timeout_s=2, retry_schedule_s=FAST_RETRIES))
+    + 1 s: 11 s)."""
+    with Receiver(lambda n: Reply(200, delay_s=0.8 if n < 8 else 0)) as receiver:
+        daemon = start(endpoint("ops", receiver.url, timeout_s=1, retry_schedule_s=FAST_RETRIES))
         ids = panics(client, daemon, 20)
         receiver.wait(8)
         daemon.kill()
