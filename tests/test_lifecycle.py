@@ -34,11 +34,14 @@ class Recorder(Part):
         self.stop_s = stop_s
         self.critical = critical
         self.runs = 0
+        self.running = asyncio.Event()
+        """Set by the first run that does not fail."""
 
     async def run(self) -> None:
         self.runs += 1
         if self.runs <= self.fail:
             raise ValueError("broken")
+        self.running.set()
         await asyncio.Event().wait()
 
     async def stop(self) -> None:
@@ -57,9 +60,7 @@ async def test_a_failing_part_is_restarted_and_makes_health_say_so() -> None:
     parts = Parts([Recorder("steady", log), flaky])
     parts.start()
     # Each failure logs its traceback, which takes a while on a loaded machine.
-    async with asyncio.timeout(10):
-        while flaky.runs < 4:
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(flaky.running.wait(), 10)
     await asyncio.sleep(0.05)
     assert flaky.runs == 4
     trouble = parts.trouble()
