@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from storage import migrate
+from storage.db import create_engine
 from tests.support import (
     HEALTHY,
     Client,
@@ -118,6 +121,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path}/fieldgate.db"
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """A migrated database of `db_url` (SQLite and PostgreSQL), disposed after the test."""
+    await migrate.upgrade_async(db_url)
+    database = create_engine(db_url)
+    yield database
+    await database.dispose()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import builtins
 import hashlib
 import io
 import zipfile
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from gateway.cli.ml_views import models_view
 from ml import registry
 from ml.registry import ModelRefused
 from ml.train import TrainResult, train
-from storage import migrate, ml_models
-from storage.db import create_engine
+from storage import ml_models
 from storage.ml_models import DataWindow, ModelRow, UnknownModel, WrongStatus
 from tests.support.ml import synthetic
 
@@ -38,14 +36,6 @@ WINDOW = DataWindow(
     train_positives=8,
     holdout_positives=2,
 )
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    await migrate.upgrade_async(db_url)
-    database = create_engine(db_url)
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture(scope="module")

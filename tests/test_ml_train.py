@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,12 @@ from ml.dataset import FEATURES, Dataset
 from ml.pipeline import TrainParams, train_registered
 from ml.report import PICTURES, write_report
 from ml.train import METRICS, TrainingFailed, TrainResult, train
-from storage import migrate, ml_models
-from storage.db import create_engine
+from storage import ml_models
 from storage.ml_models import ModelRow
 from tests.support.ml import COMMIT_US, relabelled, synthetic
 from tests.support.ml_data import store_causal
 
 ROWS = 4000
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    await migrate.upgrade_async(db_url)
-    database = create_engine(db_url)
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture(scope="module")
