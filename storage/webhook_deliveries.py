@@ -253,14 +253,11 @@ async def bury(conn: AsyncConnection, dead: Sequence[Settled], dead_topic: str) 
     `webhook.dead` notices: the entry as it will be in Redis."""
     notices: list[OutboxRecord] = []
     for s in dead:
-        dlq_id = new_id("dlq")
+        values = {**_attempted(s), "dead_at": s.attempted_at, "dlq_id": new_id("dlq"), "url": s.url}
         await conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id == s.delivery.id)
-            .values(**_attempted(s), dead_at=s.attempted_at, dlq_id=dlq_id, url=s.url)
+            update(deliveries).where(deliveries.c.id == s.delivery.id).values(**values)
         )
-        attempted = {**_attempted(s), "dead_at": s.attempted_at, "dlq_id": dlq_id, "url": s.url}
-        entry = entry_of({**msgspec.structs.asdict(s.delivery), **attempted})
+        entry = entry_of({**msgspec.structs.asdict(s.delivery), **values})
         body = _encode({"event": "webhook.dead", "entry": entry})
         notices.append(OutboxRecord(channel="mqtt", topic=dead_topic, payload=body))
     await outbox.add(conn, notices, dead[0].attempted_at if dead else 0)
