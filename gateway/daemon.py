@@ -144,7 +144,12 @@ class Daemon:
         )
 
         # Conflict prediction: training runs (commands and the schedule share them).
-        self.trainer = Trainer(self.database, lambda: self.settings, self._outbox_written)
+        self.trainer = Trainer(
+            self.database,
+            lambda: self.settings,
+            self._outbox_written,
+            activated=lambda: self.engine.reload(self.settings),
+        )
         self.retraining = Retraining(self.trainer)
 
         # Admin: one table of commands, each area given what it uses.

@@ -31,6 +31,10 @@ class OpRecord(msgspec.Struct, kw_only=True):
     batch_id: str | None = None
     status: OpStatus = "pending"
     version: int | None = None
+    risk: float | None = None
+    """The active conflict model's probability that it ends in a conflict (stored ops)."""
+    reasons: tuple[str, ...] = ()
+    """At or above the hint threshold: the features that pushed `risk` most."""
 
 
 class QuarantineRecord(msgspec.Struct, kw_only=True, frozen=True):

@@ -12,15 +12,19 @@ For an operation `o` (entity `t/id`, user `u`, device `d`, `edited_at` E,
 conflict window (`conflicts.window_s`) and "before" meaning committed earlier:
 
 - `concurrent_editors`: distinct users other than `u` with operations before on the
-  same entity whose `edited_at` is within W of E (both ends included);
+  same entity edited in a minute that holds an instant within W of E: the minutes
+  (`edited_at` // 60 s) from that of E - W to that of E + W, both included. (Minutes,
+  not instants: the online scorer keeps who edited an entity per minute, a bounded
+  counter, instead of reading the log; it counts everyone within W and at most a
+  minute's more on each side.)
 - `hours_since_last_sync`: hours from the latest `received_at` of `d`'s operations
   before to R, at least 0, at most the cap (`ml.first_sync_hours`); the cap when `d`
   has none;
 - `user_conflict_rate`: (c + 1) / (n + 2), n = `u`'s operations before, c = `u`'s
   conflict members that joined before (`joined_at` < `o.stored_at`): a new user is
   0.5, neither 0 nor 1;
-- `entity_edit_frequency`: operations before on the same entity with `edited_at` in
-  [E - 24 h, E);
+- `entity_edit_frequency`: operations before on the same entity edited in E's clock
+  hour (`edited_at` // 1 h) or the 24 before it (hour counters, likewise);
 - `field_overlap_score`: the mean over f in F of c_f / n_f, where n_f = operations
   before of type `t` that changed f and c_f = those of them that are conflict members
   that joined before; a field never seen counts 0, and no field (a delete) is 0.

@@ -36,13 +36,13 @@ import pandas as pd
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from handlers.times import HOUR_US
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, FEATURES, Dataset
+from storage.feature_counters import HOURS_BACK, SLOT_US, hour_range, slot_range
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
-HOUR_US = 3_600_000_000
-DAY_US = 24 * HOUR_US
 NEVER = np.iinfo(np.int64).max
 """`joined_at` of an operation that is in no conflict."""
 
@@ -316,18 +316,19 @@ def _edit_range(
 
 
 def _concurrent_editors(log: _Log, stored: I64, window_us: int) -> F64:
-    """Distinct other users before, on the entity, edited within the window.
+    """Distinct other users before, on the entity, edited in a minute within the window.
 
-    The candidates of an operation are its entity's operations edited within W of it:
-    a contiguous range in (entity, edited_at) order, a few on most entities. The
+    The candidates of an operation are its entity's operations edited in the minutes
+    that reach within W of it: a contiguous range in (entity, edited_at) order, a few
+    on most entities. The
     pairs are enumerated in rounds of PAIRS_PER_ROUND, kept when the other side was
     committed earlier by another user, and their distinct users counted.
     """
     n = len(stored)
     order, keys, edits, span = _by_entity_and_edit(log)
-    lo, hi = _edit_range(
-        log, keys, edits, span, log.edited - window_us, log.edited + window_us, "right"
-    )
+    first = (log.edited - window_us) // SLOT_US * SLOT_US
+    after = ((log.edited + window_us) // SLOT_US + 1) * SLOT_US
+    lo, hi = _edit_range(log, keys, edits, span, first, after, "left")
     sizes = hi - lo
     users = int(log.user.max()) + 1
     out = np.zeros(n, dtype=np.float64)
@@ -381,10 +382,12 @@ def _user_conflict_rate(log: _Log, stored: I64, joined: I64) -> F64:
 
 
 def _entity_edit_frequency(log: _Log, stored: I64) -> F64:
-    """Operations before on the entity edited in the 24 hours before this one's edit:
-    a range in (entity, edited_at) order, counted where committed earlier."""
+    """Operations before on the entity edited in this one's clock hour or the 24 before
+    it: a range in (entity, edited_at) order, counted where committed earlier."""
     order, keys, edits, span = _by_entity_and_edit(log)
-    lo, hi = _edit_range(log, keys, edits, span, log.edited - DAY_US, log.edited, "left")
+    hour = log.edited // HOUR_US
+    first, after = (hour - HOURS_BACK) * HOUR_US, (hour + 1) * HOUR_US
+    lo, hi = _edit_range(log, keys, edits, span, first, after, "left")
     # Asked in (entity, edited_at) order, the ranges' blocks come in order too.
     counts = np.empty(len(stored), dtype=np.float64)
     counts[order] = _count_less_in_ranges(stored[order], lo[order], hi[order], stored[order])
@@ -476,10 +479,11 @@ def reference_features(
             for other in before
             if (other.entity_type, other.entity_id) == (op.entity_type, op.entity_id)
         ]
+        slots = slot_range(op.edited_at, window_us)
         editors = {
             other.user_id
             for other in same_entity
-            if other.user_id != op.user_id and abs(other.edited_at - op.edited_at) <= window_us
+            if other.user_id != op.user_id and slots[0] <= other.edited_at // SLOT_US <= slots[1]
         }
         receipts = [other.received_at for other in before if other.device_id == op.device_id]
         if receipts:
@@ -495,8 +499,9 @@ def reference_features(
             and other.joined_at is not None
             and other.joined_at < op.stored_at
         )
+        hours_in = hour_range(op.edited_at)
         frequency = sum(
-            1 for other in same_entity if op.edited_at - DAY_US <= other.edited_at < op.edited_at
+            1 for other in same_entity if hours_in[0] <= other.edited_at // HOUR_US <= hours_in[1]
         )
         ratios = []
         for name in op.fields:

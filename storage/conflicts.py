@@ -58,7 +58,7 @@ from handlers.conflicts import (
 )
 from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
-from storage import conflict_store, conflict_summaries
+from storage import conflict_store, conflict_summaries, feature_counters
 from storage.db import by_entity, chunks
 from storage.member_cache import Latest, MemberCache, Rendered
 from storage.schema import (
@@ -301,6 +301,7 @@ class Detector:
             keys = sorted({(r.entity_type, r.entity_id) for r in stored})
             await _forget_summaries(conn, keys)
             await bump_counters(conn, stored, {}, now_us)
+            await feature_counters.bump(conn, stored, ())
             return Detected()
         batch = _Batch(self, conn, now_us)
         per_entity: dict[EntityKey, list[OpView]] = {}
@@ -313,6 +314,7 @@ class Detector:
             await batch.entity(key, ops)
         await batch.write()
         await bump_counters(conn, stored, batch.user_members, now_us)
+        await feature_counters.bump(conn, stored, [op for op, _conflict in batch.members])
         events = batch.events + [
             {"event": event, "count": n} for event, n in sorted(batch.tallies.items())
         ]
@@ -1121,17 +1123,19 @@ async def bump_counters(
     user_members: dict[str, int],
     now_us: int,
 ) -> None:
-    """Per user: +ops, +ops that joined a conflict; per device: +ops and the last sync.
+    """Per user: +ops, +ops that joined a conflict; per device: +ops, the last sync and
+    the latest receipt.
 
     Atomic upserts, keys sorted so that two instances lock counter rows in the same
     order (users, then devices: after every conflict row of the batch).
     """
     users: dict[str, tuple[int, int]] = {}
-    devices: dict[str, int] = {}
+    devices: dict[str, tuple[int, int]] = {}
     for record in stored:
         ops, joined = users.get(record.user_id, (0, 0))
         users[record.user_id] = (ops + 1, joined)
-        devices[record.device_id] = devices.get(record.device_id, 0) + 1
+        count, received = devices.get(record.device_id, (0, record.received_at_us))
+        devices[record.device_id] = (count + 1, max(received, record.received_at_us))
     for user, joined in user_members.items():
         ops, before = users.get(user, (0, 0))
         users[user] = (ops, before + joined)
@@ -1139,14 +1143,33 @@ async def bump_counters(
     postgres = conn.dialect.name == "postgresql"
     insert = postgresql.insert if postgres else sqlite.insert
     base = insert(device_counters)
-    latest = _greatest(postgres, device_counters.c.last_sync_at, base.excluded.last_sync_at)
+    c = device_counters.c
+    latest = _greatest(postgres, c.last_sync_at, base.excluded.last_sync_at)
+    received = _greatest(
+        postgres,
+        func.coalesce(c.last_received_at, base.excluded.last_received_at),
+        base.excluded.last_received_at,
+    )
     stmt = base.on_conflict_do_update(
-        index_elements=[device_counters.c.device_id],
-        set_={"ops": device_counters.c.ops + base.excluded.ops, "last_sync_at": latest},
+        index_elements=[c.device_id],
+        set_={
+            "ops": c.ops + base.excluded.ops,
+            "last_sync_at": latest,
+            "last_received_at": received,
+        },
     )
     for part in chunks(sorted(devices)):
         await conn.execute(
-            stmt, [{"device_id": d, "ops": devices[d], "last_sync_at": now_us} for d in part]
+            stmt,
+            [
+                {
+                    "device_id": d,
+                    "ops": devices[d][0],
+                    "last_sync_at": now_us,
+                    "last_received_at": devices[d][1],
+                }
+                for d in part
+            ],
         )
 
 

@@ -329,3 +329,17 @@ async def active(engine: AsyncEngine) -> ModelRow | None:
             .one_or_none()
         )
     return _row(found) if found is not None else None
+
+
+async def active_file(conn: AsyncConnection) -> tuple[str, str, str] | None:
+    """(model id, file, sha256) of the active model, in the caller's transaction: what
+    the online scorer checks, every few seconds, to follow activations."""
+    m = ml_models.c
+    found = (
+        await conn.execute(
+            select(m.id, m.file_path, m.sha256).where(
+                m.status == ACTIVE, m.file_path.is_not(None), m.sha256.is_not(None)
+            )
+        )
+    ).one_or_none()
+    return None if found is None else (found[0], found[1], found[2])

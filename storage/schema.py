@@ -283,10 +283,45 @@ device_counters = Table(
     Column("device_id", String(64), primary_key=True),
     Column("ops", BigInteger, nullable=False),
     Column("last_sync_at", BigInteger, nullable=False),
+    Column("last_received_at", BigInteger, nullable=True),
 )
-"""Per device: operations stored and the last commit that stored one.
+"""Per device: operations stored, the last commit that stored one, and the latest
+`received_at` among them (conflict prediction's `hours_since_last_sync`).
 
 Per entity, the edit count is `entities.version` (one per stored operation)."""
+
+field_counters = Table(
+    "field_counters",
+    metadata,
+    Column("entity_type", String(64), primary_key=True),
+    Column("field", String(128), primary_key=True),
+    Column("ops", BigInteger, nullable=False),
+    Column("conflicts", BigInteger, nullable=False),
+)
+"""Per entity type and field: operations stored that change it, and of them those in a
+conflict (`field_overlap_score`, ml/dataset.py)."""
+
+entity_hours = Table(
+    "entity_hours",
+    metadata,
+    Column("entity_type", String(64), primary_key=True),
+    Column("entity_id", String(128), primary_key=True),
+    Column("hour", BigInteger, primary_key=True),
+    Column("ops", BigInteger, nullable=False),
+)
+"""Per entity and clock hour of `edited_at` (µs // 1 h): operations stored
+(`entity_edit_frequency`)."""
+
+entity_editors = Table(
+    "entity_editors",
+    metadata,
+    Column("entity_type", String(64), primary_key=True),
+    Column("entity_id", String(128), primary_key=True),
+    Column("slot", BigInteger, primary_key=True),
+    Column("user_id", String(64), primary_key=True),
+)
+"""Per entity and minute of `edited_at` (µs // 1 min): the users who stored an
+operation edited in it (`concurrent_editors`)."""
 
 ml_models = Table(
     "ml_models",

@@ -1,13 +1,15 @@
-"""The sync operations' share of the writer's transaction: store, then detect conflicts.
+"""The sync operations' share of the writer's transaction: store, score, detect.
 
-Conflict detection runs after `store_ops` in the same transaction, while the
-version upsert holds every touched entity's row lock (storage/conflicts.py).
+Scoring and conflict detection run after `store_ops` in the same transaction, while
+the version upsert holds every touched entity's row lock (storage/conflicts.py).
+Scoring reads the feature counters before detection bumps them: an operation is
+scored from what was committed before its commit (ml/dataset.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -15,6 +17,13 @@ from handlers.records import OpRecord
 from storage import sync_log
 from storage.conflicts import Detector
 from storage.writer import Step, Written
+
+
+class Scoring(Protocol):
+    """What scores stored operations (ml/scoring.py): storage knows it by this shape."""
+
+    async def score(self, conn: AsyncConnection, stored: Sequence[OpRecord]) -> None:
+        """Set `risk` (and, for a hint, `reasons`) of `stored` when a model is active."""
 
 
 class SyncStep(Step):
@@ -25,11 +34,14 @@ class SyncStep(Step):
     record_type = OpRecord
     name = "ops"
 
-    def __init__(self, detector: Detector | None = None) -> None:
+    def __init__(self, detector: Detector | None = None, scoring: Scoring | None = None) -> None:
         self.detector = detector
+        self.scoring = scoring
 
     async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
         prior = await sync_log.store_ops(conn, records, now_us)
+        if self.scoring is not None:
+            await self.scoring.score(conn, [r for r in records if r.status == "stored"])
         if self.detector is None:
             return Written()
         detected = await self.detector.run(conn, records, now_us, prior)
@@ -47,3 +59,5 @@ class SyncStep(Step):
         for record in records:
             record.status = "pending"
             record.version = None
+            record.risk = None
+            record.reasons = ()

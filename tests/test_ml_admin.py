@@ -14,10 +14,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from loadgen.generator import GeneratorOptions
-from tests.support import Admin, Client, Daemon, Mosquitto, send_one, stored, sync_op, wait_for
+from tests.support import (
+    Admin,
+    Client,
+    Daemon,
+    Mosquitto,
+    db_rows,
+    send_one,
+    stored,
+    sync_op,
+    wait_for,
+)
 from tests.support.ml_data import store_causal
 
 MODEL_KEYS = {
@@ -68,7 +79,7 @@ def causal_daemon(
 ) -> Callable[..., Daemon]:
     """`causal_daemon()`: a daemon on a copy of the module's causal log."""
 
-    def start(ops: int = 2000) -> Daemon:
+    def start(ops: int = 2000, **env: str) -> Daemon:
         path = tmp_path / "log.db"
         shutil.copy(causal_logs(ops), path)
         return make_daemon(
@@ -76,6 +87,7 @@ def causal_daemon(
             f"sqlite+aiosqlite:///{path}",
             ML__MODELS_DIR=str(tmp_path / "models"),
             ML__MIN_ROWS="100",
+            **env,
         )
 
     return start
@@ -129,7 +141,8 @@ def test_a_training_run_reports_progress_in_order_announces_and_registers(
     assert done == sorted(set(done)) and done[-1] == 100
     assert {p["total"] for p in progress} == {100}
 
-    (announced,) = client.on(f"{daemon.root}/ml/models")
+    # The announcement leaves through the outbox, so it may follow the answer.
+    (announced,) = wait_for(lambda: client.on(f"{daemon.root}/ml/models"))
     assert announced.json() == {"event": "model.trained", "model": model}
 
     models = admin.data("ml/models")
@@ -166,6 +179,73 @@ def test_activation_checks_the_file_and_a_tampered_one_leaves_the_active_model(
         "message": "no model m_000000000000",
         "path": "model_id",
     }
+
+
+def offline_scores(daemon: Daemon, model: dict[str, Any], op_ids: list[str]) -> list[Any]:
+    """(risk, reasons) of each op as the model's file and the training extraction of
+    the daemon's log give them: what the daemon's acks and hints must say."""
+    from ml.features import extract
+    from ml.registry import load
+    from ml.scoring import reasons
+    from storage.db import create_engine
+
+    async def features() -> dict[str, Any]:
+        engine = create_engine(daemon.db_url)
+        try:
+            dataset = await extract(engine, window_s=300.0, as_of_us=2**62)
+        finally:
+            await engine.dispose()
+        return {op_id: dataset.X[i] for i, op_id in enumerate(dataset.op_ids)}
+
+    rows = asyncio.run(features())
+    (row,) = db_rows(
+        daemon.db_url, "select file_path, sha256 from ml_models where id = ?", model["model_id"]
+    )
+    pipeline = load(row[0], row[1])
+    X = np.array([rows[op_id] for op_id in op_ids])
+    risks = pipeline.predict_proba(X)[:, 1]
+    why = reasons(pipeline, X, risks)
+    return [(round(float(r), 4), list(w)) for r, w in zip(risks, why, strict=True)]
+
+
+def test_activation_scores_later_acks_and_hints_without_a_restart(
+    causal_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """Each ack's `risk` and each hint's reasons are the model's on the features the
+    training extraction gives the same op (the skew test's promise, end to end); a
+    model activated, another, then the first again (a rollback) each scores the very
+    next op. Checked against: the scorer left on the model it first loaded."""
+    daemon = causal_daemon(ML__HINT_THRESHOLD="0")
+    admin = Admin(client, daemon.root)
+    client.subscribe(f"{daemon.root}/admin/progress/#", f"{daemon.root}/devices/d9/hints")
+    client.subscribe(f"{daemon.root}/devices/d9/sync/ack")
+    logistic = train(admin, algorithm="logistic_regression")
+    forest = train(admin, algorithm="random_forest")
+
+    def edit(op_id: str, version: int) -> dict[str, Any]:
+        result = send_one(client, daemon.root, "d9", sync_op(op_id, entity_id="hot", user_id="u9"))
+        assert {k: result[k] for k in ("op_id", "status", "version")} == stored(op_id, version)
+        return result
+
+    assert edit("before", 1) == stored("before", 1)
+    sent: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for version, model in enumerate((logistic, forest, logistic), start=2):
+        admin.data("ml/activate", model_id=model["model_id"])
+        op_id = f"with-{version}"
+        sent.append((op_id, model, edit(op_id, version)))
+    topic = f"{daemon.root}/devices/d9/hints"
+    wait_for(lambda: len(client.on(topic)) == 3)
+    hints = {m.json()["op_id"]: m.json() for m in client.on(topic)}
+    for op_id, model, result in sent:
+        ((risk, why),) = offline_scores(daemon, model, [op_id])
+        assert result["risk"] == risk, model["algorithm"]
+        assert hints[op_id] == {
+            "op_id": op_id,
+            "entity_type": "task",
+            "entity_id": "hot",
+            "risk": risk,
+            "reasons": why,
+        }
 
 
 def test_a_run_without_enough_rows_ends_failed_with_its_reason(

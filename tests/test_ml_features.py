@@ -107,16 +107,16 @@ EXPECTED: dict[str, tuple[float, float, float, float, float, int]] = {
     # op: concurrent_editors, hours_since_last_sync, user_conflict_rate,
     #     entity_edit_frequency, field_overlap_score, label
     "o1": (0, CAP, 1 / 2, 0, 0.0, 0),  # first of everything
-    "o2": (0, CAP, 1 / 2, 1, 0 / 1, 1),  # o1 is 10 min away; o1 exactly 24 h before
+    "o2": (0, CAP, 1 / 2, 1, 0 / 1, 1),  # o1: 10 min away (editors); 24 h before (hours)
     "o3": (0, CAP, 1 / 2, 0, 0.0, 0),
-    "o4": (1, 2 * H, 1 / 3, 1, 0 / 2, 1),  # ben (o2); o1 is 24 h 2 min before: out
+    "o4": (1, 2 * H, 1 / 3, 2, 0 / 2, 1),  # ben (o2); o1's hour is 24 before: in
     "o5": (0, 12 * H, 1 / 3, 0, 0 / 1, 0),
-    "o6": (2, 1 * H, 1 / 4, 2, (2 / 3 + 0) / 2, 1),  # status: o2, o4 joined in C3 of o1, o2, o4
-    "o12": (0, CAP, 1 / 2, 2, 0 / 2, 0),  # o6: same commit
-    "o7": (3, 11 + 50 * H, 2 / 3, 2, 1 / 1, 1),  # cy, ana, dee at exactly +W; o6, o12 edited after
+    "o6": (2, 1 * H, 1 / 4, 3, (2 / 3 + 0) / 2, 1),  # status: o2, o4 joined in C3 of o1, o2, o4
+    "o12": (0, CAP, 1 / 2, 3, 0 / 2, 0),  # o6: same commit; o4 at 08:11 is a minute out
+    "o7": (3, 11 + 50 * H, 2 / 3, 5, 1 / 1, 1),  # cy, ana, dee at exactly +W; the hour holds all
     "o8": (0, 11 + 50 * H, 2 / 3, 1, 0.0, 0),  # a delete changes no field
-    "o10": (2, 11 + 48.5 * H, 2 / 4, 4, 0 / 3, 0),  # ana at exactly -W, dee; o7: same commit
-    "o13": (1, 11 + 47.5 * H, 1 / 3, 0, 3 / 4, 0),  # o5, edited at the same instant: not before
+    "o10": (2, 11 + 48.5 * H, 2 / 4, 5, 0 / 3, 0),  # ana at exactly -W, dee; o7: same commit
+    "o13": (1, 11 + 47.5 * H, 1 / 3, 1, 3 / 4, 0),  # o5, edited at the same instant
     "o9": (0, CAP, 2 / 5, 2, 0 / 4, 0),  # d4's first sync; ana's o6 joined
     "o11": (0, 1 * H, 3 / 5, 2, 3 / 5, 0),  # o9: same commit; status: o2, o4, o6 of 5
 }
@@ -145,8 +145,9 @@ def assert_same(got: Dataset, want: Dataset) -> None:
 
 async def test_a_hand_built_history_gives_each_feature_by_its_definition(db_url: str) -> None:
     """Checked against: `before` as `<=` on stored_at (an op sees its own commit: o7
-    counts cy's o10, o11 counts o9), the window open at its end (o7 loses dee), the 24
-    h closed at its end (o13 counts o5), the running maximum of receipts not restarted
+    counts cy's o10, o11 counts o9), the window open at its end (o7 loses dee), the
+    hours counted from the instant 24 h before instead of its clock hour (o4 loses
+    o1), the running maximum of receipts not restarted
     per device; written to kill, too: the window open at its start (o10 loses ana),
     members counted by stored_at instead of joined_at (o4's status would be 1/2)."""
     await store_history(url=db_url, commits=HISTORY)

@@ -1,7 +1,8 @@
 """Answers, built after the commit from what the writer recorded.
 
 To devices: one ack message per device per commit batch, not one per payload:
-the answers, not the reads, decide the rate (DESIGN.md). A request that named a
+the answers, not the reads, decide the rate (DESIGN.md); a hint per operation the
+conflict model scored at or above `ml.hint_threshold`. A request that named a
 v5 response topic gets its own answer there, correlation data echoed.
 
 To admin commands that submitted a write: a `Reply`, data or a typed error.
@@ -31,15 +32,43 @@ def _results(decoded: Decoded) -> list[dict[str, Any]]:
             results.append(
                 {"op_id": item.op_id, "status": "rejected", "error": item.error.as_dict()}
             )
-        else:
+        elif item.risk is None:
             results.append({"op_id": item.op_id, "status": item.status, "version": item.version})
+        else:
+            results.append(
+                {
+                    "op_id": item.op_id,
+                    "status": item.status,
+                    "version": item.version,
+                    "risk": item.risk,
+                }
+            )
     return results
+
+
+def _hints(root: str, decoded: Decoded) -> list[Outbound]:
+    """A hint to the device for each operation scored at or above the threshold (the
+    scorer gave it reasons)."""
+    out: list[Outbound] = []
+    for item in decoded.items:
+        if isinstance(item, Rejected) or not item.reasons:
+            continue
+        body = {
+            "op_id": item.op_id,
+            "entity_type": item.entity_type,
+            "entity_id": item.entity_id,
+            "risk": item.risk,
+            "reasons": list(item.reasons),
+        }
+        out.append(Outbound(f"{root}/devices/{item.device_id}/hints", _encode(body)))
+    return out
 
 
 def sync_answers(root: str, batch: Sequence[tuple[Delivery, Decoded]]) -> list[Outbound]:
     out: list[Outbound] = []
     per_device: dict[str, list[Decoded]] = {}
     for delivery, decoded in batch:
+        out.extend(_hints(root, decoded))
         if delivery.response_topic:
             answer = {"batch_id": decoded.batch_id, "results": _results(decoded)}
             out.append(

@@ -20,6 +20,7 @@ from gateway.seam import EngineState
 from handlers.alerts import AlertHandler
 from handlers.ratelimit import DeviceRateLimiter
 from handlers.sync import SyncHandler
+from ml.scoring import Scorer
 from storage.alerts import AlertStep, CrisisAckStep
 from storage.conflict_store import ResolutionStep
 from storage.db import create_engine
@@ -44,10 +45,11 @@ class EngineSide:
         self.sync = SyncHandler(rules.sync_limits(settings), self.rate_limiter)
         self.alerts = AlertHandler(rules.alert_rules(settings))
         self.detector = rules.make_detector(settings)
+        self.scorer = Scorer(**rules.scoring(settings))
         self.steps = Steps(
             alerts=AlertStep(rules.alert_policy(settings), rules.alert_notices(settings)),
             crisis_acks=CrisisAckStep(),
-            sync=SyncStep(self.detector),
+            sync=SyncStep(self.detector, self.scorer),
             resolutions=ResolutionStep(rules.conflict_notices(settings)),
         )
         kinds = table(self.sync, self.alerts, self.steps, Observers(self.metrics))
@@ -74,6 +76,9 @@ class EngineSide:
         self.detector.notices = rules.conflict_notices(settings)
         self.detector.enabled = settings.conflicts.enabled
         self.steps.resolutions.notices = self.detector.notices
+        self.scorer.configure(**rules.scoring(settings))
+        # A reload is also how the MQTT process says a model was activated.
+        self.scorer.invalidate()
 
     def state(self) -> EngineState:
         since = self.writer.attempt_started or self.engine.last_beat

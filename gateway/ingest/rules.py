@@ -97,3 +97,12 @@ def make_detector(settings: Settings) -> Detector:
     return Detector(
         conflict_rules(settings), conflict_notices(settings), enabled=settings.conflicts.enabled
     )
+
+
+def scoring(settings: Settings) -> dict[str, float]:
+    """The online scorer's settings (ml/scoring.py)."""
+    return {
+        "window_s": settings.conflicts.window_s,
+        "first_sync_hours": settings.ml.first_sync_hours,
+        "hint_threshold": settings.ml.hint_threshold,
+    }

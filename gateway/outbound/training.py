@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -92,12 +92,18 @@ class Run:
 
 class Trainer:
     def __init__(
-        self, database: AsyncEngine, settings: Callable[[], Settings], poke: Callable[[], None]
+        self,
+        database: AsyncEngine,
+        settings: Callable[[], Settings],
+        poke: Callable[[], None],
+        activated: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.database = database
         self.settings = settings
         self.poke = poke
         """The outbox has the announcement of a new model."""
+        self.activated = activated
+        """A model was activated: returns once this instance's engine scores with it."""
         self.run: Run | None = None
 
     async def train(
@@ -179,6 +185,8 @@ class Trainer:
         except (UnknownModel, WrongStatus) as exc:
             raise Refused(str(exc)) from None
         log.info("model activated", model_id=row.id)
+        if self.activated is not None:
+            await self.activated()
         return row
 
 

@@ -21,7 +21,7 @@ from loadgen.causal import CausalGenerator, Causes
 from loadgen.generator import GeneratorOptions, Payload
 from storage import migrate
 from storage.db import create_engine
-from storage.sync import SyncStep
+from storage.sync import Scoring, SyncStep
 from storage.writer import Writer, WriteSet
 
 
@@ -38,9 +38,11 @@ def causal_payloads(
 class LogWriter:
     """Commits payloads as the daemon would: its sync handler decodes each one as
     received at the given time, its writer and sync step (detection on, the default
-    rules but `window_s`) commit them."""
+    rules but `window_s`; `scoring` as the engine's scorer would) commit them."""
 
-    def __init__(self, url: str, *, window_s: float = 300.0) -> None:
+    def __init__(
+        self, url: str, *, window_s: float = 300.0, scoring: Scoring | None = None
+    ) -> None:
         self.url = url
         self.settings = config.Settings(
             database=config.DatabaseConfig(url=url),
@@ -48,7 +50,7 @@ class LogWriter:
         )
         self.handler = SyncHandler(sync_limits(self.settings))
         self.engine = create_engine(url)
-        self.writer = Writer(self.engine, [SyncStep(make_detector(self.settings))])
+        self.writer = Writer(self.engine, [SyncStep(make_detector(self.settings), scoring)])
 
     async def __aenter__(self) -> LogWriter:
         await asyncio.to_thread(migrate.upgrade, self.url)

@@ -1,0 +1,194 @@
+"""Online scoring: the active model's risk for every operation as it is stored.
+
+The engine's sync step calls `Scorer.score` inside the transaction that stores a
+batch, after the versions are assigned (the entities locked) and before detection
+bumps the counters: the features are read from the counters as committed before
+this batch (storage/feature_counters.py) in five statements, computed in one pass,
+and scored with one `predict_proba` for the whole batch. They are the numbers
+`ml.features.extract` computes for training (the skew test holds them equal).
+
+Operations at or above `ml.hint_threshold` also get their two strongest reasons:
+each feature in turn set to its neutral value (no other editor, just synced, an
+unknown user, a quiet entity, fields never in conflict), all of them in one more
+`predict_proba`; the features whose neutral value lowers the risk most are the
+reasons (docs/decisions/0012-hint-reasons.md).
+
+The scorer follows the registry: it asks which model is active at most every
+`REFRESH_S` (and at once after `invalidate`, which the engine calls when the MQTT
+process says a model was activated), and loads a new one with `ml.registry.load`,
+hash and types checked. A file that is refused leaves scoring off, logged once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from handlers.records import OpRecord
+from handlers.times import HOUR_US
+from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, FEATURES
+from storage import feature_counters, ml_models
+from storage.feature_counters import Snapshot, hour_range, slot_range
+
+log = structlog.get_logger("fieldgate.scoring")
+
+F64 = npt.NDArray[np.float64]
+
+REFRESH_S = 5.0
+"""How often the scorer asks the registry which model is active (another instance's
+activation reaches this one within it)."""
+
+NEUTRAL: tuple[float, ...] = (0.0, 0.0, 0.5, 0.0, 0.0)
+"""Per feature (FEATURES' order), the value that says nothing of a conflict: the
+reference a hint's reasons are measured against."""
+
+REASONS = 2
+
+
+def serving_features(
+    records: Sequence[OpRecord],
+    snapshot: Snapshot,
+    *,
+    window_us: int,
+    first_sync_hours: float = DEFAULT_FIRST_SYNC_HOURS,
+) -> F64:
+    """The five features of each record (FEATURES' order) from the counters committed
+    before its batch: ml/dataset.py's definitions, one record at a time."""
+    X = np.empty((len(records), len(FEATURES)), dtype=np.float64)
+    for row, record in enumerate(records):
+        key = (record.entity_type, record.entity_id)
+        lo, hi = slot_range(record.edited_at_us, window_us)
+        editors: set[str] = set()
+        for slot, users in snapshot.editors.get(key, {}).items():
+            if lo <= slot <= hi:
+                editors.update(users)
+        editors.discard(record.user_id)
+        latest = snapshot.devices.get(record.device_id)
+        if latest is None:
+            hours = first_sync_hours
+        else:
+            gap = (record.received_at_us - latest) / HOUR_US
+            hours = min(max(gap, 0.0), first_sync_hours)
+        ops, members = snapshot.users.get(record.user_id, (0, 0))
+        first, last = hour_range(record.edited_at_us)
+        frequency = sum(
+            n for hour, n in snapshot.hours.get(key, {}).items() if first <= hour <= last
+        )
+        ratios = []
+        for name in record.changes:
+            seen, joined = snapshot.fields.get((record.entity_type, name), (0, 0))
+            ratios.append(joined / seen if seen else 0.0)
+        X[row] = (
+            float(len(editors)),
+            hours,
+            (members + 1.0) / (ops + 2.0),
+            float(frequency),
+            sum(ratios) / len(ratios) if ratios else 0.0,
+        )
+    return X
+
+
+def reasons(model: Any, X: F64, risks: F64) -> list[tuple[str, ...]]:
+    """Per row, the REASONS features whose neutral value lowers its risk most (one
+    `predict_proba` for every row and feature at once)."""
+    n, k = X.shape
+    probes = np.repeat(X, k, axis=0)
+    columns = np.tile(np.arange(k), n)
+    probes[np.arange(n * k), columns] = np.asarray(NEUTRAL)[columns]
+    lowered = risks[:, None] - model.predict_proba(probes)[:, 1].reshape(n, k)
+    # Largest drop first; ties in FEATURES' order.
+    order = np.argsort(-lowered, axis=1, kind="stable")[:, :REASONS]
+    return [tuple(FEATURES[j] for j in row) for row in order]
+
+
+class Scorer:
+    """The active model, kept loaded in the engine process (storage.sync.Scoring)."""
+
+    def __init__(
+        self,
+        *,
+        window_s: float,
+        first_sync_hours: float = DEFAULT_FIRST_SYNC_HOURS,
+        hint_threshold: float = 0.7,
+        refresh_s: float = REFRESH_S,
+    ) -> None:
+        self.window_us = 0
+        self.first_sync_hours = first_sync_hours
+        self.hint_threshold = hint_threshold
+        self.configure(
+            window_s=window_s, first_sync_hours=first_sync_hours, hint_threshold=hint_threshold
+        )
+        self.refresh_s = refresh_s
+        self.model: Any = None
+        self.model_id: str | None = None
+        """The active model's id as last seen (also when its file was refused)."""
+        self._checked_at: float | None = None
+
+    def configure(self, *, window_s: float, first_sync_hours: float, hint_threshold: float) -> None:
+        """The settings it scores by (`conflicts.window_s`, `ml.*`), at start and reload."""
+        self.window_us = round(window_s * 1_000_000)
+        self.first_sync_hours = first_sync_hours
+        self.hint_threshold = hint_threshold
+
+    def invalidate(self) -> None:
+        """Ask the registry again at the next batch (an activation was announced)."""
+        self._checked_at = None
+
+    async def score(self, conn: AsyncConnection, stored: Sequence[OpRecord]) -> None:
+        """Set `risk` of every record in `stored` and `reasons` of those at or above the
+        threshold; nothing when no model is active."""
+        checked = self._checked_at
+        if checked is None or time.monotonic() - checked >= self.refresh_s:
+            await self._follow(conn)
+        if self.model is None or not stored:
+            return
+        X = await self.features(conn, stored)
+        risks = self.model.predict_proba(X)[:, 1]
+        for record, risk in zip(stored, risks.tolist(), strict=True):
+            record.risk = round(risk, 4)
+        hinted = np.flatnonzero(risks >= self.hint_threshold)
+        if len(hinted):
+            for at, why in zip(
+                hinted.tolist(), reasons(self.model, X[hinted], risks[hinted]), strict=True
+            ):
+                stored[at].reasons = why
+
+    async def features(self, conn: AsyncConnection, stored: Sequence[OpRecord]) -> F64:
+        """The features of `stored` (FEATURES' order), from the counters as committed
+        before their batch."""
+        snapshot = await feature_counters.snapshot(conn, stored, self.window_us)
+        return serving_features(
+            stored, snapshot, window_us=self.window_us, first_sync_hours=self.first_sync_hours
+        )
+
+    async def _follow(self, conn: AsyncConnection) -> None:
+        self._checked_at = time.monotonic()
+        found = await ml_models.active_file(conn)
+        if found is None:
+            if self.model_id is not None:
+                log.info("no model active: operations are no longer scored")
+            self.model, self.model_id = None, None
+            return
+        model_id, path, sha256 = found
+        if model_id == self.model_id:
+            return
+        from ml.registry import ModelRefused, load
+
+        self.model_id = model_id
+        try:
+            self.model = load(path, sha256)
+        except ModelRefused as exc:
+            self.model = None
+            log.error(
+                "the active model is refused: operations are not scored",
+                model_id=model_id,
+                reason=exc.reason,
+            )
+            return
+        log.info("scoring with model", model_id=model_id)
