@@ -172,6 +172,16 @@ class EngineMetrics:
             "Conflicts resolved by an operator",
             registry=r,
         )
+        self.scored = Counter(
+            "fieldgate_ml_scored_ops",
+            "Stored operations scored by the active conflict model",
+            registry=r,
+        )
+        self.hints = Counter(
+            "fieldgate_ml_hints",
+            "Hints sent to devices (operations scored at or above ml.hint_threshold)",
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,12 +24,14 @@ from tests.support import (
     Daemon,
     Mosquitto,
     db_rows,
+    free_port,
     send_one,
     stored,
     sync_op,
     wait_for,
 )
 from tests.support.ml_data import store_causal
+from tests.test_metrics import scrape, value
 
 MODEL_KEYS = {
     "model_id",
@@ -215,7 +217,8 @@ def test_activation_scores_later_acks_and_hints_without_a_restart(
     training extraction gives the same op (the skew test's promise, end to end); a
     model activated, another, then the first again (a rollback) each scores the very
     next op. Checked against: the scorer left on the model it first loaded."""
-    daemon = causal_daemon(ML__HINT_THRESHOLD="0")
+    port = free_port()
+    daemon = causal_daemon(ML__HINT_THRESHOLD="0", METRICS__LISTEN=f"127.0.0.1:{port}")
     admin = Admin(client, daemon.root)
     client.subscribe(f"{daemon.root}/admin/progress/#", f"{daemon.root}/devices/d9/hints")
     client.subscribe(f"{daemon.root}/devices/d9/sync/ack")
@@ -246,6 +249,14 @@ def test_activation_scores_later_acks_and_hints_without_a_restart(
             "risk": risk,
             "reasons": why,
         }
+
+    def counted() -> tuple[float, float]:
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")[1]
+        return value(samples, "fieldgate_ml_scored_ops_total"), value(
+            samples, "fieldgate_ml_hints_total"
+        )
+
+    wait_for(lambda: counted() == (3, 3))
 
 
 def test_a_run_without_enough_rows_ends_failed_with_its_reason(

@@ -27,12 +27,18 @@ class Observers:
 
     def sync(self, decoded: Sequence[Decoded], events: Sequence[Any]) -> list[str]:
         counts = {"stored": 0, "duplicate": 0}
+        scored = hints = 0
         for payload in decoded:
             for record in payload.records:
                 if record.status in counts:
                     counts[record.status] += 1
+                if record.risk is not None:
+                    scored += 1
+                    hints += bool(record.reasons)
         for status, count in counts.items():
             self.metrics.ops.labels(status).inc(count)
+        self.metrics.scored.inc(scored)
+        self.metrics.hints.inc(hints)
         for event in events:
             if event["event"] == "detected":
                 self.metrics.conflicts.labels(event["severity"]).inc()
