@@ -46,6 +46,19 @@ printed. Reported for each such drain: the webhook events the engine wrote
 receiver had and those still waiting when the last op was answered, and how
 long after that every delivery had arrived (the sender catching up, not part
 of the drain's time). Nothing changes when `--webhooks` is not given.
+
+Scoring (issue 14: a model active costs at most 15% of the drain's rate):
+
+    .venv/bin/python -m benchmarks.drain --messages 100000 --repeat 3 --scoring
+
+`--scoring` adds the variant `gateway-model`: `gateway` with a random forest
+active from the first batch (trained once per run on a causal log of 20,000
+operations, `benchmarks/scoring_model.py`, and installed as the active model of
+each drain's fresh database), so every stored operation is scored and those at
+or above `ml.hint_threshold` get a hint. Given without `--variants`, the
+variants are `gateway,gateway-model`, alternating, and the ratio of their
+medians is printed; each such drain also reports how many operations were scored
+and hinted (the gateway's metrics).
 """
 
 from __future__ import annotations
@@ -77,6 +90,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from benchmarks import scoring_model
 from benchmarks.receiver import ReceiverProcess
 from gateway.config import load as load_config
 from loadgen.generator import GeneratorOptions, generate
@@ -87,6 +101,8 @@ VARIANTS = ("bare", "naive", "gateway", "gateway-off")
 with `conflicts.enabled = false`, the baseline of what detection costs."""
 WEBHOOK_VARIANT = "gateway-webhooks"
 """`gateway` with `--webhooks N` endpoints (only with `--webhooks`)."""
+MODEL_VARIANT = "gateway-model"
+"""`gateway` with a conflict model active (only with `--scoring`)."""
 WEBHOOK_SECRET = "whsec_" + "ZmllbGRnYXRlLWJlbmNobWFyay1zaWduaW5nLWtleS0wMQ=="
 SESSION_EXPIRY_S = 3600
 CONFIG = ROOT / "config" / "fieldgate.toml"
@@ -617,12 +633,17 @@ def drain_gateway(
         "engine_cpu_s": cpu_delta(engine_pid or -1, engine_at_first, engine_at_done),
         "peak_rss_mib": rss,
         "engine_held_bytes_max": series.get("fieldgate_engine_held_bytes_max"),
+        "scored": series.get("fieldgate_ml_scored_ops_total"),
+        "hints": series.get("fieldgate_ml_hints_total"),
         "benchmark_cpu_s": round(
             sum(cpu_delta(os.getpid(), own_at_first, own_at_done or own_at_first).values()), 2
         ),
     }
     if webhooks:
         extra["webhooks"] = webhooks
+    if acks.first_at is not None and done_at > acks.first_at:
+        # Steady state: what a start costs (the engine loading a model, say) is before it.
+        extra["rate_from_first_answer"] = round(n / (done_at - acks.first_at), 1)
     if notify.ready_at is not None:
         extra["from_ready_s"] = round(done_at - notify.ready_at, 3)
         extra["rate_from_ready"] = round(n / (done_at - notify.ready_at), 1)
@@ -717,6 +738,8 @@ def run_one(
             env = dict(kv.split("=", 1) for kv in args.gateway_env)
             if variant == "gateway-off":
                 env["FIELDGATE_CONFLICTS__ENABLED"] = "false"
+            if variant == MODEL_VARIANT:
+                scoring_model.install(workdir / "bench.db", args.model)
             receiver = args.receiver if variant == WEBHOOK_VARIANT else None
             if receiver is not None:
                 env["FIELDGATE_WEBHOOKS"] = json.dumps(
@@ -834,14 +857,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--redis", default="redis://127.0.0.1:6379/15", help="for the webhooks' dead letters"
     )
+    parser.add_argument(
+        "--scoring",
+        action="store_true",
+        help=f"add the variant {MODEL_VARIANT} (without --variants: run gateway,{MODEL_VARIANT})",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     explicit = any(a == "--variants" or a.startswith("--variants=") for a in (argv or sys.argv))
     if args.webhooks and not explicit:
         args.variants = f"gateway,{WEBHOOK_VARIANT}"
+    if args.scoring and not explicit:
+        args.variants = f"gateway,{MODEL_VARIANT}"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    known = {*VARIANTS, WEBHOOK_VARIANT} if args.webhooks > 0 else set(VARIANTS)
+    known = set(VARIANTS)
+    if args.webhooks > 0:
+        known.add(WEBHOOK_VARIANT)
+    if args.scoring:
+        known.add(MODEL_VARIANT)
     unknown = set(variants) - known
     if unknown or args.messages < 1 or args.repeat < 1:
         parser.error(f"bad arguments (unknown variants: {sorted(unknown)})")
@@ -853,6 +887,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     messages = backlog(args.messages, args.devices, args.seed, args.device_meta_share, args.clock)
     sizes = sorted(len(body) for _, body in messages)
     base = Path(tempfile.mkdtemp(prefix="fieldgate-drain-"))
+    args.model = None
+    if MODEL_VARIANT in variants:
+        log("training the model the gateway-model variant scores with")
+        args.model = scoring_model.prepare(base / "model")
     results: dict[str, list[Drain]] = {v: [] for v in variants}
     with contextlib.ExitStack() as stack:
         args.receiver = None
@@ -905,6 +943,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["webhooks_over_without"] = round(
                 medians[WEBHOOK_VARIANT] / medians["gateway"], 3
             )
+        if MODEL_VARIANT in medians:
+            report["scoring_over_without"] = round(medians[MODEL_VARIANT] / medians["gateway"], 3)
+            steady = {
+                v: statistics.median(d.extra.get("rate_from_first_answer", 0.0) for d in results[v])
+                for v in ("gateway", MODEL_VARIANT)
+            }
+            if steady["gateway"]:
+                report["scoring_over_without_steady"] = round(
+                    steady[MODEL_VARIANT] / steady["gateway"], 3
+                )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -999,6 +1047,17 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(
             f"with {report['webhooks']} webhook endpoints / without:"
             f" {report['webhooks_over_without']:.2f} (target >= 0.9)"
+        )
+    for r in report["runs"].get(MODEL_VARIANT, []):
+        lines.append(
+            f"{MODEL_VARIANT}: {r.get('scored') or 0:,.0f} operations scored,"
+            f" {r.get('hints') or 0:,.0f} hints"
+        )
+    if "scoring_over_without" in report:
+        lines.append(
+            f"with a model active / without: {report['scoring_over_without']:.2f}"
+            " (target >= 0.85); from the first answer on (the model loaded):"
+            f" {report.get('scoring_over_without_steady', 0):.2f}"
         )
     return "\n".join(lines)
 

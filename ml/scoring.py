@@ -21,6 +21,7 @@ hash and types checked. A file that is refused leaves scoring off, logged once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
@@ -167,9 +169,26 @@ class Scorer:
             stored, snapshot, window_us=self.window_us, first_sync_hours=self.first_sync_hours
         )
 
+    async def preload(self, database: AsyncEngine) -> None:
+        """Load the active model before the first batch, off the event loop: a forest
+        takes a second to import and load, which the first batch's transaction
+        would otherwise hold the database for."""
+        try:
+            async with database.connect() as conn:
+                found = await ml_models.active_file(conn)
+        except (DBAPIError, OSError) as exc:
+            # The database is away: the first batch asks again, under its retries.
+            log.warning("the active model could not be looked up", error=type(exc).__name__)
+            return
+        self._checked_at = time.monotonic()
+        await asyncio.to_thread(self._take, found)
+
     async def _follow(self, conn: AsyncConnection) -> None:
         self._checked_at = time.monotonic()
-        found = await ml_models.active_file(conn)
+        self._take(await ml_models.active_file(conn))
+
+    def _take(self, found: tuple[str, str, str] | None) -> None:
+        """Score with the model `found` active from now on (None: no model)."""
         if found is None:
             if self.model_id is not None:
                 log.info("no model active: operations are no longer scored")
@@ -182,7 +201,7 @@ class Scorer:
 
         self.model_id = model_id
         try:
-            self.model = load(path, sha256)
+            model = load(path, sha256)
         except ModelRefused as exc:
             self.model = None
             log.error(
@@ -191,4 +210,9 @@ class Scorer:
                 reason=exc.reason,
             )
             return
+        if "n_jobs" in model[-1].get_params():
+            # One batch is a few hundred rows: threads for it cost more than they
+            # save, and the engine's core is the one they would take.
+            model[-1].set_params(n_jobs=1)
+        self.model = model
         log.info("scoring with model", model_id=model_id)

@@ -131,9 +131,15 @@ def _clustered(
     """WHERE clauses that cover each record's entity over its `span` of times: the
     spans merged where they overlap (live traffic: one cluster; an offline device's
     old edits: one more), each cluster asked for the entities whose spans are in it."""
-    spans = sorted((*span(r.edited_at_us), (r.entity_type, r.entity_id)) for r in records)
+    spans = [(*span(r.edited_at_us), (r.entity_type, r.entity_id)) for r in records]
+    if max(lo for lo, _hi, _key in spans) <= min(hi for _lo, hi, _key in spans) + 1:
+        # Live traffic: every span overlaps every other, one cluster without a sort.
+        first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+        for where in by_entity(entity_type, entity_id, sorted({key for *_t, key in spans})):
+            yield and_(where, time >= first, time <= last)
+        return
     clusters: list[tuple[int, int, set[EntityKey]]] = []
-    for lo, hi, key in spans:
+    for lo, hi, key in sorted(spans):
         if clusters and lo <= clusters[-1][1] + 1:
             first, last, keys = clusters[-1]
             keys.add(key)

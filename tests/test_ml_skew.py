@@ -106,18 +106,18 @@ async def test_serving_equals_training_on_a_random_workload(db_url: str, scenari
     taken from E instead of E - W, the device's receipt kept as the last one instead
     of the greatest, the members that joined left out of the field counters."""
     if scenario == "default":
-        payloads = default_scenario(seed=9, ops=400)
+        payloads = default_scenario(seed=9, ops=700)
     else:
         options = GeneratorOptions(
-            devices=8, entities=30, seed=4, max_ops=400, payloads_per_s=0.05, max_batch=30
+            devices=8, entities=30, seed=4, max_ops=700, payloads_per_s=0.05, max_batch=30
         )
         payloads = list(causal_payloads(options))
     # A receipt a minute early now and then: a clock stepped back, or two instances'
     # clocks apart; a device's latest receipt is then not its last one.
     payloads = [(p, r - 60_000_000 if i % 5 == 0 else r) for i, (p, r) in enumerate(payloads)]
-    probe, trained = await served_and_trained(db_url, chunked(payloads, (1, 7, 3, 25)))
+    probe, trained = await served_and_trained(db_url, chunked(payloads, (1, 7, 3, 25, 150)))
     assert len(trained) > 300
-    assert probe.batches > 20
+    assert probe.batches >= 10
     assert_equal(probe.seen, trained)
     # Every feature is exercised: each takes more than one value across the log.
     matrix = np.array(list(trained.values()))

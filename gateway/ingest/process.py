@@ -125,6 +125,7 @@ async def serve(fd: int) -> int:
     settings = Settings.model_validate(start.settings)
     logs.setup(settings.log.level, settings.log.format, process="engine")
     side = EngineSide(settings)
+    await side.scorer.preload(side.database)
     tune_gc()
     log.debug("engine started", pid=os.getpid())
     try:
