@@ -7,10 +7,14 @@ broker never PUBACKed (a device does the same; op_id makes a resend harmless).
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
+from gateway.mqtt.session import STABLE_S
 from tests.support import (
     SPINE_ONLY,
     AckRecorder,
@@ -102,3 +106,33 @@ def test_broker_restart_mid_stream(
         "results": [{"op_id": "after", "status": "stored", "version": 1}],
     }
     assert daemon.terminate() == 0
+
+
+def test_every_broker_outage_is_retried_as_promptly_as_the_first(
+    own_broker: Mosquitto, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Five broker restarts in a row: after each, the daemon's first retry waits the
+    minimum (`mqtt.reconnect_min_s`), as after the first one, and it reconnects each
+    time. Checked against: the attempt counter cleared only when a session ends
+    without an error (a broker drop always raises), which made the retries of the
+    third outage wait up to 4 x the minimum, of the fifth up to 16 x."""
+    daemon = make_daemon(own_broker.port, **SPINE_ONLY)
+
+    def events() -> list[dict[str, Any]]:
+        wanted = ("mqtt connected", "mqtt disconnected, reconnecting")
+        return [line for line in daemon.log_lines() if line.get("event") in wanted]
+
+    for outage in range(5):
+        own_broker.restart(down_s=1)
+        wait_for(
+            lambda n=outage: sum(e["event"] == "mqtt connected" for e in events()) == n + 2,
+            timeout=30,
+        )
+        # Up long enough to be a real session, not a broker that drops at once.
+        time.sleep(STABLE_S + 0.5)
+    first_retries = [
+        later["retry_in_s"]
+        for earlier, later in itertools.pairwise(events())
+        if earlier["event"] == "mqtt connected" and later["event"] != "mqtt connected"
+    ]
+    assert first_retries == [0.5] * 5

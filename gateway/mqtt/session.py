@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -100,6 +101,9 @@ def _ignore(_message: Inbound) -> None:
     """Messages before anyone routes them: none arrive, nothing is subscribed yet."""
 
 
+STABLE_S = 2.0
+"""A session up this long was a real one: its end starts the reconnect backoff anew."""
+
 LAST_WORDS_S = 5.0
 """How long a clean stop waits for the broker to confirm the last words."""
 
@@ -144,22 +148,33 @@ class MqttSession(Part):
         """A pause asked for before the session was up: applied once it is."""
         self._stopping = asyncio.Event()
         self._reader_fd: int | None = None
+        self._up_at: float | None = None
+        """When the current session came up (monotonic); None while connecting."""
 
     # -- lifecycle -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, subscribe, and stay connected until `stop()`; reconnect with backoff."""
+        """Connect, subscribe, and stay connected until `stop()`; reconnect with backoff.
+
+        The backoff grows while connecting fails, and starts again from its minimum
+        after a session that was up for STABLE_S: every outage of a broker that comes
+        back is retried as promptly as the first (a drop always ends a session with
+        an error, so "ended without one" cannot be the signal). A broker that takes
+        the connection and drops it at once is still retried with a growing delay.
+        """
         attempt = 0
         while not self._stopping.is_set():
+            self._up_at = None
             try:
                 await self._session()
-                attempt = 0
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc) or type(exc).__name__
             finally:
                 self._detach()
             if self._stopping.is_set():
                 break
+            if self._up_at is not None and time.monotonic() - self._up_at >= STABLE_S:
+                attempt = 0
             attempt += 1
             self.reconnects += 1
             delay = backoff(attempt, self.config.reconnect_min_s, self.config.reconnect_max_s)
@@ -177,6 +192,7 @@ class MqttSession(Part):
             if self.on_connected is not None:
                 await self.on_connected(client)
             self.connected.set()
+            self._up_at = time.monotonic()
             if self._pause_wanted:
                 self.pause_reading()
             self.last_error = None
