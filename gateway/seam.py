@@ -95,6 +95,10 @@ class EngineState(msgspec.Struct, array_like=True):
     """Deliveries taken and not yet committed."""
     commits: int = 0
     pid: int = 0
+    model_id: str | None = None
+    """The conflict model it scores with; None: it scores nothing."""
+    model_refused: str | None = None
+    """Why the active model's file was refused (it then scores nothing)."""
 
 
 class Engine(Protocol):

@@ -116,6 +116,17 @@ class Status:
             return {"ok": True, "reconnects": session.reconnects}
         return {"ok": False, "detail": session.last_error or "connecting"}
 
+    def _model(self) -> dict[str, Any]:
+        """The conflict model the engine scores with, as it last said. A refused file
+        is not ok (operations go unscored) but does not make the gateway unhealthy:
+        every operation is still stored and answered."""
+        state = self.engine.state
+        if state.model_refused is not None:
+            return {"ok": False, "detail": f"the active model is refused: {state.model_refused}"}
+        if state.model_id is None:
+            return {"ok": True, "detail": "no model active"}
+        return {"ok": True, "detail": f"scoring with {state.model_id}", "model_id": state.model_id}
+
     async def health(self) -> dict[str, Any]:
         """Healthy means it can take and store operations (broker, engine process and
         database up, the engine's writer not wedged) and every part runs (none failed in
@@ -136,7 +147,7 @@ class Status:
             "engine": engine,
             "database": database,
             "redis": redis,
-            "model": {"ok": True, "detail": "no model active"},
+            "model": self._model(),
             "parts": parts,
         }
         healthy = checks["mqtt"]["ok"] and engine["ok"] and database["ok"] and parts["ok"]

@@ -130,6 +130,8 @@ class Scorer:
         self.model: Any = None
         self.model_id: str | None = None
         """The active model's id as last seen (also when its file was refused)."""
+        self.refused: str | None = None
+        """Why the active model's file was refused; None when it loaded (or none)."""
         self._checked_at: float | None = None
 
     def configure(self, *, window_s: float, first_sync_hours: float, hint_threshold: float) -> None:
@@ -192,7 +194,7 @@ class Scorer:
         if found is None:
             if self.model_id is not None:
                 log.info("no model active: operations are no longer scored")
-            self.model, self.model_id = None, None
+            self.model, self.model_id, self.refused = None, None, None
             return
         model_id, path, sha256 = found
         if model_id == self.model_id:
@@ -203,7 +205,7 @@ class Scorer:
         try:
             model = load(path, sha256)
         except ModelRefused as exc:
-            self.model = None
+            self.model, self.refused = None, exc.reason
             log.error(
                 "the active model is refused: operations are not scored",
                 model_id=model_id,
@@ -214,5 +216,5 @@ class Scorer:
             # One batch is a few hundred rows: threads for it cost more than they
             # save, and the engine's core is the one they would take.
             model[-1].set_params(n_jobs=1)
-        self.model = model
+        self.model, self.refused = model, None
         log.info("scoring with model", model_id=model_id)

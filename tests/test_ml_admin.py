@@ -257,6 +257,31 @@ def test_activation_scores_later_acks_and_hints_without_a_restart(
         )
 
     wait_for(lambda: counted() == (3, 3))
+    scoring = {
+        "ok": True,
+        "detail": f"scoring with {logistic['model_id']}",
+        "model_id": logistic["model_id"],
+    }
+    wait_for(lambda: admin.data("health")["checks"]["model"] == scoring)
+
+    # The active model's file changed while the daemon was down: refused at start,
+    # said in health and the log; operations are stored and answered, unscored.
+    daemon.stop()
+    (row,) = db_rows(
+        daemon.db_url, "select file_path from ml_models where id = ?", logistic["model_id"]
+    )
+    Path(row[0]).write_bytes(Path(row[0]).read_bytes() + b"tampered")
+    daemon.start()
+    assert edit("after-tamper", 5) == stored("after-tamper", 5)
+    model_check = wait_for(
+        lambda: (m := admin.data("health")["checks"]["model"])["ok"] is False and m
+    )
+    assert model_check["detail"].startswith("the active model is refused: ")
+    assert "has changed since it was registered" in model_check["detail"]
+    (refused,) = [
+        e for e in daemon.log_lines() if e.get("event", "").startswith("the active model")
+    ]
+    assert refused["model_id"] == logistic["model_id"]
 
 
 def test_a_run_without_enough_rows_ends_failed_with_its_reason(

@@ -89,6 +89,8 @@ class EngineSide:
             pending=self.engine.pending,
             commits=self.writer.commits,
             pid=os.getpid(),
+            model_id=self.scorer.model_id if self.scorer.model is not None else None,
+            model_refused=self.scorer.refused,
         )
 
     async def close(self) -> None:
