@@ -111,10 +111,26 @@ class Status:
         return {"ok": True}
 
     def _mqtt(self) -> dict[str, Any]:
+        """Up, and what the broker said of the session: a refused subscription is not
+        ok (its messages never come); a lost session and a shortened expiry are
+        facts an operator must see, and the session works."""
         session = self.session
-        if session.connected.is_set():
-            return {"ok": True, "reconnects": session.reconnects}
-        return {"ok": False, "detail": session.last_error or "connecting"}
+        if not session.connected.is_set():
+            return {"ok": False, "detail": session.last_error or "connecting"}
+        check: dict[str, Any] = {
+            "ok": not session.refused,
+            "reconnects": session.reconnects,
+            "session_expiry_granted_s": session.expiry_granted_s,
+        }
+        if session.refused:
+            check["detail"] = "subscription refused"
+            check["subscription_refused"] = [
+                {"filter": topic, "reason_code": code, "reason": reason}
+                for topic, (code, reason) in sorted(session.refused.items())
+            ]
+        if session.session_lost_at is not None:
+            check["session_lost"] = {"at": rfc3339(session.session_lost_at)}
+        return check
 
     def _model(self) -> dict[str, Any]:
         """The conflict model the engine scores with, as it last said. A refused file

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -27,6 +27,7 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.config import MqttConfig
@@ -150,6 +151,15 @@ class MqttSession(Part):
         self._reader_fd: int | None = None
         self._up_at: float | None = None
         """When the current session came up (monotonic); None while connecting."""
+        self.refused: dict[str, tuple[int, str]] = {}
+        """Subscriptions the broker refused (or granted below QoS 1): filter ->
+        (reason code, reason). Retried every `reconnect_max_s` while connected."""
+        self.session_lost_at: int | None = None
+        """When (µs) a reconnect found that the broker had kept no session."""
+        self.expiry_granted_s: int | None = None
+        """The session expiry the broker granted on the last connect."""
+        self._connack: tuple[bool, int | None] | None = None
+        self._connections = 0
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -186,9 +196,8 @@ class MqttSession(Part):
         client = self._make_client()
         async with client:
             self._client = client
-            await client.subscribe(
-                [(topic, SubscribeOptions(qos=1)) for topic in self.subscriptions]
-            )
+            self._heard_connack()
+            await self._subscribe(client, self.subscriptions)
             if self.on_connected is not None:
                 await self.on_connected(client)
             self.connected.set()
@@ -202,15 +211,78 @@ class MqttSession(Part):
             disconnected = client._disconnected
             stopping = asyncio.ensure_future(self._stopping.wait())
             probe = asyncio.ensure_future(self._probe(client))
+            retry = asyncio.ensure_future(self._retry_refused(client))
             either: set[asyncio.Future[Any]] = {disconnected, stopping}
             try:
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopping.cancel()
                 probe.cancel()
+                retry.cancel()
             if disconnected.done():
                 disconnected.result()
                 raise aiomqtt.MqttError("broker closed the connection")
+
+    def _heard_connack(self) -> None:
+        """What the CONNACK said of the session: kept or not, and for how long."""
+        present, granted = self._connack or (True, None)
+        self._connections += 1
+        requested = self.config.session_expiry_s
+        expiry = requested if granted is None else granted
+        if expiry < requested and expiry != self.expiry_granted_s:
+            log.warning(
+                "the broker shortened the gateway's session expiry: a longer outage"
+                " loses what devices send meanwhile",
+                granted_s=expiry,
+                requested_s=requested,
+            )
+        self.expiry_granted_s = expiry
+        if present:
+            return
+        if self._connections == 1:
+            log.info("mqtt session new: the broker held none for the gateway")
+            return
+        self.session_lost_at = now_us()
+        log.warning(
+            "mqtt session lost: the broker kept no session for the gateway, and what"
+            " devices sent while it was away was not queued",
+            epoch=self.epoch,
+        )
+
+    async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
+        """Subscribe at QoS 1 and read the SUBACK: a refused filter, or one granted
+        below QoS 1 (its messages would never wait for the gateway's ack), is logged
+        once and kept in `refused`; the others work meanwhile."""
+        if not filters:
+            return
+        codes: Sequence[int | ReasonCode] = await client.subscribe(
+            [(topic, SubscribeOptions(qos=1)) for topic in filters]
+        )
+        for topic, code in zip(filters, codes, strict=True):
+            value = code if isinstance(code, int) else code.value
+            if 1 <= value < 0x80:
+                if self.refused.pop(topic, None) is not None:
+                    log.info("mqtt subscription granted", filter=topic)
+                continue
+            reason = "granted QoS 0" if value == 0 else str(code)
+            if self.refused.get(topic) != (value, reason):
+                log.error(
+                    "mqtt subscription refused",
+                    filter=topic,
+                    reason_code=value,
+                    reason=reason,
+                    retry_every_s=self.config.reconnect_max_s,
+                )
+            self.refused[topic] = (value, reason)
+
+    async def _retry_refused(self, client: aiomqtt.Client) -> None:
+        """Ask again for the refused subscriptions now and then: a broker's ACL fixed
+        takes effect without a restart."""
+        while True:
+            await asyncio.sleep(self.config.reconnect_max_s)
+            if self.refused:
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    await self._subscribe(client, sorted(self.refused))
 
     async def _probe(self, client: aiomqtt.Client) -> None:
         """Declare the connection lost when its socket is closed or reset by the broker.
@@ -270,6 +342,9 @@ class MqttSession(Part):
             # Bump the epoch before paho hands over the first message of this
             # connection: it may sit in the same read as the CONNACK.
             self.epoch += 1
+            _client, _userdata, flags, _reason, properties = (*args, None)[:5]
+            granted = getattr(properties, "SessionExpiryInterval", None)
+            self._connack = (bool(flags.session_present), granted)
             if aiomqtt_on_connect is not None:
                 aiomqtt_on_connect(*args)
 

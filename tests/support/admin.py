@@ -38,7 +38,7 @@ STATS_KEYS = frozenset(
 HEALTHY = {
     "healthy": True,
     "checks": {
-        "mqtt": {"ok": True, "reconnects": 0},
+        "mqtt": {"ok": True, "reconnects": 0, "session_expiry_granted_s": 604800},
         "engine": {"ok": True},
         "database": {"ok": True},
         "redis": {"ok": True},

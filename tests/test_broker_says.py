@@ -1,0 +1,140 @@
+"""What the broker says, heard (issue 15, item 12): a refused subscription, a session
+the broker did not keep, a shorter session expiry than asked. Each is one clear log
+line and a part of `health`'s mqtt check, against a broker made to say it: Mosquitto
+with its dynamic-security plugin denying the sync subscription, Mosquitto without
+persistence restarted, and a fake broker that grants 300 s (Mosquitto grants all)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import Admin, Client, Daemon, Mosquitto, wait_for
+from tests.support.fake_broker import FakeBroker
+
+DYNSEC = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
+def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    return [line for line in daemon.log_lines() if line.get("event", "").startswith(name)]
+
+
+@pytest.mark.skipif(not DYNSEC.exists(), reason="Mosquitto's dynamic-security plugin")
+def test_a_refused_subscription_is_logged_once_and_said_in_health(
+    tmp_path: Path, make_daemon: Callable[..., Daemon]
+) -> None:
+    rules = tmp_path / "dynsec.json"
+    rules.write_text(
+        json.dumps(
+            {
+                "defaultACLAccess": {
+                    "publishClientSend": True,
+                    "publishClientReceive": True,
+                    "subscribe": True,
+                    "unsubscribe": True,
+                },
+                "clients": [],
+                "groups": [{"groupname": "anyone", "roles": [{"rolename": "no-sync"}]}],
+                "roles": [
+                    {
+                        "rolename": "no-sync",
+                        "acls": [
+                            {
+                                "acltype": "subscribePattern",
+                                "topic": "+/devices/+/sync",
+                                "priority": 0,
+                                "allow": False,
+                            }
+                        ],
+                    }
+                ],
+                "anonymousGroup": "anyone",
+            }
+        )
+    )
+    broker = Mosquitto(
+        tmp_path / "broker",
+        extra=f"plugin {DYNSEC}\nplugin_opt_config_file {rules}\n",
+    ).start()
+    try:
+        daemon = make_daemon(broker.port)
+        client = Client(broker.port).connect()
+        try:
+            health = Admin(client, daemon.root).data("health")
+        finally:
+            client.close()
+        assert health["healthy"] is False
+        assert health["checks"]["mqtt"] == {
+            "ok": False,
+            "detail": "subscription refused",
+            "reconnects": 0,
+            "session_expiry_granted_s": 604800,
+            "subscription_refused": [
+                {
+                    "filter": f"{daemon.root}/devices/+/sync",
+                    "reason_code": 135,
+                    "reason": "Not authorized",
+                }
+            ],
+        }
+        (refused,) = events(daemon, "mqtt subscription refused")
+        assert (refused["filter"], refused["reason_code"], refused["level"]) == (
+            f"{daemon.root}/devices/+/sync",
+            135,
+            "error",
+        )
+    finally:
+        broker.stop()
+
+
+def test_a_session_the_broker_did_not_keep_is_said(
+    tmp_path: Path, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A broker that keeps sessions in memory (persistence off) restarts: the daemon
+    reconnects, and says that what devices sent meanwhile was not kept for it."""
+    broker = Mosquitto(tmp_path / "broker", persistence=False).start()
+    try:
+        daemon = make_daemon(broker.port)
+        (new,) = events(daemon, "mqtt session new")
+        assert new["level"] == "info"
+        assert events(daemon, "mqtt session lost") == []
+        broker.restart(down_s=0.5)
+        wait_for(lambda: events(daemon, "mqtt session lost"))
+        (lost,) = events(daemon, "mqtt session lost")
+        assert lost["level"] == "warning"
+        client = Client(broker.port).connect()
+        try:
+            mqtt = wait_for(
+                lambda: (
+                    (m := Admin(client, daemon.root).data("health")["checks"]["mqtt"])
+                    and "session_lost" in m
+                    and m
+                )
+            )
+        finally:
+            client.close()
+        assert mqtt["ok"] is True
+        assert mqtt["reconnects"] >= 1
+        assert set(mqtt["session_lost"]) == {"at"}
+    finally:
+        broker.stop()
+
+
+def test_a_shorter_session_expiry_than_asked_is_said(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    with FakeBroker(expiry_s=300) as broker:
+        daemon = make_daemon(broker.port, start=False)
+        daemon.start(wait_ready=False)
+        wait_for(lambda: events(daemon, "the broker shortened"))
+        (said,) = events(daemon, "the broker shortened")
+        assert (said["granted_s"], said["requested_s"], said["level"]) == (
+            300,
+            604800,
+            "warning",
+        )
+        wait_for(lambda: f"{daemon.root}/devices/+/sync" in broker.subscribed)
