@@ -99,11 +99,14 @@ def serving_features(
 def reasons(model: Any, X: F64, risks: F64) -> list[tuple[str, ...]]:
     """Per row, the REASONS features whose neutral value lowers its risk most (one
     `predict_proba` for every row and feature at once)."""
-    n, k = X.shape
-    probes = np.repeat(X, k, axis=0)
-    columns = np.tile(np.arange(k), n)
-    probes[np.arange(n * k), columns] = np.asarray(NEUTRAL)[columns]
-    lowered = risks[:, None] - model.predict_proba(probes)[:, 1].reshape(n, k)
+    neutral = np.asarray(NEUTRAL)
+    # A feature already at its neutral value lowers nothing: no probe for it.
+    rows, columns = np.nonzero(np.not_equal(X, neutral))
+    lowered = np.zeros(X.shape, dtype=np.float64)
+    if len(rows):
+        probes = X[rows]
+        probes[np.arange(len(rows)), columns] = neutral[columns]
+        lowered[rows, columns] = risks[rows] - model.predict_proba(probes)[:, 1]
     # Largest drop first; ties in FEATURES' order.
     order = np.argsort(-lowered, axis=1, kind="stable")[:, :REASONS]
     return [tuple(FEATURES[j] for j in row) for row in order]

@@ -48,7 +48,8 @@ def _results(decoded: Decoded) -> list[dict[str, Any]]:
 
 def _hints(root: str, decoded: Decoded) -> list[Outbound]:
     """A hint to the device for each operation scored at or above the threshold (the
-    scorer gave it reasons)."""
+    scorer gave it reasons), at QoS 0: it is advice about now, sent beside the ack that
+    carries the risk durably (docs/decisions/0012-hint-reasons.md)."""
     out: list[Outbound] = []
     for item in decoded.items:
         if isinstance(item, Rejected) or not item.reasons:
@@ -60,7 +61,7 @@ def _hints(root: str, decoded: Decoded) -> list[Outbound]:
             "risk": item.risk,
             "reasons": list(item.reasons),
         }
-        out.append(Outbound(f"{root}/devices/{item.device_id}/hints", _encode(body)))
+        out.append(Outbound(f"{root}/devices/{item.device_id}/hints", _encode(body), qos=0))
     return out
 
 
