@@ -206,7 +206,7 @@ def offline_scores(daemon: Daemon, model: dict[str, Any], op_ids: list[str]) -> 
     pipeline = load(row[0], row[1])
     X = np.array([rows[op_id] for op_id in op_ids])
     risks = pipeline.predict_proba(X)[:, 1]
-    why = reasons(pipeline, X, risks)
+    why = reasons(lambda probes: pipeline.predict_proba(probes)[:, 1], X, risks)
     return [(round(float(r), 4), list(w)) for r, w in zip(risks, why, strict=True)]
 
 
