@@ -19,6 +19,7 @@ Nothing written to the outbox carries `note` or any free text of the device.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,11 +38,11 @@ from handlers.alerts import (
     notification_id,
 )
 from handlers.records import AlertRecord, CrisisAckRecord, OutboxRecord
-from handlers.times import DAY_US
+from handlers.times import DAY_US, now_us
 from storage import outbox
 from storage.db import chunks
 from storage.schema import alert_users, alerts, wellness_cooldowns
-from storage.writer import Step, Written
+from storage.writer import CANARY, Step, Written
 
 _encode = msgspec.json.Encoder().encode
 
@@ -71,6 +72,18 @@ class AlertStep(Step):
 
     async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
         return Written(await store_alerts(conn, records, now_us, self.policy, self.notices))
+
+    def canary(self) -> AlertRecord:
+        """A check-in of plain ASCII values from a device and user no one has."""
+        now = now_us()
+        return AlertRecord(
+            alert_id=f"{CANARY}-{uuid.uuid4().hex}",
+            device_id=CANARY,
+            user_id=CANARY,
+            kind="checkin",
+            occurred_at_us=now,
+            received_at_us=now,
+        )
 
     def reset(self, records: Sequence[AlertRecord]) -> None:
         for record in records:

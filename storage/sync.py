@@ -8,15 +8,17 @@ scored from what was committed before its commit (ml/dataset.py).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from handlers.records import OpRecord
+from handlers.times import now_us
 from storage import sync_log
 from storage.conflicts import Detector
-from storage.writer import Step, Written
+from storage.writer import CANARY, Step, Written
 
 
 class Scoring(Protocol):
@@ -54,6 +56,23 @@ class SyncStep(Step):
     def failed(self) -> None:
         if self.detector is not None:
             self.detector.failed()
+
+    def canary(self) -> OpRecord:
+        """An operation of plain ASCII values on an entity no device has."""
+        marker = f"fieldgate-canary-{uuid.uuid4().hex}"
+        now = now_us()
+        return OpRecord(
+            op_id=marker,
+            device_id=CANARY,
+            user_id=CANARY,
+            entity_type=CANARY,
+            entity_id=marker,
+            operation="create",
+            changes={},
+            changes_json="{}",
+            edited_at_us=now,
+            received_at_us=now,
+        )
 
     def reset(self, records: Sequence[OpRecord]) -> None:
         for record in records:

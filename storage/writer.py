@@ -40,6 +40,9 @@ from storage.refusals import refusal
 
 log = structlog.get_logger("fieldgate.writer")
 
+CANARY = "fieldgate-canary"
+"""The ids of canary records (`Step.canary`): rolled back, never stored."""
+
 
 class Written(msgspec.Struct):
     """What one step wrote besides its records: outbox rows (published after the
@@ -79,6 +82,13 @@ class Step(abc.ABC):
 
     def failed(self) -> None:  # noqa: B027
         """The transaction that `write` ran in failed: what it read may never have been."""
+
+    def canary(self) -> Any | None:
+        """A record of this step's type made only of plain values, which any healthy
+        database takes: written in a transaction that is rolled back, it tells a
+        refusal of the data from a database that refuses everything (see
+        `Writer._withdraw`). None: this step's refusals are taken as they come."""
+        return None
 
 
 class WriteSet(msgspec.Struct):
@@ -236,8 +246,55 @@ class Writer:
         written = Committed()
         tried = await self._split(units(batch, self.steps), written)
         log.warning("batch isolated", refused=len(written.refused), transactions=tried)
+        if written.refused:
+            await self._withdraw(written)
         self.commits += 1
         return written
+
+    async def _withdraw(self, written: Committed) -> None:
+        """Refusals that are the database's, not the data's, are withdrawn: if a canary
+        of the same kind (plain values) is refused too, with the same error, the
+        database refuses every record alike (a trigger or a constraint a bad migration
+        added, a table it broke). Its records are then retried until they commit, as
+        in an outage: unhealthy, loud, nothing rejected that a healthy database
+        would take (docs/decisions/0013-refusal-or-outage.md)."""
+        errors: dict[type[Any], set[str]] = {}
+        for refused in written.refused:
+            errors.setdefault(type(refused.record), set()).add(refused.error)
+        outage: set[type[Any]] = set()
+        for record_type, seen in errors.items():
+            canary = self._by_type[record_type].canary()
+            if canary is not None and await self._dry_run(canary) in seen:
+                outage.add(record_type)
+        if not outage:
+            return
+        held = [r.record for r in written.refused if type(r.record) in outage]
+        written.refused = [r for r in written.refused if type(r.record) not in outage]
+        log.error(
+            "the database refuses every record alike: an outage, not bad data; retrying",
+            error=sorted({e for t in outage for e in errors[t]}),
+            records=len(held),
+        )
+        written.add(await self._retrying(WriteSet(held), refusable=False))
+
+    async def _dry_run(self, record: Any) -> str | None:
+        """Write `record` in a transaction that is always rolled back; the refusal's
+        class name if the database refused it, None if it took it (or failed
+        otherwise: that is not a refusal)."""
+        step = self._by_type[type(record)]
+        assert self.engine is not None
+        try:
+            async with self.engine.connect() as conn, conn.begin() as transaction:
+                try:
+                    await step.write(conn, [record], now_us())
+                finally:
+                    await transaction.rollback()
+        except Exception as exc:  # noqa: BLE001 - only a refusal is an answer
+            return refusal(exc)
+        finally:
+            step.reset([record])
+            step.failed()
+        return None
 
     async def _split(self, parts: list[WriteSet], written: Committed) -> int:
         """`parts` were refused together: commit each half, split a refused half again.

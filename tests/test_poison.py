@@ -543,6 +543,57 @@ async def test_a_missing_table_is_retried_not_refused(db_url: str, writer: Write
     assert db_rows(db_url, "select topic from quarantine") == [("q/1",)]
 
 
+def refuse_every(url: str, table: str, column: str) -> str:
+    """Make the database refuse every new row of `table`, as a bad migration can (a
+    trigger on SQLite, a CHECK on PostgreSQL, the rows already there untouched);
+    returns the error's class name and the statement that undoes it."""
+    name = f"refuse_all_{uuid.uuid4().hex[:8]}"
+    if url.startswith("sqlite"):
+        execute(
+            url,
+            f"CREATE TRIGGER {name} BEFORE INSERT ON {table}"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        return f"DROP TRIGGER {name}"
+    execute(url, f"ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({column} = 'never') NOT VALID")
+    return f"ALTER TABLE {table} DROP CONSTRAINT {name}"
+
+
+async def test_a_database_that_refuses_every_record_alike_is_an_outage_not_poison(
+    db_url: str, writer: Writer
+) -> None:
+    """A constraint every row fails (a bad migration) refuses each record alone, as
+    poison would; but a canary of plain values is refused too, with the same error:
+    the database is at fault. Nothing is refused (no operation or crisis alert
+    rejected for good): the batch is retried, unhealthy, until the constraint is
+    gone, then stored once. Checked against: the refusals handed back as they came
+    (the ops and the alert rejected, lost to the device)."""
+    undo_ops = refuse_every(db_url, "sync_log", "op_id")
+    undo_alerts = refuse_every(db_url, "alerts", "alert_id")
+    ops = [op(f"g-{i}", f"e{i % 2}") for i in range(4)]
+    crisis = alert_record("al-1")
+    commit = asyncio.ensure_future(writer.commit(WriteSet([*ops, crisis])))
+    await until(lambda: not writer.healthy)
+    assert writer.last_error in {"IntegrityError", "CheckViolation"}
+    await asyncio.sleep(0.5)
+    assert not commit.done()
+    assert db_rows(db_url, "select count(*) from sync_log") == [(0,)]
+    execute(db_url, undo_ops)
+    execute(db_url, undo_alerts)
+    committed = await asyncio.wait_for(commit, 30)
+    assert committed.refused == []
+    assert [(r.op_id, r.entity_id, r.version) for r in ops] == expected_versions(ops)
+    assert (crisis.status, writer.healthy) == ("stored", True)
+    assert sorted(db_rows(db_url, "select op_id, entity_id, version from sync_log")) == sorted(
+        expected_versions(ops)
+    )
+    assert db_rows(db_url, "select alert_id from alerts") == [("al-1",)]
+    # The canaries were rolled back: nothing of theirs is stored.
+    assert db_rows(
+        db_url, "select count(*) from entities where entity_type = 'fieldgate-canary'"
+    ) == [(0,)]
+
+
 async def until(predicate: Callable[[], Any]) -> None:
     """`wait_for` off the event loop (the writer's thread and the database run meanwhile)."""
     await asyncio.to_thread(wait_for, predicate, 30.0)
