@@ -40,6 +40,10 @@ def parse(
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         error = from_msgspec(exc, None)
         return None, None, Error(Code.MALFORMED, error.message.replace("not valid JSON: ", ""))
+    except RecursionError:
+        # 64 KiB of `[` nest deeper than msgspec recurses: raised, it escaped from the
+        # session's message callback and failed the critical mqtt part.
+        return None, None, Error(Code.MALFORMED, "the request is nested too deeply")
     transaction = body.pop("transaction", None)
     given = body.pop("token", None)
     if token is not None and not (

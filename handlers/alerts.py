@@ -32,7 +32,7 @@ from handlers.errors import (
 )
 from handlers.fields import AwareTime, DeviceId, Str64, Str128
 from handlers.records import AlertRecord, CrisisAckRecord, OutboxRecord, QuarantineRecord
-from handlers.times import rfc3339, to_us
+from handlers.times import OUT_OF_RANGE, in_range, rfc3339, to_us
 
 Kind = Literal["journal", "panic", "checkin"]
 
@@ -47,9 +47,12 @@ HIGH_STRESS = "high_stress"
 WELLNESS_REASONS = (SUSTAINED_LOW_MOOD, LOW_MOOD, HIGH_STRESS)
 
 SCALES = ("mood", "stress", "energy")
-PLAIN_FIELDS = ("alert_id", "user_id", "site_id", "note")
-"""The strings of an alert stored as text columns (`flags` is stored as JSON, where a
-NUL stays the escape `\\u0000`)."""
+PLAIN_FIELDS = ("alert_id", "user_id", "site_id")
+"""The ids of an alert stored as text columns: one with a NUL is refused (`flags` is
+stored as JSON, where a NUL stays the escape `\\u0000`)."""
+NUL_REPLACEMENT = "\ufffd"
+"""What a NUL in the free text (`note`) is stored as: PostgreSQL text cannot hold a NUL,
+and a panic must not be refused for a detail of its text (docs/alerts.md)."""
 ACK_FIELDS = ("alert_id", "by")
 
 
@@ -236,6 +239,9 @@ class AlertHandler:
                 alert.alert_id,
                 Error(Code.SCHEMA, f"note is over {rules.max_note_bytes} bytes", "note"),
             )
+        occurred_at_us = to_us(alert.occurred_at)
+        if not in_range(occurred_at_us):
+            return reject(alert.alert_id, Error(Code.SCHEMA, OUT_OF_RANGE, "occurred_at"))
         scales: dict[str, int | None] = {}
         for name in SCALES:
             value: float | None = getattr(alert, name)
@@ -250,14 +256,14 @@ class AlertHandler:
             device_id=device_id,
             user_id=alert.user_id,
             kind=alert.kind,
-            occurred_at_us=to_us(alert.occurred_at),
+            occurred_at_us=occurred_at_us,
             received_at_us=received_at_us,
             mood=mood,
             stress=stress,
             energy=scales["energy"],
             flags=flags,
             site_id=alert.site_id,
-            note=alert.note,
+            note=_stored_text(alert.note),
             payload=payload,
             base_classification=classification,
             base_reasons=reasons,
@@ -275,9 +281,15 @@ class AlertHandler:
             error = Error(Code.TOO_LARGE, f"payload is over {rules.max_payload_bytes} bytes")
         else:
             try:
+                # msgspec checks the strings it reads, not those of the fields it skips.
+                payload.decode("utf-8")
                 ack = _ack_decoder.decode(payload)
+            except UnicodeDecodeError:
+                error = Error(Code.MALFORMED, "the payload is not UTF-8")
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 error = _error(exc)
+                if error.path is None and "Expected `object`" in error.message:
+                    error = Error(Code.MALFORMED, "the payload is not a JSON object")
             except RecursionError:
                 error = Error(Code.MALFORMED, "the payload is nested too deeply")
             else:
@@ -309,6 +321,11 @@ def _error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Error:
     if missing and path is None:
         path = missing.group(1)
     return Error(error.code, message, path)
+
+
+def _stored_text(text: str | None) -> str | None:
+    """Free text as it is stored: each NUL replaced by U+FFFD."""
+    return None if text is None else text.replace("\x00", NUL_REPLACEMENT)
 
 
 def _lenient_alert_id(raw: bytes) -> str | None:

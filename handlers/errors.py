@@ -10,7 +10,8 @@ import msgspec
 
 from handlers.records import QuarantineRecord
 
-_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `(.+)`\Z", re.DOTALL)
+"""The whole name, to the last backtick: an unknown key may hold backticks and newlines."""
 
 
 class Code(StrEnum):

@@ -26,7 +26,7 @@ from handlers.errors import (
 )
 from handlers.fields import AwareTime, DeviceId, Str64, Str128, Version
 from handlers.records import OpRecord, QuarantineRecord
-from handlers.times import now_us, to_us
+from handlers.times import OUT_OF_RANGE, in_range, now_us, to_us
 
 
 class Op(msgspec.Struct):
@@ -274,6 +274,8 @@ class SyncHandler:
         if op.operation == "update" and not plain:
             return reject(Code.SCHEMA, "an update changes at least one field", "changes")
         edited_at_us = to_us(op.edited_at)
+        if not in_range(edited_at_us):
+            return reject(Code.SCHEMA, OUT_OF_RANGE, "edited_at")
         if edited_at_us > ctx.now_us + self.limits.max_clock_skew_us:
             return reject(
                 Code.EDITED_AT_IN_FUTURE,

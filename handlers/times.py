@@ -20,6 +20,19 @@ Digits = Literal[0, 3, 6]
 _SPEC: dict[int, str] = {0: "seconds", 3: "milliseconds", 6: "microseconds"}
 
 
+MIN_US = (datetime.min.replace(tzinfo=UTC) - EPOCH) // MICROSECOND
+MAX_US = (datetime.max.replace(tzinfo=UTC) - EPOCH) // MICROSECOND
+"""The instants `rfc3339` can write: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z."""
+OUT_OF_RANGE = "Expected a time from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+
+
+def in_range(us: int) -> bool:
+    """Whether `us` can be written back as RFC 3339. A time with an offset can name an
+    instant just outside (`0001-01-01T00:00:00+01:00` is in year 0 in UTC): stored, it
+    could never be shown, published nor sent to a webhook."""
+    return MIN_US <= us <= MAX_US
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 

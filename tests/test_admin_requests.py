@@ -90,6 +90,17 @@ def test_not_an_object_is_malformed(payload: bytes, message: str) -> None:
     assert parse("health", payload, None, LIMIT) == (None, None, error(Code.MALFORMED, message))
 
 
+def test_a_request_nested_deeper_than_the_decoder_recurses_is_malformed() -> None:
+    """Within the 64 KiB of a request: RecursionError escaped from the session's message
+    callback and failed the critical mqtt part (found by fuzzing)."""
+    payload = b'{"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    assert parse("health", payload, None, 64 * 1024) == (
+        None,
+        None,
+        error(Code.MALFORMED, "the request is nested too deeply"),
+    )
+
+
 class Args(msgspec.Struct, forbid_unknown_fields=True):
     name: Str64
     level: Literal["low", "high"] = "low"
@@ -127,8 +138,23 @@ def test_arguments_become_the_typed_struct() -> None:
             {"name": "n", "n\x00": 1},
             error(Code.INVALID_ARGS, "Object contains unknown field `n\x00`", "n\x00"),
         ),
+        # The whole name, backticks and newlines in it (it was cut at the first one).
+        (
+            {"name": "n", "a`b\n`": 1},
+            error(Code.INVALID_ARGS, "Object contains unknown field `a`b\n``", "a`b\n`"),
+        ),
     ],
-    ids=["missing", "unknown", "enum", "short", "nul", "nul-in-list", "nul-deep", "nul-in-a-key"],
+    ids=[
+        "missing",
+        "unknown",
+        "enum",
+        "short",
+        "nul",
+        "nul-in-list",
+        "nul-deep",
+        "nul-in-a-key",
+        "backtick-in-a-key",
+    ],
 )
 def test_bad_arguments_are_invalid_args_with_a_path(args: dict[str, Any], expected: Error) -> None:
     assert convert_args(args, Args) == expected

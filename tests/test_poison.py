@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from handlers.alerts import AlertHandler, AlertRules
 from handlers.errors import NUL_MESSAGE
 from handlers.records import AlertRecord, OpRecord, QuarantineRecord
 from storage import migrate
@@ -181,7 +182,7 @@ def test_values_no_database_can_store_are_rejected_and_the_rest_stored_as_sent(
     assert answer["results"][0]["error"]["path"] == "base_version"
     expected_quarantine.append(("i1", "sync", "schema", "base_version"))
 
-    for index, name in enumerate(["alert_id", "user_id", "site_id", "note"]):
+    for index, name in enumerate(["alert_id", "user_id", "site_id"]):
         body = {**alert(f"al-{name}"), name: nul(name)}
         answer = answer_to("alerts", f"a{index}", body)
         assert answer["status"] == "rejected"
@@ -218,6 +219,16 @@ def test_values_no_database_can_store_are_rejected_and_the_rest_stored_as_sent(
     assert (answer["status"], answer["classification"]) == ("stored", "none")
     ((flags,),) = db_rows(daemon.db_url, "select flags from alerts where alert_id = 'al-flags'")
     assert json.loads(flags) == [nul("flag")]
+    # A panic must not be lost to a detail of its text: a NUL in the note (free text,
+    # a text column) is stored as U+FFFD, and the crisis raised as for any panic.
+    answer = answer_to("alerts", "n1", alert("al-note", kind="panic", note=nul("\x00help")))
+    assert answer == {"alert_id": "al-note", "status": "stored", "classification": "crisis"}
+    assert db_rows(
+        daemon.db_url, "select note, classification from alerts where alert_id = 'al-note'"
+    ) == [("\ufffdhelp\ufffdx", "crisis")]
+    crisis = f"select payload from outbox where topic = '{root}/alerts/crisis'"
+    ((published,),) = db_rows(daemon.db_url, crisis)
+    assert json.loads(bytes(published))["alert_id"] == "al-note"
 
     wait_for(lambda: len(quarantined(daemon)) >= len(expected_quarantine))
     assert [row[:4] for row in quarantined(daemon)] == expected_quarantine
@@ -467,6 +478,29 @@ def expected_versions(records: list[OpRecord]) -> list[tuple[str, str, int]]:
         seen[record.entity_id] = seen.get(record.entity_id, 0) + 1
         out.append((record.op_id, record.entity_id, seen[record.entity_id]))
     return out
+
+
+async def test_a_panic_whose_note_holds_a_nul_is_stored_and_raises_its_crisis(
+    db_url: str, writer: Writer
+) -> None:
+    """The handler's record through the real storage step: the NUL that PostgreSQL
+    cannot hold in text is stored as U+FFFD, the alert committed and its crisis message
+    written. Checked against: the NUL passed through (PostgreSQL refuses the commit,
+    the panic is rejected as poison)."""
+    payload = json.dumps(alert("al-nul", kind="panic", note="\x00help\x00")).encode()
+    decoded = AlertHandler(AlertRules()).decode(
+        "fg/devices/d1/alerts", "d1", payload, 1_790_000_000_000_000
+    )
+    assert decoded.record is not None
+    committed = await writer.commit(WriteSet([decoded.record]))
+    assert (committed.refused, decoded.record.status) == ([], "stored")
+    assert db_rows(db_url, "select note, classification, reasons from alerts") == [
+        ("\ufffdhelp\ufffd", "crisis", '["panic"]')
+    ]
+    ((body,),) = db_rows(
+        db_url, "select payload from outbox where topic = 'fieldgate/alerts/crisis'"
+    )
+    assert json.loads(bytes(body))["alert_id"] == "al-nul"
 
 
 async def test_the_writer_commits_all_but_the_records_refused_alone(

@@ -830,3 +830,18 @@ def test_a_one_character_field_name_and_text_beyond_ascii() -> None:
     raw = json.dumps(op, ensure_ascii=False).encode()
     assert not raw.isascii()
     assert decode(raw).items == [expected_record(op)]
+
+
+def test_edited_at_as_far_back_as_rfc_3339_writes() -> None:
+    """Year 1 an hour east of UTC is the first instant that can be written back; a
+    microsecond earlier is year 0 in UTC, which no answer or message could carry
+    (it was stored, and writing it raised OverflowError; found by fuzzing)."""
+    first = make_op(edited_at="0001-01-01T01:00:00+01:00")
+    (record,) = decode(encode(first)).items
+    assert record == expected_record(first)
+    assert isinstance(record, OpRecord) and record.edited_at_us == -62_135_596_800_000_000
+    before = make_op(edited_at="0001-01-01T00:59:59.999999+01:00")
+    message = "Expected a time from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+    assert only_rejection(decode(encode(before))) == Rejected(
+        "a1", Error(Code.SCHEMA, message, "edited_at")
+    )

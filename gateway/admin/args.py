@@ -8,7 +8,6 @@ while rows arrive, and never an offset.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any
@@ -21,6 +20,9 @@ from handlers.errors import Code, Error
 from handlers.times import to_us
 
 Limit = Annotated[int, Meta(ge=1, le=1000)]
+MAX_ID_DIGITS = 18
+"""A cursor's id has at most this many digits: below BIGINT's 2^63 - 1 (19 digits), as
+every row id of this gateway is, and within what SQLite takes as a parameter."""
 
 
 class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,11 +56,13 @@ def below(cursor: str | None) -> int | None:
     if cursor is None:
         return None
     try:
+        # A cursor that is not ASCII is a ValueError (binascii.Error is one too).
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:
         raise invalid("not a cursor of this gateway", "cursor") from None
     kind, _, value = text.partition(":")
-    if kind != "id" or not value.isdigit():
+    # ASCII digits only (`²` is a digit that int() refuses), and a row id (BIGINT).
+    if kind != "id" or not (value.isascii() and value.isdigit()) or len(value) > MAX_ID_DIGITS:
         raise invalid("not a cursor of this gateway", "cursor")
     return int(value)
 
