@@ -131,13 +131,16 @@ def _clustered(
     """WHERE clauses that cover each record's entity over its `span` of times: the
     spans merged where they overlap (live traffic: one cluster; an offline device's
     old edits: one more), each cluster asked for the entities whose spans are in it."""
-    spans = [(*span(r.edited_at_us), (r.entity_type, r.entity_id)) for r in records]
-    if max(lo for lo, _hi, _key in spans) <= min(hi for _lo, hi, _key in spans) + 1:
-        # Live traffic: every span overlaps every other, one cluster without a sort.
-        first, last = min(s[0] for s in spans), max(s[1] for s in spans)
-        for where in by_entity(entity_type, entity_id, sorted({key for *_t, key in spans})):
-            yield and_(where, time >= first, time <= last)
+    edits = [r.edited_at_us for r in records]
+    earliest, latest = span(min(edits)), span(max(edits))
+    if latest[0] <= earliest[1] + 1:
+        # Live traffic: the spans (all of one width) of the earliest and the latest
+        # edit overlap, so every span overlaps every other: one cluster, no sort.
+        keys = sorted({(r.entity_type, r.entity_id) for r in records})
+        for where in by_entity(entity_type, entity_id, keys):
+            yield and_(where, time >= earliest[0], time <= latest[1])
         return
+    spans = [(*span(r.edited_at_us), (r.entity_type, r.entity_id)) for r in records]
     clusters: list[tuple[int, int, set[EntityKey]]] = []
     for lo, hi, key in sorted(spans):
         if clusters and lo <= clusters[-1][1] + 1:
