@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
@@ -57,6 +58,11 @@ class MqttConfig(Section):
     username: str | None = None
     password: SecretStr | None = None
     tls_ca: Path | None = None
+    """CA file: connect with TLS and verify the broker's certificate (and name) with it."""
+    tls_cert: Path | None = None
+    """Client certificate (PEM), with `tls_key`: for a broker that asks for one."""
+    tls_key: Path | None = None
+    """The client certificate's private key (PEM, unencrypted)."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, Field(ge=60)] = 7 * 86400
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 10000
@@ -64,6 +70,26 @@ class MqttConfig(Section):
     shared_group: str | None = None
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> MqttConfig:
+        """A client certificate and its key go together, and only with TLS (`tls_ca`)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing, given = (
+                ("tls_key", "tls_cert") if self.tls_key is None else ("tls_cert", "tls_key")
+            )
+            raise PydanticCustomError(
+                "client_certificate",
+                "needed with mqtt.{given}: a client certificate and its key go together",
+                {"given": given, "at": f".{missing}"},
+            )
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise PydanticCustomError(
+                "client_certificate",
+                "needed with a client certificate: the CA file that verifies the broker",
+                {"at": ".tls_ca"},
+            )
+        return self
 
 
 class DatabaseConfig(Section):

@@ -42,6 +42,7 @@ from gateway.admin.webhooks import WebhookCommands
 from gateway.ingest import rules
 from gateway.lifecycle import Parts, tune_gc
 from gateway.metrics import Metrics, MetricsEndpoint
+from gateway.mqtt.client import TlsFileError, tls_context
 from gateway.mqtt.engine_process import EngineProcess
 from gateway.mqtt.intake import Intake
 from gateway.mqtt.session import MqttSession
@@ -237,6 +238,13 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
+        try:
+            tls_context(self.settings.mqtt)  # the TLS files load, or the start stops here
+        except TlsFileError as exc:
+            await self.database.dispose()
+            raise config.ConfigError(
+                f"config {self.config_path or config.DEFAULT_CONFIG_PATH}: {exc}"
+            ) from None
         problem = await encoding_problem(self.database)
         if problem is not None:
             await self.database.dispose()

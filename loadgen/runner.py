@@ -15,11 +15,11 @@ import dataclasses
 import ipaddress
 import json
 import socket
+import ssl
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 from handlers.times import now_us
@@ -36,7 +36,8 @@ class Broker:
     topic_root: str = "fieldgate"
     username: str | None = None
     password: str | None = None
-    tls_ca: Path | None = None
+    tls: ssl.SSLContext | None = None
+    """TLS to the broker (the CLI makes it from `[mqtt]`: CA, client certificate)."""
     keepalive_s: int = 30
 
 
@@ -172,8 +173,8 @@ class _SimClient:
         )
         if broker.username:
             client.username_pw_set(broker.username, broker.password)
-        if broker.tls_ca is not None:
-            client.tls_set(ca_certs=str(broker.tls_ca))
+        if broker.tls is not None:
+            client.tls_set_context(broker.tls)
         client.max_inflight_messages_set(inflight)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect

@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from gateway.cli import client, render
-from gateway.cli.options import ConfigOption, load_settings
+from gateway.cli.options import EXIT_USAGE, ConfigOption, load_settings
 from gateway.config import Settings
+from gateway.mqtt.client import TlsFileError, describe
 
 EXIT_ERROR = 1
 EXIT_TIMEOUT = 3
@@ -91,8 +92,11 @@ def admin(
     except client.AdminTimeout as exc:
         typer.echo(f"fieldgate: {command}: {exc} (is the daemon running?)", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
+    except TlsFileError as exc:
+        typer.echo(f"fieldgate: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:  # noqa: BLE001 - broker unreachable etc.: one line, no traceback
-        typer.echo(f"fieldgate: cannot reach the broker: {exc}", err=True)
+        typer.echo(f"fieldgate: cannot reach the broker: {describe(exc)}", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
     finally:
         if bar:
@@ -119,8 +123,11 @@ def status(
     settings = load_settings(config_path)
     try:
         found = asyncio.run(_status(settings))
+    except TlsFileError as exc:
+        typer.echo(f"fieldgate: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:  # noqa: BLE001 - broker unreachable: one line, no traceback
-        typer.echo(f"fieldgate: cannot reach the broker: {exc}", err=True)
+        typer.echo(f"fieldgate: cannot reach the broker: {describe(exc)}", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
     if json_output or not sys.stdout.isatty():
         typer.echo(json.dumps(found))

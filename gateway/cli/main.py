@@ -10,8 +10,9 @@ import typer
 
 from gateway import config, logs
 from gateway.cli import admin, ml
-from gateway.cli.options import ConfigOption, load_settings
+from gateway.cli.options import EXIT_USAGE, ConfigOption, load_settings
 from gateway.lifecycle import run_async
+from gateway.mqtt.client import TlsFileError, tls_context
 
 app = typer.Typer(
     name="fieldgate",
@@ -115,13 +116,18 @@ def simulate(
     from loadgen import generator, runner
 
     mqtt = load_settings(config_path).mqtt
+    try:
+        tls = tls_context(mqtt)
+    except TlsFileError as exc:
+        typer.echo(f"fieldgate: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     broker = runner.Broker(
         host=mqtt.host,
         port=mqtt.port,
         topic_root=mqtt.topic_root,
         username=mqtt.username,
         password=mqtt.password.get_secret_value() if mqtt.password else None,
-        tls_ca=mqtt.tls_ca,
+        tls=tls,
         keepalive_s=mqtt.keepalive_s,
     )
     gen = generator.GeneratorOptions(

@@ -32,7 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.config import MqttConfig
 from gateway.lifecycle import Part, backoff
-from gateway.mqtt.client import make_client
+from gateway.mqtt.client import TlsFileError, describe, make_client
 from gateway.seam import Outbound
 from handlers.times import now_us
 
@@ -175,10 +175,11 @@ class MqttSession(Part):
         attempt = 0
         while not self._stopping.is_set():
             self._up_at = None
+            connections = self._connections
             try:
                 await self._session()
-            except aiomqtt.MqttError as exc:
-                self.last_error = str(exc) or type(exc).__name__
+            except (aiomqtt.MqttError, TlsFileError) as exc:
+                self.last_error = describe(exc)
             finally:
                 self._detach()
             if self._stopping.is_set():
@@ -188,7 +189,18 @@ class MqttSession(Part):
             attempt += 1
             self.reconnects += 1
             delay = backoff(attempt, self.config.reconnect_min_s, self.config.reconnect_max_s)
-            log.warning("mqtt disconnected, reconnecting", reason=self.last_error, retry_in_s=delay)
+            if self._connections > connections:
+                log.warning(
+                    "mqtt disconnected, reconnecting", reason=self.last_error, retry_in_s=delay
+                )
+            else:  # no CONNACK accepted: a broker down, TLS refused, credentials refused
+                log.warning(
+                    "mqtt connection failed",
+                    host=self.config.host,
+                    port=self.config.port,
+                    reason=self.last_error,
+                    retry_in_s=delay,
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
 

@@ -53,6 +53,7 @@ def _tool(name: str, package: str) -> Requirement:
 REQUIREMENTS = {
     "mosquitto": _tool("mosquitto", "mosquitto"),
     "mosquitto_passwd": _tool("mosquitto_passwd", "mosquitto"),
+    "openssl": _tool("openssl", "openssl"),
     "redis-server": _tool("redis-server", "redis-server"),
     "redis": Requirement(
         "a Redis on 127.0.0.1:6379",

@@ -18,6 +18,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
         "username": None,
         "password": None,
         "tls_ca": None,
+        "tls_cert": None,
+        "tls_key": None,
         "keepalive_s": 30,
         "session_expiry_s": 604800,
         "receive_maximum": 10000,
