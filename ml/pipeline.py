@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from handlers.times import now_us
 from ml import registry
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, Dataset
 from ml.features import extract
@@ -86,9 +87,12 @@ async def train_and_register(
     the outbox rows written with the row's `ready` (ml_models.mark_ready).
     """
     row = await ml_models.register(engine, algorithm=params.algorithm, seed=params.seed)
+    # A window closes with time, not with traffic: an edit W before now is labelled
+    # for good even if nothing was stored since (a quiet night, a demo just ended).
+    as_of_us = now_us() if params.as_of_us is None else params.as_of_us
     if in_process and database_url is not None:
         source = Extraction(
-            database_url, params.window_s, params.first_sync_hours, params.since_us, params.as_of_us
+            database_url, params.window_s, params.first_sync_hours, params.since_us, as_of_us
         )
         training = _in_worker(source, params, progress)
         return await _finish(engine, row, params, training, announce)
@@ -103,7 +107,7 @@ async def train_and_register(
             window_s=params.window_s,
             first_sync_hours=params.first_sync_hours,
             since_us=params.since_us,
-            as_of_us=params.as_of_us,
+            as_of_us=as_of_us,
             progress=extracted,
         )
     except BaseException as exc:

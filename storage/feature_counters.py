@@ -136,8 +136,8 @@ def _clustered(
     if latest[0] <= earliest[1] + 1:
         # Live traffic: the spans (all of one width) of the earliest and the latest
         # edit overlap, so every span overlaps every other: one cluster, no sort.
-        keys = sorted({(r.entity_type, r.entity_id) for r in records})
-        for where in by_entity(entity_type, entity_id, keys):
+        every = sorted({(r.entity_type, r.entity_id) for r in records})
+        for where in by_entity(entity_type, entity_id, every):
             yield and_(where, time >= earliest[0], time <= latest[1])
         return
     spans = [(*span(r.edited_at_us), (r.entity_type, r.entity_id)) for r in records]
