@@ -14,9 +14,9 @@ unknown user, a quiet entity, fields never in conflict), all of them in one more
 reasons (docs/decisions/0012-hint-reasons.md).
 
 The scorer follows the registry: it asks which model is active at most every
-`REFRESH_S` (and at once after `invalidate`, which the engine calls when the MQTT
-process says a model was activated), and loads a new one with `ml.registry.load`,
-hash and types checked. A file that is refused leaves scoring off, logged once.
+`REFRESH_S` (and `preload`s it at the engine's start and when the MQTT process
+says a model was activated), and loads a new one with `ml.registry.load`, hash
+and types checked. A file that is refused leaves scoring off, logged once.
 """
 
 from __future__ import annotations
@@ -185,10 +185,6 @@ class Scorer:
         self.first_sync_hours = first_sync_hours
         self.hint_threshold = hint_threshold
 
-    def invalidate(self) -> None:
-        """Ask the registry again at the next batch (an activation was announced)."""
-        self._checked_at = None
-
     async def score(self, conn: AsyncConnection, stored: Sequence[OpRecord]) -> None:
         """Set `risk` of every record in `stored` and `reasons` of those at or above the
         threshold; nothing when no model is active."""
@@ -217,15 +213,17 @@ class Scorer:
         )
 
     async def preload(self, database: AsyncEngine) -> None:
-        """Load the active model before the first batch, off the event loop: a forest
-        takes a second to import and load, which the first batch's transaction
-        would otherwise hold the database for."""
+        """Load the active model now, off the event loop: at start, and when the MQTT
+        process says a model was activated (its answer waits for this). A forest
+        takes a second to import and load, which a batch's transaction would
+        otherwise hold the database for."""
         try:
             async with database.connect() as conn:
                 found = await ml_models.active_file(conn)
         except (DBAPIError, OSError) as exc:
-            # The database is away: the first batch asks again, under its retries.
+            # The database is away: the next batch asks again, under its retries.
             log.warning("the active model could not be looked up", error=type(exc).__name__)
+            self._checked_at = None
             return
         self._checked_at = time.monotonic()
         await asyncio.to_thread(self._take, found)

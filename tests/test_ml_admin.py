@@ -234,6 +234,8 @@ def test_activation_scores_later_acks_and_hints_without_a_restart(
     sent: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for version, model in enumerate((logistic, forest, logistic), start=2):
         admin.data("ml/activate", model_id=model["model_id"])
+        # The answer came once the engine had the model: health says so at once.
+        assert admin.data("health")["checks"]["model"]["model_id"] == model["model_id"]
         op_id = f"with-{version}"
         sent.append((op_id, model, edit(op_id, version)))
     topic = f"{daemon.root}/devices/d9/hints"

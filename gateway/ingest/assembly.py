@@ -77,8 +77,6 @@ class EngineSide:
         self.detector.enabled = settings.conflicts.enabled
         self.steps.resolutions.notices = self.detector.notices
         self.scorer.configure(**rules.scoring(settings))
-        # A reload is also how the MQTT process says a model was activated.
-        self.scorer.invalidate()
 
     def state(self) -> EngineState:
         since = self.writer.attempt_started or self.engine.last_beat

@@ -79,6 +79,9 @@ class Server:
                 settings = Settings.model_validate(frame.settings)
                 self.side.apply(settings)
                 logs.set_level(settings.log.level)
+                # A reload is also how the MQTT process says a model was activated:
+                # its answer waits until the model scores.
+                await self.side.scorer.preload(self.side.database)
                 self._pong(frame.seq)
             elif isinstance(frame, Drain):
                 await self._drain(running)
