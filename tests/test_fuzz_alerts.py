@@ -180,7 +180,7 @@ class Stored:
 @dataclass(frozen=True)
 class Refused:
     """Rejected: `code` at `path`; answered with the alert_id when it can be read
-    (`whole`: never, the payload as a whole is refused)."""
+    (`whole`: never, the payload is refused as a whole or is not JSON)."""
 
     code: Code
     path: str | None = None
@@ -291,12 +291,14 @@ def mutated(draw: st.DrawFn, alert: Alert) -> tuple[Any, Outcome]:
     if kind == "bad_token":
         token = Token(draw(st.sampled_from(BAD_TOKENS)))
         where = draw(st.sampled_from(["x", "note", "flags"]))
+        # `0x10` is refused for its type (an int, to msgspec) before the payload is
+        # read whole; the alert_id cannot be read from bytes that are not JSON.
         if where == "flags":
-            if token.text == b"0x10":  # refused for its type before it is read whole
-                return body.set(where, [token]), Refused(Code.SCHEMA, "flags[0]")
+            if token.text == b"0x10":
+                return body.set(where, [token]), Refused(Code.SCHEMA, "flags[0]", whole=True)
             return body.set(where, [token]), Refused(Code.MALFORMED, whole=True)
         if where == "note" and token.text == b"0x10":
-            return body.set(where, token), Refused(Code.SCHEMA, "note")
+            return body.set(where, token), Refused(Code.SCHEMA, "note", whole=True)
         return body.set(where, token), Refused(Code.MALFORMED, whole=True)
     if kind == "lone_surrogate":
         token = Token(draw(st.sampled_from(LONE_SURROGATES)))
@@ -421,6 +423,13 @@ PANIC_WITH_NUL = (
                 "notified": None,
             }
         ),
+    )
+)
+@example(  # Refused for its type before the bytes are found not to be JSON: no alert_id.
+    (
+        PANIC_WITH_NUL.replace(b'"help\\u0000me"', b"0x10"),
+        Obj.of({"alert_id": "p-1"}),
+        Refused(Code.SCHEMA, "note", whole=True),
     )
 )
 @example(  # Year 1 east of UTC is year 0 in UTC: the crisis could never be written out.

@@ -203,7 +203,9 @@ def check(payload: bytes, ops: list[Any], outcomes: list[Outcome], batch_id: Any
         assert isinstance(item, Rejected), (index, item)
         prefix = f"ops[{index}]" if in_batch else ""
         path = prefix if outcome.path is None else f"{prefix}.{outcome.path}".lstrip(".")
-        assert (item.op_id, item.error.code) == (lenient_op_id(op), outcome.code), item
+        # An op that is not JSON (`0x10` refused for its type first) has no readable op_id.
+        op_id = None if outcome.malformed_in_a_batch else lenient_op_id(op)
+        assert (item.op_id, item.error.code) == (op_id, outcome.code), item
         if outcome.path == "changes…":
             assert item.error.path is not None
             assert item.error.path.startswith(f"{prefix}.changes".lstrip(".")), item.error
@@ -587,6 +589,7 @@ def cut_or_wrapped(
     return wrapped, ops, [Whole(Code.MALFORMED, message=message)], batch_id
 
 
+SMALL_OP_BYTES = dumps(SMALL_OP)
 DUPLICATE_OP_ID = (
     b'{"op_id": 5, "op_id": "a1", "user_id": "u", "entity_type": "task", "entity_id": "e",'
     b' "operation": "delete", "edited_at": "2026-11-29T12:00:00Z"}'
@@ -609,6 +612,14 @@ DUPLICATE_OP_ID = (
         ),
         [Obj.of({"op_id": "y1"})],
         [Refused(Code.SCHEMA, "edited_at")],
+        None,
+    )
+)
+@example(  # Refused for its type before the bytes are found not to be JSON: no op_id.
+    (
+        SMALL_OP_BYTES.replace(b'"u"', b"0x10"),
+        [Obj.of({"op_id": "m"})],
+        [Refused(Code.SCHEMA, "user_id", malformed_in_a_batch=True)],
         None,
     )
 )
