@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.times import HOUR_US
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, FEATURES, Dataset
-from storage.feature_counters import HOURS_BACK, SLOT_US, hour_range, slot_range
+from storage.feature_counters import HOURS_BACK, SLOT_US, counted_field, hour_range, slot_range
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -192,9 +192,12 @@ def _fields(changes: npt.NDArray[np.object_]) -> tuple[I64, I64]:
     all of them decoded in one call."""
     if not len(changes):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    decoded = _CHANGES.decode(("[" + ",".join(changes) + "]").encode())
+    text = "[" + ",".join(changes) + "]"
+    decoded = _CHANGES.decode(text.encode())
     lengths = np.fromiter(map(len, decoded), dtype=np.int64, count=len(decoded))
     names = list(itertools.chain.from_iterable(decoded))
+    if "\\u0000" in text:  # a key with a NUL (JSON escapes it): named as the counters do
+        names = [counted_field(name) for name in names]
     op = np.repeat(np.arange(len(decoded), dtype=np.int64), lengths)
     return op, _codes(np.array(names, dtype=object)) if names else np.zeros(0, np.int64)
 
@@ -366,7 +369,9 @@ def _hours_since_last_sync(log: _Log, stored: I64, cap_hours: float) -> F64:
     at = _search(keys, log.device * span + stored)
     start = _search(keys, log.device * span)
     seen = at > start
-    latest = receipts[running[np.maximum(at - 1, 0)] - log.device * rspan]
+    # Where the device has nothing before (not `seen`), the position before is another
+    # device's: its rank would index nowhere useful, or out of bounds.
+    latest = receipts[np.where(seen, running[np.maximum(at - 1, 0)] - log.device * rspan, 0)]
     hours = np.full(len(stored), cap_hours, dtype=np.float64)
     gap = (log.received - latest).astype(np.float64) / HOUR_US
     hours[seen] = np.clip(gap[seen], 0.0, cap_hours)
@@ -442,7 +447,7 @@ async def read_log(engine: AsyncEngine) -> list[LoggedOp]:
             user_id=user,
             entity_type=kind,
             entity_id=name,
-            fields=frozenset(msgspec.json.decode(changes)),
+            fields=frozenset(map(counted_field, msgspec.json.decode(changes))),
             edited_at=edited,
             received_at=received,
             stored_at=stored,

@@ -36,7 +36,7 @@ from handlers.records import OpRecord
 from handlers.times import HOUR_US
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, FEATURES
 from storage import feature_counters, ml_models
-from storage.feature_counters import Snapshot, hour_range, slot_range
+from storage.feature_counters import Snapshot, counted_field, hour_range, slot_range
 
 log = structlog.get_logger("fieldgate.scoring")
 
@@ -83,7 +83,7 @@ def serving_features(
             n for hour, n in snapshot.hours.get(key, {}).items() if first <= hour <= last
         )
         ratios = []
-        for name in record.changes:
+        for name in map(counted_field, record.changes):
             seen, joined = snapshot.fields.get((record.entity_type, name), (0, 0))
             ratios.append(joined / seen if seen else 0.0)
         X[row] = (

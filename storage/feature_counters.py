@@ -44,6 +44,13 @@ HOURS_BACK = 24
 EntityKey = tuple[str, str]
 
 
+def counted_field(name: str) -> str:
+    """A field's name as the counters (and the training extraction) know it: a NUL,
+    which a key in `changes` may hold but a text column of PostgreSQL may not, as
+    U+FFFD."""
+    return name.replace("\x00", "\ufffd")
+
+
 @dataclass
 class Snapshot:
     """The counters a batch's operations are scored from, as committed before it."""
@@ -96,7 +103,7 @@ async def snapshot(conn: AsyncConnection, records: Sequence[OpRecord], window_us
         found.devices.update({device: int(at) for device, at in receipts})
     per_type: dict[str, set[str]] = {}
     for record in records:
-        per_type.setdefault(record.entity_type, set()).update(record.changes)
+        per_type.setdefault(record.entity_type, set()).update(map(counted_field, record.changes))
     f = field_counters.c
     for kind, names in sorted(per_type.items()):
         for part in chunks(sorted(names)):
@@ -169,11 +176,11 @@ async def bump(
         editors.add(
             (record.entity_type, record.entity_id, record.edited_at_us // SLOT_US, record.user_id)
         )
-        for name in record.changes:
+        for name in map(counted_field, record.changes):
             ops, joined = fields.get((record.entity_type, name), (0, 0))
             fields[(record.entity_type, name)] = (ops + 1, joined)
     for op in members:
-        for name in op.changes:
+        for name in map(counted_field, op.changes):
             ops, joined = fields.get((op.entity_type, name), (0, 0))
             fields[(op.entity_type, name)] = (ops, joined + 1)
     if not stored and not members:

@@ -31,7 +31,7 @@ from storage import migrate
 from storage.db import create_engine
 from tests.support import db_rows
 from tests.support.ml_data import LogWriter, causal_payloads, store_payloads
-from tests.test_ml_features import EXPECTED, HISTORY, ORDER, W, default_scenario
+from tests.test_ml_features import EXPECTED, HISTORY, ORDER, W, default_scenario, op, sent, t
 
 
 class Probe:
@@ -146,6 +146,27 @@ async def test_the_upgrade_fills_the_counters_as_ingest_keeps_them(db_url: str) 
     await store_payloads(db_url, causal_payloads(options), ops_per_commit=9)
     kept = counters(db_url)
     assert all(kept.values()) and any(row[3] for row in kept["field_counters"])
+    await asyncio.to_thread(command.downgrade, migrate._config(db_url), "0009")
+    await migrate.upgrade_async(db_url)
+    assert counters(db_url) == kept
+
+
+async def test_a_field_name_with_a_nul_is_counted_alike_everywhere(db_url: str) -> None:
+    """A key of `changes` may hold a NUL (it is stored as JSON); PostgreSQL's text
+    columns may not. The counters name it with U+FFFD, and so do the extraction and
+    the upgrade's backfill: serving equals training, and the backfill equals ingest.
+    Checked against: the name counted as sent (PostgreSQL refused the commit)."""
+    odd = "sta\x00tus"
+    commits = [
+        [sent("d1", t("08:00:00"), op("n1", "ana", "task/t1", t("07:59:00"), {odd: "a"}))],
+        [sent("d2", t("08:01:00"), op("n2", "ben", "task/t1", t("07:59:30"), {odd: "b"}))],
+        [sent("d3", t("08:02:00"), op("n3", "cy", "task/t1", t("08:01:30"), {odd: "c", "x": 1}))],
+    ]
+    probe, trained = await served_and_trained(db_url, commits)
+    assert_equal(probe.seen, trained)
+    assert trained["n3"][4] > 0  # the NUL field's conflicts reached the overlap score
+    kept = counters(db_url)
+    assert ("task", "sta\ufffdtus", 3, 3) in kept["field_counters"]
     await asyncio.to_thread(command.downgrade, migrate._config(db_url), "0009")
     await migrate.upgrade_async(db_url)
     assert counters(db_url) == kept

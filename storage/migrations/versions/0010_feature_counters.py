@@ -83,10 +83,14 @@ def _backfill() -> None:
             " FROM sync_log"
         )
     )
+    # A key with a NUL is counted with U+FFFD in its place (feature_counters.counted_field),
+    # replaced in the JSON text as its escape: jsonb refuses `\u0000`, a text column of
+    # PostgreSQL the character, and SQLite's json_each cuts a key at it.
+    changes = "replace(s.changes, '\\u0000', '\\ufffd')"
     keys = (
-        "CROSS JOIN LATERAL jsonb_object_keys(s.changes::jsonb) AS f(key)"
+        f"CROSS JOIN LATERAL jsonb_object_keys({changes}::jsonb) AS f(key)"
         if postgres
-        else "JOIN json_each(s.changes) AS f"
+        else f"JOIN json_each({changes}) AS f"
     )
     statement = (
         "INSERT INTO field_counters (entity_type, field, ops, conflicts)"
