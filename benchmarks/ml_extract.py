@@ -29,52 +29,15 @@ from typing import Any
 
 import psycopg
 
-from loadgen.generator import GeneratorOptions
+from benchmarks.causal_log import build
 from ml.features import extract
 from storage.db import create_engine
-from tests.support.ml_data import store_causal
 
 WINDOW_S = 300.0
 
 
 def log(message: str) -> None:
     print(f"[ml_extract {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def options(ops: int) -> GeneratorOptions:
-    return GeneratorOptions(
-        devices=100, entities=5000, seed=1, max_ops=ops, payloads_per_s=4.0, max_batch=100
-    )
-
-
-async def stored_ops(url: str) -> int:
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as conn:
-            result = await conn.exec_driver_sql("select count(*) from sync_log")
-            return int(result.scalar_one())
-    except Exception:
-        return 0
-    finally:
-        await engine.dispose()
-
-
-async def build(url: str, ops: int) -> None:
-    """The log at `url`, unless it holds `ops` operations already."""
-    if await stored_ops(url) == ops:
-        log(f"reusing {url.rsplit('/', maxsplit=1)[-1]}: {ops:,} ops")
-        return
-    started = time.monotonic()
-    last = [started]
-
-    def progress(done: int) -> None:
-        if time.monotonic() - last[0] >= 30:
-            last[0] = time.monotonic()
-            rate = done / (last[0] - started)
-            log(f"stored {done:,} of {ops:,} ({rate:,.0f} ops/s)")
-
-    stored = await store_causal(url, options(ops), ops_per_commit=1000, progress=progress)
-    log(f"built {stored:,} ops in {time.monotonic() - started:.0f} s")
 
 
 def postgres_url(admin_url: str, ops: int) -> str:
@@ -129,7 +92,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         targets["postgresql"] = postgres_url(args.postgres, args.ops)
     results: dict[str, Any] = {"ops": args.ops}
     for name, url in targets.items():
-        await build(url, args.ops)
+        await build(url, args.ops, log)
         if not args.build_only:
             results[name] = await measure(url, args.repeat)
     return results

@@ -50,8 +50,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_sample_weight
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from benchmarks.causal_log import build
 from handlers.times import HOUR_US
-from loadgen.generator import GeneratorOptions
 from ml import registry
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, FEATURES, Dataset
 from ml.features import NEVER, _Log, _read, extract
@@ -68,7 +68,6 @@ from ml.train import (
 )
 from storage import ml_models
 from storage.db import create_engine
-from tests.support.ml_data import store_causal
 
 WINDOW_S = 300.0
 TARGET_ROC_AUC = 0.80
@@ -80,42 +79,6 @@ F64 = npt.NDArray[np.float64]
 
 def log(message: str) -> None:
     print(f"[ml_quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def options(ops: int) -> GeneratorOptions:
-    return GeneratorOptions(
-        devices=100, entities=5000, seed=1, max_ops=ops, payloads_per_s=4.0, max_batch=100
-    )
-
-
-async def stored_ops(url: str) -> int:
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as conn:
-            result = await conn.exec_driver_sql("select count(*) from sync_log")
-            return int(result.scalar_one())
-    except Exception:
-        return 0
-    finally:
-        await engine.dispose()
-
-
-async def build(url: str, ops: int) -> None:
-    """The log at `url`, unless it holds `ops` operations already."""
-    if await stored_ops(url) == ops:
-        log(f"reusing {url.rsplit('/', maxsplit=1)[-1]}: {ops:,} ops")
-        return
-    started = time.monotonic()
-    last = [started]
-
-    def progress(done: int) -> None:
-        if time.monotonic() - last[0] >= 30:
-            last[0] = time.monotonic()
-            rate = done / (last[0] - started)
-            log(f"stored {done:,} of {ops:,} ({rate:,.0f} ops/s)")
-
-    stored = await store_causal(url, options(ops), ops_per_commit=1000, progress=progress)
-    log(f"built {stored:,} ops in {time.monotonic() - started:.0f} s")
 
 
 def rounded(values: dict[str, Any], *names: str) -> dict[str, Any]:
@@ -348,7 +311,7 @@ def seed_approach(
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     url = f"sqlite+aiosqlite:///{args.workdir / f'causal-{args.ops}.db'}"
-    await build(url, args.ops)
+    await build(url, args.ops, log)
     engine = create_engine(url)
     try:
         started = time.monotonic()
