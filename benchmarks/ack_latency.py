@@ -164,6 +164,9 @@ class Load:
     entities: int
     publishers: int
     seed: int
+    device_prefix: str = "dev"
+    """Device ids are `<prefix>-00`, `<prefix>-01`, ...: another prefix, other devices
+    (benchmarks.flood's flooder)."""
 
     @property
     def total(self) -> int:
@@ -174,7 +177,7 @@ class Load:
         return round(self.rate * self.warmup_s)
 
     def device_id(self, device: int) -> str:
-        return f"dev-{device:0{max(2, len(str(self.devices - 1)))}d}"
+        return f"{self.device_prefix}-{device:0{max(2, len(str(self.devices - 1)))}d}"
 
 
 def op_id(tag: str, index: int) -> str:
@@ -300,15 +303,24 @@ class Publishers:
 
     def start(self, lead_s: float = 0.5) -> float:
         """Start the processes, wait until each is connected, then let them go; t0."""
+        self.launch()
+        t0 = time.monotonic() + lead_s
+        self.go(t0)
+        return t0
+
+    def launch(self) -> None:
+        """Start the processes and wait until each is connected."""
         for proc in self._procs:
             proc.start()
         for _ in self._procs:
             kind, *_rest = self._out.get(timeout=60)
             assert kind == "ready", kind
-        t0 = time.monotonic() + lead_s
+
+    def go(self, t0: float) -> None:
+        """Let the launched processes go, operation i due at `t0 + i / rate` (several
+        `Publishers` given one t0 run on one schedule)."""
         self._start.value = t0
         self._go.set()
-        return t0
 
     def results(self, timeout_s: float) -> tuple[list[float], int, int, float]:
         """When each operation was handed to paho (by index), publish errors (refused,
@@ -342,7 +354,7 @@ class Publishers:
 
 class Acks:
     """Every op's first answer on `<root>/devices/+/sync/ack`: when it arrived (monotonic)
-    and its status."""
+    and its status (a rejection's with its code: `rejected:rate_limited`)."""
 
     def __init__(self, port: int, root: str) -> None:
         self.topic = f"{root}/devices/+/sync/ack"
@@ -362,7 +374,7 @@ class Acks:
         received = Received(message.topic, bytes(message.payload), bool(message.retain), None)
         try:
             results = results_of([received])
-            pairs = [(str(r["op_id"]), str(r["status"])) for r in results]
+            pairs = [(str(r["op_id"]), _status(r)) for r in results]
         except (AssertionError, ValueError, KeyError, TypeError):
             self.malformed += 1
             return
@@ -372,6 +384,13 @@ class Acks:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _status(result: dict[str, Any]) -> str:
+    status = str(result["status"])
+    if status == "rejected":
+        return f"rejected:{result['error']['code']}"
+    return status
 
 
 # -- the gateway ----------------------------------------------------------------
@@ -466,7 +485,8 @@ class Gateway:
     """`python -m gateway run` in `checkout`, its config from the checkout and the
     environment, ready at READY=1."""
 
-    def __init__(self, checkout: Path, workdir: Path, broker_port: int) -> None:
+    def __init__(self, checkout: Path, workdir: Path, broker_port: int, **overrides: str) -> None:
+        """`overrides`: settings as `daemon_env` takes them (`LIMITS__DEVICE_RATE="40"`)."""
         self.checkout = checkout
         self.workdir = workdir
         self.metrics_port = free_port()
@@ -475,6 +495,7 @@ class Gateway:
             broker_port,
             LOG__LEVEL="warning",
             METRICS__LISTEN=f"127.0.0.1:{self.metrics_port}",
+            **overrides,
         )
         self.log_path = workdir / "gateway.log"
         self.db = workdir / "fieldgate.db"
@@ -526,11 +547,12 @@ class Gateway:
             end_process(self.proc, signal.SIGTERM, 30)
 
     def counts(self) -> dict[str, int | None]:
-        """Rows stored and conflicts detected (read after the stop)."""
+        """Rows stored, conflicts detected and payloads quarantined (read after the stop)."""
         out: dict[str, int | None] = {}
         for name, sql in (
             ("rows", "select count(*) from sync_log"),
             ("conflicts", "select count(*) from conflicts"),
+            ("quarantined", "select count(*) from quarantine"),
         ):
             try:
                 with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as conn:
