@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from tests.support.requirements import postgres_binaries
 
@@ -363,16 +364,19 @@ class PostgresServer:
 
 
 class RedisServer:
-    """A test-owned `redis-server` on a free port, without persistence, to stop at will."""
+    """A test-owned `redis-server` on a free port, without persistence, to stop at will;
+    with `password`, it requires it (`requirepass`), and `url` carries it URL-encoded."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -381,6 +385,7 @@ class RedisServer:
                 [
                     *("redis-server", "--bind", "127.0.0.1", "--port", str(self.port)),
                     *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+                    *(("--requirepass", self.password) if self.password is not None else ()),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
