@@ -258,6 +258,12 @@ def _http_url(url: str) -> str:
         raise ValueError("not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
+    try:
+        # What the HTTP client does to a host name before it connects: an empty or
+        # too long label (`a..b`) would fail every delivery, retried for ever.
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ValueError("the host is not a valid name (an empty or too long label)") from None
     return url
 
 

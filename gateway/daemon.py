@@ -28,6 +28,7 @@ import aiomqtt
 import msgspec
 import structlog
 from redis.asyncio import Redis
+from sqlalchemy.exc import DBAPIError
 
 from gateway import __version__, config, logs, systemd
 from gateway.admin.alerts import AlertCommands
@@ -245,12 +246,24 @@ class Daemon:
             raise config.ConfigError(
                 f"config {self.config_path or config.DEFAULT_CONFIG_PATH}: {exc}"
             ) from None
-        problem = await encoding_problem(self.database)
+        try:
+            problem = await encoding_problem(self.database)
+            if problem is None and self.settings.database.auto_upgrade:
+                await migrate.upgrade_async(self.settings.database.url)
+        except (DBAPIError, OSError) as exc:
+            # Down or unreachable at start: one line, and exit 1 so that systemd starts
+            # it again (RestartSec) until the database is back.
+            await self.database.dispose()
+            log.error(
+                "the database cannot be reached at start",
+                database=config.hide_url_password(self.settings.database.url),
+                error=type(exc).__name__,
+                detail=str(getattr(exc, "orig", exc)).partition("\n")[0][:200],
+            )
+            return 1
         if problem is not None:
             await self.database.dispose()
             raise config.ConfigError(problem)
-        if self.settings.database.auto_upgrade:
-            await migrate.upgrade_async(self.settings.database.url)
         tune_gc()
         log.info(
             "starting",

@@ -298,6 +298,16 @@ BAD_ENDPOINTS: list[tuple[str, str, str]] = [
         "webhooks[0].url: must be an http:// or https:// URL with a host",
     ),
     ("url-port", endpoint(url="https://hooks.example:99999/"), "webhooks[0].url: not a valid URL"),
+    (
+        "url-empty-label",
+        endpoint(url="https://hooks..example/in"),
+        "webhooks[0].url: the host is not a valid name (an empty or too long label)",
+    ),
+    (
+        "url-long-label",
+        endpoint(url=f"https://{'h' * 64}.example/in"),
+        "webhooks[0].url: the host is not a valid name (an empty or too long label)",
+    ),
     ("secret-empty", endpoint(secret=""), "webhooks[0].secret: the secret is empty"),
     (
         "secret-no-prefix",

@@ -4,16 +4,22 @@ PostgreSQL cluster), never the shared one."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from tests.support import (
+    ROOT,
     Admin,
     Client,
     Daemon,
     Mosquitto,
     PostgresServer,
     RedisServer,
+    free_port,
     send_one,
     stored,
     sync_op,
@@ -81,3 +87,33 @@ def test_an_admin_command_on_a_database_that_is_down_answers_unavailable(
     assert admin.data("sync/history", **history) == EMPTY_HISTORY
     client.subscribe(f"{daemon.root}/devices/d1/sync/ack")
     assert send_one(client, daemon.root, "d1", sync_op("op-1")) == stored("op-1", 1)
+
+
+def test_a_database_down_at_start_is_one_line_and_exit_1(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Exit 1, not 2: systemd's RestartPreventExitStatus=2 is for a config that cannot
+    run; a database that is not up yet is retried by systemd's restart. Checked
+    against: the traceback it printed before, with the same outcome for systemd but
+    nothing an operator could read at a glance."""
+    password = "pg-Secret-9d1e"
+    port = free_port()
+    url = f"postgresql+psycopg://postgres:{password}@127.0.0.1:{port}/test"
+    daemon = make_daemon(broker.port, url, start=False)
+    env = {**os.environ, **daemon.env}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(daemon.config_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    (line,) = [json.loads(text) for text in result.stdout.splitlines() + result.stderr.splitlines()]
+    assert line["event"] == "the database cannot be reached at start"
+    assert (line["level"], line["error"]) == ("error", "OperationalError")
+    assert line["database"] == url.replace(password, "***")
+    assert f"port {port} failed" in line["detail"]
+    assert password not in result.stdout + result.stderr
