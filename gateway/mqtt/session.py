@@ -16,6 +16,7 @@ Three things it does not offer are done here, on the paho client beneath it:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import time
@@ -102,6 +103,12 @@ def _ignore(_message: Inbound) -> None:
     """Messages before anyone routes them: none arrive, nothing is subscribed yet."""
 
 
+OUTGOING_MAX = 50_000
+"""QoS 1 messages handed to paho and not yet acknowledged by the broker, at most.
+Past it `publish` keeps them in order in its own queue: paho numbers them with 16-bit
+packet ids, and past 65,535 outstanding it refuses a new one whose id is still in use
+(seen under a 100,000-message drain: acks refused, "Message queue full")."""
+
 STABLE_S = 2.0
 """A session up this long was a real one: its end starts the reconnect backoff anew."""
 
@@ -160,6 +167,9 @@ class MqttSession(Part):
         """The session expiry the broker granted on the last connect."""
         self._connack: tuple[bool, int | None] | None = None
         self._connections = 0
+        self._waiting: collections.deque[Outbound] = collections.deque()
+        """Messages paho had no room for (OUTGOING_MAX), in order: handed over as the
+        broker acknowledges earlier ones, on this connection or the next."""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -214,6 +224,7 @@ class MqttSession(Part):
                 await self.on_connected(client)
             self.connected.set()
             self._up_at = time.monotonic()
+            self._hand_over()
             if self._pause_wanted:
                 self.pause_reading()
             self.last_error = None
@@ -361,6 +372,16 @@ class MqttSession(Part):
                 aiomqtt_on_connect(*args)
 
         inner.on_connect = on_connect
+        inner.max_queued_messages_set(OUTGOING_MAX)
+        aiomqtt_on_publish = inner.on_publish
+
+        def on_publish(*args: Any) -> None:
+            if aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(*args)
+            if self._waiting:
+                self._hand_over()
+
+        inner.on_publish = on_publish
         self._paho = inner
         return client
 
@@ -493,19 +514,49 @@ class MqttSession(Part):
         """Hand a message to paho without waiting for its PUBACK.
 
         For answers whose loss the sender recovers from by retrying: a device
-        that misses its ack resends, and gets `duplicate`. Returns False when
-        the message could not even be queued (not connected, queue full).
+        that misses its ack resends, and gets `duplicate`. When paho holds
+        OUTGOING_MAX unacknowledged messages already, the message waits here, in
+        order, and goes out as the broker acknowledges. Returns False when it could
+        not even be queued (not connected).
         """
         inner = self._paho
         if inner is None:
             return False
+        if self._waiting and message.qos > 0:
+            self._waiting.append(message)
+            return True
         info = inner.publish(
             message.topic, message.payload, message.qos, message.retain, _echo(message)
         )
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            if not self._waiting:
+                log.warning(
+                    "outgoing messages wait: the broker is slow to acknowledge",
+                    unacknowledged=OUTGOING_MAX,
+                )
+            self._waiting.append(message)
+            return True
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
             return False
         return True
+
+    def _hand_over(self) -> None:
+        """Waiting messages to paho, in order, as far as it has room."""
+        inner = self._paho
+        waited = bool(self._waiting)
+        while self._waiting and inner is not None:
+            message = self._waiting[0]
+            info = inner.publish(
+                message.topic, message.payload, message.qos, message.retain, _echo(message)
+            )
+            if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+                return
+            self._waiting.popleft()
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
+        if waited and not self._waiting:
+            log.info("outgoing messages flow again")
 
     async def publish_confirmed(self, message: Outbound, wait_s: float = 10.0) -> bool:
         """Publish and wait for the broker's PUBACK; False if it did not come."""
