@@ -114,11 +114,8 @@ class Store:
     async def counters(self) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
         async with self.engine.connect() as conn:
             users = await conn.execute(select(user_counters))
-            devices = await conn.execute(select(device_counters))
-            return (
-                {u: (ops, n) for u, ops, n in users},
-                {d: ops for d, ops, _last in devices},
-            )
+            devices = await conn.execute(select(device_counters.c.device_id, device_counters.c.ops))
+            return ({u: (ops, n) for u, ops, n in users}, {d: ops for d, ops in devices})
 
     async def close(self) -> None:
         await self.writer.close()
