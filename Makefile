@@ -3,6 +3,9 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 CONFIG ?= config/fieldgate.toml
+# pytest-xdist workers for `make test`: more than the two cores CI has, because a test
+# spends much of its time waiting on a daemon, a broker or a database (docs/testing.md).
+TEST_WORKERS ?= 3
 
 .PHONY: run test lint services venv bench mutation clean
 
@@ -15,7 +18,7 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 lint: venv
 	$(BIN)/ruff check .
