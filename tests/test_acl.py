@@ -11,7 +11,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import uuid
@@ -28,6 +27,7 @@ from tests.support import (
     Client,
     Daemon,
     Mosquitto,
+    fieldgate,
     require,
     results_of,
     sync_op,
@@ -241,15 +241,7 @@ def test_the_cli_as_operator(acl_broker: Mosquitto, gateway: Daemon, tmp_path: P
         f'username = "operator"\npassword = "{PASSWORDS["operator"]}"\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDGATE_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "admin", "stats", "--json-output", "-c", str(config)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = fieldgate("admin", "stats", "--json-output", "-c", str(config), env=env)
     assert result.returncode == 0, result
     assert json.loads(result.stdout)["data"]["messages"] == {
         "alert": 0,

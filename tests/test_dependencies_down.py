@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from tests.support import (
-    ROOT,
     Admin,
     Client,
     Daemon,
     Mosquitto,
     PostgresServer,
     RedisServer,
+    fieldgate,
     free_port,
     send_one,
     stored,
@@ -100,16 +98,7 @@ def test_a_database_down_at_start_is_one_line_and_exit_1(
     port = free_port()
     url = f"postgresql+psycopg://postgres:{password}@127.0.0.1:{port}/test"
     daemon = make_daemon(broker.port, url, start=False)
-    env = {**os.environ, **daemon.env}
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "run", "--config", str(daemon.config_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = fieldgate("run", "--config", str(daemon.config_path), env={**os.environ, **daemon.env})
     assert result.returncode == 1
     (line,) = [json.loads(text) for text in result.stdout.splitlines() + result.stderr.splitlines()]
     assert line["event"] == "the database cannot be reached at start"

@@ -16,7 +16,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +28,6 @@ import pytest
 from gateway.config import ConfigError, MqttConfig, load
 from gateway.mqtt.client import TlsFileError, describe, make_client
 from tests.support import (
-    ROOT,
     SPINE_ONLY,
     Client,
     Daemon,
@@ -37,6 +35,7 @@ from tests.support import (
     NotifySocket,
     ack_topic,
     db_rows,
+    fieldgate,
     free_port,
     require,
     sync_op,
@@ -284,15 +283,7 @@ def test_the_cli_asks_the_daemon_over_tls(
     env.pop("NOTIFY_SOCKET", None)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway", *args, "--config", str(daemon.config_path)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return fieldgate(*args, "--config", str(daemon.config_path), env=env)
 
     health = cli("admin", "health", "--json-output")
     assert health.returncode == 0, health.stderr

@@ -47,6 +47,20 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def fieldgate(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS` as an operator runs it, to its end: output as text, the
+    exit code for the test to judge."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
     """Poll until `predicate()` is truthy; return its value or fail with a timeout."""
     deadline = time.monotonic() + timeout
