@@ -165,9 +165,6 @@ class Scorer:
         hint_threshold: float = 0.7,
         refresh_s: float = REFRESH_S,
     ) -> None:
-        self.window_us = 0
-        self.first_sync_hours = first_sync_hours
-        self.hint_threshold = hint_threshold
         self.configure(
             window_s=window_s, first_sync_hours=first_sync_hours, hint_threshold=hint_threshold
         )

@@ -32,17 +32,15 @@ def _results(decoded: Decoded) -> list[dict[str, Any]]:
             results.append(
                 {"op_id": item.op_id, "status": "rejected", "error": item.error.as_dict()}
             )
-        elif item.risk is None:
-            results.append({"op_id": item.op_id, "status": item.status, "version": item.version})
         else:
-            results.append(
-                {
-                    "op_id": item.op_id,
-                    "status": item.status,
-                    "version": item.version,
-                    "risk": item.risk,
-                }
-            )
+            result: dict[str, Any] = {
+                "op_id": item.op_id,
+                "status": item.status,
+                "version": item.version,
+            }
+            if item.risk is not None:
+                result["risk"] = item.risk
+            results.append(result)
     return results
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -54,6 +55,17 @@ def _echo(message: Outbound) -> Properties | None:
     properties = _properties(PacketTypes.PUBLISH)
     properties.CorrelationData = message.correlation
     return properties
+
+
+def _send(inner: paho.Client, message: Outbound) -> MQTTErrorCode:
+    """paho's answer to one message: queued, no room (the caller keeps it), or refused,
+    which is logged."""
+    info = inner.publish(
+        message.topic, message.payload, message.qos, message.retain, _echo(message)
+    )
+    if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_QUEUE_SIZE):
+        log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
+    return info.rc
 
 
 class Inbound:
@@ -525,10 +537,8 @@ class MqttSession(Part):
         if self._waiting and message.qos > 0:
             self._waiting.append(message)
             return True
-        info = inner.publish(
-            message.topic, message.payload, message.qos, message.retain, _echo(message)
-        )
-        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+        rc = _send(inner, message)
+        if rc == paho.MQTT_ERR_QUEUE_SIZE:
             if not self._waiting:
                 log.warning(
                     "outgoing messages wait: the broker is slow to acknowledge",
@@ -536,25 +546,16 @@ class MqttSession(Part):
                 )
             self._waiting.append(message)
             return True
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
-            return False
-        return True
+        return rc == paho.MQTT_ERR_SUCCESS
 
     def _hand_over(self) -> None:
         """Waiting messages to paho, in order, as far as it has room."""
         inner = self._paho
         waited = bool(self._waiting)
         while self._waiting and inner is not None:
-            message = self._waiting[0]
-            info = inner.publish(
-                message.topic, message.payload, message.qos, message.retain, _echo(message)
-            )
-            if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            if _send(inner, self._waiting[0]) == paho.MQTT_ERR_QUEUE_SIZE:
                 return
             self._waiting.popleft()
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
         if waited and not self._waiting:
             log.info("outgoing messages flow again")
 
