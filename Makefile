@@ -49,5 +49,7 @@ mutation: venv
 	$(BIN)/mutmut results
 	$(BIN)/python scripts/mutation_score.py
 
+# fieldgate's own broker, if `make run` started one, stops first: its files are under var/.
 clean:
+	scripts/broker.sh stop
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache mutants

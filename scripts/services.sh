@@ -4,7 +4,8 @@
 #   scripts/services.sh --test   the same, plus what the tests use: PostgreSQL's server
 #                                binaries, systemd-analyze, script (for `make test`)
 # Installs from the distribution's packages (Debian/Ubuntu) when missing; needs root or sudo
-# only then. A service already listening on its port is used as it is.
+# only then. A Redis already listening on its port is used as it is; for the broker,
+# scripts/broker.sh decides and says which in one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,28 +34,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-dropin=/etc/mosquitto/conf.d/fieldgate.conf
-if [ -d /etc/mosquitto/conf.d ] && ! cmp -s config/mosquitto-fieldgate.conf "$dropin"; then
-  echo "services: installing $dropin (raises Mosquitto's queue limits)"
-  $SUDO cp config/mosquitto-fieldgate.conf "$dropin"
-  if listening 1883 && command -v systemctl >/dev/null && systemctl is-active -q mosquitto; then
-    $SUDO systemctl restart mosquitto
-  fi
-fi
-
-if ! listening 1883; then
-  if command -v systemctl >/dev/null && [ -d /run/systemd/system ] && [ -d /etc/mosquitto/conf.d ]; then
-    $SUDO systemctl start mosquitto
-  else
-    mkdir -p var/mosquitto
-    mosquitto -d -c config/mosquitto.conf
-  fi
-  for _ in $(seq 50); do listening 1883 && break; sleep 0.1; done
-  echo "services: mosquitto started on 127.0.0.1:1883"
-elif [ ! -f "$dropin" ]; then
-  echo "services: a Mosquitto of unknown config is on 1883; make sure it has the settings" \
-       "of config/mosquitto-fieldgate.conf (docs/broker.md), or it may drop queued messages"
-fi
+# Which Mosquitto: the system's with fieldgate's settings, or one of fieldgate's own.
+scripts/broker.sh
 
 if ! listening 6379; then
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then

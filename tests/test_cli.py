@@ -259,10 +259,11 @@ def test_no_daemon_exits_3(broker: Mosquitto, tmp_path: Path) -> None:
 
 
 def test_no_broker_exits_3(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "nobroker.toml", free_port(), "fg-nobroker")
+    port = free_port()
+    config = write_config(tmp_path / "nobroker.toml", port, "fg-nobroker")
     result = fieldgate("admin", "health", "--timeout", "1", "--config", config)
     assert result.returncode == 3, result
-    assert result.stderr.startswith("fieldgate: cannot reach the broker: ")
+    assert result.stderr.startswith(f"fieldgate: cannot reach the broker at 127.0.0.1:{port}: ")
     assert len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.stderr
 

@@ -51,9 +51,7 @@ def broker_settings(name: str) -> str:
     return "\n".join(line for line in lines if not line.startswith(machine)) + "\n"
 
 
-@pytest.mark.parametrize(
-    "name", ["mosquitto.conf", "mosquitto-fieldgate.conf", "mosquitto-production.conf.example"]
-)
+@pytest.mark.parametrize("name", ["mosquitto-fieldgate.conf", "mosquitto-production.conf.example"])
 def test_broker_configs_load_without_a_deprecation_note(name: str, tmp_path: Path) -> None:
     """Checked against: the shipped `message_size_limit` (Mosquitto 2 notes that it is
     to be replaced by `max_packet_size`)."""

@@ -96,7 +96,7 @@ def admin(
         typer.echo(f"fieldgate: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:  # noqa: BLE001 - broker unreachable etc.: one line, no traceback
-        typer.echo(f"fieldgate: cannot reach the broker: {describe(exc)}", err=True)
+        typer.echo(f"fieldgate: {_unreachable(settings, exc)}", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
     finally:
         if bar:
@@ -108,6 +108,12 @@ def admin(
         render.show(command, answer)
     if not ok:
         raise typer.Exit(EXIT_ERROR)
+
+
+def _unreachable(settings: Settings, exc: BaseException) -> str:
+    """Which broker could not be reached: the config, the environment or `make run`'s
+    var/broker.env may each have chosen it, and the operator must see which won."""
+    return f"cannot reach the broker at {settings.mqtt.host}:{settings.mqtt.port}: {describe(exc)}"
 
 
 def status(
@@ -127,7 +133,7 @@ def status(
         typer.echo(f"fieldgate: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:  # noqa: BLE001 - broker unreachable: one line, no traceback
-        typer.echo(f"fieldgate: cannot reach the broker: {describe(exc)}", err=True)
+        typer.echo(f"fieldgate: {_unreachable(settings, exc)}", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
     if json_output or not sys.stdout.isatty():
         typer.echo(json.dumps(found))
