@@ -83,7 +83,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -510,6 +510,44 @@ def _catch_up(
     return {"at_end": counts, "caught_up_after_s": after}
 
 
+def start_gateway(
+    port: int,
+    root: str,
+    client_id: str,
+    db: Path,
+    notify: NotifySocket,
+    metrics_port: int,
+    out: IO[bytes],
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """The real daemon (`python -m gateway run`, the shipped config) on the broker at
+    `port` and the SQLite database `db`, as systemd would run it (READY=1 to `notify`,
+    no watchdog): shared by the benchmarks that time the daemon itself."""
+    env = {
+        **os.environ,
+        "FIELDGATE_MQTT__HOST": "127.0.0.1",
+        "FIELDGATE_MQTT__PORT": str(port),
+        "FIELDGATE_MQTT__CLIENT_ID": client_id,
+        "FIELDGATE_MQTT__TOPIC_ROOT": root,
+        "FIELDGATE_DATABASE__URL": f"sqlite+aiosqlite:///{db}",
+        "FIELDGATE_LOG__LEVEL": "warning",
+        "FIELDGATE_LOG__FORMAT": "json",
+        "FIELDGATE_INSTANCE": f"bench-{client_id}",
+        "NOTIFY_SOCKET": str(notify.path),
+        "FIELDGATE_METRICS__LISTEN": f"127.0.0.1:{metrics_port}",
+        **(extra_env or {}),
+    }
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(CONFIG)],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def drain_gateway(
     port: int,
     root: str,
@@ -529,31 +567,9 @@ def drain_gateway(
     webhooks: dict[str, Any] = {}
     notify = NotifySocket(workdir / "notify.sock")
     acks = _AckCounter(port, root, n)
-    env = {
-        **os.environ,
-        "FIELDGATE_MQTT__HOST": "127.0.0.1",
-        "FIELDGATE_MQTT__PORT": str(port),
-        "FIELDGATE_MQTT__CLIENT_ID": client_id,
-        "FIELDGATE_MQTT__TOPIC_ROOT": root,
-        "FIELDGATE_DATABASE__URL": f"sqlite+aiosqlite:///{db}",
-        "FIELDGATE_LOG__LEVEL": "warning",
-        "FIELDGATE_LOG__FORMAT": "json",
-        "FIELDGATE_INSTANCE": f"bench-{client_id}",
-        "NOTIFY_SOCKET": str(notify.path),
-        "FIELDGATE_METRICS__LISTEN": f"127.0.0.1:{metrics_port}",
-        **(extra_env or {}),
-    }
-    env.pop("WATCHDOG_USEC", None)
-    env.pop("WATCHDOG_PID", None)
     out = open(workdir / "gateway.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(CONFIG)],
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    spy: subprocess.Popen[bytes] | None = None
+    proc = start_gateway(port, root, client_id, db, notify, metrics_port, out, extra_env)
+    spies: list[subprocess.Popen[bytes]] = []
     try:
         deadline = time.monotonic() + timeout_s
         rows = 0
@@ -567,9 +583,11 @@ def drain_gateway(
         engine_at_first = cpu_seconds(engine_pid) if engine_pid else {}
         engine_at_done: dict[int, float] = {}
         if profile is not None:
-            # the engine process, where the work on payloads is (the MQTT process:
-            # py-spy on the gateway's pid)
-            spy = _start_profiler(engine_pid or proc.pid, profile, profile_format)
+            # Both processes: the engine stores and detects, the MQTT process reads,
+            # answers and publishes what the engine wrote to the outbox.
+            spies.append(_start_profiler(proc.pid, _named(profile, "mqtt"), profile_format))
+            if engine_pid:
+                spies.append(_start_profiler(engine_pid, _named(profile, "engine"), profile_format))
         cpu_at_done: dict[int, float] | None = None
         own_at_done: dict[int, float] = {}
         while time.monotonic() < deadline:
@@ -604,7 +622,7 @@ def drain_gateway(
                 "select min(received_at), max(stored_at), count(distinct op_id) from sync_log"
             ).fetchone()
     finally:
-        if spy is not None:
+        for spy in spies:
             end_process(spy, signal.SIGINT)
         end_process(proc)
         out.close()
@@ -663,7 +681,13 @@ def drain_gateway(
     )
 
 
+def _named(path: Path, process: str) -> Path:
+    """out.3.txt -> out.3.engine.txt: one profile per process and drain."""
+    return path.with_suffix(f".{process}{path.suffix}")
+
+
 def _start_profiler(pid: int, path: Path, fmt: str) -> subprocess.Popen[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(pid), "-o", str(path), "--format", fmt]
     cmd += ["--rate", "100", "--nonblocking", "--threads"]
@@ -734,7 +758,8 @@ def run_one(
         else:
             profile = None
             if args.profile is not None:
-                profile = Path(args.profile).with_suffix(f".{index + 1}{Path(args.profile).suffix}")
+                suffix = f".{variant}.{index + 1}{Path(args.profile).suffix}"
+                profile = Path(args.profile).with_suffix(suffix)
             env = dict(kv.split("=", 1) for kv in args.gateway_env)
             if variant == "gateway-off":
                 env["FIELDGATE_CONFLICTS__ENABLED"] = "false"
@@ -837,7 +862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--device-meta-share", type=float, default=0.0, help="share of ops with `device` metadata"
     )
     parser.add_argument("--timeout", type=float, default=0.0, help="per drain [default: scaled]")
-    parser.add_argument("--profile", help="py-spy output for each gateway drain (path)")
+    parser.add_argument(
+        "--profile", help="py-spy output for each gateway drain, one file per process (path)"
+    )
     parser.add_argument("--profile-format", default="flamegraph", help="flamegraph, raw, ...")
     parser.add_argument(
         "--gateway-env",
