@@ -3,14 +3,15 @@
 This is the one place that knows every part; each part is given what it uses.
 The parts, in the order they start (and, reversed, stop):
 
-    mqtt session -> outbox -> dead letters -> webhooks -> engine -> intake -> admin
-    -> escalation -> outbox cleanup -> retraining -> health report -> watchdog
-    -> ready notice -> metrics endpoint
+    mqtt sessions (sync lane, priority lane) -> outbox -> dead letters -> webhooks
+    -> engine -> intake -> admin -> escalation -> outbox cleanup -> retraining
+    -> health report -> watchdog -> ready notice -> metrics endpoint
 
 On a stop the intake stops taking messages first; then the parts stop in the
 reverse order: the admin commands finish, the engine drains, the outbox
-publishes what the drain leased, and the session, stopped last, still
-acknowledges what the engine committed. Each part has its own stop timeout;
+publishes what the drain leased, and the sessions, stopped last, still
+acknowledges what the engine committed (both sessions, the priority one
+publishing the last words). Each part has its own stop timeout;
 together they stay within systemd's TimeoutStopSec.
 """
 
@@ -46,7 +47,7 @@ from gateway.metrics import Metrics, MetricsEndpoint
 from gateway.mqtt.client import TlsFileError, tls_context
 from gateway.mqtt.engine_process import EngineProcess
 from gateway.mqtt.intake import Intake
-from gateway.mqtt.session import MqttSession
+from gateway.mqtt.session import MqttSession, priority_client_id
 from gateway.outbound.dead_letters import DeadLetters
 from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
@@ -55,7 +56,15 @@ from gateway.outbound.outbox_cleanup import OutboxCleanup
 from gateway.outbound.training import Retraining, Trainer
 from gateway.outbound.webhook_http import Poster
 from gateway.outbound.webhook_sender import WebhookSender
-from gateway.seam import KIND_PATTERNS, WAKE_ESCALATION, WAKE_OUTBOX, Outbound
+from gateway.seam import (
+    KIND_LANES,
+    KIND_PATTERNS,
+    LANE_PRIORITY,
+    LANE_SYNC,
+    WAKE_ESCALATION,
+    WAKE_OUTBOX,
+    Outbound,
+)
 from gateway.status import Status
 from gateway.systemd import ReadyNotice, Watchdog
 from storage import migrate
@@ -92,14 +101,24 @@ class Daemon:
             beat_s=min(1.0, settings.health.wedged_after_s / 4),
         )
 
-        # The MQTT side: the session, and the intake that routes what it receives.
+        # The MQTT side: a session per lane, and the intake that routes what they receive.
+        # The sync lane takes the devices' operations and publishes their answers; the
+        # priority lane takes alerts and admin requests, and publishes the outbox (crises
+        # first), the admin answers and the gateway's status.
         self.session = MqttSession(
+            settings.mqtt, lane=LANE_SYNC, on_connected=self._counted_reconnect
+        )
+        self.priority = MqttSession(
             settings.mqtt,
+            lane=LANE_PRIORITY,
+            client_id=priority_client_id(settings.mqtt.client_id),
             will=Outbound(f"{root}/status", _encode({"state": "offline"}), retain=True),
             last_words=lambda: self._announcement("offline"),
             on_connected=self._birth,
         )
-        self.outbox = OutboxPublisher(self.database, self.session, on_sent=self._outbox_sent)
+        self.outbox = OutboxPublisher(self.database, self.priority, on_sent=self._outbox_sent)
+        for lane in (LANE_SYNC, LANE_PRIORITY):
+            self.metrics.reconnects.labels(lane)  # both series from the start, at 0
 
         # Webhooks: events fanned out to the endpoints; the dead ones to Redis.
         self.poster = Poster()
@@ -123,9 +142,13 @@ class Daemon:
         )
         self.intake = Intake(
             root,
-            self.session,
+            {LANE_SYNC: self.session, LANE_PRIORITY: self.priority},
             self.engine,
-            [(name, pattern) for name, pattern in KIND_PATTERNS.items() if pattern is not None],
+            [
+                (name, pattern, KIND_LANES[name])
+                for name, pattern in KIND_PATTERNS.items()
+                if pattern is not None
+            ],
             max_in_process=settings.writer.max_in_process,
             metrics=self.metrics,
             wake={WAKE_OUTBOX: self._outbox_written, WAKE_ESCALATION: self.escalator.poke},
@@ -134,7 +157,7 @@ class Daemon:
         self.status = Status(
             lambda: self.settings,
             started_at,
-            session=self.session,
+            sessions=[self.session, self.priority],
             intake=self.intake,
             engine=self.engine,
             database=self.database,
@@ -164,18 +187,19 @@ class Daemon:
             *AlertCommands(self.database, self.intake.call).commands(),
             *ConflictCommands(self.database, self.intake.call).commands(),
             *DlqCommands(
-                self.redis, self.poster, lambda: self.settings, self.session, root
+                self.redis, self.poster, lambda: self.settings, self.priority, root
             ).commands(),
             *WebhookCommands(self.webhooks).commands(),
             *MlCommands(self.database, self.trainer).commands(),
         ]
-        self.admin = AdminServer(root, self.session, commands, self._token, self.metrics)
-        self.intake.mount("admin/request/{command:path}", self.admin.request)
+        self.admin = AdminServer(root, self.priority, commands, self._token, self.metrics)
+        self.intake.mount("admin/request/{command:path}", self.admin.request, LANE_PRIORITY)
         self.intake.attach(settings.mqtt.shared_group)
 
         self.parts = Parts(
             [
                 self.session,
+                self.priority,
                 self.outbox,
                 self.dead_letters,
                 self.webhooks,
@@ -186,10 +210,15 @@ class Daemon:
                 OutboxCleanup(self.database, lambda: self.settings.outbox.retention_s),
                 self.retraining,
                 HealthReport(
-                    root, self.session, self.status, lambda: self.settings.health.interval_s
+                    root, self.priority, self.status, lambda: self.settings.health.interval_s
                 ),
                 Watchdog(self.status.engine_trouble, self.engine.serving),
-                ReadyNotice(settings.mqtt.host, self.session.connected, self.engine.serving),
+                ReadyNotice(
+                    settings.mqtt.host,
+                    self.session.connected,
+                    self.priority.connected,
+                    self.engine.serving,
+                ),
                 MetricsEndpoint(self.metrics, settings.metrics.listen),
             ]
         )
@@ -219,9 +248,13 @@ class Daemon:
         body = _encode(self.status.announcement(state))
         return Outbound(f"{self.settings.mqtt.topic_root}/status", body, retain=True)
 
-    async def _birth(self, client: aiomqtt.Client) -> None:
+    async def _counted_reconnect(self, _client: aiomqtt.Client) -> None:
         if self.session.epoch > 1:
-            self.metrics.reconnects.inc()
+            self.metrics.reconnects.labels(LANE_SYNC).inc()
+
+    async def _birth(self, client: aiomqtt.Client) -> None:
+        if self.priority.epoch > 1:
+            self.metrics.reconnects.labels(LANE_PRIORITY).inc()
         online = self._announcement("online")
         await client.publish(online.topic, online.payload, qos=1, retain=True)
 

@@ -50,7 +50,12 @@ class Metrics:
             "Messages received and not yet acknowledged",
             registry=r,
         )
-        self.reconnects = Counter("fieldgate_mqtt_reconnects", "MQTT reconnections", registry=r)
+        self.reconnects = Counter(
+            "fieldgate_mqtt_reconnects",
+            "MQTT reconnections, by lane (each lane is a session of its own)",
+            ["lane"],
+            registry=r,
+        )
         self.crisis_publish_seconds = Histogram(
             "fieldgate_crisis_publish_seconds",
             "From receipt of a crisis alert to the broker's PUBACK of its publication",

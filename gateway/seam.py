@@ -27,6 +27,17 @@ KIND_PATTERNS: dict[str, str | None] = {
 for a write that only an admin command submits. The MQTT side routes by these; the
 engine's table (gateway/ingest/kinds.py) has a row for each."""
 
+LANE_SYNC = "sync"
+LANE_PRIORITY = "priority"
+KIND_LANES: dict[str, str] = {
+    "alert": LANE_PRIORITY,
+    "crisis_ack": LANE_PRIORITY,
+    "sync": LANE_SYNC,
+}
+"""The lane (MQTT session, gateway/mqtt/intake.py) each received kind comes in on:
+alerts never wait behind a sync backlog. Admin requests come in the priority lane."""
+assert KIND_LANES.keys() == {kind for kind, topic in KIND_PATTERNS.items() if topic}
+
 
 class Outbound(msgspec.Struct, array_like=True):
     """A message to publish; `correlation` is echoed as v5 CorrelationData."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -54,7 +54,7 @@ class Status:
         settings: Callable[[], Settings],
         started_at: datetime,
         *,
-        session: MqttSession,
+        sessions: Sequence[MqttSession],
         intake: Intake,
         engine: EngineProcess,
         database: AsyncEngine,
@@ -66,7 +66,7 @@ class Status:
     ) -> None:
         self.settings = settings
         self.started_at = started_at
-        self.session = session
+        self.sessions = list(sessions)
         self.intake = intake
         self.engine = engine
         self.database = database
@@ -111,25 +111,30 @@ class Status:
         return {"ok": True}
 
     def _mqtt(self) -> dict[str, Any]:
-        """Up, and what the broker said of the session: a refused subscription is not
-        ok (its messages never come); a lost session and a shortened expiry are
-        facts an operator must see, and the session works."""
-        session = self.session
-        if not session.connected.is_set():
-            return {"ok": False, "detail": session.last_error or "connecting"}
-        check: dict[str, Any] = {
-            "ok": not session.refused,
-            "reconnects": session.reconnects,
-            "session_expiry_granted_s": session.expiry_granted_s,
-        }
-        if session.refused:
-            check["detail"] = "subscription refused"
-            check["subscription_refused"] = [
-                {"filter": topic, "reason_code": code, "reason": reason}
-                for topic, (code, reason) in sorted(session.refused.items())
-            ]
-        if session.session_lost_at is not None:
-            check["session_lost"] = {"at": rfc3339(session.session_lost_at)}
+        """Both lanes' sessions as one check: not ok while one is down (its lane's
+        messages wait at the broker) or has a subscription refused (its messages never
+        come), and then each lane's own check under `lanes`, its client id among them;
+        reconnects add up; a lost session, named by lane, and the shortest expiry granted
+        are facts an operator must see."""
+        lanes = {session.lane: _session_check(session) for session in self.sessions}
+        down = [f"{lane}: {check['detail']}" for lane, check in lanes.items() if not check["ok"]]
+        check: dict[str, Any] = {"ok": not down}
+        if down:
+            check["detail"] = "; ".join(down)
+        up = [session for session in self.sessions if session.connected.is_set()]
+        if up:
+            check["reconnects"] = sum(session.reconnects for session in self.sessions)
+            granted = [s.expiry_granted_s for s in up if s.expiry_granted_s is not None]
+            check["session_expiry_granted_s"] = min(granted) if granted else None
+        refused = [r for c in lanes.values() for r in c.get("subscription_refused", [])]
+        if refused:
+            check["subscription_refused"] = refused
+        lost = [session for session in self.sessions if session.session_lost_at is not None]
+        if lost:
+            last = max(lost, key=lambda session: session.session_lost_at or 0)
+            check["session_lost"] = {"at": rfc3339(last.session_lost_at or 0), "lane": last.lane}
+        if down:
+            check["lanes"] = lanes
         return check
 
     def _model(self) -> dict[str, Any]:
@@ -210,10 +215,10 @@ class Status:
             "escalations": _value(samples, "fieldgate_crisis_escalations_total"),
             "commits": self.engine.state.commits,
             "queues": {
-                "in_flight": len(self.intake.acks),
+                "in_flight": self.intake.in_flight,
                 "pending_commit": self.engine.state.pending,
                 "outbox": depth,
-                "mqtt_outgoing": self.session.outgoing_pending(),
+                "mqtt_outgoing": sum(session.outgoing_pending() for session in self.sessions),
             },
             "outbox": {"published": self.outbox.published, "failed": self.outbox.failed},
             "webhooks": {
@@ -253,3 +258,24 @@ def _by_label(samples: list[Sample], name: str, label: str) -> dict[str, int]:
 
 def started_at_text(moment: datetime) -> str:
     return rfc3339(to_us(moment))
+
+
+def _session_check(session: MqttSession) -> dict[str, Any]:
+    """Up, and what the broker said of one session."""
+    if not session.connected.is_set():
+        return {"ok": False, "detail": session.last_error or "connecting"}
+    check: dict[str, Any] = {
+        "ok": not session.refused,
+        "client_id": session.client_id,
+        "reconnects": session.reconnects,
+        "session_expiry_granted_s": session.expiry_granted_s,
+    }
+    if session.refused:
+        check["detail"] = "subscription refused"
+        check["subscription_refused"] = [
+            {"filter": topic, "reason_code": code, "reason": reason}
+            for topic, (code, reason) in sorted(session.refused.items())
+        ]
+    if session.session_lost_at is not None:
+        check["session_lost"] = {"at": rfc3339(session.session_lost_at)}
+    return check

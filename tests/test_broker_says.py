@@ -68,18 +68,34 @@ def test_a_refused_subscription_is_logged_once_and_said_in_health(
         finally:
             client.close()
         assert health["healthy"] is False
+        refusal = {
+            "filter": f"{daemon.root}/devices/+/sync",
+            "reason_code": 135,
+            "reason": "Not authorized",
+        }
+        client_id = daemon.env["FIELDGATE_MQTT__CLIENT_ID"]
         assert health["checks"]["mqtt"] == {
             "ok": False,
-            "detail": "subscription refused",
+            "detail": "sync: subscription refused",
             "reconnects": 0,
             "session_expiry_granted_s": 604800,
-            "subscription_refused": [
-                {
-                    "filter": f"{daemon.root}/devices/+/sync",
-                    "reason_code": 135,
-                    "reason": "Not authorized",
-                }
-            ],
+            "subscription_refused": [refusal],
+            "lanes": {
+                "sync": {
+                    "ok": False,
+                    "detail": "subscription refused",
+                    "client_id": client_id,
+                    "reconnects": 0,
+                    "session_expiry_granted_s": 604800,
+                    "subscription_refused": [refusal],
+                },
+                "priority": {
+                    "ok": True,
+                    "client_id": f"{client_id}-priority",
+                    "reconnects": 0,
+                    "session_expiry_granted_s": 604800,
+                },
+            },
         }
         (refused,) = events(daemon, "mqtt subscription refused")
         assert (refused["filter"], refused["reason_code"], refused["level"]) == (
@@ -99,13 +115,19 @@ def test_a_session_the_broker_did_not_keep_is_said(
     broker = Mosquitto(tmp_path / "broker", persistence=False).start()
     try:
         daemon = make_daemon(broker.port)
-        (new,) = events(daemon, "mqtt session new")
-        assert new["level"] == "info"
+        new = events(daemon, "mqtt session new")
+        assert sorted((n["lane"], n["level"]) for n in new) == [
+            ("priority", "info"),
+            ("sync", "info"),
+        ]
         assert events(daemon, "mqtt session lost") == []
         broker.restart(down_s=0.5)
-        wait_for(lambda: events(daemon, "mqtt session lost"))
-        (lost,) = events(daemon, "mqtt session lost")
-        assert lost["level"] == "warning"
+        wait_for(lambda: len(events(daemon, "mqtt session lost")) == 2)
+        lost = events(daemon, "mqtt session lost")
+        assert sorted((n["lane"], n["level"]) for n in lost) == [
+            ("priority", "warning"),
+            ("sync", "warning"),
+        ]
         client = Client(broker.port).connect()
         try:
             mqtt = wait_for(
@@ -119,7 +141,7 @@ def test_a_session_the_broker_did_not_keep_is_said(
             client.close()
         assert mqtt["ok"] is True
         assert mqtt["reconnects"] >= 1
-        assert set(mqtt["session_lost"]) == {"at"}
+        assert set(mqtt["session_lost"]) == {"at", "lane"}
     finally:
         broker.stop()
 
@@ -130,11 +152,10 @@ def test_a_shorter_session_expiry_than_asked_is_said(
     with FakeBroker(expiry_s=300) as broker:
         daemon = make_daemon(broker.port, start=False)
         daemon.start(wait_ready=False)
-        wait_for(lambda: events(daemon, "the broker shortened"))
-        (said,) = events(daemon, "the broker shortened")
-        assert (said["granted_s"], said["requested_s"], said["level"]) == (
-            300,
-            604800,
-            "warning",
-        )
+        wait_for(lambda: len(events(daemon, "the broker shortened")) == 2)
+        said = events(daemon, "the broker shortened")
+        assert sorted((s["lane"], s["granted_s"], s["requested_s"], s["level"]) for s in said) == [
+            ("priority", 300, 604800, "warning"),
+            ("sync", 300, 604800, "warning"),
+        ]
         wait_for(lambda: f"{daemon.root}/devices/+/sync" in broker.subscribed)

@@ -25,6 +25,7 @@ from tests.support import (
     counter_ops,
     db_rows,
     kill_marks,
+    queue_for,
     sync_op,
     wait_for,
 )
@@ -36,16 +37,6 @@ ENTITIES = 23
 
 def stream_ops(count: int, prefix: str) -> list[tuple[str, dict[str, Any]]]:
     return counter_ops(count, prefix, DEVICES, ENTITIES)
-
-
-def queue_for(port: int, root: str, ops: list[tuple[str, dict[str, Any]]]) -> None:
-    """Publish `ops` while the daemon is down; wait until the broker PUBACKed every one."""
-    device = Client(port).connect()
-    try:
-        infos = [device.publish(f"{root}/devices/{dev}/sync", op, wait=False) for dev, op in ops]
-        wait_for(lambda: all(info.is_published() for info in infos), timeout=30)
-    finally:
-        device.close()
 
 
 def stored_count(daemon: Daemon) -> int:

@@ -115,9 +115,18 @@ def test_reconnects_are_counted(own_broker: Mosquitto, make_daemon: Callable[...
     port = free_port()
     daemon = make_daemon(own_broker.port, METRICS__LISTEN=f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}/metrics"
-    assert value(scrape(url)[1], "fieldgate_mqtt_reconnects_total") == 0
+
+    def reconnects() -> list[float]:
+        samples = scrape(url)[1]
+        return [
+            value(samples, "fieldgate_mqtt_reconnects_total", lane=lane)
+            for lane in ("sync", "priority")
+        ]
+
+    assert ("fieldgate_mqtt_reconnects_total", (("lane", "sync"),)) in scrape(url)[1]
+    assert reconnects() == [0, 0]
     own_broker.restart()
-    wait_for(lambda: value(scrape(url)[1], "fieldgate_mqtt_reconnects_total") == 1, timeout=20)
+    wait_for(lambda: reconnects() == [1, 1], timeout=20)
     # and the daemon serves again on the new connection
     client = Client(own_broker.port).connect()
     try:
@@ -128,4 +137,4 @@ def test_reconnects_are_counted(own_broker: Mosquitto, make_daemon: Callable[...
         assert answer.json()["results"] == [{"op_id": "op-1", "status": "stored", "version": 1}]
     finally:
         client.close()
-    assert value(scrape(url)[1], "fieldgate_mqtt_reconnects_total") == 1
+    assert reconnects() == [1, 1]

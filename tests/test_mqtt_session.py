@@ -1,32 +1,30 @@
-"""The MQTT session's outgoing side under a broker that is slow to acknowledge.
+"""The MQTT session's outgoing side under a broker that is slow to acknowledge, or gone.
 
 paho numbers QoS 1 messages with 16-bit packet ids and refuses a new one whose id is
 still outstanding: a 100,000-message drain once had 65,535 answers unacknowledged and
 its next acks refused ("Message queue full"), lost to the devices. The session keeps
-what paho has no room for (OUTGOING_MAX) in order, and hands it over as the broker
-acknowledges. Here the room is made small and the session stops reading, so that no
-PUBACK is seen until it reads again.
+its own window (`max_outgoing_inflight`), holds what is past it in order, and hands it
+over as the broker acknowledges. Here the window is made small and the session stops
+reading, so that no PUBACK is seen until it reads again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 import uuid
 
-import pytest
-
 from gateway.config import MqttConfig
-from gateway.mqtt import session as session_module
 from gateway.mqtt.session import MqttSession
 from gateway.seam import Outbound
 from tests.support import Client, Mosquitto, wait_for
 
 
-async def test_messages_past_paho_s_room_wait_in_order_and_all_arrive(
-    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Checked against: the refusal logged and the message dropped (from the 51st on)."""
-    monkeypatch.setattr(session_module, "OUTGOING_MAX", 50)
+async def test_messages_past_the_window_wait_in_order_and_all_arrive(broker: Mosquitto) -> None:
+    """Checked against: a window of 65,535 with paho's limit at 50 (the refusal logged and
+    the message dropped from the 51st on)."""
     root = f"t-{uuid.uuid4().hex[:8]}"
     config = MqttConfig(
         port=broker.port, topic_root=root, client_id=f"{root}-gw", max_outgoing_inflight=10
@@ -40,7 +38,8 @@ async def test_messages_past_paho_s_room_wait_in_order_and_all_arrive(
         mqtt.pause_reading()
         for index in range(500):
             assert mqtt.publish(Outbound(f"{root}/out/{index}", str(index).encode()))
-        assert len(mqtt._waiting) >= 500 - 50
+        assert len(mqtt._waiting) == 500 - 10
+        assert len(mqtt._paho._out_messages) == 10  # type: ignore[union-attr]
         mqtt.resume_reading()
         await asyncio.to_thread(
             wait_for, lambda: len([m for m in receiver.all if m.topic.startswith(root)]) == 500
@@ -52,3 +51,61 @@ async def test_messages_past_paho_s_room_wait_in_order_and_all_arrive(
         receiver.close()
         await mqtt.stop()
         await asyncio.wait_for(running, 10)
+
+
+async def test_confirmed_publishes_are_answered_by_their_own_puback_or_a_lost_connection(
+    own_broker: Mosquitto,
+) -> None:
+    """Each confirmed publish is resolved by the PUBACK of its packet id, also past the
+    window; when the broker goes, those in flight and those waiting answer False at once
+    (the outbox releases them for the next connection) while answers stay queued.
+
+    Checked against: confirms resolved in arrival order of PUBACKs regardless of id, and
+    a lost connection leaving them to their 10 s timeout."""
+    root = f"t-{uuid.uuid4().hex[:8]}"
+    config = MqttConfig(
+        port=own_broker.port,
+        topic_root=root,
+        client_id=f"{root}-gw",
+        max_outgoing_inflight=5,
+        reconnect_min_s=30,
+        reconnect_max_s=30,
+    )
+    mqtt = MqttSession(config)
+    mqtt.subscriptions = [f"{root}/nothing"]
+    running = asyncio.create_task(mqtt.run())
+    receiver = Client(own_broker.port).connect().subscribe(f"{root}/out/#")
+    try:
+        await asyncio.wait_for(mqtt.connected.wait(), 10)
+        sent = [Outbound(f"{root}/out/{index}", str(index).encode()) for index in range(20)]
+        confirmed = await asyncio.gather(*(mqtt.publish_confirmed(m) for m in sent))
+        assert confirmed == [True] * 20
+        assert not mqtt._confirms
+        await asyncio.to_thread(
+            wait_for, lambda: len([m for m in receiver.all if m.topic.startswith(root)]) == 20
+        )
+
+        assert own_broker.proc is not None
+        os.kill(own_broker.proc.pid, signal.SIGSTOP)  # no PUBACK comes: 5 in flight, 3 wait
+        pending = [
+            asyncio.ensure_future(
+                mqtt.publish_confirmed(Outbound(f"{root}/out/late{index}", b"x"), wait_s=60)
+            )
+            for index in range(8)
+        ]
+        await asyncio.sleep(0.2)
+        assert mqtt.publish(Outbound(f"{root}/out/answer", b"a"))
+        assert len(mqtt._confirms) == 5
+        assert len(mqtt._waiting) == 4
+        started = time.monotonic()
+        os.kill(own_broker.proc.pid, signal.SIGKILL)  # its sockets close: the connection ends
+        own_broker.stop()
+        results = await asyncio.wait_for(asyncio.gather(*pending), 10)
+        assert results == [False] * 8
+        assert time.monotonic() - started < 10
+        assert [m.topic for m, _c in mqtt._waiting] == [f"{root}/out/answer"]
+        assert not mqtt._confirms
+    finally:
+        receiver.close()
+        await mqtt.stop()
+        await asyncio.wait_for(running, 40)

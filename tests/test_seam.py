@@ -37,7 +37,8 @@ class Session:
         self.calls: list[str] = []
         self.acked: list[int] = []
         self.subscriptions: list[str] = []
-        self.on_message: Callable[[Inbound], None] | None = None
+        self.unsubscriptions: list[str] = []
+        self.on_message: Callable[[Inbound], None] = lambda _m: None
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -61,24 +62,34 @@ class Recording:
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
         self.callback: Callable[[Result], None] = lambda _r: None
+        self.full = False
 
     def submit(self, delivery: Delivery) -> None:
         self.deliveries.append(delivery)
 
     @property
     def busy(self) -> bool:
-        return False
+        return self.full
 
     def on_result(self, callback: Callable[[Result], None]) -> None:
         self.callback = callback
 
 
-def intake(session: Session, engine: Recording, max_in_process: int = 4) -> Intake:
+def intake(
+    session: Session,
+    engine: Recording,
+    max_in_process: int = 4,
+    priority: Session | None = None,
+) -> Intake:
+    sessions = {"sync": session} if priority is None else {"sync": session, "priority": priority}
+    kinds = [("sync", "devices/{device_id}/sync", "sync")]
+    if priority is not None:
+        kinds.append(("alert", "devices/{device_id}/alerts", "priority"))
     found = Intake(
         ROOT,
-        session,  # type: ignore[arg-type]
+        sessions,  # type: ignore[arg-type]
         engine,
-        [("sync", "devices/{device_id}/sync")],
+        kinds,
         max_in_process=max_in_process,
         metrics=Metrics(),
         wake={WAKE_OUTBOX: lambda: None, WAKE_ESCALATION: lambda: None},
@@ -97,15 +108,68 @@ async def test_the_intake_stays_paused_once_closed_for_the_drain() -> None:
     taken = intake(session, engine)
     assert session.subscriptions == [f"{ROOT}/devices/+/sync"]
     for mid in range(1, 5):
-        taken.receive(sync_message(mid))
+        session.on_message(sync_message(mid))
     assert session.calls == ["pause"]  # 4 held: the socket is not read
     await taken.stop()
     done = [d.receive_id for d in engine.deliveries]
     engine.callback(Result(done=done))
     assert session.acked == [1, 2, 3, 4]  # what was held is still acked...
     assert session.paused  # ...and reading does not resume during the drain
-    taken.receive(sync_message(5))
+    session.on_message(sync_message(5))
     assert len(engine.deliveries) == 4  # nothing more is taken
+
+
+def alert_message(mid: int) -> Inbound:
+    return Inbound(f"{ROOT}/devices/d1/alerts", b"{}", mid=mid, qos=1)
+
+
+def test_each_lane_subscribes_to_its_own_topics_and_lets_go_of_the_others() -> None:
+    sync, priority = Session(), Session()
+    intake(sync, Recording(), priority=priority)
+    assert sync.subscriptions == [f"{ROOT}/devices/+/sync"]
+    assert sync.unsubscriptions == [f"{ROOT}/devices/+/alerts"]
+    assert priority.subscriptions == [f"{ROOT}/devices/+/alerts"]
+    assert priority.unsubscriptions == [f"{ROOT}/devices/+/sync"]
+
+
+def test_the_priority_lane_reads_on_while_the_sync_lane_waits_for_the_engine() -> None:
+    """A busy engine (its payload bytes full of sync) pauses the sync lane only; each
+    lane PUBACKs its own messages in its own arrival order, whatever the engine commits
+    first. Checked against: one sequencer for both lanes (the alert's PUBACK waits for
+    the sync messages before it; and acks go to the wrong session)."""
+    sync, priority, engine = Session(), Session(), Recording()
+    intake(sync, engine, max_in_process=100, priority=priority)
+    engine.full = True
+    sync.on_message(sync_message(1))
+    sync.on_message(sync_message(2))
+    priority.on_message(alert_message(1))
+    assert sync.calls == ["pause", "pause"]
+    assert priority.calls == []
+    alert = engine.deliveries[2].receive_id
+    engine.callback(Result(done=[alert]))  # urgent: committed ahead of the sync messages
+    assert priority.acked == [1]
+    assert sync.acked == []
+    engine.full = False
+    engine.callback(Result(done=[engine.deliveries[1].receive_id]))
+    assert sync.acked == []  # 2 waits for 1
+    engine.callback(Result(done=[engine.deliveries[0].receive_id]))
+    assert sync.acked == [1, 2]
+    assert sync.calls[-1] == "resume"
+
+
+def test_a_message_from_another_lane_s_filter_is_taken_where_it_came() -> None:
+    """A session the broker kept from before the lanes still delivers alerts to the
+    sync lane until it lets go of the filter: each is taken, and PUBACKed on the
+    session it came on. Checked against: routing by the lane's own topics only (the
+    alert dropped, acked unread)."""
+    sync, priority, engine = Session(), Session(), Recording()
+    intake(sync, engine, priority=priority)
+    sync.on_message(alert_message(7))
+    assert [d.kind for d in engine.deliveries] == ["alert"]
+    assert sync.acked == []
+    engine.callback(Result(done=[engine.deliveries[0].receive_id]))
+    assert sync.acked == [7]
+    assert priority.acked == []
 
 
 async def test_an_admin_write_after_the_close_is_answered_unavailable() -> None:

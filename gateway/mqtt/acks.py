@@ -13,10 +13,12 @@ from gateway.mqtt.session import Inbound
 
 
 class Ticket:
-    __slots__ = ("message", "ready")
+    __slots__ = ("message", "owner", "ready")
 
-    def __init__(self, message: Inbound) -> None:
+    def __init__(self, message: Inbound, owner: AckSequencer) -> None:
         self.message = message
+        self.owner = owner
+        """The sequencer that holds it: a session's, one per lane."""
         self.ready = False
 
 
@@ -28,7 +30,7 @@ class AckSequencer:
         self._queue: deque[Ticket] = deque()
 
     def hold(self, message: Inbound) -> Ticket:
-        ticket = Ticket(message)
+        ticket = Ticket(message, self)
         self._queue.append(ticket)
         return ticket
 

@@ -1,7 +1,8 @@
 """The MQTT session: the one module that knows what lies under aiomqtt.
 
-aiomqtt owns the connection (connect, TLS, will, subscribe, awaited publishes).
-Three things it does not offer are done here, on the paho client beneath it:
+aiomqtt owns the connection (connect, TLS, will, subscribe). What it does not offer,
+or offers at a cost per message that grows with what is in flight, is done here, on
+the paho client beneath it:
 
 - manual acknowledgement: a QoS 1 message is acked only once the gateway says
   it is committed (`ack`); aiomqtt would ack on arrival, losing a crash's worth;
@@ -10,7 +11,13 @@ Three things it does not offer are done here, on the paho client beneath it:
   ids; acking the old id would confirm a different, uncommitted message);
 - intake without aiomqtt's iterator (a task per message) and read pausing: the
   broker does not honour ReceiveMaximum past the first window, so the gateway
-  bounds its own memory by not reading the socket while too much is in hand.
+  bounds its own memory by not reading the socket while too much is in hand;
+- the outgoing window and confirmed publishes: paho's own window rescans every
+  message it holds on each PUBACK, and aiomqtt's awaited publish scans every call
+  pending; with a thousand answers in flight that was a third of the MQTT process
+  under a drain. Here paho sends what it is given, the session keeps the window
+  (`max_outgoing_inflight`) with a queue of its own, and a PUBACK resolves its
+  publish by packet id.
 """
 
 from __future__ import annotations
@@ -21,12 +28,11 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -57,15 +63,15 @@ def _echo(message: Outbound) -> Properties | None:
     return properties
 
 
-def _send(inner: paho.Client, message: Outbound) -> MQTTErrorCode:
-    """paho's answer to one message: queued, no room (the caller keeps it), or refused,
-    which is logged."""
-    info = inner.publish(
-        message.topic, message.payload, message.qos, message.retain, _echo(message)
-    )
-    if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_QUEUE_SIZE):
-        log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
-    return info.rc
+Confirm: TypeAlias = asyncio.Future[bool] | None
+"""Resolved True by the message's PUBACK, False when its connection is lost; None for
+a message whose sender does not wait (an answer: a device that misses it resends)."""
+
+
+def priority_client_id(client_id: str) -> str:
+    """The priority lane's client id: the configured one with a suffix, so that one
+    setting names both sessions and an ACL by username covers both."""
+    return f"{client_id}-priority"
 
 
 class Inbound:
@@ -115,11 +121,11 @@ def _ignore(_message: Inbound) -> None:
     """Messages before anyone routes them: none arrive, nothing is subscribed yet."""
 
 
-OUTGOING_MAX = 50_000
-"""QoS 1 messages handed to paho and not yet acknowledged by the broker, at most.
-Past it `publish` keeps them in order in its own queue: paho numbers them with 16-bit
-packet ids, and past 65,535 outstanding it refuses a new one whose id is still in use
-(seen under a 100,000-message drain: acks refused, "Message queue full")."""
+SLOW_WAITING = 50_000
+"""Messages waiting for the window at which the broker is said to be slow (logged once
+until they flow again). The window itself (`max_outgoing_inflight`, at most 65,535)
+keeps paho's 16-bit packet ids unique: past 65,535 outstanding it would refuse a new
+one whose id is in use (seen once under a 100,000-message drain: acks lost)."""
 
 STABLE_S = 2.0
 """A session up this long was a real one: its end starts the reconnect backoff anew."""
@@ -136,6 +142,10 @@ class MqttSession(Part):
     `on_connected` (awaited) runs after each (re)subscribe, before the session is
     considered up; `last_words` is published (awaited) on a clean stop. Publishing
     and acking are synchronous and never block.
+
+    The gateway keeps one per lane (gateway/mqtt/intake.py): `lane` names it in logs
+    and health, `client_id` (the configured one by default) keeps its broker session
+    apart from the other lane's.
     """
 
     name = "mqtt"
@@ -147,12 +157,20 @@ class MqttSession(Part):
         self,
         config: MqttConfig,
         *,
+        lane: str = "sync",
+        client_id: str | None = None,
         will: Outbound | None = None,
         last_words: Callable[[], Outbound] | None = None,
         on_connected: ConnectedCallback | None = None,
     ) -> None:
         self.config = config
+        self.lane = lane
+        self.name = "mqtt" if lane == "sync" else f"mqtt-{lane}"
+        self.client_id = client_id or config.client_id
+        self._log = log.bind(lane=lane)
         self.subscriptions: list[str] = []
+        self.unsubscriptions: list[str] = []
+        """Filters a session the broker kept may hold and this one no longer wants."""
         self.on_message: MessageCallback = _ignore
         self.will = will
         self.last_words = last_words
@@ -179,9 +197,12 @@ class MqttSession(Part):
         """The session expiry the broker granted on the last connect."""
         self._connack: tuple[bool, int | None] | None = None
         self._connections = 0
-        self._waiting: collections.deque[Outbound] = collections.deque()
-        """Messages paho had no room for (OUTGOING_MAX), in order: handed over as the
-        broker acknowledges earlier ones, on this connection or the next."""
+        self._window = config.max_outgoing_inflight
+        self._waiting: collections.deque[tuple[Outbound, Confirm]] = collections.deque()
+        """QoS 1 messages past the window, in order: handed over as the broker
+        acknowledges earlier ones, on this connection or (answers) the next."""
+        self._confirms: dict[int, asyncio.Future[bool]] = {}
+        """Confirmed publishes in flight on this connection, by packet id."""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -212,11 +233,11 @@ class MqttSession(Part):
             self.reconnects += 1
             delay = backoff(attempt, self.config.reconnect_min_s, self.config.reconnect_max_s)
             if self._connections > connections:
-                log.warning(
+                self._log.warning(
                     "mqtt disconnected, reconnecting", reason=self.last_error, retry_in_s=delay
                 )
             else:  # no CONNACK accepted: a broker down, TLS refused, credentials refused
-                log.warning(
+                self._log.warning(
                     "mqtt connection failed",
                     host=self.config.host,
                     port=self.config.port,
@@ -232,6 +253,7 @@ class MqttSession(Part):
             self._client = client
             self._heard_connack()
             await self._subscribe(client, self.subscriptions)
+            await self._let_go(client)
             if self.on_connected is not None:
                 await self.on_connected(client)
             self.connected.set()
@@ -240,10 +262,11 @@ class MqttSession(Part):
             if self._pause_wanted:
                 self.pause_reading()
             self.last_error = None
-            log.info(
+            self._log.info(
                 "mqtt connected", host=self.config.host, port=self.config.port, epoch=self.epoch
             )
             disconnected = client._disconnected
+            disconnected.add_done_callback(lambda _: self._fail_confirms())
             stopping = asyncio.ensure_future(self._stopping.wait())
             probe = asyncio.ensure_future(self._probe(client))
             retry = asyncio.ensure_future(self._retry_refused(client))
@@ -265,7 +288,7 @@ class MqttSession(Part):
         requested = self.config.session_expiry_s
         expiry = requested if granted is None else granted
         if expiry < requested and expiry != self.expiry_granted_s:
-            log.warning(
+            self._log.warning(
                 "the broker shortened the gateway's session expiry: a longer outage"
                 " loses what devices send meanwhile",
                 granted_s=expiry,
@@ -275,10 +298,10 @@ class MqttSession(Part):
         if present:
             return
         if self._connections == 1:
-            log.info("mqtt session new: the broker held none for the gateway")
+            self._log.info("mqtt session new: the broker held none for the gateway")
             return
         self.session_lost_at = now_us()
-        log.warning(
+        self._log.warning(
             "mqtt session lost: the broker kept no session for the gateway, and what"
             " devices sent while it was away was not queued",
             epoch=self.epoch,
@@ -297,11 +320,11 @@ class MqttSession(Part):
             value = code if isinstance(code, int) else code.value
             if 1 <= value < 0x80:
                 if self.refused.pop(topic, None) is not None:
-                    log.info("mqtt subscription granted", filter=topic)
+                    self._log.info("mqtt subscription granted", filter=topic)
                 continue
             reason = "granted QoS 0" if value == 0 else str(code)
             if self.refused.get(topic) != (value, reason):
-                log.error(
+                self._log.error(
                     "mqtt subscription refused",
                     filter=topic,
                     reason_code=value,
@@ -309,6 +332,13 @@ class MqttSession(Part):
                     retry_every_s=self.config.reconnect_max_s,
                 )
             self.refused[topic] = (value, reason)
+
+    async def _let_go(self, client: aiomqtt.Client) -> None:
+        """Unsubscribe `unsubscriptions` from a session the broker kept: one from before
+        the lanes held every topic, and would keep delivering alerts to the sync lane."""
+        present = self._connack[0] if self._connack is not None else False
+        if present and self.unsubscriptions:
+            await client.unsubscribe(self.unsubscriptions)
 
     async def _retry_refused(self, client: aiomqtt.Client) -> None:
         """Ask again for the refused subscriptions now and then: a broker's ACL fixed
@@ -360,11 +390,11 @@ class MqttSession(Part):
             will = aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
         client = make_client(
             cfg,
-            identifier=cfg.client_id,
+            identifier=self.client_id,
             clean_start=False,
             properties=connect,
             will=will,
-            max_inflight_messages=cfg.max_outgoing_inflight,
+            max_inflight_messages=0,  # the session keeps the window (module docstring)
         )
         client.pending_calls_threshold = 10_000
         inner: paho.Client = client._client
@@ -384,12 +414,14 @@ class MqttSession(Part):
                 aiomqtt_on_connect(*args)
 
         inner.on_connect = on_connect
-        inner.max_queued_messages_set(OUTGOING_MAX)
         aiomqtt_on_publish = inner.on_publish
 
         def on_publish(*args: Any) -> None:
-            if aiomqtt_on_publish is not None:
+            if aiomqtt_on_publish is not None:  # the birth message and the last words
                 aiomqtt_on_publish(*args)
+            confirm = self._confirms.pop(args[2], None)
+            if confirm is not None and not confirm.done():
+                confirm.set_result(True)
             if self._waiting:
                 self._hand_over()
 
@@ -405,6 +437,7 @@ class MqttSession(Part):
         return on_socket_open
 
     def _detach(self) -> None:
+        self._fail_confirms()
         self.connected.clear()
         self._client = None
         self._paho = None
@@ -433,7 +466,7 @@ class MqttSession(Part):
                 )
             except (aiomqtt.MqttError, TimeoutError) as exc:
                 # The will says offline instead, after its delay.
-                log.warning("last words not confirmed", error=type(exc).__name__)
+                self._log.warning("last words not confirmed", error=type(exc).__name__)
         self._stopping.set()
 
     # -- intake --------------------------------------------------------------
@@ -473,7 +506,7 @@ class MqttSession(Part):
             return
         asyncio.get_running_loop().remove_reader(self._reader_fd)
         self._paused = True
-        log.debug("intake paused")
+        self._log.debug("intake paused")
 
     def resume_reading(self) -> None:
         self._pause_wanted = False
@@ -495,7 +528,7 @@ class MqttSession(Part):
 
         asyncio.get_running_loop().add_reader(self._reader_fd, read)
         self._paused = False
-        log.debug("intake resumed")
+        self._log.debug("intake resumed")
 
     @property
     def paused(self) -> bool:
@@ -523,73 +556,89 @@ class MqttSession(Part):
         return acked
 
     def publish(self, message: Outbound) -> bool:
-        """Hand a message to paho without waiting for its PUBACK.
+        """Hand a message over without waiting for its PUBACK.
 
         For answers whose loss the sender recovers from by retrying: a device
-        that misses its ack resends, and gets `duplicate`. When paho holds
-        OUTGOING_MAX unacknowledged messages already, the message waits here, in
-        order, and goes out as the broker acknowledges. Returns False when it could
-        not even be queued (not connected).
+        that misses its ack resends, and gets `duplicate`. Past the window the
+        message waits here, in order, and goes out as the broker acknowledges.
+        Returns False when it could not even be queued (not connected).
         """
         inner = self._paho
         if inner is None:
             return False
-        if self._waiting and message.qos > 0:
-            self._waiting.append(message)
-            return True
-        rc = _send(inner, message)
-        if rc == paho.MQTT_ERR_QUEUE_SIZE:
-            if not self._waiting:
-                log.warning(
-                    "outgoing messages wait: the broker is slow to acknowledge",
-                    unacknowledged=OUTGOING_MAX,
-                )
-            self._waiting.append(message)
-            return True
-        return rc == paho.MQTT_ERR_SUCCESS
-
-    def _hand_over(self) -> None:
-        """Waiting messages to paho, in order, as far as it has room."""
-        inner = self._paho
-        waited = bool(self._waiting)
-        while self._waiting and inner is not None:
-            if _send(inner, self._waiting[0]) == paho.MQTT_ERR_QUEUE_SIZE:
-                return
-            self._waiting.popleft()
-        if waited and not self._waiting:
-            log.info("outgoing messages flow again")
+        return self._enqueue(inner, message, None)
 
     async def publish_confirmed(self, message: Outbound, wait_s: float = 10.0) -> bool:
-        """Publish and wait for the broker's PUBACK; False if it did not come."""
-        client = self._client
-        if client is None or not self.connected.is_set():
+        """Publish and wait for the broker's PUBACK; False if it did not come in
+        `wait_s` or the connection was lost first (the caller retries on the next)."""
+        inner = self._paho
+        if inner is None or not self.connected.is_set():
             return False
-        publish = asyncio.ensure_future(
-            client.publish(
-                message.topic,
-                message.payload,
-                qos=message.qos,
-                retain=message.retain,
-                properties=_echo(message),
-                timeout=wait_s,
-            )
-        )
-        # A lost connection ends the wait at once: the caller retries on the next one,
-        # instead of waiting out the timeout for a PUBACK that cannot come.
-        lost = client._disconnected
-        await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
-        if not publish.done():
-            publish.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await publish
-            log.warning("confirmed publish failed", topic=message.topic, reason="connection lost")
-            return False
+        confirm: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._enqueue(inner, message, confirm)
         try:
-            publish.result()
-        except aiomqtt.MqttError as exc:
-            log.warning("confirmed publish failed", topic=message.topic, reason=str(exc))
+            async with asyncio.timeout(wait_s):
+                return await confirm
+        except TimeoutError:
+            self._log.warning("confirmed publish failed", topic=message.topic, reason="no PUBACK")
             return False
+
+    def _enqueue(self, inner: paho.Client, message: Outbound, confirm: Confirm) -> bool:
+        if message.qos > 0 and (self._waiting or len(inner._out_messages) >= self._window):
+            self._waiting.append((message, confirm))
+            if len(self._waiting) == SLOW_WAITING:
+                self._log.warning(
+                    "outgoing messages wait: the broker is slow to acknowledge",
+                    waiting=SLOW_WAITING,
+                    in_flight=self._window,
+                )
+            return True
+        return self._send(inner, message, confirm)
+
+    def _send(self, inner: paho.Client, message: Outbound, confirm: Confirm) -> bool:
+        info = inner.publish(
+            message.topic, message.payload, message.qos, message.retain, _echo(message)
+        )
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self._log.warning("publish refused", topic=message.topic, rc=paho.error_string(info.rc))
+            if confirm is not None and not confirm.done():
+                confirm.set_result(False)
+            return False
+        if confirm is not None:
+            if message.qos == 0:
+                confirm.set_result(True)
+            else:
+                self._confirms[info.mid] = confirm
         return True
+
+    def _hand_over(self) -> None:
+        """Waiting messages to paho, in order, as far as the window has room."""
+        inner = self._paho
+        if inner is None:
+            return
+        slow = len(self._waiting) >= SLOW_WAITING
+        while self._waiting and len(inner._out_messages) < self._window:
+            message, confirm = self._waiting.popleft()
+            if confirm is None or not confirm.done():  # done: its sender stopped waiting
+                self._send(inner, message, confirm)
+        if slow and not self._waiting:
+            self._log.info("outgoing messages flow again")
+
+    def _fail_confirms(self) -> None:
+        """The connection is lost: every confirmed publish in flight or waiting is
+        answered False at once, for its sender to retry on the next connection.
+        Answers stay queued; paho's in flight go with its client."""
+        failed = [confirm for confirm in self._confirms.values() if not confirm.done()]
+        self._confirms.clear()
+        if any(confirm is not None for _message, confirm in self._waiting):
+            failed += [c for _m, c in self._waiting if c is not None and not c.done()]
+            self._waiting = collections.deque((m, c) for m, c in self._waiting if c is None)
+        for confirm in failed:
+            confirm.set_result(False)
+        if failed:
+            self._log.warning(
+                "confirmed publishes failed", count=len(failed), reason="connection lost"
+            )
 
     def outgoing_pending(self) -> int:
         inner = self._paho

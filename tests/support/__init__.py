@@ -4,7 +4,8 @@ Modules by job: processes (Mosquitto, Redis, PostgreSQL, the daemon), mqtt (the
 test client, SUBACK and fences), database (fresh databases, reading rows), sync
 and alerts (payloads, answers, fences through the daemon), admin (the admin
 client), times (expected times, computed apart from the gateway's), requirements
-(skip locally, fail in CI), conflicts (records for the conflict oracle).
+(skip locally, fail in CI), conflicts (records for the conflict oracle), faults
+(SQLite's write lock held by another process, a small disk to fill).
 """
 
 from tests.support.admin import HEALTHY, STATS_KEYS, Admin
@@ -20,6 +21,7 @@ from tests.support.database import (
     plain_writer,
     sqlite_path,
 )
+from tests.support.faults import SmallDisk, SqliteLock
 from tests.support.mqtt import Client, PersistentClient, Received
 from tests.support.processes import (
     ROOT,
@@ -46,6 +48,7 @@ from tests.support.sync import (
     counter_ops,
     expect_results,
     kill_marks,
+    queue_for,
     results_of,
     results_on,
     send_one,
@@ -76,6 +79,8 @@ __all__ = [
     "PostgresServer",
     "Received",
     "RedisServer",
+    "SmallDisk",
+    "SqliteLock",
     "Watch",
     "ack_topic",
     "alert",
@@ -99,6 +104,7 @@ __all__ = [
     "pg_database",
     "plain_url",
     "plain_writer",
+    "queue_for",
     "require",
     "results_of",
     "results_on",

@@ -301,3 +301,13 @@ class OpStream:
 
     def close(self) -> None:
         self.client.close()
+
+
+def queue_for(port: int, root: str, ops: list[tuple[str, dict[str, Any]]]) -> None:
+    """Publish `ops` while the daemon is down; wait until the broker PUBACKed every one."""
+    device = Client(port).connect()
+    try:
+        infos = [device.publish(f"{root}/devices/{dev}/sync", op, wait=False) for dev, op in ops]
+        wait_for(lambda: all(info.is_published() for info in infos), timeout=60)
+    finally:
+        device.close()
