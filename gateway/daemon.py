@@ -5,7 +5,7 @@ The parts, in the order they start (and, reversed, stop):
 
     mqtt sessions (sync lane, priority lane) -> outbox -> dead letters -> webhooks
     -> engine -> intake -> admin -> escalation -> outbox cleanup -> retraining
-    -> health report -> watchdog -> ready notice -> metrics endpoint
+    -> health report -> watchdog -> ready notice -> status line -> metrics endpoint
 
 On a stop the intake stops taking messages first; then the parts stop in the
 reverse order: the admin commands finish, the engine drains, the outbox
@@ -66,7 +66,7 @@ from gateway.seam import (
     Outbound,
 )
 from gateway.status import Status
-from gateway.systemd import ReadyNotice, Watchdog
+from gateway.systemd import ReadyNotice, StatusLine, Watchdog
 from storage import migrate
 from storage.alerts import AlertStep
 from storage.db import create_engine, encoding_problem
@@ -196,6 +196,9 @@ class Daemon:
         self.intake.mount("admin/request/{command:path}", self.admin.request, LANE_PRIORITY)
         self.intake.attach(settings.mqtt.shared_group)
 
+        ready = ReadyNotice(
+            settings.mqtt.host, self.session.connected, self.priority.connected, self.engine.serving
+        )
         self.parts = Parts(
             [
                 self.session,
@@ -213,12 +216,8 @@ class Daemon:
                     root, self.priority, self.status, lambda: self.settings.health.interval_s
                 ),
                 Watchdog(self.status.engine_trouble, self.engine.serving),
-                ReadyNotice(
-                    settings.mqtt.host,
-                    self.session.connected,
-                    self.priority.connected,
-                    self.engine.serving,
-                ),
+                ready,
+                StatusLine(ready, self.status.unhealthy),
                 MetricsEndpoint(self.metrics, settings.metrics.listen),
             ]
         )

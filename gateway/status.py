@@ -88,6 +88,16 @@ class Status:
             return f"writer stuck for {engine.stuck_s():.0f} s"
         return None
 
+    def unhealthy(self) -> str | None:
+        """What is wrong, from what is known without asking anyone (systemd's status
+        line asks every second): the engine down or wedged, or its commits failing."""
+        trouble = self.engine_trouble()
+        if trouble is not None:
+            return f"engine: {trouble}"
+        if not self.engine.state.healthy:
+            return f"database: commits failing: {self.engine.state.last_error}"
+        return None
+
     def _engine(self) -> dict[str, Any]:
         trouble = self.engine_trouble()
         return {"ok": True} if trouble is None else {"ok": False, "detail": trouble}

@@ -47,14 +47,46 @@ class ReadyNotice(Part):
     name = "ready"
 
     def __init__(self, host: str, *conditions: asyncio.Event) -> None:
-        self.host = host
+        self.serving = f"serving on {host}"
+        """The status line while nothing is wrong."""
         self.conditions = conditions
+        self.sent = asyncio.Event()
 
     async def run(self) -> None:
         for condition in self.conditions:
             await condition.wait()
-        notify(f"READY=1\nSTATUS=serving on {self.host}")
+        notify(f"READY=1\nSTATUS={self.serving}")
+        self.sent.set()
         log.info("ready")
+
+
+STATUS_EVERY_S = 1.0
+"""How often the status line is judged again."""
+
+
+class StatusLine(Part):
+    """`STATUS=` that follows the daemon's trouble once it is ready: what `systemctl
+    status` shows. Through a database outage the watchdog keeps pinging (a restart
+    would not bring the database back), so without this the line said `serving`
+    while `health` said the commits fail; now it says `unhealthy: ...` until they
+    commit again, then `serving on ...`. Sent only when it changes."""
+
+    name = "status line"
+
+    def __init__(self, ready: ReadyNotice, unhealthy: Callable[[], str | None]) -> None:
+        self.ready = ready
+        self.unhealthy = unhealthy
+        """What is wrong, in a few words; None when nothing is."""
+
+    async def run(self) -> None:
+        await self.ready.sent.wait()
+        said = self.ready.serving
+        while True:
+            trouble = self.unhealthy()
+            line = self.ready.serving if trouble is None else f"unhealthy: {trouble}"
+            if line != said and notify(f"STATUS={line}"):
+                said = line
+            await asyncio.sleep(STATUS_EVERY_S)
 
 
 class Watchdog(Part):

@@ -333,12 +333,6 @@ SERVING = "STATUS=serving on 127.0.0.1"
 READY = "READY=1\nSTATUS=serving on 127.0.0.1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15, item 4: the watchdog (gateway/systemd.py, made in gateway/daemon.py)"
-    " sends no STATUS= after READY=1, so `systemctl status` says `serving` through a"
-    " database outage",
-)
 def test_systemd_status_says_the_database_is_failing_and_clears(
     broker: Mosquitto,
     make_daemon: Callable[..., Daemon],
@@ -352,8 +346,8 @@ def test_systemd_status_says_the_database_is_failing_and_clears(
     the restarted one could not reach the database either).
 
     All three places an operator looks say the same: `health`, the retained report,
-    and the STATUS= text. Checked against: today's watchdog, which sends nothing but
-    WATCHDOG=1 (this test fails: xfail, strict, until the watchdog says it)."""
+    and the STATUS= text. Checked against: the watchdog alone, which sent nothing but
+    WATCHDOG=1 after READY=1 (gateway/systemd.py's StatusLine now says it)."""
     daemon = make_daemon(broker.port, start=False, **SETTINGS)
     admin = Admin(client, daemon.root)
     daemon.start(extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"})
@@ -392,13 +386,6 @@ KEEPALIVES = 4
 """How many keepalives the outage lasts once reading is paused."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15, item 4: while the session does not read (gateway/mqtt/session.py"
-    " pause_reading) paho cannot read the PINGRESP and closes the connection two"
-    " keepalives into the pause ('Keep alive timeout'); the broker then delivers"
-    " everything in flight again",
-)
 def test_a_long_outage_with_reading_paused_keeps_the_mqtt_session(
     broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client, healthy: dict[str, Any]
 ) -> None:
@@ -408,9 +395,9 @@ def test_a_long_outage_with_reading_paused_keeps_the_mqtt_session(
     reconnect, and so no redelivery of what it holds (each op answered once, never
     `duplicate`).
 
-    Checked against: today's session (this test fails: xfail, strict, until it keeps
-    the connection; a `Keep alive timeout` every 2 x keepalive_s, and for 300 ops the
-    devices got 700 answers, 400 of them `duplicate` for the redelivered)."""
+    Checked against: the session before decision 14 (a `Keep alive timeout` every
+    2 x keepalive_s, and for 300 ops the devices got 700 answers, 400 of them
+    `duplicate` for the redelivered)."""
     daemon = make_daemon(
         broker.port,
         MQTT__KEEPALIVE_S=str(KEEPALIVE_S),

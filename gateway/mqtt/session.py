@@ -46,6 +46,10 @@ from handlers.times import now_us
 
 log = structlog.get_logger("fieldgate.mqtt")
 
+PAUSED_PING_S = 1.0
+"""While reading is paused, how often the ping paho waits for is forgotten (below the
+shortest keepalive, 5 s; paho judges its keepalive once a second)."""
+
 SOCKET_PROBE_S = 0.5
 """How often a connected session checks that its socket is still open (see `_probe`)."""
 
@@ -203,6 +207,8 @@ class MqttSession(Part):
         acknowledges earlier ones, on this connection or (answers) the next."""
         self._confirms: dict[int, asyncio.Future[bool]] = {}
         """Confirmed publishes in flight on this connection, by packet id."""
+        self._pinging: asyncio.Future[None] | None = None
+        """Keeps the connection while reading is paused (`_ping_while_paused`)."""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -436,7 +442,13 @@ class MqttSession(Part):
 
         return on_socket_open
 
+    def _stop_pinging(self) -> None:
+        if self._pinging is not None:
+            self._pinging.cancel()
+            self._pinging = None
+
     def _detach(self) -> None:
+        self._stop_pinging()
         self._fail_confirms()
         self.connected.clear()
         self._client = None
@@ -506,10 +518,28 @@ class MqttSession(Part):
             return
         asyncio.get_running_loop().remove_reader(self._reader_fd)
         self._paused = True
+        if self._paho is not None:
+            self._pinging = asyncio.ensure_future(self._ping_while_paused(self._paho))
         self._log.debug("intake paused")
+
+    async def _ping_while_paused(self, inner: paho.Client) -> None:
+        """Keep the connection through a long pause (docs/decisions/0014).
+
+        paho waits one keepalive for the PINGRESP to its PINGREQ and then closes the
+        connection; while the socket is not read, the PINGRESP cannot be read, so a
+        database outage longer than two keepalives tore the session down and the
+        broker delivered everything in flight again. Forgetting the ping paho waits for
+        makes it send the next one on time instead: the broker hears from the gateway
+        every keepalive and keeps the session; the PINGRESPs wait in the socket with
+        the rest, read on resume. A broker gone meanwhile shows then, or at once when
+        it resets the connection (`_probe`)."""
+        while True:
+            await asyncio.sleep(PAUSED_PING_S)
+            inner._ping_t = 0.0
 
     def resume_reading(self) -> None:
         self._pause_wanted = False
+        self._stop_pinging()
         if not self._paused or self._reader_fd is None or self._paho is None:
             self._paused = False
             return
