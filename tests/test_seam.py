@@ -221,6 +221,8 @@ def delivery(receive_id: int, kind: str, body: dict[str, Any], reply: bool = Fal
 
 
 async def test_alerts_and_admin_writes_go_ahead_of_the_backlog(engine: Engine) -> None:
+    """In their own commit: a crisis behind a backlog does not wait for a batch of sync
+    to be stored with it. Checked against: the batch taken whole (one result for all)."""
     results: list[Result] = []
     engine.on_result(results.append)
     for n in range(1, 4):
@@ -238,7 +240,7 @@ async def test_alerts_and_admin_writes_go_ahead_of_the_backlog(engine: Engine) -
     task = asyncio.create_task(engine.run())
     await engine.drain()
     await asyncio.wait_for(task, 10)
-    assert [n for result in results for n in result.done] == [4, 5, 1, 2, 3, 6]
+    assert [result.done for result in results] == [[4, 5], [1, 2, 3, 6]]
 
 
 async def test_an_admin_write_is_answered_unavailable_while_the_writer_fails(

@@ -146,7 +146,11 @@ class Engine(Part):
                         await asyncio.wait_for(self._urgent.wait(), timeout=wait_s)
             self._urgent.clear()
             self.last_beat = time.monotonic()
-            batch = self._pending[: self.config.max_messages]
+            # What went ahead (alerts, admin writes) is committed on its own: a crisis
+            # behind a backlog would otherwise wait for a whole batch of sync with it.
+            batch = self._pending[
+                : min(self._ahead or self.config.max_messages, self.config.max_messages)
+            ]
             del self._pending[: len(batch)]
             self._ahead = max(0, self._ahead - len(batch))
             await self._commit(batch)
