@@ -10,9 +10,9 @@ The parts, in the order they start (and, reversed, stop):
 On a stop the intake stops taking messages first; then the parts stop in the
 reverse order: the admin commands finish, the engine drains, the outbox
 publishes what the drain leased, and the sessions, stopped last, still
-acknowledges what the engine committed (both sessions, the priority one
-publishing the last words). Each part has its own stop timeout;
-together they stay within systemd's TimeoutStopSec.
+acknowledge what the engine committed (the priority one publishing the last
+words). Each part has its own stop timeout; together they stay within systemd's
+TimeoutStopSec (tests/test_shipped_files.py).
 """
 
 from __future__ import annotations

@@ -136,6 +136,9 @@ STABLE_S = 2.0
 
 LAST_WORDS_S = 5.0
 """How long a clean stop waits for the broker to confirm the last words."""
+STOP_WITH_LAST_WORDS_S = LAST_WORDS_S + 1
+STOP_S = 2.0
+"""A session's time to stop: its last words, if it has any, and the disconnect."""
 
 
 class MqttSession(Part):
@@ -155,7 +158,6 @@ class MqttSession(Part):
     name = "mqtt"
     critical = True
     ends_on_stop = True
-    stop_timeout_s = 6.0
 
     def __init__(
         self,
@@ -169,6 +171,7 @@ class MqttSession(Part):
     ) -> None:
         self.config = config
         self.lane = lane
+        self.stop_timeout_s = STOP_WITH_LAST_WORDS_S if last_words is not None else STOP_S
         self.name = "mqtt" if lane == "sync" else f"mqtt-{lane}"
         self.client_id = client_id or config.client_id
         self._log = log.bind(lane=lane)
@@ -439,6 +442,14 @@ class MqttSession(Part):
         def on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
             original(client, userdata, sock)
             self._reader_fd = sock.fileno()
+            # What was sent and not acknowledged by the broker's TCP for 1.5 keepalives
+            # ends the connection: a broker that vanishes while the session does not
+            # read (decision 14) is noticed as a keepalive would, not after TCP's
+            # ~15 minutes of retransmissions.
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.config.keepalive_s * 1500
+                )
 
         return on_socket_open
 
