@@ -31,7 +31,7 @@ services:
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	scripts/services.sh
+	scripts/services.sh --packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

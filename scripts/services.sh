@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Make sure the services fieldgate needs are installed and running on this machine.
-#   scripts/services.sh          Mosquitto and Redis (for `make run`)
-#   scripts/services.sh --test   the same, plus what the tests use: PostgreSQL's server
-#                                binaries, systemd-analyze, script (for `make test`)
+#   scripts/services.sh             Mosquitto and Redis (for `make run`)
+#   scripts/services.sh --test      Redis, and what the tests use: Mosquitto's binaries
+#                                   (each test session runs brokers of its own),
+#                                   PostgreSQL's server binaries, systemd-analyze, script
+#                                   (for `make test`)
+#   scripts/services.sh --packages  only install what is missing (before the venv)
 # Installs from the distribution's packages (Debian/Ubuntu) when missing; needs root or sudo
 # only then. A Redis already listening on its port is used as it is; for the broker,
 # scripts/broker.sh decides and says which in one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+mode="${1:-run}"
 want_pg=0
-[ "${1:-}" = "--test" ] && want_pg=1
+[ "$mode" = "--test" ] && want_pg=1
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -34,8 +38,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+[ "$mode" = "--packages" ] && exit 0
+
 # Which Mosquitto: the system's with fieldgate's settings, or one of fieldgate's own.
-scripts/broker.sh
+# Not for the tests: they start their own on free ports, and must not restart the
+# system's or take the port of another checkout's.
+[ "$mode" = "run" ] && scripts/broker.sh
 
 if ! listening 6379; then
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
