@@ -29,10 +29,12 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from gateway import spawn
 from handlers import webhooks
 
 DEFAULT_CONFIG_PATH = Path("config/fieldgate.toml")
-ENV_PREFIX = "FIELDGATE_"
+ENV_PREFIX = spawn.ENV_PREFIX
+"""Settings in the environment: FIELDGATE_SECTION__KEY (the engine's start drops them)."""
 
 DEFAULT_CRITICAL_FIELDS: dict[str, list[str]] = {
     "work_order": ["status", "assigned_to", "priority"],

@@ -20,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import socket
-import sys
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 
 import structlog
 
+from gateway import spawn
 from gateway.channel import (
     Channel,
     ChannelClosed,
@@ -42,7 +41,7 @@ from gateway.channel import (
     Start,
     Submit,
 )
-from gateway.config import ENV_PREFIX, Settings, portable
+from gateway.config import Settings, portable
 from gateway.lifecycle import Part, backoff
 from gateway.metrics import Metrics
 from gateway.seam import Delivery, EngineState, Reply, Result
@@ -56,13 +55,6 @@ STOP_WAIT_S = 5.0
 """How long the engine process may take to exit after its drain, before it is killed."""
 SUBMIT_BYTES = 8 << 20
 """Payload bytes in one `Submit` frame, at most (a single larger delivery goes alone)."""
-
-
-def _engine_environment() -> dict[str, str]:
-    """The environment without fieldgate's settings: the engine runs with those the
-    MQTT process sends (`Start`, `Reload`), which the environment must not override
-    (pydantic-settings would let it: a `log_level` command would not reach it)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
 
 class EngineProcess(Part):
@@ -231,18 +223,7 @@ class EngineProcess(Part):
     async def _serve(self) -> str:
         """Start one engine process and serve it until it exits; how it ended. However
         this ends (a stop's timeout cancels it), the process does not outlive it."""
-        ours, theirs = socket.socketpair()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway.ingest.process",
-                str(theirs.fileno()),
-                pass_fds=[theirs.fileno()],
-                env=_engine_environment(),
-            )
-        finally:
-            theirs.close()
+        process, ours = spawn.take()
         try:
             channel = await Channel.open(ours, FromEngine)
             try:
@@ -259,9 +240,10 @@ class EngineProcess(Part):
                         answer.set_exception(ChannelClosed())
             return await self._ended(process)
         finally:
-            if process.returncode is None:
+            if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
+                await asyncio.to_thread(process.wait)
 
     async def _serve_channel(self, channel: Channel) -> None:
         channel.send(Start(portable(self.settings())))
@@ -312,13 +294,13 @@ class EngineProcess(Part):
                 channel.send(Ping(next(self._seq)))
             await asyncio.sleep(self.beat_s)
 
-    async def _ended(self, process: asyncio.subprocess.Process) -> str:
+    async def _ended(self, process: subprocess.Popen[bytes]) -> str:
         try:
-            code = await asyncio.wait_for(process.wait(), STOP_WAIT_S)
-        except TimeoutError:
+            code = await asyncio.to_thread(process.wait, STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
             log.error("engine process did not exit: killing it", pid=process.pid)
             process.kill()
-            code = await process.wait()
+            code = await asyncio.to_thread(process.wait)
         return f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
 
     async def stop(self) -> None:
