@@ -122,7 +122,12 @@ def _exit_if_failed(task: asyncio.Task[None]) -> None:
 
 async def serve(fd: int) -> int:
     channel = await Channel.open(socket.socket(fileno=fd), ToEngine)
-    start = await channel.receive()
+    try:
+        start = await channel.receive()
+    except ChannelClosed:
+        # Started early (gateway/spawn.py), and the MQTT process ended before it sent
+        # the settings (a config it refused, `run --help`): nothing was done here.
+        return 0
     if not isinstance(start, Start):
         return 2
     settings = Settings.model_validate(start.settings)

@@ -50,7 +50,11 @@ from handlers.errors import Code, Error
 log = structlog.get_logger("fieldgate.engine")
 
 ANSWER_TIMEOUT_S = 5.0
-"""How long a ping or a reload may wait for the engine's answer."""
+"""How long a ping may wait for the engine's answer."""
+RELOAD_TIMEOUT_S = 30.0
+"""How long a reload may: it loads the active model when one was activated (a forest
+takes a second on an idle machine, more than ANSWER_TIMEOUT_S on a loaded one, and
+`ml/activate` promises the engine scores with it once it answers)."""
 STOP_WAIT_S = 5.0
 """How long the engine process may take to exit after its drain, before it is killed."""
 SUBMIT_BYTES = 8 << 20
@@ -166,16 +170,16 @@ class EngineProcess(Part):
     async def reload(self, settings: Settings) -> None:
         """Apply new settings in the engine; returns once it has (or it is down)."""
         with contextlib.suppress(TimeoutError, ChannelClosed):
-            await self._ask(Reload(next(self._seq), portable(settings)))
+            await self._ask(Reload(next(self._seq), portable(settings)), RELOAD_TIMEOUT_S)
 
-    async def _ask(self, frame: Ping | Reload) -> None:
+    async def _ask(self, frame: Ping | Reload, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
         if self._channel is None:
             raise ChannelClosed
         answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._answers[frame.seq] = answer
         try:
             self._channel.send(frame)
-            await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
+            await asyncio.wait_for(answer, timeout_s)
         finally:
             self._answers.pop(frame.seq, None)
 
