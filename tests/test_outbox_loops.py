@@ -116,7 +116,8 @@ async def test_failed_publishes_are_retried_after_a_pause_not_at_once(db_url: st
         task.cancel()
         # one attempt per pause (5 in a second), not one per round trip (thousands)
         assert 1 <= session.attempts <= 1.0 / FAILED_PAUSE_S + 2, session.attempts
-        assert publisher.failed == session.attempts
+        # (The cancel may fall between an attempt and its count.)
+        assert session.attempts - 1 <= publisher.failed <= session.attempts
         async with database.connect() as conn:
             left = await conn.execute(select(outbox.c.sent_at))
             assert [sent for (sent,) in left] == [None]
