@@ -33,13 +33,16 @@ escalation 20 s apart and twice (every crisis is done with within a minute of th
 end), the webhook's retries 0, 1 and 2 s (every delivery is delivered or dead
 within seconds of the end).
 
-Sampled every 10 s into the CSV: the RSS and open file descriptors of both daemon
-processes (`/proc`), the ack latency percentiles over the window (from each operation
-handed to paho to its answer's arrival, both in the generator's process, on one
-monotonic clock; over the answers that arrived in the window), operations published
-and answered in the window and published but not yet answered, the MQTT outbox's
-depth and the webhook deliveries waiting (the database), the dead-letter queue's size
-(Redis), whether the training runs, the load average (the machine's other work).
+Sampled every 10 s into the CSV: the RSS, open file descriptors and CPU of both daemon
+processes (`/proc`); the CPU of the devices' process, the broker and this test (all on
+the same machine); the engine's commits in the window (how many, their mean size and
+time: the daemon's metrics) and the size of SQLite's write-ahead log; the ack latency
+percentiles over the window (from each operation handed to paho to its answer's
+arrival, both in the devices' process, on one monotonic clock; over the answers that
+arrived in the window); operations published and answered in the window, and
+published but not yet answered; the MQTT outbox's depth and the webhook deliveries
+waiting (the database); the dead-letter queue's size (Redis); whether the training
+runs; the load average (the machine's other work).
 
 Asserted at the end:
 
@@ -62,7 +65,7 @@ Asserted at the end:
   receiver answered 2xx and of the dead-letter entries in Redis, and no delivery
   waits;
 - the training run ended `ready`, the engine never restarted, the daemon is healthy
-  and logged no error.
+  and logged nothing at warning or above but dead deliveries and escalations.
 """
 
 from __future__ import annotations
@@ -99,12 +102,15 @@ from tests.support import (
     Mosquitto,
     RedisServer,
     db_rows,
+    free_port,
     iso,
     outbox_sent,
     require,
+    sqlite_path,
     wait_for,
 )
 from tests.support.webhooks import Receiver, Reply, endpoint
+from tests.test_metrics import scrape, value
 
 SOAK_S = float(os.environ.get("FIELDGATE_SOAK_S", "1800"))
 RATE = float(os.environ.get("FIELDGATE_SOAK_RATE", "2000"))
@@ -426,6 +432,40 @@ def fds(pid: int | None) -> float:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+class Commits:
+    """The engine's commits over each window, from the daemon's metrics: how many, their
+    mean size and time (a daemon that falls behind with CPU to spare waits for its
+    disk)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.last = (0.0, 0.0, 0.0)
+
+    def window(self) -> dict[str, float]:
+        samples = scrape(self.url)[1]
+        now = (
+            value(samples, "fieldgate_commit_seconds_count"),
+            value(samples, "fieldgate_commit_seconds_sum"),
+            value(samples, "fieldgate_commit_batch_messages_sum"),
+        )
+        commits, seconds, messages = (a - b for a, b in zip(now, self.last, strict=True))
+        self.last = now
+        return {
+            "commits": commits,
+            "batch_mean": round(messages / commits, 1) if commits else math.nan,
+            "commit_ms_mean": round(1e3 * seconds / commits, 2) if commits else math.nan,
+        }
+
+
+def wal_mb(url: str) -> float:
+    """The size of SQLite's write-ahead log: a reader that holds a snapshot (a training
+    run's extraction) keeps checkpoints from shortening it."""
+    try:
+        return round(os.path.getsize(sqlite_path(url) + "-wal") / 2**20, 1)
+    except OSError:
+        return math.nan
+
+
 class Cpu:
     """A process's CPU over each window, in % of one core: a daemon that falls behind
     below 100% waits for a core the machine's other work holds."""
@@ -467,6 +507,13 @@ COLUMNS = [
     "fds_engine",
     "cpu_mqtt_pct",
     "cpu_engine_pct",
+    "cpu_devices_pct",
+    "cpu_broker_pct",
+    "cpu_test_pct",
+    "commits",
+    "batch_mean",
+    "commit_ms_mean",
+    "wal_mb",
     "published",
     "answered",
     "ack_p50_ms",
@@ -539,55 +586,67 @@ def median(part: list[dict[str, Any]], key: str) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
+PANELS: list[tuple[str, dict[str, str], bool]] = [
+    ("RSS (MiB)", {"rss_mqtt_mb": "MQTT process", "rss_engine_mb": "engine"}, False),
+    ("open fds", {"fds_mqtt": "MQTT process", "fds_engine": "engine"}, False),
+    (
+        "CPU (% of a core)",
+        {
+            "cpu_mqtt_pct": "MQTT process",
+            "cpu_engine_pct": "engine",
+            "cpu_devices_pct": "devices",
+            "cpu_broker_pct": "broker",
+            "cpu_test_pct": "test (receiver, operator)",
+        },
+        False,
+    ),
+    ("ack latency (ms)", {"ack_p50_ms": "p50", "ack_p90_ms": "p90", "ack_p99_ms": "p99"}, True),
+    ("ops unanswered", {"behind": "published, not yet answered"}, False),
+    (
+        "commits",
+        {
+            "commit_ms_mean": "mean commit (ms)",
+            "batch_mean": "mean batch (messages)",
+            "wal_mb": "SQLite WAL (MiB)",
+        },
+        True,
+    ),
+    ("waiting", {"outbox_depth": "MQTT outbox", "webhook_waiting": "webhook"}, False),
+    ("DLQ entries", {"dlq_entries": "Redis"}, False),
+]
+"""The PNG's panels: a title, the series drawn (CSV column: label), a log scale."""
+
+
 def plot(samples: list[dict[str, Any]], training: tuple[float, float], path: Path) -> None:
+    """Each panel against minutes; the warm-up shaded grey, the training run orange, the
+    machine's load average on the CPU panel's right axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     minutes = [s["t_s"] / 60 for s in samples]
-    mqtt_engine = [("_mqtt", "MQTT process", 1.0), ("_engine", "engine", 1.0)]
-    panels: list[tuple[str, list[tuple[str, str, float]], bool]] = [
-        ("RSS (MiB)", [(f"rss{k}_mb", label, x) for k, label, x in mqtt_engine], False),
-        ("open fds", [(f"fds{k}", label, x) for k, label, x in mqtt_engine], False),
-        (
-            "CPU (% of a core)",
-            [
-                *((f"cpu{k}_pct", label, x) for k, label, x in mqtt_engine),
-                ("loadavg_1m", "load average x 100 (200: both cores)", 100.0),
-            ],
-            False,
-        ),
-        (
-            "ack latency (ms)",
-            [("ack_p50_ms", "p50", 1.0), ("ack_p90_ms", "p90", 1.0), ("ack_p99_ms", "p99", 1.0)],
-            True,
-        ),
-        ("ops unanswered", [("behind", "published, not yet answered", 1.0)], False),
-        (
-            "waiting",
-            [("outbox_depth", "MQTT outbox", 1.0), ("webhook_waiting", "webhook", 1.0)],
-            False,
-        ),
-        ("DLQ entries", [("dlq_entries", "Redis", 1.0)], False),
-    ]
-    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 16), sharex=True)
-    end = SOAK_S / 60
-    for axis, (title, series, log) in zip(axes, panels, strict=True):
-        for key, label, scale in series:
-            axis.plot(minutes, [s[key] * scale for s in samples], label=label, linewidth=1.2)
+    figure, axes = plt.subplots(len(PANELS), 1, figsize=(10, 18), sharex=True)
+    for axis, (title, series, log) in zip(axes, PANELS, strict=True):
+        for key, label in series.items():
+            axis.plot(minutes, [s[key] for s in samples], label=label, linewidth=1.2)
         axis.set_ylabel(title)
         if log:
             axis.set_yscale("log")
         else:
             axis.set_ylim(bottom=0)
-        axis.axvspan(0, end / 3, color="grey", alpha=0.12)
+        axis.axvspan(0, SOAK_S / 180, color="grey", alpha=0.12)
         axis.axvspan(training[0] / 60, training[1] / 60, color="tab:orange", alpha=0.15)
         axis.grid(alpha=0.3)
-        axis.legend(loc="upper left", fontsize=8)
+        axis.legend(loc="upper left", fontsize=7)
+        if "cpu_engine_pct" in series:
+            load = axis.twinx()
+            load.plot(minutes, [s["loadavg_1m"] for s in samples], "k:", linewidth=1)
+            load.set_ylabel("load average (dotted)")
+            load.set_ylim(bottom=0)
     axes[-1].set_xlabel("minutes (grey: warm-up; orange: the training run)")
     figure.suptitle(f"fieldgate soak: {RATE:,.0f} ops/s for {SOAK_S / 60:g} min")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.98))
     figure.savefig(path, dpi=90)
     plt.close(figure)
 
@@ -675,14 +734,28 @@ def test_soak(
             ALERTS__ESCALATE_AFTER_S=str(ESCALATE_AFTER_S),
             ALERTS__MAX_ESCALATIONS=str(MAX_ESCALATIONS),
             ML__MODELS_DIR=str(tmp_path / "models"),
+            METRICS__LISTEN=f"127.0.0.1:{free_port()}",
         )
         try:
             outcome = run(daemon, soak_broker, own_redis, receiver, tag, out)
         finally:
             daemon.stop()
     outcome["machine"] = {"start": at_start, "end": machine()}
-    (out / "soak.json").write_text(json.dumps(outcome, indent=2) + "\n")
+    written = outcome | {"alerts": alert_figures(outcome["alerts"])}
+    (out / "soak.json").write_text(json.dumps(written, indent=2) + "\n")
     judge(outcome)
+
+
+def alert_figures(alerts: dict[str, Any]) -> dict[str, Any]:
+    """The alerts in numbers, for the figures (the judge reads each alert)."""
+    stored = alerts["stored"].values()
+    return {
+        "sent": alerts["sent"],
+        "stored": dict(Counter(classification for classification, _, _ in stored)),
+        "crisis_messages": sum(len(v) for v in alerts["published_levels"].values()),
+        "escalations": sum(escalation or 0 for _, escalation, _ in stored),
+        "acknowledged_by_operator": len(alerts["operator_acked"]),
+    }
 
 
 def run(
@@ -695,8 +768,8 @@ def run(
 ) -> dict[str, Any]:
     """The load, the samples and the training; then everything settled, and what each
     check reads, gathered into one record (written out before it is judged)."""
-    assert daemon.proc is not None
-    pid = daemon.proc.pid
+    assert daemon.proc is not None and broker.proc is not None
+    pid, broker_pid = daemon.proc.pid, broker.proc.pid
     admin = Admin(Client(broker.port).connect(), daemon.root)
     operator = Operator(broker.port, daemon.root, tag)
     plan = Plan(broker.port, daemon.root, tag, RATE, SOAK_S, SETTLE_S)
@@ -706,9 +779,12 @@ def run(
     training_tx = None
     training = [math.nan, math.nan]
     cpu = Cpu()
+    commits = Commits(f"http://{daemon.env['FIELDGATE_METRICS__LISTEN']}/metrics")
     try:
         t0 = devices.start()
-        cpu.percent(pid)
+        for process in (pid, devices.proc.pid, broker_pid, os.getpid()):
+            cpu.percent(process)
+        commits.window()
         for k in range(1, int(SOAK_S // SAMPLE_S) + 1):
             time.sleep(max(0.0, t0 + k * SAMPLE_S - time.monotonic()))
             engine = engine_of(pid)
@@ -726,6 +802,11 @@ def run(
                     "fds_engine": fds(engine),
                     "cpu_mqtt_pct": cpu.percent(pid),
                     "cpu_engine_pct": cpu.percent(engine),
+                    "cpu_devices_pct": cpu.percent(devices.proc.pid),
+                    "cpu_broker_pct": cpu.percent(broker_pid),
+                    "cpu_test_pct": cpu.percent(os.getpid()),
+                    **commits.window(),
+                    "wal_mb": wal_mb(daemon.db_url),
                     "published": window["published"],
                     "answered": window["count"],
                     "ack_p50_ms": window.get("p50", math.nan),
