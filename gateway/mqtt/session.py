@@ -450,6 +450,9 @@ class MqttSession(Part):
                 sock.setsockopt(
                     socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.config.keepalive_s * 1500
                 )
+                # paho leaves Nagle on: on the quiet priority lane a crisis written
+                # right after a PUBACK waited for the broker's delayed ACK (~40 ms).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         return on_socket_open
 
