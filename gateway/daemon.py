@@ -251,11 +251,11 @@ class Daemon:
         if self.session.epoch > 1:
             self.metrics.reconnects.labels(LANE_SYNC).inc()
 
-    async def _birth(self, client: aiomqtt.Client) -> None:
+    async def _birth(self, _client: aiomqtt.Client) -> None:
         if self.priority.epoch > 1:
             self.metrics.reconnects.labels(LANE_PRIORITY).inc()
-        online = self._announcement("online")
-        await client.publish(online.topic, online.payload, qos=1, retain=True)
+        # Not awaited: behind a kept session's backlog its PUBACK comes late (MqttSession).
+        self.priority.publish(self._announcement("online"))
 
     def _outbox_sent(self, rows: list[dict[str, Any]], acked_us: int) -> None:
         """Receipt-to-publication of crisis alerts: from the device's message to PUBACK."""

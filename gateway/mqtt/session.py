@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -146,7 +147,8 @@ class MqttSession(Part):
 
     `on_message` (set by whoever routes: the intake) is called on the event loop for
     every message, in arrival order, for the topics of `subscriptions`;
-    `on_connected` (awaited) runs after each (re)subscribe, before the session is
+    `on_connected` (awaited) runs after each connect (a new session's subscriptions
+    granted, a kept one's being confirmed: `_settle`), before the session is
     considered up; `last_words` is published (awaited) on a clean stop. Publishing
     and acking are synchronous and never block.
 
@@ -261,8 +263,9 @@ class MqttSession(Part):
         async with client:
             self._client = client
             self._heard_connack()
-            await self._subscribe(client, self.subscriptions)
-            await self._let_go(client)
+            settling = asyncio.ensure_future(self._settle(client))
+            if not self._kept():
+                await settling
             if self.on_connected is not None:
                 await self.on_connected(client)
             self.connected.set()
@@ -286,6 +289,9 @@ class MqttSession(Part):
                 stopping.cancel()
                 probe.cancel()
                 retry.cancel()
+                settling.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await settling
             if disconnected.done():
                 disconnected.result()
                 raise aiomqtt.MqttError("broker closed the connection")
@@ -316,14 +322,39 @@ class MqttSession(Part):
             epoch=self.epoch,
         )
 
-    async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
+    def _kept(self) -> bool:
+        """Did the broker keep the session (CONNACK's session-present flag)?"""
+        return self._connack[0] if self._connack is not None else False
+
+    async def _settle(self, client: aiomqtt.Client) -> None:
+        """Subscribe, and let go of what the session no longer wants.
+
+        A new session waits for this before it is up: nothing is queued for it, so
+        the SUBACK comes at once, and a broker that never answers is a broker to
+        leave. A session the broker kept is up at once, and this runs beside it with
+        no time limit: the broker holds its subscriptions already, and sends what it
+        queued ahead of the SUBACK. Mosquitto 2.0 sends far more than the session's
+        receive maximum then (eclipse-mosquitto/mosquitto#2301): 100,000 messages of
+        a 200,000 backlog came ahead of the SUBACK, 12 s, and waiting for it (10 s at
+        most) reconnected the sync lane every 11 s of a 500,000-message drain, each
+        time with the broker's whole window sent again and the backlog read into
+        memory unpaused (tests/test_huge_backlog.py).
+        """
+        wait_s = math.inf if self._kept() else None
+        await self._subscribe(client, self.subscriptions, wait_s)
+        if self._kept() and self.unsubscriptions:
+            await client.unsubscribe(self.unsubscriptions, timeout=wait_s)
+
+    async def _subscribe(
+        self, client: aiomqtt.Client, filters: list[str], wait_s: float | None = None
+    ) -> None:
         """Subscribe at QoS 1 and read the SUBACK: a refused filter, or one granted
         below QoS 1 (its messages would never wait for the gateway's ack), is logged
         once and kept in `refused`; the others work meanwhile."""
         if not filters:
             return
         codes: Sequence[int | ReasonCode] = await client.subscribe(
-            [(topic, SubscribeOptions(qos=1)) for topic in filters]
+            [(topic, SubscribeOptions(qos=1)) for topic in filters], timeout=wait_s
         )
         for topic, code in zip(filters, codes, strict=True):
             value = code if isinstance(code, int) else code.value
@@ -341,13 +372,6 @@ class MqttSession(Part):
                     retry_every_s=self.config.reconnect_max_s,
                 )
             self.refused[topic] = (value, reason)
-
-    async def _let_go(self, client: aiomqtt.Client) -> None:
-        """Unsubscribe `unsubscriptions` from a session the broker kept: one from before
-        the lanes held every topic, and would keep delivering alerts to the sync lane."""
-        present = self._connack[0] if self._connack is not None else False
-        if present and self.unsubscriptions:
-            await client.unsubscribe(self.unsubscriptions)
 
     async def _retry_refused(self, client: aiomqtt.Client) -> None:
         """Ask again for the refused subscriptions now and then: a broker's ACL fixed

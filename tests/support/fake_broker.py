@@ -36,9 +36,14 @@ def _packet(kind: int, body: bytes, flags: int = 0) -> bytes:
 class FakeBroker:
     """Listens on a free port; each connection is answered on a thread of its own."""
 
-    def __init__(self, *, session_present: bool = False, expiry_s: int | None = None) -> None:
+    def __init__(
+        self, *, session_present: bool = False, expiry_s: int | None = None, suback: bool = True
+    ) -> None:
         self.session_present = session_present
         self.expiry_s = expiry_s
+        self.suback = suback
+        """False: SUBSCRIBEs are never answered, as when a broker sends a kept session's
+        backlog ahead of the SUBACK (Mosquitto 2.0: 100,000 messages and 12 s)."""
         self.port = free_port()
         self.subscribed: list[str] = []
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -101,6 +106,8 @@ class FakeBroker:
                 self.subscribed.append(body[at + 2 : at + 2 + size].decode())
                 at += 2 + size + 1
                 codes.append(1)
+            if not self.suback:
+                return b""
             return _packet(SUBACK, packet_id + b"\x00" + bytes(codes))
         if kind == PUBLISH:
             qos = flags >> 1 & 0x03
