@@ -13,11 +13,13 @@ import asyncio
 import os
 import time
 from types import TracebackType
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from gateway import __version__
 from handlers import webhooks
+
+if TYPE_CHECKING:
+    import aiohttp
 
 BODY_READ_LIMIT = 64 * 1024
 """What is read of a receiver's answer (then the connection goes back to the pool);
@@ -52,21 +54,38 @@ class Attempt:
 
 
 class Poster:
-    """An async context manager holding the session; `post` makes one attempt."""
+    """An async context manager for the session, made at the first attempt; `post`
+    makes one attempt.
+
+    aiohttp is imported then, not with the daemon: its 0.13-0.2 s of import were a
+    sixth of the daemon's start, which a crisis queued behind a backlog waits through
+    (benchmarks/backlog_priority.py), and a gateway without webhooks never needs it.
+    """
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._open = False
 
     async def __aenter__(self) -> Poster:
-        # No limit on the pool: each endpoint bounds its own concurrency
-        # (`max_in_flight`), and a shared bound would let one endpoint starve another.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers={"user-agent": f"fieldgate/{__version__}", "content-type": "application/json"},
-            skip_auto_headers=("accept-encoding",),
-        )
+        self._open = True
         return self
+
+    def _client(self) -> aiohttp.ClientSession:
+        assert self._open, "Poster used outside its `async with`"
+        if self._session is None:
+            import aiohttp  # here, not at the top: see the class's docstring
+
+            # No limit on the pool: each endpoint bounds its own concurrency
+            # (`max_in_flight`), and a shared bound would let one endpoint starve another.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                headers={
+                    "user-agent": f"fieldgate/{__version__}",
+                    "content-type": "application/json",
+                },
+                skip_auto_headers=("accept-encoding",),
+            )
+        return self._session
 
     async def __aexit__(
         self,
@@ -74,6 +93,7 @@ class Poster:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._open = False
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -83,13 +103,15 @@ class Poster:
     ) -> Attempt:
         """POST `body` signed for `msg_id` now; redirects are not followed (a 3xx is a
         final answer, PROTOCOL.md)."""
-        assert self._session is not None, "Poster used outside its `async with`"
+        import aiohttp  # for its exceptions; `_client` imported it
+
+        session = self._client()
         stamp = int(time.time())
         headers = webhooks.headers(msg_id, stamp, webhooks.sign(key, msg_id, stamp, body))
         started = time.perf_counter()
         status: int | None = None
         try:
-            async with self._session.post(
+            async with session.post(
                 url,
                 data=body,
                 headers=headers,
