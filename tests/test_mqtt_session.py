@@ -53,6 +53,47 @@ async def test_messages_past_the_window_wait_in_order_and_all_arrive(broker: Mos
         await asyncio.wait_for(running, 10)
 
 
+async def test_messages_published_ahead_pass_those_waiting_in_their_own_order(
+    broker: Mosquitto,
+) -> None:
+    """A crisis (`ahead`, the outbox's leased rows) past the window goes out before the
+    answers and notifications waiting there, and crises keep their order among
+    themselves. Checked against: `ahead` ignored (the crises waited behind the 480)."""
+    root = f"t-{uuid.uuid4().hex[:8]}"
+    config = MqttConfig(
+        port=broker.port, topic_root=root, client_id=f"{root}-gw", max_outgoing_inflight=10
+    )
+    mqtt = MqttSession(config)
+    mqtt.subscriptions = [f"{root}/nothing"]
+    running = asyncio.create_task(mqtt.run())
+    receiver = Client(broker.port).connect().subscribe(f"{root}/out/#")
+    try:
+        await asyncio.wait_for(mqtt.connected.wait(), 10)
+        mqtt.pause_reading()
+        for index in range(490):
+            assert mqtt.publish(Outbound(f"{root}/out/answer", str(index).encode()))
+        crises = [
+            asyncio.ensure_future(
+                mqtt.publish_confirmed(Outbound(f"{root}/out/crisis", b"c%d" % i), ahead=True)
+            )
+            for i in range(5)
+        ]
+        await asyncio.sleep(0)
+        assert (len(mqtt._ahead), len(mqtt._waiting)) == (5, 480)
+        mqtt.resume_reading()
+        assert await asyncio.wait_for(asyncio.gather(*crises), 10) == [True] * 5
+        await asyncio.to_thread(
+            wait_for, lambda: len([m for m in receiver.all if m.topic.startswith(root)]) == 495
+        )
+        got = [m.payload.decode() for m in receiver.all if m.topic.startswith(f"{root}/out/")]
+        crisis = [f"c{i}" for i in range(5)]
+        assert got == [*map(str, range(10)), *crisis, *map(str, range(10, 490))]
+    finally:
+        receiver.close()
+        await mqtt.stop()
+        await asyncio.wait_for(running, 10)
+
+
 async def test_confirmed_publishes_are_answered_by_their_own_puback_or_a_lost_connection(
     own_broker: Mosquitto,
 ) -> None:

@@ -98,7 +98,7 @@ class RefusingSession:
         self.connected.set()
         self.attempts = 0
 
-    async def publish_confirmed(self, _message: Outbound) -> bool:
+    async def publish_confirmed(self, _message: Outbound, *, ahead: bool = False) -> bool:
         self.attempts += 1
         return False
 

@@ -210,6 +210,8 @@ class MqttSession(Part):
         self._waiting: collections.deque[tuple[Outbound, Confirm]] = collections.deque()
         """QoS 1 messages past the window, in order: handed over as the broker
         acknowledges earlier ones, on this connection or (answers) the next."""
+        self._ahead: collections.deque[tuple[Outbound, Confirm]] = collections.deque()
+        """Confirmed publishes that go before `_waiting` (crises: `publish_confirmed`)."""
         self._confirms: dict[int, asyncio.Future[bool]] = {}
         """Confirmed publishes in flight on this connection, by packet id."""
         self._pinging: asyncio.Future[None] | None = None
@@ -455,7 +457,7 @@ class MqttSession(Part):
             confirm = self._confirms.pop(args[2], None)
             if confirm is not None and not confirm.done():
                 confirm.set_result(True)
-            if self._waiting:
+            if self._ahead or self._waiting:
                 self._hand_over()
 
         inner.on_publish = on_publish
@@ -636,14 +638,23 @@ class MqttSession(Part):
             return False
         return self._enqueue(inner, message, None)
 
-    async def publish_confirmed(self, message: Outbound, wait_s: float = 10.0) -> bool:
+    async def publish_confirmed(
+        self, message: Outbound, wait_s: float = 10.0, *, ahead: bool = False
+    ) -> bool:
         """Publish and wait for the broker's PUBACK; False if it did not come in
-        `wait_s` or the connection was lost first (the caller retries on the next)."""
+        `wait_s` or the connection was lost first (the caller retries on the next).
+
+        `ahead`: past the window, wait before every message not `ahead`. A crisis
+        published behind thousands of admin answers and notifications (50,000 queued
+        for the priority lane, tests/test_huge_backlog.py) waited out its 10 s
+        behind them, and went to the outbox's rounds, after every notification
+        written before it.
+        """
         inner = self._paho
         if inner is None or not self.connected.is_set():
             return False
         confirm: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._enqueue(inner, message, confirm)
+        self._enqueue(inner, message, confirm, ahead=ahead)
         try:
             async with asyncio.timeout(wait_s):
                 return await confirm
@@ -651,8 +662,14 @@ class MqttSession(Part):
             self._log.warning("confirmed publish failed", topic=message.topic, reason="no PUBACK")
             return False
 
-    def _enqueue(self, inner: paho.Client, message: Outbound, confirm: Confirm) -> bool:
-        if message.qos > 0 and (self._waiting or len(inner._out_messages) >= self._window):
+    def _enqueue(
+        self, inner: paho.Client, message: Outbound, confirm: Confirm, *, ahead: bool = False
+    ) -> bool:
+        full = len(inner._out_messages) >= self._window
+        if message.qos > 0 and ahead and (self._ahead or full):
+            self._ahead.append((message, confirm))
+            return True
+        if message.qos > 0 and not ahead and (self._ahead or self._waiting or full):
             self._waiting.append((message, confirm))
             if len(self._waiting) == SLOW_WAITING:
                 self._log.warning(
@@ -685,8 +702,8 @@ class MqttSession(Part):
         if inner is None:
             return
         slow = len(self._waiting) >= SLOW_WAITING
-        while self._waiting and len(inner._out_messages) < self._window:
-            message, confirm = self._waiting.popleft()
+        while (self._ahead or self._waiting) and len(inner._out_messages) < self._window:
+            message, confirm = (self._ahead or self._waiting).popleft()
             if confirm is None or not confirm.done():  # done: its sender stopped waiting
                 self._send(inner, message, confirm)
         if slow and not self._waiting:
@@ -697,7 +714,9 @@ class MqttSession(Part):
         answered False at once, for its sender to retry on the next connection.
         Answers stay queued; paho's in flight go with its client."""
         failed = [confirm for confirm in self._confirms.values() if not confirm.done()]
+        failed += [confirm for _message, confirm in self._ahead if confirm and not confirm.done()]
         self._confirms.clear()
+        self._ahead.clear()
         if any(confirm is not None for _message, confirm in self._waiting):
             failed += [c for _m, c in self._waiting if c is not None and not c.done()]
             self._waiting = collections.deque((m, c) for m, c in self._waiting if c is None)

@@ -67,7 +67,7 @@ class OutboxPublisher(Loop):
         task.add_done_callback(self._tasks.discard)
 
     async def _publish_leased(self, rows: list[dict[str, Any]]) -> int:
-        failed = await self._publish(rows)
+        failed = await self._publish(rows, ahead=True)
         if failed:
             self.poke()  # released: the ordinary rounds take them now
         return failed
@@ -78,12 +78,14 @@ class OutboxPublisher(Loop):
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_timeout_s - 1)
 
-    async def _publish_row(self, row: dict[str, Any]) -> list[str]:
+    async def _publish_row(self, row: dict[str, Any], ahead: bool) -> list[str]:
         """Publish a row to each of its topics; the topics that did not confirm."""
         payload, qos, retain = row["payload"], row["qos"], bool(row["retain"])
         topics = outbox.topics(row)
         messages = [Outbound(topic, payload, qos=qos, retain=retain) for topic in topics]
-        confirmed = await asyncio.gather(*(self.session.publish_confirmed(m) for m in messages))
+        confirmed = await asyncio.gather(
+            *(self.session.publish_confirmed(m, ahead=ahead) for m in messages)
+        )
         return [topic for topic, ok in zip(topics, confirmed, strict=True) if not ok]
 
     async def ready(self) -> None:
@@ -99,11 +101,12 @@ class OutboxPublisher(Loop):
             return min(self.poll_s, FAILED_PAUSE_S)
         return 0 if len(rows) == self.page else self.poll_s
 
-    async def _publish(self, rows: list[dict[str, Any]]) -> int:
+    async def _publish(self, rows: list[dict[str, Any]], *, ahead: bool = False) -> int:
         """Publish claimed rows, each to all its topics; mark what was PUBACKed on every
         topic, release the rest, to the topics that did not confirm (at least once).
-        Returns failures."""
-        unconfirmed = await asyncio.gather(*(self._publish_row(row) for row in rows))
+        `ahead` (the leased rows: crises) go before the session's other waiting
+        messages. Returns failures."""
+        unconfirmed = await asyncio.gather(*(self._publish_row(row, ahead) for row in rows))
         acked_us = now_us()
         sent = [row for row, left in zip(rows, unconfirmed, strict=True) if not left]
         failed = [row["id"] for row, left in zip(rows, unconfirmed, strict=True) if left]
