@@ -17,7 +17,7 @@ import time
 import uuid
 
 from gateway.config import MqttConfig
-from gateway.mqtt.session import MqttSession
+from gateway.mqtt.session import AHEAD_ROOM, MqttSession
 from gateway.seam import Outbound
 from tests.support import Client, Mosquitto, wait_for
 
@@ -56,9 +56,10 @@ async def test_messages_past_the_window_wait_in_order_and_all_arrive(broker: Mos
 async def test_messages_published_ahead_pass_those_waiting_in_their_own_order(
     broker: Mosquitto,
 ) -> None:
-    """A crisis (`ahead`, the outbox's leased rows) past the window goes out before the
-    answers and notifications waiting there, and crises keep their order among
-    themselves. Checked against: `ahead` ignored (the crises waited behind the 480)."""
+    """A crisis (`ahead`, the outbox's leased rows) goes out at once while the window is
+    full, before the answers and notifications waiting there, and crises keep their
+    order among themselves; past AHEAD_ROOM they wait, still ahead of the others.
+    Checked against: `ahead` ignored (the crises waited behind the 480)."""
     root = f"t-{uuid.uuid4().hex[:8]}"
     config = MqttConfig(
         port=broker.port, topic_root=root, client_id=f"{root}-gw", max_outgoing_inflight=10
@@ -76,17 +77,19 @@ async def test_messages_published_ahead_pass_those_waiting_in_their_own_order(
             asyncio.ensure_future(
                 mqtt.publish_confirmed(Outbound(f"{root}/out/crisis", b"c%d" % i), ahead=True)
             )
-            for i in range(5)
+            for i in range(AHEAD_ROOM + 5)
         ]
         await asyncio.sleep(0)
+        assert len(mqtt._paho._out_messages) == 10 + AHEAD_ROOM  # type: ignore[union-attr]
         assert (len(mqtt._ahead), len(mqtt._waiting)) == (5, 480)
         mqtt.resume_reading()
-        assert await asyncio.wait_for(asyncio.gather(*crises), 10) == [True] * 5
+        assert await asyncio.wait_for(asyncio.gather(*crises), 10) == [True] * (AHEAD_ROOM + 5)
+        total = 490 + AHEAD_ROOM + 5
         await asyncio.to_thread(
-            wait_for, lambda: len([m for m in receiver.all if m.topic.startswith(root)]) == 495
+            wait_for, lambda: len([m for m in receiver.all if m.topic.startswith(root)]) == total
         )
         got = [m.payload.decode() for m in receiver.all if m.topic.startswith(f"{root}/out/")]
-        crisis = [f"c{i}" for i in range(5)]
+        crisis = [f"c{i}" for i in range(AHEAD_ROOM + 5)]
         assert got == [*map(str, range(10)), *crisis, *map(str, range(10, 490))]
     finally:
         receiver.close()

@@ -123,3 +123,40 @@ async def test_failed_publishes_are_retried_after_a_pause_not_at_once(db_url: st
             assert [sent for (sent,) in left] == [None]
     finally:
         await database.dispose()
+
+
+class RecordingSession:
+    """The session as the publisher uses it, connected; it takes everything."""
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.published: list[tuple[str, bool]] = []
+
+    async def publish_confirmed(self, message: Outbound, *, ahead: bool = False) -> bool:
+        self.published.append((message.topic, ahead))
+        return True
+
+
+async def test_crises_are_published_ahead_of_what_waits_in_the_session(db_url: str) -> None:
+    """Crises and their escalations go before the session's other waiting messages;
+    wellness notifications (leased at their commit like crises) and the rest do not."""
+    await migrate.upgrade_async(db_url)
+    database = create_engine(db_url)
+    kinds = ["alert.wellness", "alert.crisis", "conflict.detected", "alert.crisis.escalated"]
+    try:
+        async with database.begin() as conn:
+            await conn.execute(
+                insert(outbox), [{**row(n, None), "event_type": k} for n, k in enumerate(kinds)]
+            )
+        session = RecordingSession()
+        publisher = OutboxPublisher(database, session)  # type: ignore[arg-type]
+        await publisher.round()
+        assert sorted(session.published) == [
+            ("t/0", False),
+            ("t/1", True),
+            ("t/2", False),
+            ("t/3", True),
+        ]
+    finally:
+        await database.dispose()

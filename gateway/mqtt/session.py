@@ -132,6 +132,12 @@ until they flow again). The window itself (`max_outgoing_inflight`, at most 65,5
 keeps paho's 16-bit packet ids unique: past 65,535 outstanding it would refuse a new
 one whose id is in use (seen once under a 100,000-message drain: acks lost)."""
 
+AHEAD_ROOM = 100
+"""How far messages published `ahead` (crises) may pass the window: they go out at once
+while it is full of answers whose PUBACKs the broker sends behind a kept session's
+backlog, as Mosquitto 2.0 does (docs/broker.md). The broker must take that many more
+in flight (the shipped Mosquitto config: 10,000)."""
+
 STABLE_S = 2.0
 """A session up this long was a real one: its end starts the reconnect backoff anew."""
 
@@ -207,6 +213,7 @@ class MqttSession(Part):
         self._connack: tuple[bool, int | None] | None = None
         self._connections = 0
         self._window = config.max_outgoing_inflight
+        self._ahead_window = min(self._window + AHEAD_ROOM, 65_535)
         self._waiting: collections.deque[tuple[Outbound, Confirm]] = collections.deque()
         """QoS 1 messages past the window, in order: handed over as the broker
         acknowledges earlier ones, on this connection or (answers) the next."""
@@ -644,11 +651,11 @@ class MqttSession(Part):
         """Publish and wait for the broker's PUBACK; False if it did not come in
         `wait_s` or the connection was lost first (the caller retries on the next).
 
-        `ahead`: past the window, wait before every message not `ahead`. A crisis
-        published behind thousands of admin answers and notifications (50,000 queued
-        for the priority lane, tests/test_huge_backlog.py) waited out its 10 s
-        behind them, and went to the outbox's rounds, after every notification
-        written before it.
+        `ahead`: past the window by up to AHEAD_ROOM, and before every message not
+        `ahead` past that. A crisis published behind thousands of admin answers and
+        notifications (50,000 queued for the priority lane, tests/test_huge_backlog.py)
+        waited out its 10 s behind them, and went to the outbox's rounds, after every
+        notification written before it.
         """
         inner = self._paho
         if inner is None or not self.connected.is_set():
@@ -659,17 +666,18 @@ class MqttSession(Part):
             async with asyncio.timeout(wait_s):
                 return await confirm
         except TimeoutError:
-            self._log.warning("confirmed publish failed", topic=message.topic, reason="no PUBACK")
+            # At debug: the outbox says it once for all of a round (thousands, in a flood).
+            self._log.debug("confirmed publish failed", topic=message.topic, reason="no PUBACK")
             return False
 
     def _enqueue(
         self, inner: paho.Client, message: Outbound, confirm: Confirm, *, ahead: bool = False
     ) -> bool:
-        full = len(inner._out_messages) >= self._window
-        if message.qos > 0 and ahead and (self._ahead or full):
+        in_flight = len(inner._out_messages)
+        if message.qos > 0 and ahead and (self._ahead or in_flight >= self._ahead_window):
             self._ahead.append((message, confirm))
             return True
-        if message.qos > 0 and not ahead and (self._ahead or self._waiting or full):
+        if message.qos > 0 and not ahead and (self._waiting or in_flight >= self._window):
             self._waiting.append((message, confirm))
             if len(self._waiting) == SLOW_WAITING:
                 self._log.warning(
@@ -702,10 +710,11 @@ class MqttSession(Part):
         if inner is None:
             return
         slow = len(self._waiting) >= SLOW_WAITING
-        while (self._ahead or self._waiting) and len(inner._out_messages) < self._window:
-            message, confirm = (self._ahead or self._waiting).popleft()
-            if confirm is None or not confirm.done():  # done: its sender stopped waiting
-                self._send(inner, message, confirm)
+        for waiting, window in ((self._ahead, self._ahead_window), (self._waiting, self._window)):
+            while waiting and len(inner._out_messages) < window:
+                message, confirm = waiting.popleft()
+                if confirm is None or not confirm.done():  # done: its sender stopped waiting
+                    self._send(inner, message, confirm)
         if slow and not self._waiting:
             self._log.info("outgoing messages flow again")
 

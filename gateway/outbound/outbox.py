@@ -18,6 +18,12 @@ from storage import outbox
 
 log = structlog.get_logger("fieldgate.outbox")
 
+AHEAD_EVENTS = frozenset({"alert.crisis", "alert.crisis.escalated"})
+"""Rows published ahead of everything else waiting in the priority session
+(`MqttSession.publish_confirmed`): behind 50,000 admin requests and alerts queued at
+once, the answers and wellness notifications before a crisis kept it waiting 10 s and
+more (tests/test_huge_backlog.py)."""
+
 FAILED_PAUSE_S = 0.2
 """After a round in which publishes failed, the next waits this long (unless a commit
 pokes): the broker's queue may be full, and retrying at once would spin."""
@@ -67,7 +73,7 @@ class OutboxPublisher(Loop):
         task.add_done_callback(self._tasks.discard)
 
     async def _publish_leased(self, rows: list[dict[str, Any]]) -> int:
-        failed = await self._publish(rows, ahead=True)
+        failed = await self._publish(rows)
         if failed:
             self.poke()  # released: the ordinary rounds take them now
         return failed
@@ -78,9 +84,10 @@ class OutboxPublisher(Loop):
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_timeout_s - 1)
 
-    async def _publish_row(self, row: dict[str, Any], ahead: bool) -> list[str]:
+    async def _publish_row(self, row: dict[str, Any]) -> list[str]:
         """Publish a row to each of its topics; the topics that did not confirm."""
         payload, qos, retain = row["payload"], row["qos"], bool(row["retain"])
+        ahead = row["event_type"] in AHEAD_EVENTS
         topics = outbox.topics(row)
         messages = [Outbound(topic, payload, qos=qos, retain=retain) for topic in topics]
         confirmed = await asyncio.gather(
@@ -101,12 +108,11 @@ class OutboxPublisher(Loop):
             return min(self.poll_s, FAILED_PAUSE_S)
         return 0 if len(rows) == self.page else self.poll_s
 
-    async def _publish(self, rows: list[dict[str, Any]], *, ahead: bool = False) -> int:
+    async def _publish(self, rows: list[dict[str, Any]]) -> int:
         """Publish claimed rows, each to all its topics; mark what was PUBACKed on every
         topic, release the rest, to the topics that did not confirm (at least once).
-        `ahead` (the leased rows: crises) go before the session's other waiting
-        messages. Returns failures."""
-        unconfirmed = await asyncio.gather(*(self._publish_row(row, ahead) for row in rows))
+        Returns failures."""
+        unconfirmed = await asyncio.gather(*(self._publish_row(row) for row in rows))
         acked_us = now_us()
         sent = [row for row, left in zip(rows, unconfirmed, strict=True) if not left]
         failed = [row["id"] for row, left in zip(rows, unconfirmed, strict=True) if left]
@@ -123,6 +129,12 @@ class OutboxPublisher(Loop):
         except DBAPIError as exc:
             # The leases lapse: the rows are published again (at least once).
             log.warning("outbox bookkeeping failed", error=type(exc).__name__)
+        if failed:
+            log.warning(
+                "outbox publishes not confirmed: released for the next round",
+                count=len(failed),
+                first_id=min(failed),
+            )
         self.published += len(sent)
         self.failed += len(failed)
         return len(failed)
