@@ -11,10 +11,12 @@ reading, so that no PUBACK is seen until it reads again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from gateway.config import MqttConfig
 from gateway.mqtt.session import AHEAD_ROOM, MqttSession
@@ -22,20 +24,32 @@ from gateway.seam import Outbound
 from tests.support import Client, Mosquitto, wait_for
 
 
-async def test_messages_past_the_window_wait_in_order_and_all_arrive(broker: Mosquitto) -> None:
-    """Checked against: a window of 65,535 with paho's limit at 50 (the refusal logged and
-    the message dropped from the 51st on)."""
+@contextlib.asynccontextmanager
+async def paused_session(port: int, window: int) -> AsyncIterator[tuple[MqttSession, Client, str]]:
+    """A session connected with an outgoing window of `window` and reading paused (no
+    PUBACK seen until it resumes), a receiver of `<root>/out/#`, and the root."""
     root = f"t-{uuid.uuid4().hex[:8]}"
     config = MqttConfig(
-        port=broker.port, topic_root=root, client_id=f"{root}-gw", max_outgoing_inflight=10
+        port=port, topic_root=root, client_id=f"{root}-gw", max_outgoing_inflight=window
     )
     mqtt = MqttSession(config)
     mqtt.subscriptions = [f"{root}/nothing"]
     running = asyncio.create_task(mqtt.run())
-    receiver = Client(broker.port).connect().subscribe(f"{root}/out/#")
+    receiver = Client(port).connect().subscribe(f"{root}/out/#")
     try:
         await asyncio.wait_for(mqtt.connected.wait(), 10)
         mqtt.pause_reading()
+        yield mqtt, receiver, root
+    finally:
+        receiver.close()
+        await mqtt.stop()
+        await asyncio.wait_for(running, 10)
+
+
+async def test_messages_past_the_window_wait_in_order_and_all_arrive(broker: Mosquitto) -> None:
+    """Checked against: a window of 65,535 with paho's limit at 50 (the refusal logged and
+    the message dropped from the 51st on)."""
+    async with paused_session(broker.port, window=10) as (mqtt, receiver, root):
         for index in range(500):
             assert mqtt.publish(Outbound(f"{root}/out/{index}", str(index).encode()))
         assert len(mqtt._waiting) == 500 - 10
@@ -47,10 +61,6 @@ async def test_messages_past_the_window_wait_in_order_and_all_arrive(broker: Mos
         got = [int(m.payload) for m in receiver.all if m.topic.startswith(f"{root}/out/")]
         assert got == list(range(500))
         assert not mqtt._waiting
-    finally:
-        receiver.close()
-        await mqtt.stop()
-        await asyncio.wait_for(running, 10)
 
 
 async def test_messages_published_ahead_pass_those_waiting_in_their_own_order(
@@ -60,17 +70,7 @@ async def test_messages_published_ahead_pass_those_waiting_in_their_own_order(
     full, before the answers and notifications waiting there, and crises keep their
     order among themselves; past AHEAD_ROOM they wait, still ahead of the others.
     Checked against: `ahead` ignored (the crises waited behind the 480)."""
-    root = f"t-{uuid.uuid4().hex[:8]}"
-    config = MqttConfig(
-        port=broker.port, topic_root=root, client_id=f"{root}-gw", max_outgoing_inflight=10
-    )
-    mqtt = MqttSession(config)
-    mqtt.subscriptions = [f"{root}/nothing"]
-    running = asyncio.create_task(mqtt.run())
-    receiver = Client(broker.port).connect().subscribe(f"{root}/out/#")
-    try:
-        await asyncio.wait_for(mqtt.connected.wait(), 10)
-        mqtt.pause_reading()
+    async with paused_session(broker.port, window=10) as (mqtt, receiver, root):
         for index in range(490):
             assert mqtt.publish(Outbound(f"{root}/out/answer", str(index).encode()))
         crises = [
@@ -91,10 +91,6 @@ async def test_messages_published_ahead_pass_those_waiting_in_their_own_order(
         got = [m.payload.decode() for m in receiver.all if m.topic.startswith(f"{root}/out/")]
         crisis = [f"c{i}" for i in range(AHEAD_ROOM + 5)]
         assert got == [*map(str, range(10)), *crisis, *map(str, range(10, 490))]
-    finally:
-        receiver.close()
-        await mqtt.stop()
-        await asyncio.wait_for(running, 10)
 
 
 async def test_confirmed_publishes_are_answered_by_their_own_puback_or_a_lost_connection(
