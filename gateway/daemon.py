@@ -42,7 +42,7 @@ from gateway.admin.sync import SyncCommands
 from gateway.admin.system import SystemCommands
 from gateway.admin.webhooks import WebhookCommands
 from gateway.ingest import rules
-from gateway.lifecycle import Parts, tune_gc
+from gateway.lifecycle import GC_YOUNG_MQTT, Parts, tune_gc
 from gateway.metrics import Metrics, MetricsEndpoint
 from gateway.mqtt.client import TlsFileError, tls_context
 from gateway.mqtt.engine_process import EngineProcess
@@ -296,7 +296,7 @@ class Daemon:
         if problem is not None:
             await self.database.dispose()
             raise config.ConfigError(problem)
-        tune_gc()
+        tune_gc(GC_YOUNG_MQTT)
         log.info(
             "starting",
             version=__version__,

@@ -57,16 +57,24 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def tune_gc() -> None:
-    """Fewer, cheaper collections on the hot path.
+GC_YOUNG_MQTT = 50_000
+"""The MQTT process's young-generation threshold: it holds thousands of messages in
+hand, and at the default (700) the collector walked them over and over (10-15 µs a
+message, docs/benchmarks.md "Where the time goes")."""
 
-    The gateway holds thousands of young objects in hand (messages waiting for
-    their commit); at the default threshold (700) the collector scans them over
-    and over: measured at 10-15 us per message. What exists after start-up
-    (modules, config, parts) is frozen out of every collection.
-    """
+GC_YOUNG_ENGINE = 3_000
+"""The engine's: its heap is large (the member cache holds up to 200,000 operations),
+and a collection of 50,000 young objects there took 50-90 ms, the older generation's
+280-300 ms, while a crisis waited behind it (crisis p99 58-112 ms at 1,000 sync ops/s;
+27 ms at 3,000, the drain 2% slower: docs/decisions/0015-engine-gc.md)."""
+
+
+def tune_gc(young: int) -> None:
+    """Fewer, cheaper collections on the hot path: what exists after start-up (modules,
+    config, parts) is frozen out of every collection, and a young generation of
+    `young` objects (GC_YOUNG_MQTT, GC_YOUNG_ENGINE)."""
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(young, 20, 100)
 
 
 class Part(abc.ABC):

@@ -40,7 +40,7 @@ from gateway.channel import (
 )
 from gateway.config import Settings
 from gateway.ingest.assembly import EngineSide
-from gateway.lifecycle import run_async, tune_gc
+from gateway.lifecycle import GC_YOUNG_ENGINE, run_async, tune_gc
 from gateway.seam import Result
 
 log = structlog.get_logger("fieldgate.engine")
@@ -134,7 +134,7 @@ async def serve(fd: int) -> int:
     logs.setup(settings.log.level, settings.log.format, process="engine")
     side = EngineSide(settings)
     await side.scorer.preload(side.database)
-    tune_gc()
+    tune_gc(GC_YOUNG_ENGINE)
     log.debug("engine started", pid=os.getpid())
     try:
         await Server(channel, side).serve()
