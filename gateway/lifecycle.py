@@ -72,9 +72,11 @@ and a collection of 50,000 young objects there took 50-90 ms, the older generati
 def tune_gc(young: int) -> None:
     """Fewer, cheaper collections on the hot path: what exists after start-up (modules,
     config, parts) is frozen out of every collection, and a young generation of
-    `young` objects (GC_YOUNG_MQTT, GC_YOUNG_ENGINE)."""
+    `young` objects (GC_YOUNG_MQTT, GC_YOUNG_ENGINE). Collections are enabled here:
+    `fieldgate run` starts without them (gateway/__main__.py)."""
     gc.freeze()
     gc.set_threshold(young, 20, 100)
+    gc.enable()
 
 
 class Part(abc.ABC):
