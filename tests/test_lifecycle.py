@@ -119,3 +119,42 @@ async def test_a_loop_waits_between_rounds_unless_poked() -> None:
     await asyncio.sleep(0.05)
     assert loop.rounds in (4, 5)
     task.cancel()
+
+
+class Swallower(Part):
+    """A part whose run swallows the first `swallow` cancellations (as a 3.11
+    `asyncio.wait_for` does when its future completes as the cancellation comes)."""
+
+    def __init__(self, name: str, swallow: int) -> None:
+        self.name = name
+        self.swallow = swallow
+        self.swallowed = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if self.swallowed == self.swallow:
+                    raise
+                self.swallowed += 1
+
+
+async def test_a_part_that_swallows_its_cancellation_does_not_hang_the_stop() -> None:
+    """Cancelled again, it ends; one that swallows every cancellation is left behind
+    after CANCEL_TRIES, and the stop ends all the same. Checked against: one cancel and
+    an unbounded wait (the stop of a daemon sent SIGTERM right after READY=1 hung)."""
+    once = Swallower("once", swallow=1)
+    always = Swallower("always", swallow=1_000)
+    parts = Parts([once, always])
+    parts.start()
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await asyncio.wait_for(parts.stop(), 10)
+    assert time.monotonic() - started < lifecycle.CANCEL_TRIES * lifecycle.CANCEL_WAIT_S + 1
+    assert (once.swallowed, always.swallowed) == (1, lifecycle.CANCEL_TRIES)
+    assert parts._tasks["once"].cancelled()
+    assert not parts._tasks["always"].done()
+    always.swallow = always.swallowed  # the next cancellation ends it, for the test's end
+    parts._tasks["always"].cancel()
+    await asyncio.wait({parts._tasks["always"]}, timeout=1)
