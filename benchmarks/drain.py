@@ -94,7 +94,7 @@ from benchmarks import scoring_model
 from benchmarks.receiver import ReceiverProcess
 from gateway.config import load as load_config
 from loadgen.generator import GeneratorOptions, generate
-from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port
+from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port, memory_mib
 
 VARIANTS = ("bare", "naive", "gateway", "gateway-off")
 """`gateway` runs the shipped config (conflict detection on); `gateway-off` the same
@@ -231,15 +231,6 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(child) for child in text.split()]
-
-
-def peak_rss_mib(pid: int) -> float | None:
-    """The process's peak resident memory (VmHWM), in MiB."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return None
 
 
 def cpu_delta(pid: int, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
@@ -616,7 +607,10 @@ def drain_gateway(
         if receiver is not None:
             webhooks.update(_catch_up(db, receiver, done_at=acks.done_at, limit_s=timeout_s))
         series = scrape(metrics_port)
-        rss = {"mqtt": peak_rss_mib(proc.pid), "engine": peak_rss_mib(engine_pid or -1)}
+        rss = {
+            "mqtt": memory_mib(proc.pid, "VmHWM"),
+            "engine": memory_mib(engine_pid or -1, "VmHWM"),
+        }
         with contextlib.closing(sqlite3.connect(db)) as conn:
             first_us, last_us, distinct = conn.execute(
                 "select min(received_at), max(stored_at), count(distinct op_id) from sync_log"

@@ -13,7 +13,6 @@ mark (VmHWM), which misses no spike between two readings.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
 import threading
@@ -33,6 +32,7 @@ from tests.support import (
     Received,
     alert,
     db_rows,
+    memory_mib,
     outbox_sent,
     require,
     wait_for,
@@ -76,16 +76,16 @@ def broker_saving_every_10_s(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 class Memory:
-    """VmRSS and VmHWM (KiB) of a daemon's MQTT process and of its engine process, read
+    """VmRSS and VmHWM (MiB) of a daemon's MQTT process and of its engine process, read
     every 0.5 s on a thread of its own; `peak` is each one's highest VmHWM, `engines`
     every engine pid seen (one, unless the engine was restarted)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.engines: set[int] = set()
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, float, float]] = []
         """(seconds since the start, MQTT process VmRSS, engine VmRSS)."""
-        self.peak = {"mqtt": 0, "engine": 0}
+        self.peak = {"mqtt": 0.0, "engine": 0.0}
         self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory", daemon=True)
@@ -103,37 +103,21 @@ class Memory:
             self.sample()
 
     def sample(self) -> None:
-        rss, hwm = _status_kib(self.pid)
-        engine_rss = 0
+        engine_rss = 0.0
         for child in children(self.pid):
             self.engines.add(child)
-            child_rss, child_hwm = _status_kib(child)
-            engine_rss += child_rss
-            self.peak["engine"] = max(self.peak["engine"], child_hwm)
-        self.peak["mqtt"] = max(self.peak["mqtt"], hwm)
+            engine_rss += memory_mib(child) or 0.0
+            self.peak["engine"] = max(self.peak["engine"], memory_mib(child, "VmHWM") or 0.0)
+        self.peak["mqtt"] = max(self.peak["mqtt"], memory_mib(self.pid, "VmHWM") or 0.0)
+        rss = memory_mib(self.pid) or 0.0
         self.samples.append((time.monotonic() - self._started, rss, engine_rss))
-
-    def peak_mib(self) -> dict[str, float]:
-        return {name: round(kib / 1024, 1) for name, kib in self.peak.items()}
 
     def series(self, points: int = 12) -> str:
         """`<s>s <MQTT>/<engine>` MiB at about `points` moments: how the memory went."""
         step = max(1, len(self.samples) // points)
         return ", ".join(
-            f"{t:.0f}s {mqtt / 1024:.0f}/{engine / 1024:.0f}"
-            for t, mqtt, engine in self.samples[::step]
+            f"{t:.0f}s {mqtt:.0f}/{engine:.0f}" for t, mqtt, engine in self.samples[::step]
         )
-
-
-def _status_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process in KiB; zeros once it is gone."""
-    found = {"VmRSS:": 0, "VmHWM:": 0}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition("\t")
-            if key in found:
-                found[key] = int(value.split()[0])
-    return found["VmRSS:"], found["VmHWM:"]
 
 
 def count(daemon: Daemon, query: str) -> int:
@@ -187,7 +171,7 @@ def test_a_backlog_of_500000_at_start_is_drained_with_bounded_memory(
     took = time.monotonic() - started
     print(
         f"\n{BACKLOG:,} drained in {took:.0f} s ({BACKLOG / took:,.0f} msg/s); peak RSS MiB"
-        f" {memory.peak_mib()}; reconnects {dict(reconnects(daemon))}; RSS MiB MQTT/engine"
+        f" {memory.peak}; reconnects {dict(reconnects(daemon))}; RSS MiB MQTT/engine"
         f" over time: {memory.series()}"
     )
     assert count(daemon, "select count(distinct op_id) from sync_log") == BACKLOG
@@ -195,7 +179,7 @@ def test_a_backlog_of_500000_at_start_is_drained_with_bounded_memory(
     assert len(memory.engines) == 1, "the engine process was restarted"
     assert reconnects(daemon) == Counter()
     for process, bound in BACKLOG_BOUND_MIB.items():
-        assert memory.peak[process] < bound * 1024, (process, memory.peak_mib())
+        assert memory.peak[process] < bound, (process, memory.peak)
     assert daemon.terminate(STOP_S) == 0
 
 
@@ -381,7 +365,7 @@ def test_50000_alerts_and_admin_requests_at_once_crises_first(
             "ack_rank": outputs.first[("ack", i)][0],
         }
     print(
-        f"\nall served in {took:.0f} s; peak RSS MiB {memory.peak_mib()}; repeated"
+        f"\nall served in {took:.0f} s; peak RSS MiB {memory.peak}; repeated"
         f" {outputs.repeated()}; reconnects {dict(reconnects(daemon))}; RSS MiB MQTT/engine"
         f" over time: {memory.series()}; crises: {json.dumps(crises)}"
     )
@@ -406,7 +390,7 @@ def test_50000_alerts_and_admin_requests_at_once_crises_first(
         assert (ack["status"], ack["classification"]) == ("stored", "crisis"), ack
     assert len(memory.engines) == 1, "the engine process was restarted"
     for process, bound in PRIORITY_BOUND_MIB.items():
-        assert memory.peak[process] < bound * 1024, (process, memory.peak_mib())
+        assert memory.peak[process] < bound, (process, memory.peak)
     assert daemon.terminate(STOP_S) == 0
 
     late = {panic: c for panic, c in crises.items() if c["overtook"] * 10 < c["of"]}

@@ -104,6 +104,7 @@ from tests.support import (
     db_rows,
     free_port,
     iso,
+    memory_mib,
     outbox_sent,
     require,
     sqlite_path,
@@ -412,13 +413,8 @@ def engine_of(pid: int) -> int | None:
 
 
 def rss_mb(pid: int | None) -> float:
-    if pid is None:
-        return math.nan
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return math.nan
+    found = memory_mib(pid) if pid is not None else None
+    return math.nan if found is None else found
 
 
 def fds(pid: int | None) -> float:

@@ -35,6 +35,7 @@ from tests.support.processes import (
     fieldgate,
     free_port,
     in_a_terminal,
+    memory_mib,
     wait_for,
     wait_port,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "in_ci",
     "iso",
     "kill_marks",
+    "memory_mib",
     "outbox_sent",
     "pg_admin_url",
     "pg_available",

@@ -73,6 +73,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
         time.sleep(interval)
 
 
+def memory_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """A process's resident memory now (`VmRSS`) or at its peak (`VmHWM`, which misses
+    no spike between two readings), in MiB from /proc; None once it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == field:
+                return round(int(value.split()[0]) / 1024, 1)
+    return None
+
+
 def end_process(
     proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0
 ) -> None:
