@@ -34,16 +34,18 @@ STOP_TIMEOUT_S = 1.0
 """A part's default time to stop (its `stop()`, then its run ending or being
 cancelled). Parts that finish work on a stop take more (the engine 20 s to drain,
 the session 6 s for its last words, the outbox 5 s); the sum over all the parts
-(44 s) stays under systemd's TimeoutStopSec (45 s, systemd/fieldgate.service)."""
+stays under systemd's TimeoutStopSec (systemd/fieldgate.service, checked by
+tests/test_shipped_files.py). A part that ignores its cancellation adds at most
+CANCEL_TRIES x CANCEL_WAIT_S."""
 RESTART_MIN_S = 1.0
+RESTART_MAX_S = 30.0
+TROUBLE_S = 300.0
+"""A part that failed this recently makes the daemon unhealthy (Parts.trouble)."""
+
 CANCEL_TRIES = 3
 CANCEL_WAIT_S = 0.5
 """A part's task that does not end within this of being cancelled is cancelled again,
 CANCEL_TRIES times in all; then the stop goes on without it (`_cancel`)."""
-
-RESTART_MAX_S = 30.0
-TROUBLE_S = 300.0
-"""A part that failed this recently makes the daemon unhealthy (Parts.trouble)."""
 
 
 def backoff(failures: int, low: float = RESTART_MIN_S, high: float = RESTART_MAX_S) -> float:
