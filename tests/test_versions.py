@@ -53,10 +53,34 @@ def batches(records: list[OpRecord], shift: int) -> list[list[OpRecord]]:
     return out
 
 
-async def commit_all(writer: Writer, parts: list[list[OpRecord]]) -> None:
-    for part in parts:
-        await writer.commit(WriteSet(part))
-        await asyncio.sleep(0)
+class Pace:
+    """Keeps racing writers at most one batch apart.
+
+    Left alone, one writer on SQLite can take the lock and commit all its
+    batches while the other sleeps in the busy handler, so the two never
+    interleave and the race proves nothing (it happened in CI). Each writer
+    still commits while the other's commit is in flight.
+    """
+
+    def __init__(self, work: list[list[list[OpRecord]]]) -> None:
+        self.total = [len(parts) for parts in work]
+        self.done = [0] * len(work)
+        self.moved = asyncio.Condition()
+
+    def may_go(self, me: int) -> bool:
+        return all(
+            self.done[me] <= done + 1 or done == total
+            for done, total in zip(self.done, self.total, strict=True)
+        )
+
+    async def commit_all(self, me: int, writer: Writer, parts: list[list[OpRecord]]) -> None:
+        for part in parts:
+            async with self.moved:
+                await self.moved.wait_for(lambda: self.may_go(me))
+            await writer.commit(WriteSet(part))
+            async with self.moved:
+                self.done[me] += 1
+                self.moved.notify_all()
 
 
 async def stored_rows(engine: AsyncEngine) -> dict[str, tuple[str, int]]:
@@ -82,8 +106,12 @@ async def race(url: str, work: list[list[list[OpRecord]]]) -> dict[str, tuple[st
     engines = [create_engine(url) for _ in work]
     writers = [plain_writer(engine) for engine in engines]
     try:
+        pace = Pace(work)
         await asyncio.gather(
-            *(commit_all(w, parts) for w, parts in zip(writers, work, strict=True))
+            *(
+                pace.commit_all(me, w, parts)
+                for me, (w, parts) in enumerate(zip(writers, work, strict=True))
+            )
         )
         return await stored_rows(engines[0])
     finally:
