@@ -59,7 +59,7 @@ from handlers.conflicts import (
 from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
 from storage import conflict_store, conflict_summaries, feature_counters
-from storage.db import by_entity, chunks
+from storage.db import by_entity, chunks, driver_sql
 from storage.member_cache import Latest, MemberCache, Rendered
 from storage.schema import (
     SUMMARY_ALL,
@@ -840,20 +840,20 @@ class _Batch:
             await conn.execute(conflicts.insert(), [_conflict_row(c, self.now_us) for c in fresh])
         if changed:
             await conn.exec_driver_sql(
-                _sql(conn, _UPDATE_CONFLICT),
+                driver_sql(conn, _UPDATE_CONFLICT),
                 [_conflict_update(c, self.now_us) for c in changed],
             )
         moves = [
             (self.root(target), absorbed) for absorbed, target in sorted(self.absorbed.items())
         ]
         if moves:
-            await conn.exec_driver_sql(_sql(conn, _MOVE_MERGED_INTO), moves)
-            await conn.exec_driver_sql(_sql(conn, _MOVE_MEMBERS), moves)
+            await conn.exec_driver_sql(driver_sql(conn, _MOVE_MERGED_INTO), moves)
+            await conn.exec_driver_sql(driver_sql(conn, _MOVE_MEMBERS), moves)
         if self.members:
             # Plain SQL, one executemany: a row per joining op, and SQLAlchemy's work
             # per row would cost more than the database's (measured).
             await conn.exec_driver_sql(
-                _sql(conn, _INSERT_MEMBERS),
+                driver_sql(conn, _INSERT_MEMBERS),
                 [
                     (
                         op.op_id,
@@ -895,12 +895,12 @@ class _Batch:
             kept.append((key, state.versions.ops[-1].version, summary))
         self.detector.summaries.stage(kept)
         if bounds:
-            await conn.exec_driver_sql(_sql(conn, _UPDATE_SUMMARY_FROM), bounds)
+            await conn.exec_driver_sql(driver_sql(conn, _UPDATE_SUMMARY_FROM), bounds)
         w = conflict_windows.c
         for where in by_entity(w.entity_type, w.entity_id, dropped):
             await conn.execute(conflict_windows.delete().where(where))
         if rows:
-            await conn.exec_driver_sql(_sql(conn, _UPSERT_WINDOWS), rows)
+            await conn.exec_driver_sql(driver_sql(conn, _UPSERT_WINDOWS), rows)
 
     # -- messages -----------------------------------------------------------------------
 
@@ -1058,11 +1058,6 @@ _UPDATED = (
 )
 _ASSIGNMENTS = ", ".join(f"{name} = ?" for name in _UPDATED)
 _UPDATE_CONFLICT = "UPDATE conflicts SET " + _ASSIGNMENTS + " WHERE conflict_id = ?"  # noqa: S608
-
-
-def _sql(conn: AsyncConnection, sql: str) -> str:
-    """`sql` with `?` placeholders in the driver's style (psycopg's `%s`)."""
-    return sql.replace("?", "%s") if conn.dialect.name == "postgresql" else sql
 
 
 def _conflict_update(conflict: _Conflict, now_us: int) -> tuple[Any, ...]:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
-from storage.db import chunks
+from storage.db import chunks, driver_sql
 from storage.schema import entities, op_counts, sync_log
 
 
@@ -64,7 +64,9 @@ async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: 
             new.append(record)
     if new:
         prior = await _assign_versions(conn, new, now_us)
-        await conn.execute(sync_log.insert(), [_row(record, now_us) for record in new])
+        await conn.exec_driver_sql(
+            driver_sql(conn, _INSERT), [_row(record, now_us) for record in new]
+        )
         await _count(conn, new)
         for record in new:
             record.status = "stored"
@@ -174,24 +176,48 @@ async def _count(conn: AsyncConnection, new: Sequence[OpRecord]) -> None:
     )
 
 
-def _row(record: OpRecord, now_us: int) -> dict[str, Any]:
-    return {
-        "op_id": record.op_id,
-        "device_id": record.device_id,
-        "user_id": record.user_id,
-        "entity_type": record.entity_type,
-        "entity_id": record.entity_id,
-        "operation": record.operation,
-        "changes": record.changes_json,
-        "edited_at": record.edited_at_us,
-        "received_at": record.received_at_us,
-        "stored_at": now_us,
-        "version": record.version,
-        "base_version": record.base_version,
-        "session_id": record.session_id,
-        "batch_id": record.batch_id,
-        "device_meta": record.device_meta,
-    }
+_COLUMNS = (
+    "op_id",
+    "device_id",
+    "user_id",
+    "entity_type",
+    "entity_id",
+    "operation",
+    "changes",
+    "edited_at",
+    "received_at",
+    "stored_at",
+    "version",
+    "base_version",
+    "session_id",
+    "batch_id",
+    "device_meta",
+)
+_INSERT = (
+    f"INSERT INTO sync_log ({', '.join(_COLUMNS)})"  # noqa: S608 - constant column names
+    f" VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+
+
+def _row(record: OpRecord, now_us: int) -> tuple[Any, ...]:
+    """A `sync_log` row in `_COLUMNS`' order."""
+    return (
+        record.op_id,
+        record.device_id,
+        record.user_id,
+        record.entity_type,
+        record.entity_id,
+        record.operation,
+        record.changes_json,
+        record.edited_at_us,
+        record.received_at_us,
+        now_us,
+        record.version,
+        record.base_version,
+        record.session_id,
+        record.batch_id,
+        record.device_meta,
+    )
 
 
 async def history(
