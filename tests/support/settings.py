@@ -44,7 +44,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
         "device_rate": 0.0,
         "device_burst": 1000,
     },
-    "writer": {"max_messages": 1000, "max_wait_ms": 5.0, "max_in_process": 20000},
+    "writer": {"max_messages": 4000, "max_wait_ms": 5.0, "max_in_process": 20000},
     "engine": {"max_channel_bytes": 67108864, "restart_max_s": 10.0},
     "sync": {"entity_types": ["work_order", "task", "asset", "attendance"]},
     "alerts": {
