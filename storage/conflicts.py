@@ -30,13 +30,15 @@ messages (one per conflict and topic) go to the outbox.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
 
 from handlers.conflict_versions import Version, Versions, colliding
 from handlers.conflict_windows import FieldWindow, Loose, Mark
@@ -1101,13 +1103,8 @@ async def _add_totals(conn: AsyncConnection, deltas: dict[str, int]) -> None:
     changes = {key: n for key, n in sorted(deltas.items()) if n}
     if not changes:
         return
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    base = insert(conflict_totals)
     await conn.execute(
-        base.on_conflict_do_update(
-            index_elements=[conflict_totals.c.key],
-            set_={"n": conflict_totals.c.n + base.excluded.n},
-        ),
+        _upserts(conn.dialect.name).totals,
         [{"key": key, "n": n} for key, n in changes.items()],
     )
 
@@ -1135,24 +1132,7 @@ async def bump_counters(
         ops, before = users.get(user, (0, 0))
         users[user] = (ops, before + joined)
     await _bump_users(conn, users)
-    postgres = conn.dialect.name == "postgresql"
-    insert = postgresql.insert if postgres else sqlite.insert
-    base = insert(device_counters)
-    c = device_counters.c
-    latest = _greatest(postgres, c.last_sync_at, base.excluded.last_sync_at)
-    received = _greatest(
-        postgres,
-        func.coalesce(c.last_received_at, base.excluded.last_received_at),
-        base.excluded.last_received_at,
-    )
-    stmt = base.on_conflict_do_update(
-        index_elements=[c.device_id],
-        set_={
-            "ops": c.ops + base.excluded.ops,
-            "last_sync_at": latest,
-            "last_received_at": received,
-        },
-    )
+    stmt = _upserts(conn.dialect.name).devices
     for part in chunks(sorted(devices)):
         await conn.execute(
             stmt,
@@ -1171,15 +1151,7 @@ async def bump_counters(
 async def _bump_users(conn: AsyncConnection, deltas: dict[str, tuple[int, int]]) -> None:
     if not deltas:
         return
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    base = insert(user_counters)
-    stmt = base.on_conflict_do_update(
-        index_elements=[user_counters.c.user_id],
-        set_={
-            "ops": user_counters.c.ops + base.excluded.ops,
-            "conflicts": user_counters.c.conflicts + base.excluded.conflicts,
-        },
-    )
+    stmt = _upserts(conn.dialect.name).users
     for part in chunks(sorted(deltas)):
         await conn.execute(
             stmt,
@@ -1187,5 +1159,42 @@ async def _bump_users(conn: AsyncConnection, deltas: dict[str, tuple[int, int]])
         )
 
 
-def _greatest(postgres: bool, left: Any, right: Any) -> Any:
-    return func.greatest(left, right) if postgres else func.max(left, right)
+class _Upserts(NamedTuple):
+    totals: Insert
+    devices: Insert
+    users: Insert
+
+
+@functools.cache
+def _upserts(dialect: str) -> _Upserts:
+    """The counters' statements, built once per dialect (as storage/sync_log.py's
+    `_versions_upsert`, for the same reason)."""
+    postgres = dialect == "postgresql"
+    insert = postgresql.insert if postgres else sqlite.insert
+    greatest = func.greatest if postgres else func.max
+    totals, devices, users = insert(conflict_totals), insert(device_counters), insert(user_counters)
+    c = device_counters.c
+    return _Upserts(
+        totals=totals.on_conflict_do_update(
+            index_elements=[conflict_totals.c.key],
+            set_={"n": conflict_totals.c.n + totals.excluded.n},
+        ),
+        devices=devices.on_conflict_do_update(
+            index_elements=[c.device_id],
+            set_={
+                "ops": c.ops + devices.excluded.ops,
+                "last_sync_at": greatest(c.last_sync_at, devices.excluded.last_sync_at),
+                "last_received_at": greatest(
+                    func.coalesce(c.last_received_at, devices.excluded.last_received_at),
+                    devices.excluded.last_received_at,
+                ),
+            },
+        ),
+        users=users.on_conflict_do_update(
+            index_elements=[user_counters.c.user_id],
+            set_={
+                "ops": user_counters.c.ops + users.excluded.ops,
+                "conflicts": user_counters.c.conflicts + users.excluded.conflicts,
+            },
+        ),
+    )

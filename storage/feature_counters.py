@@ -16,12 +16,15 @@ minute of `edited_at`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sqlalchemy import ColumnElement, and_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
 
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
@@ -161,6 +164,39 @@ def _clustered(
             yield and_(where, time >= lo, time <= hi)
 
 
+class _Upserts(NamedTuple):
+    hours: Insert
+    editors: Insert
+    fields: Insert
+
+
+@functools.cache
+def _upserts(dialect: str) -> _Upserts:
+    """`bump`'s statements, built once per dialect (as storage/sync_log.py's
+    `_versions_upsert`, for the same reason)."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    hours = insert(entity_hours)
+    fields = insert(field_counters)
+    return _Upserts(
+        hours=hours.on_conflict_do_update(
+            index_elements=[
+                entity_hours.c.entity_type,
+                entity_hours.c.entity_id,
+                entity_hours.c.hour,
+            ],
+            set_={"ops": entity_hours.c.ops + hours.excluded.ops},
+        ),
+        editors=insert(entity_editors).on_conflict_do_nothing(),
+        fields=fields.on_conflict_do_update(
+            index_elements=[field_counters.c.entity_type, field_counters.c.field],
+            set_={
+                "ops": field_counters.c.ops + fields.excluded.ops,
+                "conflicts": field_counters.c.conflicts + fields.excluded.conflicts,
+            },
+        ),
+    )
+
+
 async def bump(
     conn: AsyncConnection, stored: Sequence[OpRecord], members: Sequence[OpView]
 ) -> None:
@@ -185,19 +221,10 @@ async def bump(
             fields[(op.entity_type, name)] = (ops, joined + 1)
     if not stored and not members:
         return
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    dialect = conn.dialect.name
     if hours:
-        base = insert(entity_hours)
-        stmt = base.on_conflict_do_update(
-            index_elements=[
-                entity_hours.c.entity_type,
-                entity_hours.c.entity_id,
-                entity_hours.c.hour,
-            ],
-            set_={"ops": entity_hours.c.ops + base.excluded.ops},
-        )
         await conn.execute(
-            stmt,
+            _upserts(dialect).hours,
             [
                 {"entity_type": t, "entity_id": i, "hour": h, "ops": n}
                 for (t, i, h), n in sorted(hours.items())
@@ -205,23 +232,15 @@ async def bump(
         )
     if editors:
         await conn.execute(
-            insert(entity_editors).on_conflict_do_nothing(),
+            _upserts(dialect).editors,
             [
                 {"entity_type": t, "entity_id": i, "slot": s, "user_id": u}
                 for t, i, s, u in sorted(editors)
             ],
         )
     if fields:
-        base = insert(field_counters)
-        stmt = base.on_conflict_do_update(
-            index_elements=[field_counters.c.entity_type, field_counters.c.field],
-            set_={
-                "ops": field_counters.c.ops + base.excluded.ops,
-                "conflicts": field_counters.c.conflicts + base.excluded.conflicts,
-            },
-        )
         await conn.execute(
-            stmt,
+            _upserts(dialect).fields,
             [
                 {"entity_type": t, "field": name, "ops": n, "conflicts": c}
                 for (t, name), (n, c) in sorted(fields.items())

@@ -7,6 +7,7 @@ version in one upsert, insert the new rows in one executemany.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ import msgspec
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
 
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
@@ -100,38 +102,8 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
     for record in new:
         per_entity.setdefault((record.entity_type, record.entity_id), []).append(record)
     keys = sorted(per_entity)
-    postgres = conn.dialect.name == "postgresql"
-    insert = postgresql.insert if postgres else sqlite.insert
-    greatest = func.greatest if postgres else func.max
+    stmt = _versions_upsert(conn.dialect.name)
     for part in chunks(keys):
-        base = insert(entities)
-        stmt = base.on_conflict_do_update(
-            index_elements=[entities.c.entity_type, entities.c.entity_id],
-            set_={
-                "version": entities.c.version + base.excluded.version,
-                "updated_at": base.excluded.updated_at,
-                "max_edited_at": greatest(
-                    func.coalesce(entities.c.max_edited_at, base.excluded.max_edited_at),
-                    base.excluded.max_edited_at,
-                ),
-                "prev_max_edited_at": entities.c.max_edited_at,
-                "delete_max_edited_at": greatest(
-                    func.coalesce(
-                        entities.c.delete_max_edited_at, base.excluded.delete_max_edited_at
-                    ),
-                    func.coalesce(
-                        base.excluded.delete_max_edited_at, entities.c.delete_max_edited_at
-                    ),
-                ),
-            },
-        ).returning(
-            entities.c.entity_type,
-            entities.c.entity_id,
-            entities.c.version,
-            entities.c.summary_from,
-            entities.c.delete_max_edited_at,
-            entities.c.prev_max_edited_at,
-        )
         rows = [
             {
                 "entity_type": key[0],
@@ -159,21 +131,63 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
     return prior
 
 
+@functools.cache
+def _versions_upsert(dialect: str) -> Insert:
+    """`_assign_versions`' statement, built once per dialect: built anew for each batch,
+    its `excluded` alias, column collections and cache key cost more than running it
+    does at a steady rate, where batches are small (measured in the engine)."""
+    postgres = dialect == "postgresql"
+    insert = postgresql.insert if postgres else sqlite.insert
+    greatest = func.greatest if postgres else func.max
+    base = insert(entities)
+    stmt: Insert = base.on_conflict_do_update(
+        index_elements=[entities.c.entity_type, entities.c.entity_id],
+        set_={
+            "version": entities.c.version + base.excluded.version,
+            "updated_at": base.excluded.updated_at,
+            "max_edited_at": greatest(
+                func.coalesce(entities.c.max_edited_at, base.excluded.max_edited_at),
+                base.excluded.max_edited_at,
+            ),
+            "prev_max_edited_at": entities.c.max_edited_at,
+            "delete_max_edited_at": greatest(
+                func.coalesce(entities.c.delete_max_edited_at, base.excluded.delete_max_edited_at),
+                func.coalesce(base.excluded.delete_max_edited_at, entities.c.delete_max_edited_at),
+            ),
+        },
+    ).returning(
+        entities.c.entity_type,
+        entities.c.entity_id,
+        entities.c.version,
+        entities.c.summary_from,
+        entities.c.delete_max_edited_at,
+        entities.c.prev_max_edited_at,
+    )
+    return stmt
+
+
 async def _count(conn: AsyncConnection, new: Sequence[OpRecord]) -> None:
     """Operations per hour (of receipt) and entity type: one upsert per batch."""
     counts: dict[tuple[int, str], int] = {}
     for record in new:
         key = (record.received_at_us // HOUR_US * HOUR_US, record.entity_type)
         counts[key] = counts.get(key, 0) + 1
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    base = insert(op_counts)
     await conn.execute(
-        base.on_conflict_do_update(
-            index_elements=[op_counts.c.hour, op_counts.c.entity_type],
-            set_={"ops": op_counts.c.ops + base.excluded.ops},
-        ),
+        _counts_upsert(conn.dialect.name),
         [{"hour": h, "entity_type": t, "ops": n} for (h, t), n in sorted(counts.items())],
     )
+
+
+@functools.cache
+def _counts_upsert(dialect: str) -> Insert:
+    """Built once per dialect, as `_versions_upsert`."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    base = insert(op_counts)
+    stmt: Insert = base.on_conflict_do_update(
+        index_elements=[op_counts.c.hour, op_counts.c.entity_type],
+        set_={"ops": op_counts.c.ops + base.excluded.ops},
+    )
+    return stmt
 
 
 _COLUMNS = (
