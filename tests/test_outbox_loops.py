@@ -6,7 +6,9 @@ MQTT message not yet PUBACKed); only the first kind goes, in batches of BATCH, a
 a full batch asks for the next round at once.
 
 Publishing: when the broker takes nothing (its queue full, say), the publisher
-retries after a pause, and does not spin on its own releases.
+retries after a pause, and does not spin on its own releases; crises go ahead of
+what waits; a row leased at its commit whose PUBACK comes after the lease is
+published once, not again by the rounds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from gateway.outbound import outbox_cleanup
 from gateway.outbound.outbox import FAILED_PAUSE_S, OutboxPublisher
 from gateway.outbound.outbox_cleanup import OutboxCleanup
 from gateway.seam import Outbound
+from handlers.records import OutboxRecord
+from handlers.times import now_us
 from storage import migrate
+from storage import outbox as outbox_rows
 from storage.db import create_engine
 from storage.schema import outbox
 
@@ -158,5 +163,50 @@ async def test_crises_are_published_ahead_of_what_waits_in_the_session(db_url: s
             ("t/2", False),
             ("t/3", True),
         ]
+    finally:
+        await database.dispose()
+
+
+class SlowSession:
+    """Connected; confirms each publication `after_s` after it (a broker behind)."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.published: list[str] = []
+
+    async def publish_confirmed(self, message: Outbound, *, ahead: bool = False) -> bool:
+        self.published.append(message.topic)
+        await asyncio.sleep(self.after_s)
+        return True
+
+
+async def test_a_leased_row_is_published_once_when_its_puback_comes_after_its_lease(
+    db_url: str,
+) -> None:
+    """A commit leases its urgent rows to its process for a short while (the writer's
+    DIRECT_LEASE_US); in a flood the PUBACK comes later than that, and the rounds,
+    which take rows whose lease lapsed, published the row a second time."""
+    await migrate.upgrade_async(db_url)
+    database = create_engine(db_url)
+    try:
+        record = OutboxRecord(
+            channel="mqtt", topic="t/wellness", event_type="alert.wellness", payload=b"{}"
+        )
+        async with database.begin() as conn:
+            leased = await outbox_rows.add_leased(conn, [record], now_us(), 200_000)
+        session = SlowSession(after_s=1.0)
+        publisher = OutboxPublisher(database, session, poll_s=0.05)  # type: ignore[arg-type]
+        rounds = asyncio.create_task(publisher.run())
+        publisher.publish_leased(leased)
+        await asyncio.sleep(1.5)
+        rounds.cancel()
+        await publisher.stop()
+        assert session.published == ["t/wellness"]
+        assert publisher.published == 1
+        async with database.connect() as conn:
+            sent = await conn.execute(select(outbox.c.sent_at))
+            assert [at is not None for (at,) in sent] == [True]
     finally:
         await database.dispose()

@@ -59,6 +59,10 @@ class OutboxPublisher(Loop):
         self.published = 0
         self.failed = 0
         self._tasks: set[asyncio.Task[int]] = set()
+        self._in_hand: set[int] = set()
+        """Rows this process is publishing, until their PUBACKs or their release: a
+        round that claims one (its commit's short lease lapsed while the broker was
+        slow to acknowledge) leaves it to the publication under way."""
 
     def publish_leased(self, rows: list[dict[str, Any]]) -> None:
         """Publish rows leased to us by the commit that wrote them, at once.
@@ -103,7 +107,10 @@ class OutboxPublisher(Loop):
         rows = await outbox.claim(self.engine, "mqtt", self.page, now_us(), self.lease_us)
         if not rows:
             return self.poll_s
-        failed = await self._publish(rows)
+        # In a flood the broker's PUBACKs come later than a commit's lease
+        # (DIRECT_LEASE_US): the row would go out twice, into a broker already behind.
+        ours = [row for row in rows if row["id"] not in self._in_hand]
+        failed = await self._publish(ours) if ours else 0
         if failed:
             return min(self.poll_s, FAILED_PAUSE_S)
         return 0 if len(rows) == self.page else self.poll_s
@@ -112,6 +119,14 @@ class OutboxPublisher(Loop):
         """Publish claimed rows, each to all its topics; mark what was PUBACKed on every
         topic, release the rest, to the topics that did not confirm (at least once).
         Returns failures."""
+        ids = {row["id"] for row in rows}
+        self._in_hand |= ids
+        try:
+            return await self._publish_in_hand(rows)
+        finally:
+            self._in_hand -= ids
+
+    async def _publish_in_hand(self, rows: list[dict[str, Any]]) -> int:
         unconfirmed = await asyncio.gather(*(self._publish_row(row) for row in rows))
         acked_us = now_us()
         sent = [row for row, left in zip(rows, unconfirmed, strict=True) if not left]
