@@ -217,6 +217,12 @@ class OutboxConfig(Section):
     """Rows already published are deleted this long after, a few at a time."""
 
 
+class QuarantineConfig(Section):
+    retention_s: Annotated[float, Field(gt=0)] = 30 * 86400.0
+    """Refused payloads are deleted this long after they came, a few at a time: the
+    raw copy to recover a device's data from is kept a month by default."""
+
+
 class DlqConfig(Section):
     """The webhook dead-letter queue in Redis (PROTOCOL.md names the TTL
     `webhooks.dlq_ttl_s`; `webhooks` is the list of endpoints, so it lives here:
@@ -351,6 +357,7 @@ class Settings(BaseSettings):
     alerts: AlertsConfig = AlertsConfig()
     conflicts: ConflictsConfig = ConflictsConfig()
     outbox: OutboxConfig = OutboxConfig()
+    quarantine: QuarantineConfig = QuarantineConfig()
     dlq: DlqConfig = DlqConfig()
     ml: MlConfig = MlConfig()
     health: HealthConfig = HealthConfig()

@@ -52,10 +52,10 @@ from gateway.outbound.dead_letters import DeadLetters
 from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
 from gateway.outbound.outbox import OutboxPublisher
-from gateway.outbound.outbox_cleanup import OutboxCleanup
 from gateway.outbound.training import Retraining, Trainer
 from gateway.outbound.webhook_http import Poster
 from gateway.outbound.webhook_sender import WebhookSender
+from gateway.retention import Retention
 from gateway.seam import (
     KIND_LANES,
     KIND_PATTERNS,
@@ -67,7 +67,7 @@ from gateway.seam import (
 )
 from gateway.status import Status
 from gateway.systemd import ReadyNotice, StatusLine, Watchdog
-from storage import migrate
+from storage import migrate, outbox, quarantine
 from storage.alerts import AlertStep
 from storage.db import create_engine, encoding_problem
 
@@ -210,7 +210,18 @@ class Daemon:
                 self.intake,
                 self.admin,
                 self.escalator,
-                OutboxCleanup(self.database, lambda: self.settings.outbox.retention_s),
+                Retention(
+                    "outbox-cleanup",
+                    self.database,
+                    lambda: self.settings.outbox.retention_s,
+                    outbox.prune,
+                ),
+                Retention(
+                    "quarantine-cleanup",
+                    self.database,
+                    lambda: self.settings.quarantine.retention_s,
+                    quarantine.prune,
+                ),
                 self.retraining,
                 HealthReport(
                     root, self.priority, self.status, lambda: self.settings.health.interval_s

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Column, String, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.records import QuarantineRecord
 from storage.schema import quarantine
@@ -68,3 +68,26 @@ async def page(conn: AsyncConnection, below_id: int | None, limit: int) -> list[
     if below_id is not None:
         query = query.where(quarantine.c.id < below_id)
     return [dict(row) for row in (await conn.execute(query)).mappings()]
+
+
+async def prune(engine: AsyncEngine, received_before_us: int, limit: int) -> int:
+    """Delete up to `limit` of the oldest rows, those received before
+    `received_before_us`, in a transaction of their own. Returns how many went.
+
+    The oldest rows are found by id, in the order they were stored (the primary
+    key, no index on `received_at` to keep up for this): a round looks at the first
+    `limit` and takes those old enough. Rows come in nearly in `received_at` order,
+    so one that is not old yet ends the round, and waits for the next.
+    """
+    async with engine.begin() as conn:
+        oldest = await conn.execute(
+            select(quarantine.c.id, quarantine.c.received_at).order_by(quarantine.c.id).limit(limit)
+        )
+        ids: list[int] = []
+        for row_id, received_at in oldest:
+            if received_at >= received_before_us:
+                break
+            ids.append(row_id)
+        if ids:
+            await conn.execute(quarantine.delete().where(quarantine.c.id.in_(ids)))
+    return len(ids)

@@ -378,11 +378,13 @@ def test_config_get_hides_every_secret(
         "alerts",
         "conflicts",
         "outbox",
+        "quarantine",
         "dlq",
         "ml",
         "webhooks",
     }
     assert data["outbox"] == {"retention_s": 604800.0}
+    assert data["quarantine"] == {"retention_s": 2592000.0}
     assert data["webhooks"] == [
         {
             **endpoint,
