@@ -20,13 +20,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import msgspec
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers import webhooks
 from handlers.records import OutboxRecord
 from handlers.times import rfc3339
 from storage import outbox
+from storage.db import driver_sql
 from storage.dlq import DlqEntry
 from storage.schema import outbox as outbox_table
 from storage.schema import webhook_deliveries as deliveries
@@ -104,7 +105,8 @@ async def fan_out(
         events = (await conn.execute(due)).all()
         if not events:
             return 0, added
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
+        shown: dict[str, str] = {}
         for _, event_type, payload, created_at in events:
             targets = subscribers.get(event_type or "", ())
             if not targets:
@@ -112,27 +114,37 @@ async def fan_out(
             body = webhooks.body(event_type, created_at, payload)
             event_id = new_id("msg")
             for name, url, first_wait_us in targets:
+                if url not in shown:
+                    shown[url] = webhooks.public_url(url)
                 rows.append(
-                    {
-                        "event_id": event_id,
-                        "endpoint": name,
-                        "event_type": event_type,
-                        "body": body,
-                        "created_at": created_at,
-                        "due_at": now_us + first_wait_us,
-                        "attempts": 0,
-                        "url": webhooks.public_url(url),
-                    }
+                    (
+                        event_id,
+                        name,
+                        event_type,
+                        body,
+                        created_at,
+                        now_us + first_wait_us,
+                        0,
+                        shown[url],
+                    )
                 )
                 added[name] = added.get(name, 0) + 1
         if rows:
-            await conn.execute(insert(deliveries), rows)
+            # Past SQLAlchemy's compiler: its work per row was a delivery's largest cost
+            # on the sender's side after aiohttp's (storage.db.driver_sql).
+            await conn.exec_driver_sql(driver_sql(conn, _INSERT), rows)
         ids = [row_id for row_id, *_ in events]
         await conn.execute(
             update(outbox_table).where(outbox_table.c.id.in_(ids)).values(sent_at=now_us)
         )
     return len(events), added
 
+
+_INSERT = (
+    "INSERT INTO webhook_deliveries"
+    " (event_id, endpoint, event_type, body, created_at, due_at, attempts, url)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 _CLAIMED = (
     deliveries.c.id,

@@ -480,9 +480,11 @@ class WebhookSender(Part):
 
     def _count(self, batch: list[Settled]) -> None:
         dead = 0
+        per_series: dict[tuple[str, str], int] = {}
         for s in batch:
             outcome = s.outcome
-            self.metrics.webhook_deliveries.labels(s.delivery.endpoint, outcome).inc()
+            series = (s.delivery.endpoint, outcome)
+            per_series[series] = per_series.get(series, 0) + 1
             if outcome == "delivered":
                 self.delivered += 1
             elif outcome == "retry":
@@ -490,6 +492,8 @@ class WebhookSender(Part):
             else:
                 self.failed += 1
                 dead += 1
+        for (endpoint, settled_as), n in per_series.items():
+            self.metrics.webhook_deliveries.labels(endpoint, settled_as).inc(n)
         if dead:
             self.dead += dead
             self.on_dead()
