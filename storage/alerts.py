@@ -25,7 +25,6 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import and_, case, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from handlers.alerts import (
@@ -40,7 +39,7 @@ from handlers.alerts import (
 from handlers.records import AlertRecord, CrisisAckRecord, OutboxRecord
 from handlers.times import DAY_US, now_us
 from storage import outbox
-from storage.db import chunks
+from storage.db import chunks, upsert_into
 from storage.schema import alert_users, alerts, wellness_cooldowns
 from storage.writer import CANARY, Step, Written
 
@@ -176,14 +175,10 @@ async def _stored(conn: AsyncConnection, alert_ids: set[str]) -> dict[str, tuple
     return found
 
 
-def _insert(conn: AsyncConnection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
 async def _lock_users(conn: AsyncConnection, user_ids: list[str], now_us: int) -> None:
     """Take each user's row lock (sorted: two instances cannot deadlock) before counting."""
     for part in chunks(user_ids):
-        base = _insert(conn)(alert_users)
+        base = upsert_into(conn.dialect.name, alert_users)
         stmt = base.on_conflict_do_update(
             index_elements=[alert_users.c.user_id],
             set_={"updated_at": base.excluded.updated_at},
@@ -402,7 +397,7 @@ async def _notify(
 ) -> tuple[str | None, list[OutboxRecord]]:
     """A wellness notification for the alert's first reason, unless in its cooldown."""
     reason = record.reasons[0]
-    base = _insert(conn)(wellness_cooldowns)
+    base = upsert_into(conn.dialect.name, wellness_cooldowns)
     stmt = base.on_conflict_do_update(
         index_elements=[wellness_cooldowns.c.user_id, wellness_cooldowns.c.reason],
         set_={"last_sent_at": base.excluded.last_sent_at},

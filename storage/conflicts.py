@@ -36,7 +36,6 @@ from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
@@ -61,7 +60,7 @@ from handlers.conflicts import (
 from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
 from storage import conflict_store, conflict_summaries, feature_counters
-from storage.db import by_entity, chunks, driver_sql
+from storage.db import by_entity, chunks, driver_sql, greatest, upsert_into
 from storage.member_cache import Latest, MemberCache, Rendered
 from storage.schema import (
     SUMMARY_ALL,
@@ -1169,10 +1168,9 @@ class _Upserts(NamedTuple):
 def _upserts(dialect: str) -> _Upserts:
     """The counters' statements, built once per dialect (as storage/sync_log.py's
     `_versions_upsert`, for the same reason)."""
-    postgres = dialect == "postgresql"
-    insert = postgresql.insert if postgres else sqlite.insert
-    greatest = func.greatest if postgres else func.max
-    totals, devices, users = insert(conflict_totals), insert(device_counters), insert(user_counters)
+    totals = upsert_into(dialect, conflict_totals)
+    devices = upsert_into(dialect, device_counters)
+    users = upsert_into(dialect, user_counters)
     c = device_counters.c
     return _Upserts(
         totals=totals.on_conflict_do_update(
@@ -1183,8 +1181,9 @@ def _upserts(dialect: str) -> _Upserts:
             index_elements=[c.device_id],
             set_={
                 "ops": c.ops + devices.excluded.ops,
-                "last_sync_at": greatest(c.last_sync_at, devices.excluded.last_sync_at),
+                "last_sync_at": greatest(dialect, c.last_sync_at, devices.excluded.last_sync_at),
                 "last_received_at": greatest(
+                    dialect,
                     func.coalesce(c.last_received_at, devices.excluded.last_received_at),
                     devices.excluded.last_received_at,
                 ),

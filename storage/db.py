@@ -6,9 +6,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, event, text
+from sqlalchemy import ColumnElement, Table, and_, event, func, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.functions import Function
 
 from storage.inline_sqlite import inline_connector
 
@@ -35,6 +37,17 @@ def by_entity(
     for kind, names in sorted(per_type.items()):
         for part in chunks(names):
             yield and_(entity_type == kind, entity_id.in_(part))
+
+
+def upsert_into(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into `table` that takes ON CONFLICT: SQLite and PostgreSQL spell the
+    clause alike, but each dialect has its own construct for it."""
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
+def greatest(dialect: str, *values: Any) -> Function[Any]:
+    """The largest of `values`: PostgreSQL's `greatest`, SQLite's many-argument `max`."""
+    return func.greatest(*values) if dialect == "postgresql" else func.max(*values)
 
 
 def driver_sql(conn: AsyncConnection, sql: str) -> str:

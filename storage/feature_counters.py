@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sqlalchemy import ColumnElement, and_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
-from storage.db import by_entity, chunks
+from storage.db import by_entity, chunks, upsert_into
 from storage.schema import (
     device_counters,
     entity_editors,
@@ -174,9 +173,8 @@ class _Upserts(NamedTuple):
 def _upserts(dialect: str) -> _Upserts:
     """`bump`'s statements, built once per dialect (as storage/sync_log.py's
     `_versions_upsert`, for the same reason)."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    hours = insert(entity_hours)
-    fields = insert(field_counters)
+    hours = upsert_into(dialect, entity_hours)
+    fields = upsert_into(dialect, field_counters)
     return _Upserts(
         hours=hours.on_conflict_do_update(
             index_elements=[
@@ -186,7 +184,7 @@ def _upserts(dialect: str) -> _Upserts:
             ],
             set_={"ops": entity_hours.c.ops + hours.excluded.ops},
         ),
-        editors=insert(entity_editors).on_conflict_do_nothing(),
+        editors=upsert_into(dialect, entity_editors).on_conflict_do_nothing(),
         fields=fields.on_conflict_do_update(
             index_elements=[field_counters.c.entity_type, field_counters.c.field],
             set_={

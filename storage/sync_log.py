@@ -13,14 +13,13 @@ from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
-from storage.db import chunks, driver_sql
+from storage.db import chunks, driver_sql, greatest, upsert_into
 from storage.schema import entities, op_counts, sync_log
 
 
@@ -136,21 +135,20 @@ def _versions_upsert(dialect: str) -> Insert:
     """`_assign_versions`' statement, built once per dialect: built anew for each batch,
     its `excluded` alias, column collections and cache key cost more than running it
     does at a steady rate, where batches are small (measured in the engine)."""
-    postgres = dialect == "postgresql"
-    insert = postgresql.insert if postgres else sqlite.insert
-    greatest = func.greatest if postgres else func.max
-    base = insert(entities)
+    base = upsert_into(dialect, entities)
     stmt: Insert = base.on_conflict_do_update(
         index_elements=[entities.c.entity_type, entities.c.entity_id],
         set_={
             "version": entities.c.version + base.excluded.version,
             "updated_at": base.excluded.updated_at,
             "max_edited_at": greatest(
+                dialect,
                 func.coalesce(entities.c.max_edited_at, base.excluded.max_edited_at),
                 base.excluded.max_edited_at,
             ),
             "prev_max_edited_at": entities.c.max_edited_at,
             "delete_max_edited_at": greatest(
+                dialect,
                 func.coalesce(entities.c.delete_max_edited_at, base.excluded.delete_max_edited_at),
                 func.coalesce(base.excluded.delete_max_edited_at, entities.c.delete_max_edited_at),
             ),
@@ -181,8 +179,7 @@ async def _count(conn: AsyncConnection, new: Sequence[OpRecord]) -> None:
 @functools.cache
 def _counts_upsert(dialect: str) -> Insert:
     """Built once per dialect, as `_versions_upsert`."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    base = insert(op_counts)
+    base = upsert_into(dialect, op_counts)
     stmt: Insert = base.on_conflict_do_update(
         index_elements=[op_counts.c.hour, op_counts.c.entity_type],
         set_={"ops": op_counts.c.ops + base.excluded.ops},
