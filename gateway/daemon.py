@@ -4,8 +4,9 @@ This is the one place that knows every part; each part is given what it uses.
 The parts, in the order they start (and, reversed, stop):
 
     mqtt sessions (sync lane, priority lane) -> outbox -> dead letters -> webhooks
-    -> engine -> intake -> admin -> escalation -> outbox cleanup -> retraining
-    -> health report -> watchdog -> ready notice -> status line -> metrics endpoint
+    -> engine -> intake -> admin -> escalation -> outbox cleanup
+    -> quarantine cleanup -> retraining -> health report -> watchdog -> ready notice
+    -> status line -> metrics endpoint
 
 On a stop the intake stops taking messages first; then the parts stop in the
 reverse order: the admin commands finish, the engine drains, the outbox
