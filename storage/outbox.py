@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.records import OutboxRecord
-from storage.schema import outbox
+from storage.schema import outbox, webhook_deliveries
 
 
 def topics(row: Mapping[Any, Any]) -> list[str]:
@@ -131,11 +131,17 @@ async def depth(conn: AsyncConnection, channel: str) -> int:
 async def prune(engine: AsyncEngine, sent_before_us: int, limit: int) -> int:
     """Delete up to `limit` rows published before `sent_before_us`, oldest first, in a
     transaction of their own (short: the writer's commits do not wait behind it).
-    Returns how many went."""
+    A webhook event stays while a delivery names it (its body is the event's payload:
+    storage/webhook_deliveries.py). Returns how many went."""
     async with engine.begin() as conn:
+        named = select(webhook_deliveries.c.id).where(webhook_deliveries.c.outbox_id == outbox.c.id)
         old = (
             select(outbox.c.id)
-            .where(outbox.c.sent_at.is_not(None), outbox.c.sent_at < sent_before_us)
+            .where(
+                outbox.c.sent_at.is_not(None),
+                outbox.c.sent_at < sent_before_us,
+                ~named.exists(),
+            )
             .order_by(outbox.c.id)
             .limit(limit)
         )

@@ -114,9 +114,6 @@ webhook_deliveries = Table(
     Column("id", RowId, primary_key=True, autoincrement=True),
     Column("event_id", String(40), nullable=False),
     Column("endpoint", String(64), nullable=False),
-    Column("event_type", String(64), nullable=False),
-    Column("body", LargeBinary, nullable=False),
-    Column("created_at", BigInteger, nullable=False),
     Column("due_at", BigInteger, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("claimed_until", BigInteger, nullable=True),
@@ -126,11 +123,15 @@ webhook_deliveries = Table(
     Column("dead_at", BigInteger, nullable=True),
     Column("dlq_id", String(40), nullable=True),
     Column("url", Text, nullable=True),
+    Column("outbox_id", BigInteger, nullable=False),
     Index(None, "endpoint", "dead_at", "due_at"),
     Index(None, "dead_at"),
+    Index(None, "outbox_id"),
 )
 """One row per event and endpoint until it is delivered (the row goes) or dead (the
-row waits, `dead_at` set, until the dead-letter queue in Redis holds it)."""
+row waits, `dead_at` set, until the dead-letter queue in Redis holds it). The event's
+type, time and payload are its outbox row's (`outbox_id`), which the outbox's cleanup
+keeps while a delivery names it: a body is stored once, whatever the endpoints."""
 
 alerts = Table(
     "alerts",

@@ -6,6 +6,11 @@ it, and marks the outbox row sent, in one transaction: a crash before leaves the
 event to fan out again, a crash after leaves the deliveries. The engine's hot path
 writes one row per event whatever the number of endpoints.
 
+A delivery is a small row that names its event's outbox row (`outbox_id`): the body
+is built from that row's type, time and payload when the delivery is claimed, not
+copied per endpoint (a claim that sets a lease rewrote each copied body whole:
+docs/benchmarks.md). The outbox's cleanup keeps a row that a delivery names.
+
 A delivery is claimed with a lease (`claimed_until`) for one attempt, so that two
 instances never send it at once and one that dies lets the lease lapse. Its outcome
 is settled after: delivered (the row goes), retried later (`due_at`), or dead
@@ -90,12 +95,7 @@ async def fan_out(
     added: dict[str, int] = {}
     async with engine.begin() as conn:
         due = (
-            select(
-                outbox_table.c.id,
-                outbox_table.c.event_type,
-                outbox_table.c.payload,
-                outbox_table.c.created_at,
-            )
+            select(outbox_table.c.id, outbox_table.c.event_type)
             .where(outbox_table.c.channel == "webhook", outbox_table.c.sent_at.is_(None))
             .order_by(outbox_table.c.id)
             .limit(limit)
@@ -107,33 +107,21 @@ async def fan_out(
             return 0, added
         rows: list[tuple[Any, ...]] = []
         shown: dict[str, str] = {}
-        for _, event_type, payload, created_at in events:
+        for outbox_id, event_type in events:
             targets = subscribers.get(event_type or "", ())
             if not targets:
                 continue
-            body = webhooks.body(event_type, created_at, payload)
             event_id = new_id("msg")
             for name, url, first_wait_us in targets:
                 if url not in shown:
                     shown[url] = webhooks.public_url(url)
-                rows.append(
-                    (
-                        event_id,
-                        name,
-                        event_type,
-                        body,
-                        created_at,
-                        now_us + first_wait_us,
-                        0,
-                        shown[url],
-                    )
-                )
+                rows.append((outbox_id, event_id, name, now_us + first_wait_us, 0, shown[url]))
                 added[name] = added.get(name, 0) + 1
         if rows:
             # Past SQLAlchemy's compiler: its work per row was a delivery's largest cost
             # on the sender's side after aiohttp's (storage.db.driver_sql).
             await conn.exec_driver_sql(driver_sql(conn, _INSERT), rows)
-        ids = [row_id for row_id, *_ in events]
+        ids = [row_id for row_id, _ in events]
         await conn.execute(
             update(outbox_table).where(outbox_table.c.id.in_(ids)).values(sent_at=now_us)
         )
@@ -142,17 +130,15 @@ async def fan_out(
 
 _INSERT = (
     "INSERT INTO webhook_deliveries"
-    " (event_id, endpoint, event_type, body, created_at, due_at, attempts, url)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " (outbox_id, event_id, endpoint, due_at, attempts, url)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 _CLAIMED = (
     deliveries.c.id,
+    deliveries.c.outbox_id,
     deliveries.c.event_id,
     deliveries.c.endpoint,
-    deliveries.c.event_type,
-    deliveries.c.body,
-    deliveries.c.created_at,
     deliveries.c.attempts,
     deliveries.c.first_attempt_at,
 )
@@ -167,7 +153,8 @@ async def claim(
     for one driver call, not across the event loop's turns between the statements
     of a transaction, while the engine process waits for it to commit a batch
     (docs/benchmarks.md, "Webhook delivery"). PostgreSQL: the rows are locked with
-    SKIP LOCKED, so instances claim different ones.
+    SKIP LOCKED, so instances claim different ones. Their events are read after, on
+    the same connection: the outbox's cleanup keeps them while the deliveries wait.
     """
     due = (
         select(deliveries.c.id)
@@ -190,9 +177,47 @@ async def claim(
     )
     async with engine.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        rows = (await auto.execute(claimed)).mappings().all()
-    ordered = sorted(rows, key=lambda row: (row["due_at"], row["id"]))
-    return [Delivery(**{k: v for k, v in row.items() if k != "due_at"}) for row in ordered]
+        rows = (await auto.execute(claimed)).all()
+        events = await _events(auto, {row.outbox_id for row in rows})
+    ordered = sorted(rows, key=lambda row: (row.due_at, row.id))
+    return [_delivery(row, events[row.outbox_id]) for row in ordered]
+
+
+class _Event(NamedTuple):
+    event_type: str
+    body: bytes
+    created_at: int
+
+
+async def _events(conn: AsyncConnection, ids: set[int]) -> dict[int, _Event]:
+    """The events these outbox rows hold, each with the body its deliveries POST."""
+    if not ids:
+        return {}
+    rows = await conn.execute(
+        select(
+            outbox_table.c.id,
+            outbox_table.c.event_type,
+            outbox_table.c.payload,
+            outbox_table.c.created_at,
+        ).where(outbox_table.c.id.in_(ids))
+    )
+    return {
+        row_id: _Event(event_type, webhooks.body(event_type, created_at, payload), created_at)
+        for row_id, event_type, payload, created_at in rows
+    }
+
+
+def _delivery(row: Any, event: _Event) -> Delivery:
+    return Delivery(
+        id=row.id,
+        event_id=row.event_id,
+        endpoint=row.endpoint,
+        event_type=event.event_type,
+        body=event.body,
+        created_at=event.created_at,
+        attempts=row.attempts,
+        first_attempt_at=row.first_attempt_at,
+    )
 
 
 async def release(engine: AsyncEngine, leases: Mapping[int, Sequence[int]]) -> None:
@@ -295,13 +320,16 @@ def entry_of(row: Mapping[Any, Any]) -> DlqEntry:
 async def spooled(engine: AsyncEngine, limit: int) -> list[DlqEntry]:
     """Dead deliveries not yet in Redis, oldest first."""
     async with engine.connect() as conn:
-        rows = await conn.execute(
-            select(deliveries)
-            .where(deliveries.c.dead_at.is_not(None))
-            .order_by(deliveries.c.dead_at, deliveries.c.id)
-            .limit(limit)
-        )
-        return [entry_of(row) for row in rows.mappings()]
+        rows = (
+            await conn.execute(
+                select(deliveries)
+                .where(deliveries.c.dead_at.is_not(None))
+                .order_by(deliveries.c.dead_at, deliveries.c.id)
+                .limit(limit)
+            )
+        ).all()
+        events = await _events(conn, {row.outbox_id for row in rows})
+    return [entry_of({**row._mapping, **events[row.outbox_id]._asdict()}) for row in rows]
 
 
 async def unspool(engine: AsyncEngine, dlq_ids: Sequence[str]) -> None:
@@ -319,27 +347,28 @@ async def abandon(
     replayable. An attempt under way is left to finish (its outcome may be
     `delivered`); a later call takes it if it is to be retried. Returns how many."""
     async with engine.begin() as conn:
-        rows = await conn.execute(
-            select(*_CLAIMED, deliveries.c.url, deliveries.c.last_status).where(
-                deliveries.c.dead_at.is_(None),
-                deliveries.c.endpoint.not_in(configured),
-                # one in flight is left to its outcome: it is given up after that
-                or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now_us),
+        rows = (
+            await conn.execute(
+                select(*_CLAIMED, deliveries.c.url, deliveries.c.last_status).where(
+                    deliveries.c.dead_at.is_(None),
+                    deliveries.c.endpoint.not_in(configured),
+                    # one in flight is left to its outcome: it is given up after that
+                    or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now_us),
+                )
             )
-        )
+        ).all()
+        events = await _events(conn, {row.outbox_id for row in rows})
         dead = [
             Settled(
-                delivery=Delivery(
-                    **{k: v for k, v in row.items() if k not in ("url", "last_status")}
-                ),
+                delivery=_delivery(row, events[row.outbox_id]),
                 outcome="dead",
                 attempted_at=now_us,
-                status=row["last_status"],
+                status=row.last_status,
                 error="the endpoint is no longer configured",
-                url=row["url"] or "",
+                url=row.url or "",
                 attempt=False,
             )
-            for row in rows.mappings()
+            for row in rows
         ]
         if dead:
             await bury(conn, dead, dead_topic)

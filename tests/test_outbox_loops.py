@@ -25,9 +25,9 @@ from storage.schema import outbox
 HOUR_US = 3600 * 1_000_000
 
 
-def row(n: int, sent_at: int | None) -> dict[str, object]:
+def row(n: int, sent_at: int | None, channel: str = "mqtt") -> dict[str, object]:
     return {
-        "channel": "mqtt",
+        "channel": channel,
         "topic": f"t/{n}",
         "event_type": None,
         "payload": b"{}",

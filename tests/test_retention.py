@@ -22,7 +22,7 @@ from storage import migrate
 from storage import outbox as outbox_rows
 from storage import quarantine as quarantine_rows
 from storage.db import create_engine
-from storage.schema import outbox, quarantine
+from storage.schema import outbox, quarantine, webhook_deliveries
 from tests.test_outbox_loops import HOUR_US, row
 
 
@@ -71,6 +71,40 @@ async def test_a_full_batch_asks_for_the_next_round_at_once(db_url: str) -> None
         assert cleanup.deleted == retention.BATCH + 1
         async with database.connect() as conn:
             assert (await conn.execute(select(func.count()).select_from(outbox))).scalar() == 0
+    finally:
+        await database.dispose()
+
+
+async def test_a_webhook_event_stays_while_a_delivery_names_it(db_url: str) -> None:
+    """A delivery's body is its event's outbox row (storage/webhook_deliveries.py): the
+    row of an event still being retried (or spooled dead) outlives the retention; its
+    deliveries gone, it goes at the next round."""
+    await migrate.upgrade_async(db_url)
+    database = create_engine(db_url)
+    old = time.time_ns() // 1000 - 3 * HOUR_US
+    try:
+        async with database.begin() as conn:
+            added = insert(outbox).returning(outbox.c.id)
+            ids = [
+                (await conn.execute(added, row(n, old, "webhook"))).scalar_one() for n in range(3)
+            ]
+            await conn.execute(
+                insert(webhook_deliveries),
+                [
+                    {"outbox_id": ids[1], "event_id": f"msg_{n}", "endpoint": endpoint}
+                    | {"due_at": old, "attempts": 2, "url": "http://hooks.example/"}
+                    for n, endpoint in enumerate(("ops", "audit"))
+                ],
+            )
+        cleanup = cleanup_of_outbox(database, 3600.0)
+        await cleanup.round()
+        async with database.connect() as conn:
+            left = await conn.execute(select(outbox.c.id))
+            assert [row_id for (row_id,) in left] == [ids[1]]
+        async with database.begin() as conn:
+            await conn.execute(webhook_deliveries.delete())
+        await cleanup.round()
+        assert cleanup.deleted == 3
     finally:
         await database.dispose()
 

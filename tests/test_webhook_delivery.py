@@ -162,6 +162,32 @@ def test_two_instances_on_one_postgresql_send_each_delivery_once(
         assert len(receiver.distinct()) == 40
 
 
+def test_two_instances_never_send_a_slow_endpoints_queued_delivery_twice(
+    pg_url: str,
+    broker: Mosquitto,
+    make_daemon: Callable[..., Daemon],
+    own_redis: RedisServer,
+    client: Client,
+) -> None:
+    """One slot, 0.6 s a request, leases of 4 x 1 s + 1 s: the instance that claims
+    the 16 deliveries cannot attempt its queue's tail before those leases end. It
+    gives them back unattempted; the two instances share them out again, and none
+    is sent twice.
+
+    Checked against: queued deliveries started whatever their lease (requests > 16:
+    the other instance claims the lapsed ones while the first still sends them)."""
+    with Receiver(lambda n: Reply(200, delay_s=0.6)) as receiver:
+        table = endpoint("slow", receiver.url, max_in_flight=1, timeout_s=1)
+        first = make_daemon(broker.port, pg_url, table, REDIS__URL=own_redis.url)
+        panics(client, first, 16)
+        wait_for(lambda: len(waiting(first)) == 16)
+        make_daemon(broker.port, pg_url, table, REDIS__URL=own_redis.url)
+        receiver.wait(16, timeout=60)
+        settled(first)
+        assert len(receiver.requests) == 16
+        assert len(receiver.distinct()) == 16
+
+
 def test_a_400_is_dead_at_once_in_redis_and_announced(
     start: Callable[..., Daemon], client: Client, own_redis: RedisServer
 ) -> None:
@@ -236,8 +262,8 @@ def test_after_a_sigkill_mid_delivery_every_event_is_delivered_once_by_webhook_i
     start: Callable[..., Daemon], client: Client
 ) -> None:
     """The first eight requests hang past the kill; the restarted daemon sends what the
-    dead one had leased (in flight or queued) once the leases lapse ((2 + 8) x timeout
-    + 1 s: 11 s)."""
+    dead one had leased (in flight or queued) once the leases lapse (4 x timeout + 1 s:
+    5 s)."""
     with Receiver(lambda n: Reply(200, delay_s=0.8 if n < 8 else 0)) as receiver:
         daemon = start(endpoint("ops", receiver.url, timeout_s=1, retry_schedule_s=FAST_RETRIES))
         ids = panics(client, daemon, 20)

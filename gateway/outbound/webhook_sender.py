@@ -17,11 +17,13 @@ Claims and the delivered ones' deletes are single statements in autocommit: on
 SQLite, the one write lock is held for one driver call, never across the event
 loop's turns, while the engine process waits for it (docs/benchmarks.md).
 
-A claimed delivery is leased for its wait in the queue and its attempt ((2 +
-CLAIM_PAGES) timeouts and a second): if this process dies, the lease lapses and
-this or another instance sends it again; a paused, disabled or stopping lane gives
-its queue back at once. Receivers deduplicate by `webhook-id`, stable across
-attempts: delivery is at least once.
+A claimed delivery is leased for LEASE_TIMEOUTS of its endpoint's timeouts and a
+second: if this process dies, the lease lapses and this or another instance sends
+it again. One that waited in the queue until its lease could lapse during its
+attempt is given back unattempted, so that no other instance takes it while it is
+being sent; a paused, disabled or stopping lane gives its queue back at once.
+Receivers deduplicate by `webhook-id`, stable across attempts: delivery is at least
+once.
 """
 
 from __future__ import annotations
@@ -53,12 +55,20 @@ FAN_OUT_PAGE = 500
 FAN_OUT_EVERY_S = 0.2
 """While events flow, fan-out runs at most this often (a page at once when there is a
 backlog): a transaction per commit of the engine took SQLite's lock from it as often."""
+LEASE_TIMEOUTS = 4
+"""A claimed delivery is leased for this many of its endpoint's timeouts (and the
+margin): the longest it waits before another instance, or this one restarted, takes
+it when this process dies. A fast endpoint empties its queue well within it; a slow
+one's queued deliveries are given back as their leases near their end."""
 LEASE_MARGIN_S = 1.0
-"""Added to a claimed delivery's lease: the settling of its outcome waits a little
-(batched) and may wait behind a slow transaction."""
-CLAIM_PAGES = 8
-"""A lane claims up to this many times its `max_in_flight` at once and queues them:
-a claim per few attempts cost the sender its pace (docs/benchmarks.md)."""
+"""Kept at the end of a lease: the settling of an outcome waits a little (batched)
+and may wait behind a slow transaction."""
+CLAIM_PAGES = 32
+"""A lane queues up to this many times its `max_in_flight`, and claims again when
+half of that is left, so that a fast endpoint's slots never wait for a claim: claims
+of eight pages, made when the queue ran dry, cost the sender half its pace
+(docs/benchmarks.md). A queued delivery whose lease could lapse during its attempt
+(a slow endpoint's queue) is given back instead of started."""
 SETTLE_EVERY_S = 0.25
 """Outcomes are gathered this long before they are written, in one go: each write
 takes SQLite's one lock from the engine (the drain with two endpoints measured 0.82
@@ -88,6 +98,8 @@ class Lane:
         self.queue: deque[Delivery] = deque()
         """Claimed (leased) and not yet started: slots are filled from here, with no
         database round trip per attempt."""
+        self.stale: list[Delivery] = []
+        """Taken off the queue unattempted, their leases too near their end: to give back."""
         self.configure(config)
 
     def configure(self, config: WebhookConfig) -> None:
@@ -145,8 +157,9 @@ class Lane:
             self.breaker = admitted
             self._start(probe[0])
             return None
+        await self._give_back_stale()
         more = True
-        if len(self.queue) < config.max_in_flight:
+        if len(self.queue) < self.low_water():
             want = CLAIM_PAGES * config.max_in_flight - len(self.queue)
             claimed = await self._claim(want)
             self.queue.extend(claimed)
@@ -156,11 +169,12 @@ class Lane:
             return None  # attempts' ends start the queued ones, and wake the lane
         return 0 if more else POLL_S
 
+    def low_water(self) -> int:
+        """Below this many queued, the lane claims more."""
+        return CLAIM_PAGES * self.config.max_in_flight // 2
+
     async def _claim(self, count: int) -> list[Delivery]:
-        """A lease long enough for the wait in the queue: each delivery waits for at most
-        CLAIM_PAGES rounds of attempts, each at most a timeout."""
-        timeout_s = self.config.timeout_s
-        lease_us = int(((2 + CLAIM_PAGES) * timeout_s + LEASE_MARGIN_S) * 1e6)
+        lease_us = int((LEASE_TIMEOUTS * self.config.timeout_s + LEASE_MARGIN_S) * 1e6)
         now = now_us()
         claimed = await webhook_deliveries.claim(
             self.sender.database, self.name, count, now, lease_us
@@ -170,10 +184,18 @@ class Lane:
         return claimed
 
     def _start_queued(self) -> None:
+        """Fill the free slots from the queue; what waited there so long that its lease
+        could lapse during its attempt is given back (`stale`) for a new claim."""
+        latest_us = now_us() + int((self.config.timeout_s + LEASE_MARGIN_S) * 1e6)
         while self.queue and self.in_flight < self.config.max_in_flight:
             if self.breaker.state != "closed" or not self.config.enabled:
                 return
-            self._start(self.queue.popleft())
+            delivery = self.queue.popleft()
+            if self.leases[delivery.id] < latest_us:
+                self.stale.append(delivery)
+                self.wake.set()
+                continue
+            self._start(delivery)
 
     def _start(self, delivery: Delivery) -> None:
         self.leases.pop(delivery.id, None)
@@ -184,11 +206,16 @@ class Lane:
 
     async def release_queue(self) -> None:
         """Give the queued deliveries back (their leases would hold them meanwhile)."""
-        if self.queue:
+        self.stale.extend(self.queue)
+        self.queue.clear()
+        await self._give_back_stale()
+
+    async def _give_back_stale(self) -> None:
+        if self.stale:
             leases: dict[int, list[int]] = {}
-            for delivery in self.queue:
+            for delivery in self.stale:
                 leases.setdefault(self.leases.pop(delivery.id), []).append(delivery.id)
-            self.queue.clear()
+            self.stale.clear()
             await webhook_deliveries.release(self.sender.database, leases)
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
@@ -208,7 +235,7 @@ class Lane:
         finally:
             self.in_flight -= 1
             self._start_queued()
-            if len(self.queue) < self.config.max_in_flight or self.breaker.state != "closed":
+            if len(self.queue) < self.low_water() or self.breaker.state != "closed":
                 self.wake.set()
 
     def _outcome(self, delivery: Delivery, attempt: Attempt) -> Settled:
