@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import msgspec
 from sqlalchemy import delete, func, or_, select, update
@@ -143,6 +143,15 @@ _CLAIMED = (
     deliveries.c.first_attempt_at,
 )
 
+_CLAIM = (
+    "UPDATE webhook_deliveries SET claimed_until = ? WHERE id IN ("
+    "SELECT id FROM webhook_deliveries"
+    " WHERE endpoint = ? AND dead_at IS NULL AND due_at <= ?"
+    " AND (claimed_until IS NULL OR claimed_until < ?)"
+    " ORDER BY due_at, id LIMIT ?{lock})"
+    " RETURNING due_at, id, outbox_id, event_id, endpoint, attempts, first_attempt_at"
+)
+
 
 async def claim(
     engine: AsyncEngine, endpoint: str, limit: int, now_us: int, lease_us: int
@@ -155,32 +164,30 @@ async def claim(
     (docs/benchmarks.md, "Webhook delivery"). PostgreSQL: the rows are locked with
     SKIP LOCKED, so instances claim different ones. Their events are read after, on
     the same connection: the outbox's cleanup keeps them while the deliveries wait.
+    Both statements go past SQLAlchemy's compiler, and rows come back as tuples:
+    its work per row was a tenth of the sender's CPU.
     """
-    due = (
-        select(deliveries.c.id)
-        .where(
-            deliveries.c.endpoint == endpoint,
-            deliveries.c.dead_at.is_(None),
-            deliveries.c.due_at <= now_us,
-            or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now_us),
-        )
-        .order_by(deliveries.c.due_at, deliveries.c.id)
-        .limit(limit)
-    )
-    if engine.dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True)
-    claimed = (
-        update(deliveries)
-        .where(deliveries.c.id.in_(due.scalar_subquery()))
-        .values(claimed_until=now_us + lease_us)
-        .returning(deliveries.c.due_at, *_CLAIMED)
-    )
+    lock = " FOR UPDATE SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
+    params = (now_us + lease_us, endpoint, now_us, now_us, limit)
     async with engine.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        rows = (await auto.execute(claimed)).all()
-        events = await _events(auto, {row.outbox_id for row in rows})
-    ordered = sorted(rows, key=lambda row: (row.due_at, row.id))
-    return [_delivery(row, events[row.outbox_id]) for row in ordered]
+        sql = driver_sql(auto, _CLAIM.format(lock=lock))
+        claimed = cast(list[tuple[Any, ...]], (await auto.exec_driver_sql(sql, params)).all())
+        rows = sorted(claimed)
+        events = await _events(auto, {row[2] for row in rows})
+    return [
+        Delivery(
+            id=row_id,
+            event_id=event_id,
+            endpoint=name,
+            event_type=events[outbox_id].event_type,
+            body=events[outbox_id].body,
+            created_at=events[outbox_id].created_at,
+            attempts=attempts,
+            first_attempt_at=first_attempt_at,
+        )
+        for _, row_id, outbox_id, event_id, name, attempts, first_attempt_at in rows
+    ]
 
 
 class _Event(NamedTuple):
@@ -193,14 +200,10 @@ async def _events(conn: AsyncConnection, ids: set[int]) -> dict[int, _Event]:
     """The events these outbox rows hold, each with the body its deliveries POST."""
     if not ids:
         return {}
-    rows = await conn.execute(
-        select(
-            outbox_table.c.id,
-            outbox_table.c.event_type,
-            outbox_table.c.payload,
-            outbox_table.c.created_at,
-        ).where(outbox_table.c.id.in_(ids))
-    )
+    marks = ", ".join("?" * len(ids))
+    sql = f"SELECT id, event_type, payload, created_at FROM outbox WHERE id IN ({marks})"  # noqa: S608 - placeholders only
+    result = await conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids))
+    rows = cast(list[tuple[Any, ...]], result.all())
     return {
         row_id: _Event(event_type, webhooks.body(event_type, created_at, payload), created_at)
         for row_id, event_type, payload, created_at in rows
