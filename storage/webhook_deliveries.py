@@ -21,7 +21,7 @@ its entry, and a `webhook.dead` notice goes to the outbox in the same transactio
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, cast
 
 import msgspec
@@ -34,7 +34,6 @@ from handlers.times import rfc3339
 from storage import outbox
 from storage.db import driver_sql
 from storage.dlq import DlqEntry
-from storage.schema import outbox as outbox_table
 from storage.schema import webhook_deliveries as deliveries
 
 _encode = msgspec.json.Encoder().encode
@@ -94,15 +93,9 @@ async def fan_out(
     """
     added: dict[str, int] = {}
     async with engine.begin() as conn:
-        due = (
-            select(outbox_table.c.id, outbox_table.c.event_type)
-            .where(outbox_table.c.channel == "webhook", outbox_table.c.sent_at.is_(None))
-            .order_by(outbox_table.c.id)
-            .limit(limit)
-        )
-        if conn.dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        events = (await conn.execute(due)).all()
+        lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
+        found = await conn.exec_driver_sql(driver_sql(conn, _DUE.format(lock=lock)), (limit,))
+        events = cast(list[tuple[Any, ...]], found.all())
         if not events:
             return 0, added
         rows: list[tuple[Any, ...]] = []
@@ -121,11 +114,16 @@ async def fan_out(
             # Past SQLAlchemy's compiler: its work per row was a delivery's largest cost
             # on the sender's side after aiohttp's (storage.db.driver_sql).
             await conn.exec_driver_sql(driver_sql(conn, _INSERT), rows)
-        ids = [row_id for row_id, _ in events]
-        await conn.execute(
-            update(outbox_table).where(outbox_table.c.id.in_(ids)).values(sent_at=now_us)
-        )
+        ids = tuple(row_id for row_id, _ in events)
+        sql = f"UPDATE outbox SET sent_at = ? WHERE id IN ({_marks(ids)})"  # noqa: S608 - placeholders only
+        await conn.exec_driver_sql(driver_sql(conn, sql), (now_us, *ids))
     return len(events), added
+
+
+_DUE = (
+    "SELECT id, event_type FROM outbox WHERE channel = 'webhook' AND sent_at IS NULL"
+    " ORDER BY id LIMIT ?{lock}"
+)
 
 
 _INSERT = (
@@ -190,6 +188,11 @@ async def claim(
     ]
 
 
+def _marks(values: Collection[object]) -> str:
+    """`?, ?, ?`: a placeholder for each value of an IN list."""
+    return ", ".join("?" * len(values))
+
+
 class _Event(NamedTuple):
     event_type: str
     body: bytes
@@ -200,8 +203,7 @@ async def _events(conn: AsyncConnection, ids: set[int]) -> dict[int, _Event]:
     """The events these outbox rows hold, each with the body its deliveries POST."""
     if not ids:
         return {}
-    marks = ", ".join("?" * len(ids))
-    sql = f"SELECT id, event_type, payload, created_at FROM outbox WHERE id IN ({marks})"  # noqa: S608 - placeholders only
+    sql = f"SELECT id, event_type, payload, created_at FROM outbox WHERE id IN ({_marks(ids)})"  # noqa: S608 - placeholders only
     result = await conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids))
     rows = cast(list[tuple[Any, ...]], result.all())
     return {
@@ -259,10 +261,12 @@ async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: st
         return
     delivered = [s.delivery.id for s in settled if s.outcome == "delivered"]
     if delivered:
-        # The common outcome, one statement: committed by itself (see `claim`).
+        # The common outcome, one statement: committed by itself (see `claim`), past
+        # SQLAlchemy's compiler (an IN of a new length each time is compiled anew).
         async with engine.connect() as conn:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await auto.execute(delete(deliveries).where(deliveries.c.id.in_(delivered)))
+            sql = f"DELETE FROM webhook_deliveries WHERE id IN ({_marks(delivered)})"  # noqa: S608 - placeholders only
+            await auto.exec_driver_sql(driver_sql(auto, sql), tuple(delivered))
     failed = [s for s in settled if s.outcome != "delivered"]
     if not failed:
         return
