@@ -188,6 +188,28 @@ def test_two_instances_never_send_a_slow_endpoints_queued_delivery_twice(
         assert len(receiver.distinct()) == 16
 
 
+def test_a_slow_endpoint_keeps_only_what_half_a_lease_can_attempt_claimed(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    """0.5 s a request, one slot, leases of 4 x 1 s + 1 s: once the lane knows its
+    pace it keeps four claimed (two seconds of attempts), not 32, so that its queue
+    is not given back and claimed again over and over.
+
+    Checked against: the bound fixed at 32 pages (12 still leased then)."""
+    with Receiver(lambda n: Reply(200, delay_s=0.5)) as receiver:
+        daemon = start(endpoint("slow", receiver.url, max_in_flight=1, timeout_s=1))
+        panics(client, daemon, 24)
+        receiver.wait(14, timeout=30)
+        leased = db_rows(
+            daemon.db_url,
+            "SELECT count(*) FROM webhook_deliveries WHERE claimed_until IS NOT NULL",
+        )
+        assert leased[0][0] <= 5
+        wait_for(lambda: len(receiver.distinct()) == 24, timeout=30)
+        settled(daemon)
+        assert len(receiver.requests) == 24
+
+
 def test_a_400_is_dead_at_once_in_redis_and_announced(
     start: Callable[..., Daemon], client: Client, own_redis: RedisServer
 ) -> None:

@@ -67,8 +67,9 @@ CLAIM_PAGES = 32
 """A lane queues up to this many times its `max_in_flight`, and claims again when
 half of that is left, so that a fast endpoint's slots never wait for a claim: claims
 of eight pages, made when the queue ran dry, cost the sender half its pace
-(docs/benchmarks.md). A queued delivery whose lease could lapse during its attempt
-(a slow endpoint's queue) is given back instead of started."""
+(docs/benchmarks.md). A slow endpoint queues fewer (`Lane.queue_bound`), and a
+queued delivery whose lease could lapse during its attempt is given back instead of
+started."""
 SETTLE_EVERY_S = 0.25
 """Outcomes are gathered this long before they are written, in one go: each write
 takes SQLite's one lock from the engine (the drain with two endpoints measured 0.82
@@ -98,6 +99,8 @@ class Lane:
         self.queue: deque[Delivery] = deque()
         """Claimed (leased) and not yet started: slots are filled from here, with no
         database round trip per attempt."""
+        self.pace_s: float | None = None
+        """How long an attempt takes here, a moving average (None before the first)."""
         self.stale: list[Delivery] = []
         """Taken off the queue unattempted, their leases too near their end: to give back."""
         self.configure(config)
@@ -161,7 +164,7 @@ class Lane:
         await self._give_back_stale()
         more = True
         if len(self.queue) < self.low_water():
-            want = CLAIM_PAGES * config.max_in_flight - len(self.queue)
+            want = self.queue_bound() - len(self.queue)
             claimed = await self._claim(want)
             self.queue.extend(claimed)
             more = len(claimed) == want
@@ -170,9 +173,19 @@ class Lane:
             return None  # attempts' ends start the queued ones, and wake the lane
         return 0 if more else POLL_S
 
+    def queue_bound(self) -> int:
+        """How many the lane keeps claimed: CLAIM_PAGES of `max_in_flight`, fewer for an
+        endpoint so slow that they could not all be attempted within half a lease
+        (they would be given back, and claimed again, over and over)."""
+        pages = CLAIM_PAGES
+        if self.pace_s is not None:
+            half_lease_s = LEASE_TIMEOUTS * self.config.timeout_s / 2
+            pages = max(1, min(CLAIM_PAGES, int(half_lease_s / max(self.pace_s, 1e-3))))
+        return pages * self.config.max_in_flight
+
     def low_water(self) -> int:
         """Below this many queued, the lane claims more."""
-        return CLAIM_PAGES * self.config.max_in_flight // 2
+        return max(1, self.queue_bound() // 2)
 
     async def _claim(self, count: int) -> list[Delivery]:
         lease_us = int((LEASE_TIMEOUTS * self.config.timeout_s + LEASE_MARGIN_S) * 1e6)
@@ -267,6 +280,8 @@ class Lane:
             self.last_error, self.last_error_at = error, at
         self._breaker_to(webhooks.record(self.breaker, outcome, time.monotonic(), self.policy))
         self.seconds.observe(attempt.seconds)
+        pace = self.pace_s
+        self.pace_s = attempt.seconds if pace is None else 0.8 * pace + 0.2 * attempt.seconds
         if outcome == "success":
             return Settled(delivery=delivery, outcome="delivered", attempted_at=at)
         delay = None
