@@ -221,6 +221,9 @@ class QuarantineConfig(Section):
     retention_s: Annotated[float, Field(gt=0)] = 30 * 86400.0
     """Refused payloads are deleted this long after they came, a few at a time: the
     raw copy to recover a device's data from is kept a month by default."""
+    max_rows: Annotated[int, Field(ge=1000)] = 1_000_000
+    """At most this many are kept: past it the oldest go before their retention, so a
+    device that floods bad or rate-limited payloads cannot fill the disk."""
 
 
 class DlqConfig(Section):

@@ -221,7 +221,9 @@ class Daemon:
                     "quarantine-cleanup",
                     self.database,
                     lambda: self.settings.quarantine.retention_s,
-                    quarantine.prune,
+                    lambda database, before_us, limit: quarantine.prune(
+                        database, before_us, limit, self.settings.quarantine.max_rows
+                    ),
                 ),
                 self.retraining,
                 HealthReport(

@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Column, String, select
+import structlog
+from sqlalchemy import Column, String, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.records import QuarantineRecord
 from storage.schema import quarantine
+
+log = structlog.get_logger("fieldgate.quarantine")
 
 NUL = "\x00"
 NUL_SHOWN = "\\x00"
@@ -70,24 +73,35 @@ async def page(conn: AsyncConnection, below_id: int | None, limit: int) -> list[
     return [dict(row) for row in (await conn.execute(query)).mappings()]
 
 
-async def prune(engine: AsyncEngine, received_before_us: int, limit: int) -> int:
+async def prune(engine: AsyncEngine, received_before_us: int, limit: int, keep_at_most: int) -> int:
     """Delete up to `limit` of the oldest rows, those received before
-    `received_before_us`, in a transaction of their own. Returns how many went.
+    `received_before_us` and those past the newest `keep_at_most`, in a transaction of
+    their own. Returns how many went.
 
     The oldest rows are found by id, in the order they were stored (the primary
     key, no index on `received_at` to keep up for this): a round looks at the first
     `limit` and takes those old enough. Rows come in nearly in `received_at` order,
-    so one that is not old yet ends the round, and waits for the next.
+    so one that is not old yet ends the round, and waits for the next. Ids only
+    grow, so the rows at or below the newest id less `keep_at_most` are over the
+    bound, whatever their age.
     """
     async with engine.begin() as conn:
+        newest = (await conn.execute(select(func.max(quarantine.c.id)))).scalar()
+        over_up_to = (newest or 0) - keep_at_most
         oldest = await conn.execute(
             select(quarantine.c.id, quarantine.c.received_at).order_by(quarantine.c.id).limit(limit)
         )
         ids: list[int] = []
         for row_id, received_at in oldest:
-            if received_at >= received_before_us:
+            if received_at >= received_before_us and row_id > over_up_to:
                 break
             ids.append(row_id)
         if ids:
             await conn.execute(quarantine.delete().where(quarantine.c.id.in_(ids)))
+    if ids and ids[-1] <= over_up_to:
+        log.warning(
+            "the quarantine is full: its oldest rows go before their retention",
+            deleted=len(ids),
+            max_rows=keep_at_most,
+        )
     return len(ids)

@@ -384,7 +384,7 @@ def test_config_get_hides_every_secret(
         "webhooks",
     }
     assert data["outbox"] == {"retention_s": 604800.0}
-    assert data["quarantine"] == {"retention_s": 2592000.0}
+    assert data["quarantine"] == {"retention_s": 2592000.0, "max_rows": 1_000_000}
     assert data["webhooks"] == [
         {
             **endpoint,

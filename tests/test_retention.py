@@ -123,6 +123,18 @@ def refused(n: int, received_at: int) -> dict[str, object]:
     }
 
 
+def cleanup_of_quarantine(
+    database: AsyncEngine, retention_s: float, max_rows: int = 1_000_000
+) -> Retention:
+    """The daemon's quarantine cleanup (gateway/daemon.py)."""
+    return Retention(
+        "quarantine-cleanup",
+        database,
+        lambda: retention_s,
+        lambda engine, before_us, limit: quarantine_rows.prune(engine, before_us, limit, max_rows),
+    )
+
+
 async def test_refused_payloads_older_than_the_retention_go_and_the_rest_stay(db_url: str) -> None:
     await migrate.upgrade_async(db_url)
     database = create_engine(db_url)
@@ -134,9 +146,7 @@ async def test_refused_payloads_older_than_the_retention_go_and_the_rest_stay(db
                 [refused(n, now - 40 * 24 * HOUR_US) for n in range(3)]  # 40 days ago
                 + [refused(n, now - 2 * HOUR_US) for n in range(3, 5)],  # 2 hours ago
             )
-        cleanup = Retention(
-            "quarantine-cleanup", database, lambda: 30 * 86400.0, quarantine_rows.prune
-        )
+        cleanup = cleanup_of_quarantine(database, 30 * 86400.0)
         assert await cleanup.round() == retention.EVERY_S
         assert cleanup.deleted == 3
         async with database.connect() as conn:
@@ -169,14 +179,33 @@ async def test_a_quarantine_backlog_goes_a_batch_a_round_and_stops_at_the_first_
                 + [refused(2, now)]  # young: it ends the round ...
                 + [refused(3, old)],  # ... and this one waits behind it
             )
-        cleanup = Retention(
-            "quarantine-cleanup", database, lambda: 30 * 86400.0, quarantine_rows.prune
-        )
+        cleanup = cleanup_of_quarantine(database, 30 * 86400.0)
         assert await cleanup.round() == 0  # a full batch: again at once
         assert await cleanup.round() == retention.EVERY_S
         assert cleanup.deleted == retention.BATCH + 2
         async with database.connect() as conn:
             left = await conn.execute(select(quarantine.c.device_id).order_by(quarantine.c.id))
             assert [d for (d,) in left] == ["d2", "d3"]
+    finally:
+        await database.dispose()
+
+
+async def test_past_max_rows_the_oldest_go_before_their_retention(db_url: str) -> None:
+    """A flood of refused payloads cannot fill the disk: the newest `max_rows` stay,
+    whatever their age; under the bound, only age counts again."""
+    await migrate.upgrade_async(db_url)
+    database = create_engine(db_url)
+    now = time.time_ns() // 1000
+    try:
+        async with database.begin() as conn:
+            await conn.execute(insert(quarantine), [refused(n, now) for n in range(15)])
+        cleanup = cleanup_of_quarantine(database, 30 * 86400.0, max_rows=10)
+        assert await cleanup.round() == retention.EVERY_S
+        assert cleanup.deleted == 5
+        async with database.connect() as conn:
+            left = await conn.execute(select(quarantine.c.device_id).order_by(quarantine.c.id))
+            assert [d for (d,) in left] == [f"d{n}" for n in range(5, 15)]
+        await cleanup.round()
+        assert cleanup.deleted == 5
     finally:
         await database.dispose()

@@ -78,7 +78,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
         "cache_max_ops": None,
     },
     "outbox": {"retention_s": 604800.0},
-    "quarantine": {"retention_s": 2592000.0},
+    "quarantine": {"retention_s": 2592000.0, "max_rows": 1_000_000},
     "dlq": {"ttl_s": 1209600, "replay_concurrency": 8},
     "ml": {
         "models_dir": Path("var/models"),
