@@ -228,6 +228,32 @@ def test_error_answers_exit_1(config: Path) -> None:
     }
 
 
+def test_a_key_repeated_gives_a_list_and_one_given_for_a_list_gets_a_hint(config: Path) -> None:
+    """`dlq/get` takes `ids`, a list: two `--arg ids=` make one; a single one is the
+    daemon's typed error, and the CLI says what to type instead."""
+    answer = ok_json(
+        fieldgate(
+            "admin",
+            "dlq/get",
+            "-a",
+            "ids=dlq_a",
+            "-a",
+            "ids=dlq_b",
+            "--json-output",
+            "--config",
+            config,
+        )
+    )
+    assert answer["data"]["missing"] == ["dlq_a", "dlq_b"]
+    result = fieldgate("admin", "dlq/get", "-a", "ids=dlq_a", "--json-output", "--config", config)
+    assert result.returncode == 1, result
+    assert json.loads(result.stdout)["error"]["path"] == "ids"
+    assert result.stderr.splitlines() == [
+        "hint: ids takes a list: repeat the key (--arg ids=dlq_a --arg ids=...)"
+        """ or give it as JSON (--json '{"ids": ["dlq_a"]}')"""
+    ]
+
+
 def test_token_from_the_config_file(
     broker: Mosquitto,
     make_daemon: Callable[..., Daemon],

@@ -30,7 +30,8 @@ last retained report instead."""
 
 
 def _parse_args(pairs: list[str], raw_json: str | None) -> dict[str, Any]:
-    """`--json` gives typed values; `--arg k=v` gives strings the daemon coerces."""
+    """`--json` gives typed values; `--arg k=v` gives strings the daemon coerces, and a
+    key given more than once gives the list of its values (`--arg ids=a --arg ids=b`)."""
     args: dict[str, Any] = {}
     if raw_json:
         try:
@@ -40,18 +41,38 @@ def _parse_args(pairs: list[str], raw_json: str | None) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise typer.BadParameter("--json takes a JSON object")
         args.update(loaded)
+    given: dict[str, list[str]] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--arg takes key=value, got {pair!r}")
-        args[key] = value
+        given.setdefault(key, []).append(value)
+    for key, values in given.items():
+        args[key] = values[0] if len(values) == 1 else values
     return args
+
+
+def _list_hint(answer: dict[str, Any], pairs: list[str]) -> str | None:
+    """What to type when one `--arg` value went where the command takes a list."""
+    error = answer.get("error") or {}
+    path = error.get("path")
+    given = [p for p in pairs if p.partition("=")[0] == path]
+    if error.get("code") != "invalid_args" or len(given) != 1:
+        return None
+    if "array" not in str(error.get("message", "")):
+        return None
+    value = given[0].partition("=")[2]
+    return (
+        f"{path} takes a list: repeat the key (--arg {path}={value} --arg {path}=...)"
+        f' or give it as JSON (--json \'{{"{path}": ["{value}"]}}\')'
+    )
 
 
 def admin(
     command: Annotated[str, typer.Argument(help="e.g. health, stats, sync/history")],
     arg: Annotated[
-        list[str] | None, typer.Option("--arg", "-a", help="key=value argument (repeatable)")
+        list[str] | None,
+        typer.Option("--arg", "-a", help="key=value argument; a key repeated gives a list"),
     ] = None,
     raw_json: Annotated[
         str | None, typer.Option("--json", help="arguments as a JSON object")
@@ -107,6 +128,8 @@ def admin(
     else:
         render.show(command, answer)
     if not ok:
+        if hint := _list_hint(answer, arg or []):
+            typer.echo(f"hint: {hint}", err=True)
         raise typer.Exit(EXIT_ERROR)
 
 
