@@ -173,19 +173,7 @@ async def claim(
         claimed = cast(list[tuple[Any, ...]], (await auto.exec_driver_sql(sql, params)).all())
         rows = sorted(claimed)
         events = await _events(auto, {row[2] for row in rows})
-    return [
-        Delivery(
-            id=row_id,
-            event_id=event_id,
-            endpoint=name,
-            event_type=events[outbox_id].event_type,
-            body=events[outbox_id].body,
-            created_at=events[outbox_id].created_at,
-            attempts=attempts,
-            first_attempt_at=first_attempt_at,
-        )
-        for _, row_id, outbox_id, event_id, name, attempts, first_attempt_at in rows
-    ]
+    return [_delivery(row[1:], events[row[2]]) for row in rows]
 
 
 def _marks(values: Collection[object]) -> str:
@@ -212,16 +200,18 @@ async def _events(conn: AsyncConnection, ids: set[int]) -> dict[int, _Event]:
     }
 
 
-def _delivery(row: Any, event: _Event) -> Delivery:
+def _delivery(claimed: Sequence[Any], event: _Event) -> Delivery:
+    """A delivery from its row's `_CLAIMED` columns (in that order) and its event."""
+    row_id, _, event_id, endpoint, attempts, first_attempt_at = claimed[:6]
     return Delivery(
-        id=row.id,
-        event_id=row.event_id,
-        endpoint=row.endpoint,
+        id=row_id,
+        event_id=event_id,
+        endpoint=endpoint,
         event_type=event.event_type,
         body=event.body,
         created_at=event.created_at,
-        attempts=row.attempts,
-        first_attempt_at=row.first_attempt_at,
+        attempts=attempts,
+        first_attempt_at=first_attempt_at,
     )
 
 
