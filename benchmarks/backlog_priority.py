@@ -70,6 +70,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from benchmarks import scoring_model
 from benchmarks.drain import (
     _AckCounter,
     _client,
@@ -380,6 +381,8 @@ def run_one(
     broker = Mosquitto(workdir / "mosquitto", autosave_interval=3600).start()
     try:
         first_ready_s = first_start(broker.port, root, client_id, workdir)
+        if args.model is not None:
+            scoring_model.install(workdir / "bench.db", args.model)
         took = publish_backlog(broker.port, root, messages)
         urgent.publish(broker.port)
         log(
@@ -436,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra environment for the gateway's timed start (repeatable)",
     )
+    parser.add_argument(
+        "--scoring",
+        action="store_true",
+        help="a random forest active (benchmarks/scoring_model.py): the engine loads it at start",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
@@ -447,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"making {args.messages} operations from {args.devices} devices")
     messages = backlog(args.messages, args.devices, args.seed, 0.0)
     base = Path(tempfile.mkdtemp(prefix="fieldgate-backlog-priority-"))
+    args.model = None
+    if args.scoring:
+        log("training the model the gateway loads at its start")
+        args.model = scoring_model.prepare(base / "model")
     try:
         runs = [run_one(messages, args, base, index) for index in range(args.repeat)]
     finally:
@@ -464,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "messages": args.messages,
         "repeat": args.repeat,
         "gateway_env": args.gateway_env,
+        "scoring": args.scoring,
         "target_s": TARGET_S,
         "median": medians,
         "median_from_ready": from_ready,

@@ -243,6 +243,31 @@ async def test_alerts_and_admin_writes_go_ahead_of_the_backlog(engine: Engine) -
     assert [result.done for result in results] == [[4, 5], [1, 2, 3, 6]]
 
 
+async def test_while_the_engine_is_not_ready_alerts_and_admin_writes_go_on_and_sync_waits(
+    engine: Engine,
+) -> None:
+    """At the start with a model active, sync work waits for the model's load (every
+    operation is scored); a crisis queued behind it does not wait for that.
+    Checked against: the gate ignored (the sync operation committed before the load)."""
+    results: list[Result] = []
+    engine.on_result(results.append)
+    engine.ready.clear()
+    task = asyncio.create_task(engine.run())
+    engine.submit(delivery(1, "sync", sync_op("op-1", entity_id="t1")))
+    panic = {"alert_id": "a1", "user_id": "u1", "kind": "panic"}
+    engine.submit(delivery(2, "alert", panic | {"occurred_at": "2026-11-29T12:00:00Z"}))
+    for _ in range(200):
+        if results:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # a sync commit, if the gate let one through, would be here
+    assert [result.done for result in results] == [[2]]
+    engine.ready.set()
+    await engine.drain()
+    await asyncio.wait_for(task, 10)
+    assert [result.done for result in results] == [[2], [1]]
+
+
 async def test_an_admin_write_is_answered_unavailable_while_the_writer_fails(
     engine: Engine,
 ) -> None:

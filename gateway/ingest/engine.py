@@ -75,6 +75,11 @@ class Engine(Part):
         """How many of `_pending`, at its front, went ahead (urgent or admin writes)."""
         self._arrived = asyncio.Event()
         self._urgent = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Open (set) when what does not go ahead may be committed: closed while the
+        active model loads at the engine's start (gateway/ingest/process.py), so that
+        every sync operation is scored, while alerts and admin writes go on."""
+        self.ready.set()
         self._closed = False
         self._callback: Callable[[Result], None] = lambda _result: None
 
@@ -144,6 +149,9 @@ class Engine(Part):
                 if gather and not self._urgent.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._urgent.wait(), timeout=wait_s)
+            if not self._ahead and not self.ready.is_set():
+                await self._until_ready_or_urgent()
+                continue
             self._urgent.clear()
             self.last_beat = time.monotonic()
             # What went ahead (alerts, admin writes) is committed on its own: a crisis
@@ -154,6 +162,20 @@ class Engine(Part):
             del self._pending[: len(batch)]
             self._ahead = max(0, self._ahead - len(batch))
             await self._commit(batch)
+
+    async def _until_ready_or_urgent(self) -> None:
+        """Wait for `ready` or for something that goes ahead, a beat at most."""
+        self._urgent.clear()
+        waits = [
+            asyncio.ensure_future(self.ready.wait()),
+            asyncio.ensure_future(self._urgent.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=self.beat_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self.last_beat = time.monotonic()
 
     async def _commit(self, batch: list[Pending]) -> None:
         started = time.perf_counter()

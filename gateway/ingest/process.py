@@ -17,6 +17,7 @@ redelivers what was not acknowledged, which is then stored once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -133,7 +134,10 @@ async def serve(fd: int) -> int:
     settings = Settings.model_validate(start.settings)
     logs.setup(settings.log.level, settings.log.format, process="engine")
     side = EngineSide(settings)
-    await side.scorer.preload(side.database)
+    # The active model loads (a second or more: scikit-learn's import, the file) while
+    # alerts and admin writes are served; sync work waits for it, to be scored.
+    side.engine.ready.clear()
+    loading = asyncio.create_task(_load_model(side))
     tune_gc(GC_YOUNG_ENGINE)
     log.debug("engine started", pid=os.getpid())
     try:
@@ -143,8 +147,19 @@ async def serve(fd: int) -> int:
         # runs: an open transaction is rolled back, and nothing was acknowledged.
         log.error("the MQTT process is gone: exiting without finishing what is in hand")
         os._exit(1)
+    await loading
     await side.close()
     return 0
+
+
+async def _load_model(side: EngineSide) -> None:
+    try:
+        await side.scorer.preload(side.database)
+    finally:
+        # The model and scikit-learn's modules join what start-up froze out of the
+        # collector's scans (tune_gc): else each full collection walks them.
+        gc.freeze()
+        side.engine.ready.set()
 
 
 def main(argv: list[str] | None = None) -> None:
