@@ -114,8 +114,9 @@ class Server:
 
 
 def _exit_if_failed(task: asyncio.Task[None]) -> None:
-    """The commit loop failed (a bug): exit, and the MQTT process starts another engine,
-    which is given again everything not committed."""
+    """The commit loop, or the model's load at the start, failed (a bug): exit, and the
+    MQTT process starts another engine, which is given again everything not committed
+    (rather than going on without the scoring an active model asks for)."""
     if not task.cancelled() and task.exception() is not None:
         log.error("the engine failed", exc_info=task.exception())
         os._exit(1)
@@ -138,6 +139,7 @@ async def serve(fd: int) -> int:
     # alerts and admin writes are served; sync work waits for it, to be scored.
     side.engine.ready.clear()
     loading = asyncio.create_task(_load_model(side))
+    loading.add_done_callback(_exit_if_failed)
     tune_gc(GC_YOUNG_ENGINE)
     log.debug("engine started", pid=os.getpid())
     try:

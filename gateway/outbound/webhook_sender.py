@@ -249,9 +249,10 @@ class Lane:
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook attempt failed", endpoint=self.name, exc_info=task.exception())
 
-    async def _slot(self, delivery: Delivery | None) -> None:
+    async def _slot(self, first: Delivery) -> None:
         """Send deliveries one after the other while the queue has some: a task per slot,
         not per attempt (a task's start and end were a tenth of the sender's CPU)."""
+        delivery: Delivery | None = first
         try:
             while delivery is not None:
                 config = self.config
