@@ -222,7 +222,11 @@ class Daemon:
                     self.database,
                     lambda: self.settings.quarantine.retention_s,
                     lambda database, before_us, limit: quarantine.prune(
-                        database, before_us, limit, self.settings.quarantine.max_rows
+                        database,
+                        before_us,
+                        limit,
+                        self.settings.quarantine.max_rows,
+                        self.metrics.quarantine_dropped.inc,
                     ),
                 ),
                 self.retraining,

@@ -8,7 +8,7 @@ The raw payload, bytes, is kept exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -73,7 +73,13 @@ async def page(conn: AsyncConnection, below_id: int | None, limit: int) -> list[
     return [dict(row) for row in (await conn.execute(query)).mappings()]
 
 
-async def prune(engine: AsyncEngine, received_before_us: int, limit: int, keep_at_most: int) -> int:
+async def prune(
+    engine: AsyncEngine,
+    received_before_us: int,
+    limit: int,
+    keep_at_most: int,
+    on_full: Callable[[int], object] = lambda _dropped: None,
+) -> int:
     """Delete up to `limit` of the oldest rows, those received before
     `received_before_us` and those past the newest `keep_at_most`, in a transaction of
     their own. Returns how many went.
@@ -83,7 +89,7 @@ async def prune(engine: AsyncEngine, received_before_us: int, limit: int, keep_a
     `limit` and takes those old enough. Rows come in nearly in `received_at` order,
     so one that is not old yet ends the round, and waits for the next. Ids only
     grow, so the rows at or below the newest id less `keep_at_most` are over the
-    bound, whatever their age.
+    bound, whatever their age: `on_full` is told how many went for that.
     """
     async with engine.begin() as conn:
         newest = (await conn.execute(select(func.max(quarantine.c.id)))).scalar()
@@ -98,10 +104,12 @@ async def prune(engine: AsyncEngine, received_before_us: int, limit: int, keep_a
             ids.append(row_id)
         if ids:
             await conn.execute(quarantine.delete().where(quarantine.c.id.in_(ids)))
-    if ids and ids[-1] <= over_up_to:
+    dropped = sum(1 for row_id in ids if row_id <= over_up_to)
+    if dropped:
+        on_full(dropped)
         log.warning(
             "the quarantine is full: its oldest rows go before their retention",
-            deleted=len(ids),
+            deleted=dropped,
             max_rows=keep_at_most,
         )
     return len(ids)

@@ -124,14 +124,21 @@ def refused(n: int, received_at: int) -> dict[str, object]:
 
 
 def cleanup_of_quarantine(
-    database: AsyncEngine, retention_s: float, max_rows: int = 1_000_000
+    database: AsyncEngine,
+    retention_s: float,
+    max_rows: int = 1_000_000,
+    dropped: list[int] | None = None,
 ) -> Retention:
-    """The daemon's quarantine cleanup (gateway/daemon.py)."""
+    """The daemon's quarantine cleanup (gateway/daemon.py); `dropped` gets what each
+    round deleted for the bound (the daemon counts it in a metric)."""
+    told = dropped if dropped is not None else []
     return Retention(
         "quarantine-cleanup",
         database,
         lambda: retention_s,
-        lambda engine, before_us, limit: quarantine_rows.prune(engine, before_us, limit, max_rows),
+        lambda engine, before_us, limit: quarantine_rows.prune(
+            engine, before_us, limit, max_rows, told.append
+        ),
     )
 
 
@@ -199,13 +206,16 @@ async def test_past_max_rows_the_oldest_go_before_their_retention(db_url: str) -
     try:
         async with database.begin() as conn:
             await conn.execute(insert(quarantine), [refused(n, now) for n in range(15)])
-        cleanup = cleanup_of_quarantine(database, 30 * 86400.0, max_rows=10)
+        dropped: list[int] = []
+        cleanup = cleanup_of_quarantine(database, 30 * 86400.0, max_rows=10, dropped=dropped)
         assert await cleanup.round() == retention.EVERY_S
         assert cleanup.deleted == 5
+        assert dropped == [5]
         async with database.connect() as conn:
             left = await conn.execute(select(quarantine.c.device_id).order_by(quarantine.c.id))
             assert [d for (d,) in left] == [f"d{n}" for n in range(5, 15)]
         await cleanup.round()
         assert cleanup.deleted == 5
+        assert dropped == [5]
     finally:
         await database.dispose()
