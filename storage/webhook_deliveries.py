@@ -142,12 +142,13 @@ _CLAIMED = (
 )
 
 _CLAIM = (
-    "UPDATE webhook_deliveries SET claimed_until = ? WHERE id IN ("
+    "UPDATE webhook_deliveries SET claimed_until = ? WHERE id IN ("  # noqa: S608 - constant column names
     "SELECT id FROM webhook_deliveries"
     " WHERE endpoint = ? AND dead_at IS NULL AND due_at <= ?"
     " AND (claimed_until IS NULL OR claimed_until < ?)"
     " ORDER BY due_at, id LIMIT ?{lock})"
-    " RETURNING due_at, id, outbox_id, event_id, endpoint, attempts, first_attempt_at"
+    # due_at first, to sort by; then `_CLAIMED`'s columns, in the order `_delivery` reads
+    f" RETURNING due_at, {', '.join(column.name for column in _CLAIMED)}"
 )
 
 
