@@ -232,18 +232,6 @@ async def release(engine: AsyncEngine, leases: Mapping[int, Sequence[int]]) -> N
                 )
 
 
-async def next_due(engine: AsyncEngine, endpoint: str) -> int | None:
-    """When the endpoint's next waiting delivery is due (a lease counts as a wait)."""
-    async with engine.connect() as conn:
-        due = await conn.execute(
-            select(func.min(func.coalesce(deliveries.c.claimed_until, deliveries.c.due_at))).where(
-                deliveries.c.endpoint == endpoint, deliveries.c.dead_at.is_(None)
-            )
-        )
-        value = due.scalar_one_or_none()
-        return None if value is None else int(value)
-
-
 async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: str) -> None:
     """Write attempts' outcomes: the delivered ones' rows go in one statement; the
     retries and the dead (with their `webhook.dead` notices, to `dead_topic`) in one
