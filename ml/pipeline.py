@@ -160,6 +160,7 @@ async def _finish(
         baseline_metrics=result.baseline,
         file_path=str(saved.path),
         sha256=saved.sha256,
+        serving_sha256=saved.serving_sha256,
         announce=announce,
     )
 

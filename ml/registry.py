@@ -9,7 +9,8 @@ disk, replaced, or holding anything else is refused with the reason (ModelRefuse
 and the caller keeps the model it has.
 
 Beside each model, `<id>.holdout.npz` keeps the holdout's labels and scores for the
-report (plain arrays, loaded without pickle).
+report, and `<id>.serving.npz` the model as the engine scores with it (ml/serving.py):
+plain arrays, loaded without pickle.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
+from ml import serving
 from ml.dataset import FEATURES
-from ml.train import Holdout
+from ml.serving import ModelRefused, read_checked, write_atomically
+from ml.train import Holdout, TrainingFailed
 
 DEFAULT_MODELS_DIR = Path("var/models")
 """Where model files go unless `ml.models_dir` says otherwise."""
@@ -40,19 +43,13 @@ skops' own trusted set.) A file asking for any other type is refused."""
 _FINAL_STEPS = (RandomForestClassifier, LogisticRegression)
 
 
-class ModelRefused(Exception):
-    """A model file that will not be loaded, and why (one line)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class SavedModel:
     path: Path
     """Absolute: the daemon that loads it may run from another directory."""
     sha256: str
+    serving_sha256: str
+    """Of `serving.serving_path(path)`, the form the engine scores with."""
 
 
 def model_path(models_dir: Path, model_id: str) -> Path:
@@ -64,12 +61,19 @@ def holdout_path(model_file: Path) -> Path:
 
 
 def save(pipeline: Pipeline, holdout: Holdout, models_dir: Path, model_id: str) -> SavedModel:
-    """Write the model and its holdout scores; each file appears whole or not at all
-    (written aside, synced, renamed), so a crash never leaves a half file to hash."""
+    """Write the model, its served form and its holdout scores; each file appears
+    whole or not at all (written aside, synced, renamed), so a crash never leaves a
+    half file to hash. Raises TrainingFailed when the model has no served form that
+    gives its scores."""
+    try:
+        served = serving.export(pipeline)
+    except ValueError as exc:
+        raise TrainingFailed(f"the model cannot be served: {exc}") from None
     path = model_path(models_dir, model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = sio.dumps(pipeline, compression=zipfile.ZIP_DEFLATED)
-    _write_atomically(path, data)
+    write_atomically(path, data)
+    serving_sha256 = serving.write(served, path)
     scores = holdout_path(path)
     temporary = scores.with_suffix(".tmp.npz")
     np.savez(
@@ -79,32 +83,16 @@ def save(pipeline: Pipeline, holdout: Holdout, models_dir: Path, model_id: str) 
         baseline_scores=holdout.baseline_scores,
     )
     os.replace(temporary, scores)
-    return SavedModel(path=path, sha256=hashlib.sha256(data).hexdigest())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    with temporary.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    return SavedModel(
+        path=path, sha256=hashlib.sha256(data).hexdigest(), serving_sha256=serving_sha256
+    )
 
 
 def load(path: Path | str, sha256: str) -> Pipeline:
     """The Pipeline in `path`, if its bytes hash to `sha256` and it holds only
     ALLOWED_TYPES beyond skops' own, ending in one of our two estimators on our
     five features. Raises ModelRefused otherwise."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ModelRefused(f"cannot read {path}: {exc.strerror or exc}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ModelRefused(
-            f"{path} has changed since it was registered: sha256 {digest[:12]}...,"
-            f" registered {sha256[:12]}..."
-        )
+    data = read_checked(path, sha256)
     try:
         untrusted = set(sio.get_untrusted_types(data=data))
     except Exception as exc:  # noqa: BLE001 - any parse failure is a refusal

@@ -4,19 +4,22 @@ The engine's sync step calls `Scorer.score` inside the transaction that stores a
 batch, after the versions are assigned (the entities locked) and before detection
 bumps the counters: the features are read from the counters as committed before
 this batch (storage/feature_counters.py) in five statements, computed in one pass,
-and scored with one `predict_proba` for the whole batch. They are the numbers
+and scored with one call of the served model for the whole batch. They are the numbers
 `ml.features.extract` computes for training (the skew test holds them equal).
 
 Operations at or above `ml.hint_threshold` also get their two strongest reasons:
 each feature in turn set to its neutral value (no other editor, just synced, an
 unknown user, a quiet entity, fields never in conflict), all of them in one more
-`predict_proba`; the features whose neutral value lowers the risk most are the
+call; the features whose neutral value lowers the risk most are the
 reasons (docs/decisions/0012-hint-reasons.md).
 
 The scorer follows the registry: it asks which model is active at most every
 `REFRESH_S` (and `preload`s it at the engine's start and when the MQTT process
-says a model was activated), and loads a new one with `ml.registry.load`, hash
-and types checked. A file that is refused leaves scoring off, logged once.
+says a model was activated), and loads a new one's served form with
+`ml.serving.load`, both files' hashes checked: plain arrays, so the engine never
+imports scikit-learn (a model registered before the served form existed is read
+from its skops file with `ml.registry.load` and converted once). A file that is
+refused leaves scoring off, logged once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +36,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
+from ml import serving
 from ml.dataset import DEFAULT_FIRST_SYNC_HOURS, FEATURES
+from ml.serving import ModelRefused
 from storage import feature_counters, ml_models
 from storage.feature_counters import Snapshot, counted_field, hour_range, slot_range
 
@@ -96,51 +100,9 @@ def serving_features(
     return X
 
 
-class Predictor:
-    """The model's probability of a conflict for each row: `predict_proba(X)[:, 1]`.
-
-    A forest alone in its Pipeline (ml/train.py's `random_forest`) is summed tree by
-    tree here, without the joblib dispatch scikit-learn wraps around each tree: the
-    same arithmetic in the same order, at less than half the cost for a batch
-    (measured: 9 against 21 ms for 1,000 rows). It is used only if it gives exactly
-    `predict_proba`'s numbers on a probe of the features' ranges when the model is
-    loaded; otherwise, and for the logistic regression, `predict_proba` is called.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self._trees: list[Any] | None = None
-        final = model[-1]
-        if len(model) == 1 and type(final).__name__ == "RandomForestClassifier":
-            trees = [estimator.tree_ for estimator in final.estimators_]
-            probe = np.random.default_rng(0).uniform(0, 1, (256, len(FEATURES))) * _RANGES
-            if np.array_equal(self._forest(trees, probe), model.predict_proba(probe)):
-                self._trees = trees
-
-    @staticmethod
-    def _forest(trees: list[Any], X: F64) -> F64:
-        X32 = np.ascontiguousarray(X, dtype=np.float32)
-        total = np.zeros((len(X32), 2), dtype=np.float64)
-        for tree in trees:
-            total += tree.predict(X32)
-        total /= len(trees)
-        return total
-
-    def __call__(self, X: F64) -> F64:
-        if self._trees is not None:
-            return self._forest(self._trees, X)[:, 1]
-        probabilities: F64 = self.model.predict_proba(X)[:, 1]
-        return probabilities
-
-
-_RANGES = np.array([20.0, 200.0, 1.0, 500.0, 1.0])
-"""Per feature, the span of the probe that checks the fast path: past every value
-the features take in practice (counts, hours up to the cap, rates and shares)."""
-
-
 def reasons(predict: Callable[[F64], F64], X: F64, risks: F64) -> list[tuple[str, ...]]:
     """Per row, the REASONS features whose neutral value lowers its risk most (one
-    `predict_proba` for every row and feature at once)."""
+    call of the model for every row and feature at once)."""
     neutral = np.asarray(NEUTRAL)
     # A feature already at its neutral value lowers nothing: no probe for it.
     rows, columns = np.nonzero(np.not_equal(X, neutral))
@@ -169,7 +131,7 @@ class Scorer:
             window_s=window_s, first_sync_hours=first_sync_hours, hint_threshold=hint_threshold
         )
         self.refresh_s = refresh_s
-        self.model: Predictor | None = None
+        self.model: serving.Model | None = None
         self.model_id: str | None = None
         """The active model's id as last seen (also when its file was refused)."""
         self.refused: str | None = None
@@ -211,9 +173,9 @@ class Scorer:
 
     async def preload(self, database: AsyncEngine) -> None:
         """Load the active model now, off the event loop: at start, and when the MQTT
-        process says a model was activated (its answer waits for this). A forest
-        takes a second to import and load, which a batch's transaction would
-        otherwise hold the database for."""
+        process says a model was activated (its answer waits for this). A model
+        older than its served form takes a second to import and load, which a
+        batch's transaction would otherwise hold the database for."""
         try:
             async with database.connect() as conn:
                 found = await ml_models.active_file(conn)
@@ -229,32 +191,25 @@ class Scorer:
         self._checked_at = time.monotonic()
         self._take(await ml_models.active_file(conn))
 
-    def _take(self, found: tuple[str, str, str] | None) -> None:
+    def _take(self, found: ml_models.ActiveFile | None) -> None:
         """Score with the model `found` active from now on (None: no model)."""
         if found is None:
             if self.model_id is not None:
                 log.info("no model active: operations are no longer scored")
             self.model, self.model_id, self.refused = None, None, None
             return
-        model_id, path, sha256 = found
-        if model_id == self.model_id:
+        if found.model_id == self.model_id:
             return
-        from ml.registry import ModelRefused, load
-
-        self.model_id = model_id
+        self.model_id = found.model_id
         try:
-            model = load(path, sha256)
+            model = serving.load(found.file_path, found.sha256, found.serving_sha256)
         except ModelRefused as exc:
             self.model, self.refused = None, exc.reason
             log.error(
                 "the active model is refused: operations are not scored",
-                model_id=model_id,
+                model_id=found.model_id,
                 reason=exc.reason,
             )
             return
-        if "n_jobs" in model[-1].get_params():
-            # One batch is a few hundred rows: threads for it cost more than they
-            # save, and the engine's core is the one they would take.
-            model[-1].set_params(n_jobs=1)
-        self.model, self.refused = Predictor(model), None
-        log.info("scoring with model", model_id=model_id)
+        self.model, self.refused = model, None
+        log.info("scoring with model", model_id=found.model_id)

@@ -93,7 +93,8 @@ def main(
 def _judge(incumbent: Incumbent, dataset: Dataset, result: TrainResult) -> dict[str, Any]:
     """The incumbent's metrics on the new model's holdout; a file that cannot be loaded
     any more is said so (and loses to any model)."""
-    from ml.registry import ModelRefused, load
+    from ml.registry import load
+    from ml.serving import ModelRefused
 
     held = dataset.stored_at >= result.window.holdout_from_us
     try:

@@ -17,24 +17,23 @@ minute of `edited_at`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, and_, select
+import numpy as np
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
-from storage.db import by_entity, chunks, upsert_into
+from storage.db import chunks, driver_sql, upsert_into
 from storage.schema import (
-    device_counters,
     entity_editors,
     entity_hours,
     field_counters,
-    user_counters,
 )
 
 SLOT_US = 60_000_000
@@ -83,84 +82,91 @@ def slot_range(edited_at_us: int, window_us: int) -> tuple[int, int]:
 
 async def snapshot(conn: AsyncConnection, records: Sequence[OpRecord], window_us: int) -> Snapshot:
     """What `records` are scored from, read in one statement per counter table (per
-    chunk of keys, and per cluster of times when the batch's edits are far apart)."""
+    chunk of keys, and per cluster of times when the batch's edits are far apart).
+
+    Driver SQL: a batch's statements differ in their IN lists every time, and
+    SQLAlchemy's compiling and row objects cost three times what SQLite's answers
+    do (measured: 27 against 6 ms for a batch of 3,500 operations)."""
     found = Snapshot()
     if not records:
         return found
-    users = sorted({r.user_id for r in records})
-    for part in chunks(users):
-        u = user_counters.c
-        result = await conn.execute(
-            select(u.user_id, u.ops, u.conflicts).where(u.user_id.in_(part))
-        )
-        found.users.update({user: (int(n), int(c)) for user, n, c in result})
+    for user, n, c in await _rows(conn, _USERS, (), sorted({r.user_id for r in records})):
+        found.users[user] = (int(n), int(c))
     devices = sorted({r.device_id for r in records})
-    for part in chunks(devices):
-        d = device_counters.c
-        receipts = await conn.execute(
-            select(d.device_id, d.last_received_at).where(
-                d.device_id.in_(part), d.last_received_at.is_not(None)
-            )
-        )
-        found.devices.update({device: int(at) for device, at in receipts})
+    for device, at in await _rows(conn, _DEVICES, (), devices):
+        found.devices[device] = int(at)
     per_type: dict[str, set[str]] = {}
     for record in records:
         per_type.setdefault(record.entity_type, set()).update(map(counted_field, record.changes))
-    f = field_counters.c
     for kind, names in sorted(per_type.items()):
-        for part in chunks(sorted(names)):
-            counts = await conn.execute(
-                select(f.field, f.ops, f.conflicts).where(f.entity_type == kind, f.field.in_(part))
-            )
-            found.fields.update({(kind, name): (int(n), int(c)) for name, n, c in counts})
-    h = entity_hours.c
-    for where in _clustered(h.entity_type, h.entity_id, h.hour, records, hour_range):
-        for kind, name, hour, ops in await conn.execute(
-            select(h.entity_type, h.entity_id, h.hour, h.ops).where(where)
-        ):
+        for name, n, c in await _rows(conn, _FIELDS, (kind,), sorted(names)):
+            found.fields[kind, name] = (int(n), int(c))
+    for kind, lo, hi, ids in _clustered(records, HOUR_US, HOURS_BACK * HOUR_US, 0):
+        for name, hour, ops in await _rows(conn, _HOURS, (kind, lo, hi), ids):
             found.hours.setdefault((kind, name), {})[int(hour)] = int(ops)
-    e = entity_editors.c
-    for where in _clustered(
-        e.entity_type, e.entity_id, e.slot, records, lambda at: slot_range(at, window_us)
-    ):
-        for kind, name, slot, user in await conn.execute(
-            select(e.entity_type, e.entity_id, e.slot, e.user_id).where(where)
-        ):
+    for kind, lo, hi, ids in _clustered(records, SLOT_US, window_us, window_us):
+        for name, slot, user in await _rows(conn, _EDITORS, (kind, lo, hi), ids):
             found.editors.setdefault((kind, name), {}).setdefault(int(slot), set()).add(user)
     return found
 
 
+_USERS = "SELECT user_id, ops, conflicts FROM user_counters WHERE user_id IN ({keys})"
+_DEVICES = (
+    "SELECT device_id, last_received_at FROM device_counters"
+    " WHERE device_id IN ({keys}) AND last_received_at IS NOT NULL"
+)
+_FIELDS = (
+    "SELECT field, ops, conflicts FROM field_counters WHERE entity_type = ? AND field IN ({keys})"
+)
+_HOURS = (
+    "SELECT entity_id, hour, ops FROM entity_hours"
+    " WHERE entity_type = ? AND hour >= ? AND hour <= ? AND entity_id IN ({keys})"
+)
+_EDITORS = (
+    "SELECT entity_id, slot, user_id FROM entity_editors"
+    " WHERE entity_type = ? AND slot >= ? AND slot <= ? AND entity_id IN ({keys})"
+)
+
+
+async def _rows(
+    conn: AsyncConnection, sql: str, fixed: tuple[Any, ...], keys: Sequence[str]
+) -> list[tuple[Any, ...]]:
+    """The rows of `sql` for `keys`, in chunks under the bound-parameter limits (each
+    key in one IN list, after the `fixed` parameters)."""
+    rows: list[tuple[Any, ...]] = []
+    for part in chunks(keys):
+        statement = driver_sql(conn, sql.format(keys=", ".join("?" * len(part))))
+        rows.extend((await conn.exec_driver_sql(statement, (*fixed, *part))).all())
+    return rows
+
+
 def _clustered(
-    entity_type: ColumnElement[str],
-    entity_id: ColumnElement[str],
-    time: ColumnElement[int],
-    records: Sequence[OpRecord],
-    span: Callable[[int], tuple[int, int]],
-) -> Iterable[ColumnElement[bool]]:
-    """WHERE clauses that cover each record's entity over its `span` of times: the
-    spans merged where they overlap (live traffic: one cluster; an offline device's
-    old edits: one more), each cluster asked for the entities whose spans are in it."""
-    edits = [r.edited_at_us for r in records]
-    earliest, latest = span(min(edits)), span(max(edits))
-    if latest[0] <= earliest[1] + 1:
-        # Live traffic: the spans (all of one width) of the earliest and the latest
-        # edit overlap, so every span overlaps every other: one cluster, no sort.
-        every = sorted({(r.entity_type, r.entity_id) for r in records})
-        for where in by_entity(entity_type, entity_id, every):
-            yield and_(where, time >= earliest[0], time <= latest[1])
-        return
-    spans = [(*span(r.edited_at_us), (r.entity_type, r.entity_id)) for r in records]
-    clusters: list[tuple[int, int, set[EntityKey]]] = []
-    for lo, hi, key in sorted(spans):
-        if clusters and lo <= clusters[-1][1] + 1:
-            first, last, keys = clusters[-1]
-            keys.add(key)
-            clusters[-1] = (first, max(last, hi), keys)
-        else:
-            clusters.append((lo, hi, {key}))
-    for lo, hi, keys in clusters:
-        for where in by_entity(entity_type, entity_id, sorted(keys)):
-            yield and_(where, time >= lo, time <= hi)
+    records: Sequence[OpRecord], unit_us: int, before_us: int, after_us: int
+) -> Iterable[tuple[str, int, int, list[str]]]:
+    """(entity type, first, last, entity ids) that cover each record's entity over its
+    span of times, from `(edited_at - before) // unit` to `(edited_at + after) // unit`:
+    the spans merged where they overlap (live traffic: one cluster; an offline
+    device's old edits: one more), each cluster asked for the entities whose spans
+    are in it. Every span has the same width, so in the order of `edited_at` a
+    cluster ends where a span starts past the one before it."""
+    at = np.fromiter((r.edited_at_us for r in records), dtype=np.int64, count=len(records))
+    order = np.argsort(at, kind="stable")
+    at = at[order]
+    first, last = (at - before_us) // unit_us, (at + after_us) // unit_us
+    bounds = [0, *(np.flatnonzero(first[1:] > last[:-1] + 1) + 1).tolist(), len(at)]
+    keys = [(records[i].entity_type, records[i].entity_id) for i in order.tolist()]
+    for start, end in itertools.pairwise(bounds):
+        yield from _per_type(int(first[start]), int(last[end - 1]), set(keys[start:end]))
+
+
+def _per_type(
+    lo: int, hi: int, keys: Iterable[EntityKey]
+) -> Iterable[tuple[str, int, int, list[str]]]:
+    per_type: dict[str, list[str]] = {}
+    for kind, name in keys:
+        per_type.setdefault(kind, []).append(name)
+    for kind, names in sorted(per_type.items()):
+        yield kind, lo, hi, sorted(names)
 
 
 class _Upserts(NamedTuple):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from sqlalchemy import select, update
@@ -81,6 +81,8 @@ class ModelRow:
     failure_reason: str | None
     file_path: str | None
     sha256: str | None
+    serving_sha256: str | None
+    """Of the model's served form (ml/serving.py); None for a model older than it."""
     finished_at: int | None
     activated_at: int | None
 
@@ -186,6 +188,7 @@ def _row(values: Any) -> ModelRow:
         failure_reason=values["failure_reason"],
         file_path=values["file_path"],
         sha256=values["sha256"],
+        serving_sha256=values["serving_sha256"],
         finished_at=values["finished_at"],
         activated_at=values["activated_at"],
     )
@@ -223,6 +226,7 @@ async def mark_ready(
     baseline_metrics: dict[str, Any],
     file_path: str,
     sha256: str,
+    serving_sha256: str,
     announce: Announce | None = None,
 ) -> ModelRow:
     """`announce(row)`: the outbox rows that tell of the ready model (`model.trained`),
@@ -237,6 +241,7 @@ async def mark_ready(
             "baseline_metrics": _encode(baseline_metrics).decode(),
             "file_path": file_path,
             "sha256": sha256,
+            "serving_sha256": serving_sha256,
         },
         announce,
     )
@@ -331,15 +336,22 @@ async def active(engine: AsyncEngine) -> ModelRow | None:
     return _row(found) if found is not None else None
 
 
-async def active_file(conn: AsyncConnection) -> tuple[str, str, str] | None:
-    """(model id, file, sha256) of the active model, in the caller's transaction: what
-    the online scorer checks, every few seconds, to follow activations."""
+class ActiveFile(NamedTuple):
+    model_id: str
+    file_path: str
+    sha256: str
+    serving_sha256: str | None
+
+
+async def active_file(conn: AsyncConnection) -> ActiveFile | None:
+    """The active model's files, in the caller's transaction: what the online scorer
+    checks, every few seconds, to follow activations."""
     m = ml_models.c
     found = (
         await conn.execute(
-            select(m.id, m.file_path, m.sha256).where(
+            select(m.id, m.file_path, m.sha256, m.serving_sha256).where(
                 m.status == ACTIVE, m.file_path.is_not(None), m.sha256.is_not(None)
             )
         )
     ).one_or_none()
-    return None if found is None else (found[0], found[1], found[2])
+    return None if found is None else ActiveFile(found[0], found[1], found[2], found[3])

@@ -343,6 +343,7 @@ ml_models = Table(
     Column("failure_reason", Text, nullable=True),
     Column("file_path", Text, nullable=True),
     Column("sha256", String(64), nullable=True),
+    Column("serving_sha256", String(64), nullable=True),
     Column("created_at", BigInteger, nullable=False),
     Column("finished_at", BigInteger, nullable=True),
     Column("activated_at", BigInteger, nullable=True),
@@ -360,4 +361,6 @@ ml_models = Table(
 index). Times in µs; `data_since`/`data_until` are the first and last `stored_at`
 of the rows it learned from, `holdout_from` the first of the time-ordered holdout;
 `metrics` and `baseline_metrics` are JSON (ml/train.py); `file_path` is the skops
-file, absolute, and `sha256` its bytes' hash."""
+file, absolute, and `sha256` its bytes' hash; `serving_sha256` the hash of the
+arrays the engine scores with, beside it (ml/serving.py; NULL for a model
+registered before migration 0012, which the engine serves through scikit-learn)."""

@@ -20,8 +20,8 @@ from sklearn.preprocessing import FunctionTransformer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.cli.ml_views import models_view
-from ml import registry
-from ml.registry import ModelRefused
+from ml import registry, serving
+from ml.serving import ModelRefused
 from ml.train import TrainResult, train
 from storage import ml_models
 from storage.ml_models import DataWindow, ModelRow, UnknownModel, WrongStatus
@@ -53,6 +53,7 @@ async def ready_model(engine: AsyncEngine, name: str) -> str:
         baseline_metrics={"feature": "concurrent_editors", "holdout": {"roc_auc": 0.7}},
         file_path=f"/models/{name}.skops",
         sha256="0" * 64,
+        serving_sha256="1" * 64,
     )
     return row.id
 
@@ -139,8 +140,17 @@ def test_a_saved_model_loads_when_its_bytes_are_the_registered_ones(
     assert np.array_equal(holdout.model_scores, forest.holdout.model_scores)
     assert sorted(p.name for p in saved.path.parent.iterdir()) == [
         "m_abc.holdout.npz",
+        "m_abc.serving.npz",
         "m_abc.skops",
     ]
+    served = serving.load(saved.path, saved.sha256, saved.serving_sha256)
+    assert (
+        saved.serving_sha256
+        == hashlib.sha256(serving.serving_path(saved.path).read_bytes()).hexdigest()
+    )
+    np.testing.assert_allclose(
+        served(X), forest.pipeline.predict_proba(X)[:, 1], rtol=0, atol=serving.TOLERANCE
+    )
 
 
 def test_changed_bytes_are_refused(tmp_path: Path, forest: TrainResult) -> None:
@@ -150,6 +160,53 @@ def test_changed_bytes_are_refused(tmp_path: Path, forest: TrainResult) -> None:
     saved.path.write_bytes(bytes(data))
     with pytest.raises(ModelRefused, match="has changed since it was registered"):
         registry.load(saved.path, saved.sha256)
+
+
+def test_the_engine_refuses_a_changed_served_form_or_skops_file(
+    tmp_path: Path, forest: TrainResult
+) -> None:
+    saved = registry.save(forest.pipeline, forest.holdout, tmp_path, "m_abc")
+    served = serving.serving_path(saved.path)
+    original = served.read_bytes()
+    served.write_bytes(original[:-1] + bytes([original[-1] ^ 0x01]))
+    with pytest.raises(ModelRefused, match=r"m_abc\.serving\.npz has changed since"):
+        serving.load(saved.path, saved.sha256, saved.serving_sha256)
+    served.write_bytes(original)
+    saved.path.write_bytes(saved.path.read_bytes() + b"\0")
+    with pytest.raises(ModelRefused, match=r"m_abc\.skops has changed since"):
+        serving.load(saved.path, saved.sha256, saved.serving_sha256)
+
+
+def test_served_arrays_that_do_not_make_a_forest_are_refused(
+    tmp_path: Path, forest: TrainResult
+) -> None:
+    """Registered honestly (its hash recorded) but wrong inside: a child past the
+    last node. The walk indexes unchecked, so the load checks."""
+    saved = registry.save(forest.pipeline, forest.holdout, tmp_path, "m_abc")
+    model = serving.load(saved.path, saved.sha256, saved.serving_sha256)
+    assert isinstance(model, serving.Forest)
+    children = model.children.copy()
+    children[7] = len(model.value)
+    sha = serving.write(replace(model, children=children), saved.path)
+    with pytest.raises(ModelRefused, match="is not a served model: its arrays do not make"):
+        serving.load(saved.path, saved.sha256, sha)
+
+
+def test_a_model_older_than_served_forms_is_read_through_its_skops_file(
+    tmp_path: Path, forest: TrainResult
+) -> None:
+    saved = registry.save(forest.pipeline, forest.holdout, tmp_path, "m_abc")
+    serving.serving_path(saved.path).unlink()
+    served = serving.load(saved.path, saved.sha256, None)
+    X = synthetic(50, seed=9).X
+    np.testing.assert_allclose(
+        served(X), forest.pipeline.predict_proba(X)[:, 1], rtol=0, atol=serving.TOLERANCE
+    )
+    sha = write_skops(
+        tmp_path / "m_evil.skops", Pipeline([("run", FunctionTransformer(func=builtins.eval))])
+    )
+    with pytest.raises(ModelRefused, match="types not allowed in a model"):
+        serving.load(tmp_path / "m_evil.skops", sha, None)
 
 
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
@@ -210,6 +267,7 @@ def test_the_models_table_fits_a_terminal_and_says_why_a_run_failed() -> None:
         failure_reason=None,
         file_path="/models/m_0123456789ab.skops",
         sha256="0" * 64,
+        serving_sha256="1" * 64,
         finished_at=None,
         activated_at=None,
     )

@@ -1,15 +1,24 @@
-"""The scorer's predictor: a forest summed tree by tree gives exactly scikit-learn's
-`predict_proba`, and anything else is left to `predict_proba`."""
+"""The served model (ml/serving.py): a forest walked over arrays gives exactly
+scikit-learn's `predict_proba` (up to its threads' order of summing), a logistic
+regression the same to 1e-12, and loading one never imports scikit-learn."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from ml.scoring import NEUTRAL, Predictor, reasons
+from ml import registry, serving
+from ml.scoring import NEUTRAL, reasons
+from ml.train import Holdout
+from tests.support.ml import synthetic
 
 
 def data(rows: int = 600) -> tuple[np.ndarray, np.ndarray]:
@@ -19,22 +28,84 @@ def data(rows: int = 600) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def test_a_forest_is_summed_tree_by_tree_with_predict_probas_numbers() -> None:
+def fresh(rows: int) -> np.ndarray:
+    """Past the training data's ranges, and on its thresholds' float32 edges: whole
+    counts, and values a float32 rounding away from others."""
+    X = data(rows)[0] * 1.7
+    X[:, 0] = np.floor(X[:, 0])
+    X[::3, 1] = np.float32(X[::3, 1])
+    return X
+
+
+def test_a_forest_walked_over_arrays_gives_predict_probas_numbers_exactly() -> None:
     X, y = data()
-    forest = RandomForestClassifier(n_estimators=25, max_depth=8, random_state=0)
+    forest = RandomForestClassifier(n_estimators=25, max_depth=8, random_state=0, n_jobs=1)
     model = Pipeline([("forest", forest.fit(X, y))])
-    predictor = Predictor(model)
-    assert predictor._trees is not None
-    fresh = data(333)[0] * 1.7
-    np.testing.assert_array_equal(predictor(fresh), model.predict_proba(fresh)[:, 1])
+    served = serving.export(model)
+    assert isinstance(served, serving.Forest)
+    for rows in (1, 22, serving.CHUNK, 1000):
+        X = fresh(rows)
+        np.testing.assert_array_equal(served(X), model.predict_proba(X)[:, 1])
 
 
-def test_a_logistic_regression_is_left_to_predict_proba() -> None:
+def test_a_forest_with_threads_differs_from_it_by_at_most_the_order_of_summing() -> None:
+    X, y = data()
+    forest = RandomForestClassifier(n_estimators=40, random_state=0, n_jobs=2).fit(X, y)
+    model = Pipeline([("forest", forest)])
+    X = fresh(2000)
+    np.testing.assert_allclose(
+        serving.export(model)(X), model.predict_proba(X)[:, 1], rtol=0, atol=1e-15
+    )
+
+
+def test_a_logistic_regression_gives_predict_probas_numbers() -> None:
     X, y = data()
     model = Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression())]).fit(X, y)
-    predictor = Predictor(model)
-    assert predictor._trees is None
-    np.testing.assert_array_equal(predictor(X), model.predict_proba(X)[:, 1])
+    served = serving.export(model)
+    assert isinstance(served, serving.Logistic)
+    X = fresh(500)
+    np.testing.assert_allclose(served(X), model.predict_proba(X)[:, 1], rtol=0, atol=1e-12)
+
+
+def test_a_pipeline_of_another_shape_has_no_served_form() -> None:
+    X, y = data()
+    model = Pipeline([("same", FunctionTransformer()), ("logistic", LogisticRegression())])
+    with pytest.raises(ValueError, match=r"no served form for \['FunctionTransformer'"):
+        serving.export(model.fit(X, y))
+
+
+def test_the_engine_loads_a_served_model_without_importing_scikit_learn(
+    tmp_path: Path,
+) -> None:
+    """What the engine does at a start with a model active, in a fresh interpreter:
+    scikit-learn (~1 s to import, ~150 MiB) and skops stay out."""
+    trained = synthetic(800, seed=5)
+    forest = RandomForestClassifier(n_estimators=10, random_state=0, n_jobs=1)
+    model = Pipeline([("forest", forest.fit(trained.X, trained.y))])
+    saved = registry.save(model, _holdout(), tmp_path, "m_abc")
+    X = trained.X[:40]
+    np.save(tmp_path / "X.npy", X)
+    script = f"""
+import sys
+import numpy as np
+from ml import scoring, serving
+model = serving.load({str(saved.path)!r}, {saved.sha256!r}, {saved.serving_sha256!r})
+np.save({str(tmp_path / "risk.npy")!r}, model(np.load({str(tmp_path / "X.npy")!r})))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "skops", "scipy", "pandas")))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+    np.testing.assert_array_equal(np.load(tmp_path / "risk.npy"), model.predict_proba(X)[:, 1])
+
+
+def _holdout() -> Holdout:
+    return Holdout(
+        y=np.array([0, 1], dtype=np.int8),
+        model_scores=np.array([0.1, 0.9]),
+        baseline_scores=np.array([0.2, 0.8]),
+    )
 
 
 def test_reasons_are_the_features_whose_neutral_value_lowers_the_risk_most() -> None:
@@ -44,8 +115,7 @@ def test_reasons_are_the_features_whose_neutral_value_lowers_the_risk_most() -> 
     drops computed one probe at a time."""
     X, y = data()
     model = Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression())])
-    model.fit(X, y)
-    predict = Predictor(model)
+    predict = serving.export(model.fit(X, y))
     rows = np.array([[5.0, 160.0, 0.5, 3.0, 0.2], [5.0, 0.0, 0.5, 0.0, 0.0]])
     risks = predict(rows)
     got = reasons(predict, rows, risks)

@@ -235,6 +235,7 @@ def test_the_report_writes_its_pictures_and_a_page(forest: TrainResult, tmp_path
         failure_reason=None,
         file_path=str(saved.path),
         sha256=saved.sha256,
+        serving_sha256=saved.serving_sha256,
         finished_at=None,
         activated_at=None,
     )

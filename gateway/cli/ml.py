@@ -206,6 +206,7 @@ def report(
     calibration, scores), from the holdout it was judged on."""
     from ml import registry
     from ml.report import write_report
+    from ml.serving import ModelRefused
     from storage import ml_models
 
     settings = load_settings(config_path)
@@ -226,7 +227,7 @@ def report(
         raise typer.Exit(EXIT_FAILED)
     try:
         holdout = registry.load_holdout(row.file_path)
-    except registry.ModelRefused as exc:
+    except ModelRefused as exc:
         typer.echo(f"fieldgate: {exc.reason}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
     written = write_report(row, holdout, out)

@@ -171,9 +171,10 @@ class Trainer:
         )
 
     async def activate(self, model_id: str) -> ModelRow:
-        """Make a ready model the active one, after its file loaded (its hash, its
-        types): a refused file leaves the active model as it was. Raises Refused."""
-        from ml.registry import ModelRefused, load
+        """Make a ready model the active one, after its served form loaded as the
+        engine will load it (ml.serving.load: the hashes): a refused file leaves the
+        active model as it was. Raises Refused."""
+        from ml.serving import ModelRefused, load
 
         row = await ml_models.get(self.database, model_id)
         if row is None:
@@ -181,7 +182,7 @@ class Trainer:
         if row.status not in ("ready", "active") or row.file_path is None or row.sha256 is None:
             raise Refused(f"model {row.id} is {row.status}: only a ready model")
         try:
-            await asyncio.to_thread(load, row.file_path, row.sha256)
+            await asyncio.to_thread(load, row.file_path, row.sha256, row.serving_sha256)
         except ModelRefused as exc:
             raise Refused(f"model {row.id} refused: {exc.reason}") from None
         try:
