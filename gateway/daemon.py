@@ -126,13 +126,6 @@ class Daemon:
         self.dead_letters = DeadLetters(
             self.database, self.redis, lambda: self.settings, self.metrics
         )
-        self.webhooks = WebhookSender(
-            self.database,
-            lambda: self.settings,
-            self.poster,
-            self.metrics,
-            on_dead=self._dead_delivery,
-        )
         self.escalation = AlertStep(rules.alert_policy(settings), rules.alert_notices(settings))
         self.escalator = Escalator(
             self.database,
@@ -154,6 +147,14 @@ class Daemon:
             metrics=self.metrics,
             wake={WAKE_OUTBOX: self._outbox_written, WAKE_ESCALATION: self.escalator.poke},
             publish_leased=self.outbox.publish_leased,
+        )
+        self.webhooks = WebhookSender(
+            self.database,
+            lambda: self.settings,
+            self.poster,
+            self.metrics,
+            on_dead=self._dead_delivery,
+            behind=self.intake.behind,
         )
         self.status = Status(
             lambda: self.settings,

@@ -36,6 +36,9 @@ EventType = Literal[
 ]
 EVENT_TYPES: frozenset[str] = frozenset(get_args(EventType))
 """PROTOCOL.md's event types; `*` in an endpoint's `events` means all of them."""
+URGENT_EVENTS: frozenset[str] = frozenset({"alert.crisis", "alert.crisis.escalated"})
+"""Sent at once even while the intake drains a backlog, when the other events wait
+(docs/webhooks.md, "While a backlog drains")."""
 ALL_EVENTS = "*"
 Subscription = Literal[EventType, "*"]
 """What an endpoint's `events` lists."""

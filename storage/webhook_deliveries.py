@@ -81,20 +81,29 @@ def new_id(prefix: str) -> str:
 
 
 async def fan_out(
-    engine: AsyncEngine, subscribers: Mapping[str, Sequence[Target]], limit: int, now_us: int
-) -> tuple[int, dict[str, int]]:
-    """Turn up to `limit` unsent webhook events of the outbox into deliveries, one per
-    subscribed endpoint (`subscribers`: event type -> targets), and mark the events
-    sent. Returns the events taken and the new deliveries per endpoint.
+    engine: AsyncEngine,
+    subscribers: Mapping[str, Sequence[Target]],
+    limit: int,
+    now_us: int,
+    *,
+    only: Collection[str] = (),
+) -> tuple[int, dict[str, set[str]]]:
+    """Turn up to `limit` unsent webhook events of the outbox (with `only`, of those
+    types alone) into deliveries, one per subscribed endpoint (`subscribers`: event
+    type -> targets), and mark the events sent. Returns the events taken and, per
+    endpoint, the event types of its new deliveries.
 
     An event no endpoint subscribes to any more (a reload removed it) is marked sent
     with no delivery. The rows are locked (PostgreSQL: SKIP LOCKED), so instances fan
     out different events.
     """
-    added: dict[str, int] = {}
+    added: dict[str, set[str]] = {}
     async with engine.begin() as conn:
         lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
-        found = await conn.exec_driver_sql(driver_sql(conn, _DUE.format(lock=lock)), (limit,))
+        types = sorted(only)
+        where = f" AND event_type IN ({_marks(types)})" if types else ""
+        sql = driver_sql(conn, _DUE.format(lock=lock, only=where))
+        found = await conn.exec_driver_sql(sql, (*types, limit))
         events = cast(list[tuple[Any, ...]], found.all())
         if not events:
             return 0, added
@@ -109,7 +118,7 @@ async def fan_out(
                 if url not in shown:
                     shown[url] = webhooks.public_url(url)
                 rows.append((outbox_id, event_id, name, now_us + first_wait_us, 0, shown[url]))
-                added[name] = added.get(name, 0) + 1
+                added.setdefault(name, set()).add(event_type)
         if rows:
             # Past SQLAlchemy's compiler: its work per row was a delivery's largest cost
             # on the sender's side after aiohttp's (storage.db.driver_sql).
@@ -121,7 +130,7 @@ async def fan_out(
 
 
 _DUE = (
-    "SELECT id, event_type FROM outbox WHERE channel = 'webhook' AND sent_at IS NULL"
+    "SELECT id, event_type FROM outbox WHERE channel = 'webhook' AND sent_at IS NULL{only}"
     " ORDER BY id LIMIT ?{lock}"
 )
 
@@ -145,17 +154,31 @@ _CLAIM = (
     "UPDATE webhook_deliveries SET claimed_until = ? WHERE id IN ("  # noqa: S608 - constant column names
     "SELECT id FROM webhook_deliveries"
     " WHERE endpoint = ? AND dead_at IS NULL AND due_at <= ?"
-    " AND (claimed_until IS NULL OR claimed_until < ?)"
+    " AND (claimed_until IS NULL OR claimed_until < ?){only}"
     " ORDER BY due_at, id LIMIT ?{lock})"
     # due_at first, to sort by; then `_CLAIMED`'s columns, in the order `_delivery` reads
     f" RETURNING due_at, {', '.join(column.name for column in _CLAIMED)}"
 )
 
 
+_ONLY = (
+    " AND EXISTS (SELECT 1 FROM outbox WHERE outbox.id = webhook_deliveries.outbox_id"
+    " AND outbox.event_type IN ({marks}))"
+)
+
+
 async def claim(
-    engine: AsyncEngine, endpoint: str, limit: int, now_us: int, lease_us: int
+    engine: AsyncEngine,
+    endpoint: str,
+    limit: int,
+    now_us: int,
+    lease_us: int,
+    *,
+    only: Collection[str] = (),
 ) -> list[Delivery]:
-    """Lease up to `limit` of the endpoint's due deliveries, the longest due first.
+    """Lease up to `limit` of the endpoint's due deliveries, the longest due first;
+    with `only`, of those event types alone (each candidate's event looked up by its
+    key).
 
     One statement, committed by itself (autocommit): SQLite's one write lock is held
     for one driver call, not across the event loop's turns between the statements
@@ -167,10 +190,12 @@ async def claim(
     its work per row was a tenth of the sender's CPU.
     """
     lock = " FOR UPDATE SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
-    params = (now_us + lease_us, endpoint, now_us, now_us, limit)
+    types = sorted(only)
+    params = (now_us + lease_us, endpoint, now_us, now_us, *types, limit)
+    where = _ONLY.format(marks=_marks(types)) if types else ""
     async with engine.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        sql = driver_sql(auto, _CLAIM.format(lock=lock))
+        sql = driver_sql(auto, _CLAIM.format(lock=lock, only=where))
         claimed = cast(list[tuple[Any, ...]], (await auto.exec_driver_sql(sql, params)).all())
         rows = sorted(claimed)
         events = await _events(auto, {row[2] for row in rows})

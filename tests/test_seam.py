@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from gateway import config
 from gateway.ingest.assembly import EngineSide
 from gateway.ingest.engine import Engine
 from gateway.metrics import Metrics
+from gateway.mqtt import intake as intake_module
 from gateway.mqtt.intake import Intake
 from gateway.mqtt.session import Inbound
 from gateway.seam import WAKE_ESCALATION, WAKE_OUTBOX, Delivery, Result
@@ -155,6 +157,36 @@ def test_the_priority_lane_reads_on_while_the_sync_lane_waits_for_the_engine() -
     engine.callback(Result(done=[engine.deliveries[0].receive_id]))
     assert sync.acked == [1, 2]
     assert sync.calls[-1] == "resume"
+
+
+def test_the_intake_is_behind_while_the_sync_lane_waits_and_a_moment_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the webhook sender yields to: the sync lane paused for the engine, or
+    holding BEHIND_HELD messages, and BEHIND_HOLD_S after (a draining backlog pauses
+    and resumes it many times a second)."""
+    monkeypatch.setattr(intake_module, "BEHIND_HOLD_S", 0.2)
+    monkeypatch.setattr(intake_module, "BEHIND_HELD", 3)
+    sync, priority, engine = Session(), Session(), Recording()
+    gate = intake(sync, engine, max_in_process=100, priority=priority)
+    sync.on_message(sync_message(10))
+    sync.on_message(sync_message(11))
+    assert not gate.behind()
+    sync.on_message(sync_message(12))
+    assert gate.behind() and sync.calls == []
+    engine.callback(Result(done=[delivery.receive_id for delivery in engine.deliveries]))
+    assert gate.behind()
+    time.sleep(0.25)
+    assert not gate.behind()
+    engine.deliveries.clear()
+    engine.full = True
+    sync.on_message(sync_message(1))
+    assert sync.calls == ["pause"] and gate.behind()
+    engine.full = False
+    engine.callback(Result(done=[engine.deliveries[0].receive_id]))
+    assert sync.calls[-1] == "resume" and gate.behind()
+    time.sleep(0.25)
+    assert not gate.behind()
 
 
 def test_a_message_from_another_lane_s_filter_is_taken_where_it_came() -> None:

@@ -42,7 +42,13 @@ WEBHOOK_COLUMNS: Columns = [
     ("last error", "left"),
 ]
 WEBHOOK_SHRINKABLE = [(6, 16), (0, 12), (1, 6)]
-STATE_STYLE = {"active": "green", "paused": "bold yellow", "probing": "yellow", "disabled": "dim"}
+STATE_STYLE = {
+    "active": "green",
+    "yielding": "cyan",
+    "paused": "bold yellow",
+    "probing": "yellow",
+    "disabled": "dim",
+}
 
 
 def dlq_list(data: dict[str, Any], width: int) -> list[RenderableType]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,16 @@ from handlers.errors import Code, Error
 from handlers.times import now_us
 
 log = structlog.get_logger("fieldgate.intake")
+
+BEHIND_HELD = 1_000
+"""Sync messages held (received, not yet acked) from which the intake counts as
+behind: a backlog's batches hold thousands; live traffic holds what arrives during
+a commit or two (~60 at 2,000 operations a second)."""
+BEHIND_HOLD_S = 2.0
+"""How long the intake still counts as behind after it last was: while a backlog
+drains, the engine's commits empty the channel and it fills again several times a
+second, and what yields to a backlog (webhooks) should not start and stop with
+each."""
 
 
 class Lane:
@@ -88,6 +99,7 @@ class Intake(Part):
         self._calls: dict[int, asyncio.Future[Reply]] = {}
         self._closed = asyncio.Event()
         self._attached = False
+        self._behind_until = 0.0
         engine.on_result(self._result)
         metrics.in_flight.set_function(lambda: self.in_flight)
 
@@ -95,6 +107,22 @@ class Intake(Part):
     def in_flight(self) -> int:
         """Messages received and not yet acked, in every lane."""
         return sum(len(lane.acks) for lane in self.lanes.values())
+
+    def behind(self) -> bool:
+        """Whether a backlog is being drained: the sync lane holds BEHIND_HELD messages
+        or more, or has paused its reading (the engine holds all it may), or did
+        either within BEHIND_HOLD_S. Work that can wait (webhook deliveries other
+        than crises) yields to it: the devices' acks go first."""
+        return self._backlog_now() or time.monotonic() < self._behind_until
+
+    def _backlog_now(self) -> bool:
+        """Whether the sync lane shows a backlog at this moment; if so, the hold of
+        BEHIND_HOLD_S starts again from now."""
+        sync = self.lanes.get(LANE_SYNC)
+        if sync is not None and (sync.session.paused or len(sync.acks) >= BEHIND_HELD):
+            self._behind_until = time.monotonic() + BEHIND_HOLD_S
+            return True
+        return False
 
     def mount(self, pattern: str, endpoint: Endpoint, lane: str) -> None:
         """Route `pattern` to `endpoint`, which takes its messages at once: they are acked
@@ -170,6 +198,8 @@ class Intake(Part):
                 continue
             below = len(lane.acks) < self.max_in_process * 3 // 4
             if lane.session.paused and below and not (lane.yields and self.engine.busy):
+                if lane.yields:
+                    self._backlog_now()  # paused until now: behind a moment more
                 lane.session.resume_reading()
 
     def _for_engine(self, kind: str, lane: Lane) -> Endpoint:

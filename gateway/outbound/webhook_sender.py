@@ -12,6 +12,10 @@ batches.
   row, then lets one probe through.
 - **Settling** writes outcomes (delivered, retry at, dead) every 250 ms, together:
   the delivered ones in one statement, not a transaction per POST.
+- **Yielding to a backlog**: while the intake drains one (`Intake.behind`),
+  fan-out and the lanes take crisis events at once and, of the others, a page
+  every YIELD_TRICKLE_S: the devices' acks go first (their commits do not wait
+  for SQLite's lock behind fan-out's), the rest waits in the outbox.
 
 Claims and the delivered ones' deletes are single statements in autocommit: on
 SQLite, the one write lock is held for one driver call, never across the event
@@ -77,6 +81,13 @@ of without at 250 ms, 0.71 at 50 ms; docs/benchmarks.md). The lease margin cover
 it."""
 POLL_S = 1.0
 """How often an idle lane looks for due retries (and other instances' lapsed leases)."""
+YIELD_TRICKLE_S = 1.0
+"""While the intake drains a backlog, fan-out takes crisis events at once and a page
+of YIELD_FAN_OUT_PAGE of the others this often, and a lane sends its crisis events
+at once and one `max_in_flight` of the others this often: the devices' acks go
+first, and the rest still moves (a gateway kept at its limit would otherwise never
+send them)."""
+YIELD_FAN_OUT_PAGE = 50
 GAUGES_EVERY_S = 5.0
 """How often the gauges read from the database (waiting deliveries, spool) are read,
 and removed endpoints' deliveries looked for."""
@@ -103,6 +114,10 @@ class Lane:
         """How long an attempt takes here, a moving average (None before the first)."""
         self.stale: list[Delivery] = []
         """Taken off the queue unattempted, their leases too near their end: to give back."""
+        self.urgent_added = False
+        """Fan-out wrote a crisis event for this endpoint: claimed at once, even yielding."""
+        self.trickle_at = 0.0
+        """While yielding: when the next page of other events may be claimed."""
         self.configure(config)
 
     def configure(self, config: WebhookConfig) -> None:
@@ -120,6 +135,8 @@ class Lane:
     def state(self) -> str:
         if not self.config.enabled:
             return "disabled"
+        if self.breaker.state == "closed" and self.sender.behind():
+            return "yielding"
         return {"closed": "active", "open": "paused", "half_open": "probing"}[self.breaker.state]
 
     async def run(self) -> None:
@@ -162,6 +179,8 @@ class Lane:
             self._start(probe[0])
             return None
         await self._give_back_stale()
+        if self.sender.behind():
+            return await self._fill_yielding(now_s)
         more = True
         if len(self.queue) < self.low_water():
             want = self.queue_bound() - len(self.queue)
@@ -172,6 +191,20 @@ class Lane:
         if self.queue:
             return None  # attempts' ends start the queued ones, and wake the lane
         return 0 if more else POLL_S
+
+    async def _fill_yielding(self, now_s: float) -> float | None:
+        """While the intake drains a backlog: crisis events as fan-out writes them, and
+        a page of the others every YIELD_TRICKLE_S (what is queued is sent)."""
+        if self.urgent_added:
+            self.urgent_added = False
+            self.queue.extend(await self._claim(self.queue_bound(), webhooks.URGENT_EVENTS))
+        if not self.queue and now_s >= self.trickle_at:
+            self.trickle_at = now_s + YIELD_TRICKLE_S
+            self.queue.extend(await self._claim(self.config.max_in_flight))
+        self._start_queued()
+        if self.queue:
+            return None
+        return max(0.0, self.trickle_at - now_s)
 
     def queue_bound(self) -> int:
         """How many the lane keeps claimed: CLAIM_PAGES of `max_in_flight`, fewer for an
@@ -187,11 +220,11 @@ class Lane:
         """Below this many queued, the lane claims more."""
         return max(1, self.queue_bound() // 2)
 
-    async def _claim(self, count: int) -> list[Delivery]:
+    async def _claim(self, count: int, only: frozenset[str] = frozenset()) -> list[Delivery]:
         lease_us = int((LEASE_TIMEOUTS * self.config.timeout_s + LEASE_MARGIN_S) * 1e6)
         now = now_us()
         claimed = await webhook_deliveries.claim(
-            self.sender.database, self.name, count, now, lease_us
+            self.sender.database, self.name, count, now, lease_us, only=only
         )
         for delivery in claimed:
             self.leases[delivery.id] = now + lease_us
@@ -366,6 +399,7 @@ class WebhookSender(Part):
         metrics: Metrics,
         *,
         on_dead: Callable[[], None],
+        behind: Callable[[], bool] = lambda: False,
     ) -> None:
         self.database = database
         self.settings = settings
@@ -374,6 +408,9 @@ class WebhookSender(Part):
         self.on_dead = on_dead
         """Dead deliveries were written: their notices (outbox) and the spool (the
         dead-letter mover) have work."""
+        self.behind = behind
+        """Whether the intake is draining a backlog: the lanes then yield to it."""
+        self._yielding = False
         self.rng = random.Random()
         self.lanes: dict[str, Lane] = {}
         self._lane_tasks: dict[str, asyncio.Task[None]] = {}
@@ -470,22 +507,35 @@ class WebhookSender(Part):
     async def _fan_out_loop(self) -> None:
         failures = 0
         gauges_at = 0.0
+        trickle_at = 0.0
         while True:
             if self._reconfigured:
                 self._reconfigured, gauges_at = False, 0.0
             self._fan_wake.clear()
+            self._say_if_yielding()
             wait_s = POLL_S
             try:
-                if time.monotonic() >= gauges_at:
+                now_s = time.monotonic()
+                if now_s >= gauges_at:
                     await self._abandon_unconfigured()
                     await self.refresh_metrics()
                     gauges_at = time.monotonic() + GAUGES_EVERY_S
+                page, only = FAN_OUT_PAGE, frozenset[str]()
+                if self._yielding:
+                    # Crisis events at once; the others a page now and then.
+                    if now_s >= trickle_at:
+                        page, trickle_at = YIELD_FAN_OUT_PAGE, now_s + YIELD_TRICKLE_S
+                    else:
+                        only = webhooks.URGENT_EVENTS
+                    wait_s = min(POLL_S, max(0.0, trickle_at - now_s))
                 taken, added = await webhook_deliveries.fan_out(
-                    self.database, self._subscribers(), FAN_OUT_PAGE, now_us()
+                    self.database, self._subscribers(), page, now_us(), only=only
                 )
-                for name in added:
-                    if name in self.lanes:
-                        self.lanes[name].wake.set()
+                for name, types in added.items():
+                    lane = self.lanes.get(name)
+                    if lane is not None:
+                        lane.urgent_added |= not types.isdisjoint(webhooks.URGENT_EVENTS)
+                        lane.wake.set()
                 failures = 0
                 if taken == FAN_OUT_PAGE:
                     continue
@@ -497,6 +547,17 @@ class WebhookSender(Part):
                 log.warning("webhook fan-out failed", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._fan_wake.wait(), timeout=wait_s)
+
+    def _say_if_yielding(self) -> None:
+        """Log when the lanes start and stop yielding to a backlog: the operator's
+        answer to "why are the conflict events late?"."""
+        yielding = self.behind()
+        if yielding != self._yielding:
+            self._yielding = yielding
+            if yielding:
+                log.info("webhooks yield to the intake's backlog: crisis events only")
+            else:
+                log.info("webhooks resume: the intake's backlog is drained")
 
     async def _abandon_unconfigured(self) -> None:
         """Dead-letter the waiting deliveries of removed endpoints (each round: one
