@@ -219,9 +219,10 @@ def test_while_a_backlog_drains_crises_go_at_once_and_other_events_wait(
     own_redis: RedisServer,
 ) -> None:
     """10,000 colliding sync operations queued while the daemon was down, then a panic:
-    the crisis is delivered while most of the backlog still waits; of the conflict
-    events the backlog makes, only a trickle (a page a second) is sent before it is
-    all stored (the devices' acks go first); then every one is delivered, once.
+    the crisis is delivered while most of the backlog still waits, and the endpoint
+    shows `yielding`; of the conflict events the backlog makes, only a trickle (a
+    page a second) is sent before it is all stored (the devices' acks go first);
+    then every one is delivered, once.
 
     Checked against: lanes that do not yield (1,043 conflict events sent during a
     drain of 2.3 s; 6 when they yield)."""
@@ -246,12 +247,18 @@ def test_while_a_backlog_drains_crises_go_at_once_and_other_events_wait(
         wait_for(lambda: any(r.event["type"] == "alert.crisis" for r in receiver.requests), 60)
         ((at_crisis,),) = db_rows(daemon.db_url, stored)
         started = time.monotonic()
+        operator = Client(own_broker.port).connect()
+        try:
+            (shown,) = Admin(operator, daemon.root).data("webhooks/list")["items"]
+        finally:
+            operator.close()
         wait_for(lambda: db_rows(daemon.db_url, stored) == [(len(ops),)], timeout=120)
         drained_s = time.monotonic() - started
         during = [r for r in list(receiver.requests) if r.event["type"].startswith("conflict.")]
         settled(daemon)
         conflicts = [r for r in receiver.requests if r.event["type"].startswith("conflict.")]
     assert at_crisis < len(ops) // 2
+    assert shown["state"] == "yielding"
     assert len(conflicts) > 500
     assert len(during) <= 2 * (drained_s / YIELD_TRICKLE_S + 2)
     assert len({r.msg_id for r in conflicts}) == len(conflicts)
