@@ -247,10 +247,13 @@ def load(model_file: Path | str, sha256: str, serving_sha256: str | None) -> Mod
     hash to what the registry recorded. Raises ModelRefused otherwise.
 
     The skops file is only hashed here: its types were read when training wrote
-    it, and a file changed since is refused by its hash. A model registered before
-    served forms existed (`serving_sha256` None) is read through scikit-learn,
-    types and all (ml.registry.load), and converted: the one case that imports it."""
-    if serving_sha256 is None:
+    it, and a file changed since is refused by its hash. A model without its
+    served form, registered before they existed (`serving_sha256` None) or whose
+    `.serving.npz` is missing (a backup that kept only the skops files), is read
+    through scikit-learn, types and all (ml.registry.load), and converted: the one
+    case that imports it. A served form that is there but changed is refused."""
+    path = serving_path(model_file)
+    if serving_sha256 is None or not path.exists():
         from ml.registry import load as load_pipeline
 
         try:
@@ -258,7 +261,6 @@ def load(model_file: Path | str, sha256: str, serving_sha256: str | None) -> Mod
         except ValueError as exc:
             raise ModelRefused(f"{model_file} cannot be served: {exc}") from None
     read_checked(model_file, sha256)
-    path = serving_path(model_file)
     data = read_checked(path, serving_sha256)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:

@@ -192,16 +192,22 @@ def test_served_arrays_that_do_not_make_a_forest_are_refused(
         serving.load(saved.path, saved.sha256, sha)
 
 
-def test_a_model_older_than_served_forms_is_read_through_its_skops_file(
-    tmp_path: Path, forest: TrainResult
+@pytest.mark.parametrize("registered", [False, True])
+def test_a_model_without_its_served_form_is_read_through_its_skops_file(
+    tmp_path: Path, forest: TrainResult, registered: bool
 ) -> None:
+    """Registered before served forms existed (no `serving_sha256`), or restored
+    from a backup that kept only the skops files: converted at load."""
     saved = registry.save(forest.pipeline, forest.holdout, tmp_path, "m_abc")
     serving.serving_path(saved.path).unlink()
-    served = serving.load(saved.path, saved.sha256, None)
+    served = serving.load(saved.path, saved.sha256, saved.serving_sha256 if registered else None)
     X = synthetic(50, seed=9).X
     np.testing.assert_allclose(
         served(X), forest.pipeline.predict_proba(X)[:, 1], rtol=0, atol=serving.TOLERANCE
     )
+    saved.path.write_bytes(saved.path.read_bytes() + b"\0")
+    with pytest.raises(ModelRefused, match=r"m_abc\.skops has changed since"):
+        serving.load(saved.path, saved.sha256, saved.serving_sha256 if registered else None)
     sha = write_skops(
         tmp_path / "m_evil.skops", Pipeline([("run", FunctionTransformer(func=builtins.eval))])
     )
