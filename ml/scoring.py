@@ -70,11 +70,11 @@ def serving_features(
     for row, record in enumerate(records):
         key = (record.entity_type, record.entity_id)
         lo, hi = slot_range(record.edited_at_us, window_us)
-        editors: set[str] = set()
+        editors = 0
         for slot, users in snapshot.editors.get(key, {}).items():
             if lo <= slot <= hi:
-                editors.update(users)
-        editors.discard(record.user_id)
+                editors |= users
+        editors &= ~snapshot.user_bits.get(record.user_id, 0)
         latest = snapshot.devices.get(record.device_id)
         if latest is None:
             hours = first_sync_hours
@@ -91,7 +91,7 @@ def serving_features(
             seen, joined = snapshot.fields.get((record.entity_type, name), (0, 0))
             ratios.append(joined / seen if seen else 0.0)
         X[row] = (
-            float(len(editors)),
+            float(editors.bit_count()),
             hours,
             (members + 1.0) / (ops + 2.0),
             float(frequency),

@@ -64,8 +64,12 @@ class Snapshot:
     """(entity_type, field) -> (operations, conflict members)."""
     hours: dict[EntityKey, dict[int, int]] = field(default_factory=dict)
     """entity -> clock hour -> operations, for the hours the batch asks about."""
-    editors: dict[EntityKey, dict[int, set[str]]] = field(default_factory=dict)
-    """entity -> minute -> users, for the minutes the batch asks about."""
+    editors: dict[EntityKey, dict[int, int]] = field(default_factory=dict)
+    """entity -> minute -> its users as a bit mask (`user_bits`), for the minutes
+    the batch asks about: a record's editors are an OR of a few ints, not a union
+    of sets (the scorer's hottest loop)."""
+    user_bits: dict[str, int] = field(default_factory=dict)
+    """user_id -> its bit in `editors`' masks."""
 
 
 def hour_range(edited_at_us: int) -> tuple[int, int]:
@@ -105,8 +109,13 @@ async def snapshot(conn: AsyncConnection, records: Sequence[OpRecord], window_us
         for name, hour, ops in await _rows(conn, _HOURS, (kind, lo, hi), ids):
             found.hours.setdefault((kind, name), {})[int(hour)] = int(ops)
     for kind, lo, hi, ids in _clustered(records, SLOT_US, window_us, window_us):
+        bits = found.user_bits
         for name, slot, user in await _rows(conn, _EDITORS, (kind, lo, hi), ids):
-            found.editors.setdefault((kind, name), {}).setdefault(int(slot), set()).add(user)
+            bit = bits.get(user)
+            if bit is None:
+                bit = bits[user] = 1 << len(bits)
+            slots = found.editors.setdefault((kind, name), {})
+            slots[slot] = slots.get(slot, 0) | bit
     return found
 
 
