@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -100,17 +100,21 @@ def serving_features(
     return X
 
 
-def reasons(predict: Callable[[F64], F64], X: F64, risks: F64) -> list[tuple[str, ...]]:
+def reasons(model: serving.Model, X: F64, risks: F64) -> list[tuple[str, ...]]:
     """Per row, the REASONS features whose neutral value lowers its risk most (one
     call of the model for every row and feature at once)."""
     neutral = np.asarray(NEUTRAL)
-    # A feature already at its neutral value lowers nothing: no probe for it.
-    rows, columns = np.nonzero(np.not_equal(X, neutral))
+    # A feature whose neutral value cannot change the score (already neutral, or, in
+    # a forest, no threshold between the two) lowers it by exactly 0: no probe.
+    moves = np.column_stack(
+        [model.changes(j, X[:, j], float(neutral[j])) for j in range(X.shape[1])]
+    )
+    rows, columns = np.nonzero(moves)
     lowered = np.zeros(X.shape, dtype=np.float64)
     if len(rows):
         probes = X[rows]
         probes[np.arange(len(rows)), columns] = neutral[columns]
-        lowered[rows, columns] = risks[rows] - predict(probes)
+        lowered[rows, columns] = risks[rows] - model(probes)
     # Largest drop first; ties in FEATURES' order.
     order = np.argsort(-lowered, axis=1, kind="stable")[:, :REASONS]
     return [tuple(FEATURES[j] for j in row) for row in order]

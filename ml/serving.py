@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
+Bools = npt.NDArray[np.bool_]
 Index = npt.NDArray[np.intp]
 
 CHUNK = 512
@@ -92,9 +93,28 @@ class Forest:
         return out
 
     @functools.cached_property
-    def inner(self) -> npt.NDArray[np.bool_]:
+    def inner(self) -> Bools:
         """Per node, whether it is not a leaf (a leaf's children are itself)."""
         return np.asarray(self.children[0::2] != np.arange(len(self.value)))
+
+    def changes(self, column: int, values: F64, to: float) -> Bools:
+        """Per value of feature `column`, whether setting it to `to` can change its
+        row's score: only if some node compares that feature with a threshold
+        between the two (a node sends x right when x > t: x and `to` part at t
+        exactly when the smaller <= t < the larger, in float32 as the walk does).
+        Where not, every tree ends on the same leaf and the score is the same."""
+        splits = self.splits[column]
+        ours, theirs = values.astype(np.float32), np.float32(to)
+        low, high = np.minimum(ours, theirs), np.maximum(ours, theirs)
+        return np.asarray(np.searchsorted(splits, high) > np.searchsorted(splits, low))
+
+    @functools.cached_property
+    def splits(self) -> list[F32]:
+        """Per feature, the sorted thresholds the forest's nodes compare it with."""
+        return [
+            np.unique(self.threshold[self.inner & (self.feature == column)])
+            for column in range(len(FEATURES))
+        ]
 
     def _walk(self, X: F64) -> F64:
         rows, trees = len(X), len(self.roots)
@@ -133,6 +153,11 @@ class Logistic:
     scale: F64
     coef: F64
     intercept: float
+
+    def changes(self, column: int, values: F64, to: float) -> Bools:
+        """Per value of feature `column`, whether setting it to `to` can change its
+        row's score: whenever it is another value."""
+        return np.asarray(values != to)
 
     def __call__(self, X: F64) -> F64:
         scores = ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.coef

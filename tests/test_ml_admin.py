@@ -185,10 +185,13 @@ def test_activation_checks_the_file_and_a_tampered_one_leaves_the_active_model(
 
 def offline_scores(daemon: Daemon, model: dict[str, Any], op_ids: list[str]) -> list[Any]:
     """(risk, reasons) of each op as the model's file and the training extraction of
-    the daemon's log give them: what the daemon's acks and hints must say."""
+    the daemon's log give them: what the daemon's acks and hints must say. The
+    reasons here probe every feature through scikit-learn, one at a time (the
+    daemon skips the probes that cannot change a score: they drop it by 0)."""
+    from ml.dataset import FEATURES
     from ml.features import extract
     from ml.registry import load
-    from ml.scoring import reasons
+    from ml.scoring import NEUTRAL, REASONS
     from storage.db import create_engine
 
     async def features() -> dict[str, Any]:
@@ -204,10 +207,18 @@ def offline_scores(daemon: Daemon, model: dict[str, Any], op_ids: list[str]) -> 
         daemon.db_url, "select file_path, sha256 from ml_models where id = ?", model["model_id"]
     )
     pipeline = load(row[0], row[1])
+    if "n_jobs" in pipeline[-1].get_params():
+        pipeline[-1].set_params(n_jobs=1)  # its trees summed in order, as served
     X = np.array([rows[op_id] for op_id in op_ids])
     risks = pipeline.predict_proba(X)[:, 1]
-    why = reasons(lambda probes: pipeline.predict_proba(probes)[:, 1], X, risks)
-    return [(round(float(r), 4), list(w)) for r, w in zip(risks, why, strict=True)]
+    drops = np.zeros(X.shape)
+    for j, neutral in enumerate(NEUTRAL):
+        probes = X.copy()
+        probes[:, j] = neutral
+        drops[:, j] = np.where(X[:, j] != neutral, risks - pipeline.predict_proba(probes)[:, 1], 0)
+    order = np.argsort(-drops, axis=1, kind="stable")[:, :REASONS]
+    why = [[FEATURES[j] for j in row] for row in order]
+    return [(round(float(r), 4), w) for r, w in zip(risks, why, strict=True)]
 
 
 def test_activation_scores_later_acks_and_hints_without_a_restart(

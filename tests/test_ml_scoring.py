@@ -16,7 +16,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from ml import registry, serving
-from ml.scoring import NEUTRAL, reasons
+from ml.dataset import FEATURES
+from ml.scoring import NEUTRAL, REASONS, reasons
 from ml.train import Holdout
 from tests.support.ml import synthetic
 
@@ -132,3 +133,36 @@ def test_reasons_are_the_features_whose_neutral_value_lowers_the_risk_most() -> 
         )  # fmt: skip
     assert set(got[0]) == {"concurrent_editors", "hours_since_last_sync"}
     assert got[1] == ("concurrent_editors", "hours_since_last_sync")
+
+
+@pytest.mark.parametrize("algorithm", ["forest", "logistic"])
+def test_reasons_skip_only_probes_that_cannot_change_the_score(algorithm: str) -> None:
+    """Against every feature probed through scikit-learn, one at a time: the same
+    reasons, though a forest skips the probes with no threshold between the value
+    and its neutral one (here, hours a hair above 0 and rates a hair off 0.5)."""
+    X, y = data()
+    estimator = (
+        Pipeline([("forest", RandomForestClassifier(n_estimators=30, random_state=1).fit(X, y))])
+        if algorithm == "forest"
+        else Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression())]).fit(X, y)
+    )
+    model = serving.export(estimator)
+    rows = fresh(300)
+    rows[::2, 1] = 1e-6
+    rows[1::4, 2] = 0.5 + 1e-9
+    risks = model(rows)
+    skipped = sum(
+        int(
+            np.count_nonzero((rows[:, j] != NEUTRAL[j]) & ~model.changes(j, rows[:, j], NEUTRAL[j]))
+        )
+        for j in range(len(FEATURES))
+    )
+    drops = np.zeros(rows.shape)
+    for j, neutral in enumerate(NEUTRAL):
+        probes = rows.copy()
+        probes[:, j] = neutral
+        changed = rows[:, j] != neutral
+        drops[:, j] = np.where(changed, risks - estimator.predict_proba(probes)[:, 1], 0)
+    order = np.argsort(-drops, axis=1, kind="stable")[:, :REASONS]
+    assert reasons(model, rows, risks) == [tuple(FEATURES[j] for j in row) for row in order]
+    assert (skipped > 100) == (algorithm == "forest")
