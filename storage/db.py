@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,24 @@ def by_entity(
     from the (entity_type, entity_id) index. (SQLite answers a row-value IN, what
     `tuple_(...).in_()` renders, by scanning the whole table: measured, at 10 million
     rows of log, the cost of a batch.)"""
-    per_type: dict[str, list[str]] = {}
-    for kind, name in keys:
-        per_type.setdefault(kind, []).append(name)
-    for kind, names in sorted(per_type.items()):
+    for kind, names in per_type(keys):
         for part in chunks(names):
             yield and_(entity_type == kind, entity_id.in_(part))
+
+
+def per_type(keys: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """(entity_type, its entity ids in the order `keys` gives them) per type of
+    `keys` ((entity_type, entity_id) pairs), types sorted: what a query by entity
+    asks of each type's index."""
+    grouped: dict[str, list[str]] = {}
+    for kind, name in keys:
+        grouped.setdefault(kind, []).append(name)
+    return sorted(grouped.items())
+
+
+def marks(values: Sized) -> str:
+    """`?, ?, ?`: a placeholder for each value of an IN list (driver SQL)."""
+    return ", ".join("?" * len(values))
 
 
 def upsert_into(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:

@@ -29,7 +29,7 @@ from sqlalchemy.sql.dml import Insert
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
-from storage.db import chunks, driver_sql, upsert_into
+from storage.db import chunks, driver_sql, marks, per_type, upsert_into
 from storage.schema import (
     entity_editors,
     entity_hours,
@@ -99,10 +99,10 @@ async def snapshot(conn: AsyncConnection, records: Sequence[OpRecord], window_us
     devices = sorted({r.device_id for r in records})
     for device, at in await _rows(conn, _DEVICES, (), devices):
         found.devices[device] = int(at)
-    per_type: dict[str, set[str]] = {}
+    fields_of: dict[str, set[str]] = {}
     for record in records:
-        per_type.setdefault(record.entity_type, set()).update(map(counted_field, record.changes))
-    for kind, names in sorted(per_type.items()):
+        fields_of.setdefault(record.entity_type, set()).update(map(counted_field, record.changes))
+    for kind, names in sorted(fields_of.items()):
         for name, n, c in await _rows(conn, _FIELDS, (kind,), sorted(names)):
             found.fields[kind, name] = (int(n), int(c))
     for kind, lo, hi, ids in _clustered(records, HOUR_US, HOURS_BACK * HOUR_US, 0):
@@ -144,7 +144,7 @@ async def _rows(
     key in one IN list, after the `fixed` parameters)."""
     rows: list[tuple[Any, ...]] = []
     for part in chunks(keys):
-        statement = driver_sql(conn, sql.format(keys=", ".join("?" * len(part))))
+        statement = driver_sql(conn, sql.format(keys=marks(part)))
         rows.extend((await conn.exec_driver_sql(statement, (*fixed, *part))).all())
     return rows
 
@@ -165,17 +165,8 @@ def _clustered(
     bounds = [0, *(np.flatnonzero(first[1:] > last[:-1] + 1) + 1).tolist(), len(at)]
     keys = [(records[i].entity_type, records[i].entity_id) for i in order.tolist()]
     for start, end in itertools.pairwise(bounds):
-        yield from _per_type(int(first[start]), int(last[end - 1]), set(keys[start:end]))
-
-
-def _per_type(
-    lo: int, hi: int, keys: Iterable[EntityKey]
-) -> Iterable[tuple[str, int, int, list[str]]]:
-    per_type: dict[str, list[str]] = {}
-    for kind, name in keys:
-        per_type.setdefault(kind, []).append(name)
-    for kind, names in sorted(per_type.items()):
-        yield kind, lo, hi, sorted(names)
+        for kind, ids in per_type(sorted(set(keys[start:end]))):
+            yield kind, int(first[start]), int(last[end - 1]), ids
 
 
 class _Upserts(NamedTuple):

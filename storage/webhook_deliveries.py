@@ -32,7 +32,7 @@ from handlers import webhooks
 from handlers.records import OutboxRecord
 from handlers.times import rfc3339
 from storage import outbox
-from storage.db import driver_sql
+from storage.db import driver_sql, marks
 from storage.dlq import DlqEntry
 from storage.schema import webhook_deliveries as deliveries
 
@@ -101,7 +101,7 @@ async def fan_out(
     async with engine.begin() as conn:
         lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
         types = sorted(only)
-        where = f" AND event_type IN ({_marks(types)})" if types else ""
+        where = f" AND event_type IN ({marks(types)})" if types else ""
         sql = driver_sql(conn, _DUE.format(lock=lock, only=where))
         found = await conn.exec_driver_sql(sql, (*types, limit))
         events = cast(list[tuple[Any, ...]], found.all())
@@ -124,7 +124,7 @@ async def fan_out(
             # on the sender's side after aiohttp's (storage.db.driver_sql).
             await conn.exec_driver_sql(driver_sql(conn, _INSERT), rows)
         ids = tuple(row_id for row_id, _ in events)
-        sql = f"UPDATE outbox SET sent_at = ? WHERE id IN ({_marks(ids)})"  # noqa: S608 - placeholders only
+        sql = f"UPDATE outbox SET sent_at = ? WHERE id IN ({marks(ids)})"  # noqa: S608 - placeholders only
         await conn.exec_driver_sql(driver_sql(conn, sql), (now_us, *ids))
     return len(events), added
 
@@ -192,7 +192,7 @@ async def claim(
     lock = " FOR UPDATE SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
     types = sorted(only)
     params = (now_us + lease_us, endpoint, now_us, now_us, *types, limit)
-    where = _ONLY.format(marks=_marks(types)) if types else ""
+    where = _ONLY.format(marks=marks(types)) if types else ""
     async with engine.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
         sql = driver_sql(auto, _CLAIM.format(lock=lock, only=where))
@@ -200,11 +200,6 @@ async def claim(
         rows = sorted(claimed)
         events = await _events(auto, {row[2] for row in rows})
     return [_delivery(row[1:], events[row[2]]) for row in rows]
-
-
-def _marks(values: Collection[object]) -> str:
-    """`?, ?, ?`: a placeholder for each value of an IN list."""
-    return ", ".join("?" * len(values))
 
 
 class _Event(NamedTuple):
@@ -217,7 +212,7 @@ async def _events(conn: AsyncConnection, ids: set[int]) -> dict[int, _Event]:
     """The events these outbox rows hold, each with the body its deliveries POST."""
     if not ids:
         return {}
-    sql = f"SELECT id, event_type, payload, created_at FROM outbox WHERE id IN ({_marks(ids)})"  # noqa: S608 - placeholders only
+    sql = f"SELECT id, event_type, payload, created_at FROM outbox WHERE id IN ({marks(ids)})"  # noqa: S608 - placeholders only
     result = await conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids))
     rows = cast(list[tuple[Any, ...]], result.all())
     return {
@@ -269,7 +264,7 @@ async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: st
         # SQLAlchemy's compiler (an IN of a new length each time is compiled anew).
         async with engine.connect() as conn:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            sql = f"DELETE FROM webhook_deliveries WHERE id IN ({_marks(delivered)})"  # noqa: S608 - placeholders only
+            sql = f"DELETE FROM webhook_deliveries WHERE id IN ({marks(delivered)})"  # noqa: S608 - placeholders only
             await auto.exec_driver_sql(driver_sql(auto, sql), tuple(delivered))
     failed = [s for s in settled if s.outcome != "delivered"]
     if not failed:
