@@ -16,7 +16,7 @@ plain arrays, loaded without pickle.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +74,14 @@ def save(pipeline: Pipeline, holdout: Holdout, models_dir: Path, model_id: str) 
     data = sio.dumps(pipeline, compression=zipfile.ZIP_DEFLATED)
     write_atomically(path, data)
     serving_sha256 = serving.write(served, path)
-    scores = holdout_path(path)
-    temporary = scores.with_suffix(".tmp.npz")
+    scores = io.BytesIO()
     np.savez(
-        temporary,
+        scores,
         y=holdout.y,
         model_scores=holdout.model_scores,
         baseline_scores=holdout.baseline_scores,
     )
-    os.replace(temporary, scores)
+    write_atomically(holdout_path(path), scores.getvalue())
     return SavedModel(
         path=path, sha256=hashlib.sha256(data).hexdigest(), serving_sha256=serving_sha256
     )

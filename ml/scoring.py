@@ -17,8 +17,9 @@ The scorer follows the registry: it asks which model is active at most every
 `REFRESH_S` (and `preload`s it at the engine's start and when the MQTT process
 says a model was activated), and loads a new one's served form with
 `ml.serving.load`, both files' hashes checked: plain arrays, so the engine never
-imports scikit-learn (a model registered before the served form existed is read
-from its skops file with `ml.registry.load` and converted once). A file that is
+imports scikit-learn (a model without its served form, registered before they
+existed or restored without it, is read from its skops file with
+`ml.registry.load` and converted at load). A file that is
 refused leaves scoring off, logged once.
 """
 
