@@ -135,8 +135,9 @@ async def serve(fd: int) -> int:
     settings = Settings.model_validate(start.settings)
     logs.setup(settings.log.level, settings.log.format, process="engine")
     side = EngineSide(settings)
-    # The active model loads (a second or more: scikit-learn's import, the file) while
-    # alerts and admin writes are served; sync work waits for it, to be scored.
+    # The active model loads while alerts and admin writes are served; sync work
+    # waits for it, to be scored. Its served form takes milliseconds; a model without
+    # one (older, or restored without it) a second or more: scikit-learn's import.
     side.engine.ready.clear()
     loading = asyncio.create_task(_load_model(side))
     loading.add_done_callback(_exit_if_failed)
@@ -158,8 +159,9 @@ async def _load_model(side: EngineSide) -> None:
     try:
         await side.scorer.preload(side.database)
     finally:
-        # The model and scikit-learn's modules join what start-up froze out of the
-        # collector's scans (tune_gc): else each full collection walks them.
+        # The model (and scikit-learn's modules, if it needed them) join what start-up
+        # froze out of the collector's scans (tune_gc): else each full collection
+        # walks them.
         gc.freeze()
         side.engine.ready.set()
 
