@@ -105,10 +105,8 @@ class Daemon:
         # The MQTT side: a session per lane, and the intake that routes what they receive.
         # The sync lane takes the devices' operations and publishes their answers; the
         # priority lane takes alerts and admin requests, and publishes the outbox (crises
-        # first), the admin answers and the gateway's status.
-        self.session = MqttSession(
-            settings.mqtt, lane=LANE_SYNC, on_connected=self._counted_reconnect
-        )
+        # first), the admin answers and the gateway's status. The sync lane connects once
+        # the priority lane is up and the engine serves (MqttSession's `after`).
         self.priority = MqttSession(
             settings.mqtt,
             lane=LANE_PRIORITY,
@@ -116,6 +114,12 @@ class Daemon:
             will=Outbound(f"{root}/status", _encode({"state": "offline"}), retain=True),
             last_words=lambda: self._announcement("offline"),
             on_connected=self._birth,
+        )
+        self.session = MqttSession(
+            settings.mqtt,
+            lane=LANE_SYNC,
+            on_connected=self._counted_reconnect,
+            after=(self.priority.connected, self.engine.serving),
         )
         self.outbox = OutboxPublisher(self.database, self.priority, on_sent=self._outbox_sent)
         for lane in (LANE_SYNC, LANE_PRIORITY):

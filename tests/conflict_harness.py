@@ -16,7 +16,8 @@ import msgspec
 from sqlalchemy import select
 
 from gateway import config
-from gateway.ingest.rules import make_detector, sync_limits
+from gateway.ingest.assembly import make_detector
+from gateway.ingest.rules import sync_limits
 from handlers.records import OpRecord
 from handlers.sync import SyncHandler
 from storage import conflict_store, migrate

@@ -18,7 +18,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import pytest
+
 from gateway.config import MqttConfig
+from gateway.mqtt import session as session_module
 from gateway.mqtt.session import AHEAD_ROOM, MqttSession
 from gateway.seam import Outbound
 from tests.support import Client, Mosquitto, wait_for
@@ -149,3 +152,44 @@ async def test_confirmed_publishes_are_answered_by_their_own_puback_or_a_lost_co
         receiver.close()
         await mqtt.stop()
         await asyncio.wait_for(running, 40)
+
+
+async def test_a_session_given_after_connects_once_they_are_set_or_after_the_head_start(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's sync lane waits for the priority lane and the engine (`after`), so
+    that a crisis queued during an outage is read before a backlog; a lane or an
+    engine that never comes up keeps it waiting HEAD_START_S at most. Checked
+    against: `after` ignored (connected at once)."""
+    monkeypatch.setattr(session_module, "HEAD_START_S", 1.5)
+    root = f"t-{uuid.uuid4().hex[:8]}"
+    first, second = asyncio.Event(), asyncio.Event()
+    waiting = MqttSession(
+        MqttConfig(port=broker.port, topic_root=root, client_id=f"{root}-a"),
+        after=(first, second),
+    )
+    waiting.subscriptions = [f"{root}/nothing"]
+    running = asyncio.create_task(waiting.run())
+    try:
+        first.set()
+        await asyncio.sleep(0.5)
+        assert not waiting.connected.is_set()
+        second.set()
+        await asyncio.wait_for(waiting.connected.wait(), 1.0)
+    finally:
+        await waiting.stop()
+        await asyncio.wait_for(running, 10)
+
+    never = MqttSession(
+        MqttConfig(port=broker.port, topic_root=root, client_id=f"{root}-b"),
+        after=(asyncio.Event(),),
+    )
+    never.subscriptions = [f"{root}/nothing"]
+    started = time.monotonic()
+    running = asyncio.create_task(never.run())
+    try:
+        await asyncio.wait_for(never.connected.wait(), 10)
+        assert 1.5 <= time.monotonic() - started < 5
+    finally:
+        await never.stop()
+        await asyncio.wait_for(running, 10)

@@ -23,9 +23,21 @@ from handlers.sync import SyncHandler
 from ml.scoring import Scorer
 from storage.alerts import AlertStep, CrisisAckStep
 from storage.conflict_store import ResolutionStep
+from storage.conflicts import Detector
 from storage.db import create_engine
 from storage.sync import SyncStep
 from storage.writer import Writer
+
+
+def make_detector(settings: Settings) -> Detector:
+    """The conflict detector the settings ask for. Built here, in the engine's own
+    module, so that the MQTT process (which reads `rules` too) never imports
+    detection, and numpy with it, before its first answer."""
+    return Detector(
+        rules.conflict_rules(settings),
+        rules.conflict_notices(settings),
+        enabled=settings.conflicts.enabled,
+    )
 
 
 class EngineSide:
@@ -44,7 +56,7 @@ class EngineSide:
         )
         self.sync = SyncHandler(rules.sync_limits(settings), self.rate_limiter)
         self.alerts = AlertHandler(rules.alert_rules(settings))
-        self.detector = rules.make_detector(settings)
+        self.detector = make_detector(settings)
         self.scorer = Scorer(**rules.scoring(settings))
         self.steps = Steps(
             alerts=AlertStep(rules.alert_policy(settings), rules.alert_notices(settings)),

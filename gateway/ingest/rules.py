@@ -12,7 +12,6 @@ from handlers.alerts import AlertNotices, AlertRules
 from handlers.conflicts import ConflictNotices, Rules, TypeRules
 from handlers.sync import Limits
 from storage.alerts import AlertPolicy
-from storage.conflicts import Detector
 
 
 def sync_limits(settings: Settings) -> Limits:
@@ -91,12 +90,6 @@ def webhook_events(settings: Settings) -> frozenset[str]:
 
 def conflict_notices(settings: Settings) -> ConflictNotices:
     return ConflictNotices(settings.mqtt.topic_root, webhook_events(settings))
-
-
-def make_detector(settings: Settings) -> Detector:
-    return Detector(
-        conflict_rules(settings), conflict_notices(settings), enabled=settings.conflicts.enabled
-    )
 
 
 def scoring(settings: Settings) -> dict[str, float]:

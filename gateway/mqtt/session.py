@@ -54,6 +54,11 @@ shortest keepalive, 5 s; paho judges its keepalive once a second)."""
 SOCKET_PROBE_S = 0.5
 """How often a connected session checks that its socket is still open (see `_probe`)."""
 
+HEAD_START_S = 2.0
+"""The longest a session given `after` waits for it before it connects anyway (a lane
+the broker refuses, or an engine that cannot start, must not keep it down)."""
+"""How often a connected session checks that its socket is still open (see `_probe`)."""
+
 
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
@@ -160,7 +165,12 @@ class MqttSession(Part):
 
     The gateway keeps one per lane (gateway/mqtt/intake.py): `lane` names it in logs
     and health, `client_id` (the configured one by default) keeps its broker session
-    apart from the other lane's.
+    apart from the other lane's. A session given `after` connects once all of those
+    events are set (or HEAD_START_S later). The broker sends a kept session's queue as
+    soon as it accepts the connection: the sync lane waits for the priority lane to be
+    up, so that a crisis queued during an outage is read before a backlog of
+    operations, and for the engine to serve, so that the backlog's flood does not
+    take the two cores from the engine's start.
     """
 
     name = "mqtt"
@@ -176,8 +186,10 @@ class MqttSession(Part):
         will: Outbound | None = None,
         last_words: Callable[[], Outbound] | None = None,
         on_connected: ConnectedCallback | None = None,
+        after: Sequence[asyncio.Event] = (),
     ) -> None:
         self.config = config
+        self.after = after
         self.lane = lane
         self.stop_timeout_s = STOP_WITH_LAST_WORDS_S if last_words is not None else STOP_S
         self.name = "mqtt" if lane == "sync" else f"mqtt-{lane}"
@@ -239,6 +251,7 @@ class MqttSession(Part):
         while not self._stopping.is_set():
             self._up_at = None
             connections = self._connections
+            await self._wait_for_head()
             try:
                 await self._session()
             except (aiomqtt.MqttError, TlsFileError) as exc:
@@ -266,6 +279,21 @@ class MqttSession(Part):
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    async def _wait_for_head(self) -> None:
+        """Until every event of `after` is set, HEAD_START_S at most (or the stop)."""
+        pending = [event for event in self.after if not event.is_set()]
+        if not pending:
+            return
+        waits: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(self._stopping.wait()),
+            asyncio.ensure_future(asyncio.gather(*(event.wait() for event in pending))),
+        }
+        try:
+            await asyncio.wait(waits, timeout=HEAD_START_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def _session(self) -> None:
         client = self._make_client()

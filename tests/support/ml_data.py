@@ -15,7 +15,8 @@ import asyncio
 from collections.abc import Callable, Iterable, Iterator
 
 from gateway import config
-from gateway.ingest.rules import make_detector, sync_limits
+from gateway.ingest.assembly import make_detector
+from gateway.ingest.rules import sync_limits
 from handlers.sync import SyncHandler
 from loadgen.causal import CausalGenerator, Causes
 from loadgen.generator import GeneratorOptions, Payload
