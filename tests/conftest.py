@@ -7,7 +7,6 @@ CI (`tests.support.require`). Every test that reaches PostgreSQL carries the
 
 from __future__ import annotations
 
-import compileall
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,13 +20,13 @@ from storage import migrate
 from storage.db import create_engine
 from tests.support import (
     HEALTHY,
-    ROOT,
     Client,
     Daemon,
     Mosquitto,
     NotifySocket,
     PostgresServer,
     RedisServer,
+    compile_project,
     daemon_env,
     pg_admin_url,
     pg_available,
@@ -36,24 +35,15 @@ from tests.support import (
 )
 
 POSTGRES_FIXTURES = frozenset({"pg_admin", "private_pg"})
-COMPILED = ("gateway", "handlers", "storage", "ml", "loadgen")
-"""What the processes a test starts (daemon, engine, CLI, training worker) import."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Compile the project's modules once, before any test starts a process.
-
-    Each daemon, engine and CLI run is a new interpreter. Where PYTHONDONTWRITEBYTECODE
-    is set (these machines' environment sets it) none of them writes bytecode, and each
-    compiled the ~20,000 lines it imports again: about 0.4 s of CPU a process, a
-    quarter of a daemon's start. The files go to __pycache__ (ignored by git); a source edited since
-    is compiled anew on import as always (bytecode records its source's mtime and size).
-    An xdist worker leaves it to the controller, which configures before it starts them.
-    """
+    """Compile the project's modules once, before any test starts a process
+    (`compile_project`). An xdist worker leaves it to the controller, which configures
+    before it starts them."""
     if hasattr(config, "workerinput"):
         return
-    for package in COMPILED:
-        compileall.compile_dir(ROOT / package, quiet=1)
+    compile_project()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

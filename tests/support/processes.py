@@ -8,6 +8,7 @@ floods or breaks a service starts one of its own here, never the shared one.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import json
 import os
@@ -30,6 +31,24 @@ from urllib.parse import quote
 from tests.support.requirements import postgres_binaries
 
 ROOT = Path(__file__).resolve().parents[2]
+
+COMPILED = ("gateway", "handlers", "storage", "ml", "loadgen")
+"""What the processes a test or benchmark starts (daemon, engine, CLI, training
+worker) import."""
+
+
+def compile_project() -> None:
+    """Compile the project's modules once, before any process is started.
+
+    Each daemon, engine and CLI run is a new interpreter. Where PYTHONDONTWRITEBYTECODE
+    is set (these machines' environment sets it) none of them writes bytecode, and each
+    compiled the ~20,000 lines it imports again: 0.25 s of a daemon's 0.88 s start here,
+    which an installed daemon (pip compiles what it installs) never pays. The files go
+    to __pycache__ (ignored by git); a source edited since is compiled anew on import
+    as always (bytecode records its source's mtime and size).
+    """
+    for package in COMPILED:
+        compileall.compile_dir(ROOT / package, quiet=1)
 
 
 def free_port() -> int:
