@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config
-from gateway.ingest.rules import make_detector
+from gateway.ingest.assembly import make_detector
 from handlers.records import OpRecord
 from storage import migrate
 from storage.db import create_engine
