@@ -55,13 +55,17 @@ DEFAULT_MIN_ROWS = 1000
 THRESHOLD = 0.5
 """The cut of the thresholded metrics (accuracy, precision, recall, F1)."""
 
-FOREST_TREES = 100
+FOREST_TREES = 50
+"""With FOREST_MAX_DEPTH, sized for scoring every commit batch: on the causal
+scenario's holdout (benchmarks.ml_quality), 50 trees of depth 12 score ROC AUC 0.869
+against 0.867 for 100 of depth 16, and the engine walks them ~4x faster (4 against
+14-19 us a row): the walk is most of what scoring costs the drain."""
 FOREST_STEP = 10
 """Trees grown between two progress reports (and cancellation checks)."""
 FOREST_MIN_LEAF = 20
 """Leaves of at least this many rows: smoother probabilities, and a model small and
 fast enough to score every commit batch."""
-FOREST_MAX_DEPTH = 16
+FOREST_MAX_DEPTH = 12
 
 METRICS: tuple[str, ...] = (
     "accuracy",

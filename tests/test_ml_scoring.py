@@ -38,12 +38,19 @@ def fresh(rows: int) -> np.ndarray:
     return X
 
 
-def test_a_forest_walked_over_arrays_gives_predict_probas_numbers_exactly() -> None:
+@pytest.mark.parametrize("depth", [8, 16])
+def test_a_forest_walked_over_arrays_gives_predict_probas_numbers_exactly(depth: int) -> None:
+    """Depth 16 on noisy labels: trees deeper than COMPACT_DEPTH, walked with the
+    leaves dropped at COMPACT_AT (a model trained before ml.train's trees were made
+    shallower)."""
     X, y = data()
-    forest = RandomForestClassifier(n_estimators=25, max_depth=8, random_state=0, n_jobs=1)
+    if depth > serving.COMPACT_DEPTH:
+        y = np.random.default_rng(5).integers(0, 2, len(y))
+    forest = RandomForestClassifier(n_estimators=25, max_depth=depth, random_state=0, n_jobs=1)
     model = Pipeline([("forest", forest.fit(X, y))])
     served = serving.export(model)
     assert isinstance(served, serving.Forest)
+    assert (served.depth > serving.COMPACT_DEPTH) == (depth > serving.COMPACT_DEPTH)
     for rows in (1, 22, serving.CHUNK, 1000):
         X = fresh(rows)
         np.testing.assert_array_equal(served(X), model.predict_proba(X)[:, 1])
