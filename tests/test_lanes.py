@@ -81,6 +81,8 @@ def test_a_crisis_and_an_admin_request_behind_a_sync_backlog_are_served_first(
         assert ahead_of_alert < len(ops) // 2
         assert ahead_of_answer < len(ops) // 2
         assert db_rows(daemon.db_url, "select alert_id from alerts") == [("lane-1",)]
+        # No webhook endpoint: nothing yields to the backlog, and the log does not say so.
+        assert "webhooks yield" not in daemon.log()
     finally:
         watcher.close()
         device.close()

@@ -267,6 +267,7 @@ def test_while_a_backlog_drains_crises_go_at_once_and_other_events_wait(
         "select count(*) from outbox where channel = 'webhook' and event_type like 'conflict.%'",
     )
     assert len(conflicts) == events
+    assert "webhooks yield to the intake's backlog" in daemon.log()
 
 
 def test_a_400_is_dead_at_once_in_redis_and_announced(

@@ -282,17 +282,19 @@ class MqttSession(Part):
 
     async def _wait_for_head(self) -> None:
         """Until every event of `after` is set, HEAD_START_S at most (or the stop)."""
-        pending = [event for event in self.after if not event.is_set()]
-        if not pending:
-            return
-        waits: set[asyncio.Future[Any]] = {
-            asyncio.ensure_future(self._stopping.wait()),
-            asyncio.ensure_future(asyncio.gather(*(event.wait() for event in pending))),
-        }
+        waits = {asyncio.ensure_future(event.wait()) for event in self.after if not event.is_set()}
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait(waits, timeout=HEAD_START_S, return_when=asyncio.FIRST_COMPLETED)
+            async with asyncio.timeout(HEAD_START_S):
+                while waits and not stopping.done():
+                    done, _ = await asyncio.wait(
+                        {*waits, stopping}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    waits -= done
+        except TimeoutError:
+            pass
         finally:
-            for waiting in waits:
+            for waiting in (*waits, stopping):
                 waiting.cancel()
 
     async def _session(self) -> None:

@@ -550,8 +550,9 @@ class WebhookSender(Part):
 
     def _say_if_yielding(self) -> None:
         """Log when the lanes start and stop yielding to a backlog: the operator's
-        answer to "why are the conflict events late?"."""
-        yielding = self.behind()
+        answer to "why are the conflict events late?". Not without an enabled
+        endpoint: nothing is late then, and the line would only puzzle."""
+        yielding = self.behind() and any(e.enabled for e in self.settings().webhooks)
         if yielding != self._yielding:
             self._yielding = yielding
             if yielding:
