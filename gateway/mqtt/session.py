@@ -57,7 +57,6 @@ SOCKET_PROBE_S = 0.5
 HEAD_START_S = 2.0
 """The longest a session given `after` waits for it before it connects anyway (a lane
 the broker refuses, or an engine that cannot start, must not keep it down)."""
-"""How often a connected session checks that its socket is still open (see `_probe`)."""
 
 
 def _properties(packet_type: int) -> Properties:
