@@ -136,6 +136,20 @@ async def train_one(
     return row
 
 
+def causal_url(workdir: Path, ops: int) -> str:
+    """Where the causal log of `ops` operations lives in `workdir` (`build` it there)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{workdir / f'causal-{ops}.db'}"
+
+
+async def read_dataset(engine: AsyncEngine) -> tuple[_Log, Dataset]:
+    """The log behind `engine` and its dataset, extracted as `fieldgate ml train`
+    extracts it (window WINDOW_S), as of the log's last receipt."""
+    read = await _read(engine, None)
+    dataset = await extract(engine, window_s=WINDOW_S, as_of_us=int(read.received.max()))
+    return read, dataset
+
+
 def time_holdout(stored_at: I64) -> npt.NDArray[np.bool_]:
     """The rows `ml.train.train` judges on: from the first commit at or after 80%."""
     order = np.argsort(stored_at, kind="stable")
@@ -309,15 +323,13 @@ def seed_approach(
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite+aiosqlite:///{args.workdir / f'causal-{args.ops}.db'}"
+    url = causal_url(args.workdir, args.ops)
     await build(url, args.ops, log)
     engine = create_engine(url)
     try:
         started = time.monotonic()
-        log_ = await _read(engine, None)
+        log_, dataset = await read_dataset(engine)
         as_of = int(log_.received.max())
-        dataset = await extract(engine, window_s=WINDOW_S, as_of_us=as_of)
         positives = int(dataset.y.sum())
         log(
             f"{len(dataset):,} rows, {positives:,} conflict members "

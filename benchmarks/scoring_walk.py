@@ -28,9 +28,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
 from benchmarks.causal_log import build
-from benchmarks.ml_quality import WINDOW_S, log, time_holdout
+from benchmarks.ml_quality import causal_url, log, read_dataset, time_holdout
 from ml import serving
-from ml.features import _read, extract
 from ml.scoring import reasons
 from ml.train import FOREST_MAX_DEPTH, FOREST_MIN_LEAF, FOREST_TREES
 from storage.db import create_engine
@@ -52,13 +51,11 @@ def cpu_per_op(model: serving.Model, batches: list[np.ndarray], with_reasons: bo
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    url = f"sqlite+aiosqlite:///{args.workdir / f'causal-{args.ops}.db'}"
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    url = causal_url(args.workdir, args.ops)
     await build(url, args.ops, log)
     engine = create_engine(url)
     try:
-        read = await _read(engine, None)
-        dataset = await extract(engine, window_s=WINDOW_S, as_of_us=int(read.received.max()))
+        _, dataset = await read_dataset(engine)
     finally:
         await engine.dispose()
     holdout = time_holdout(dataset.stored_at)
