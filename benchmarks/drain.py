@@ -233,6 +233,18 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in text.split()]
 
 
+def child_running(pid: int, module: str) -> int | None:
+    """The child process of `pid` that runs `python -m module`, if there is one."""
+    for child in children(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in argv:
+            return child
+    return None
+
+
 def cpu_delta(pid: int, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
     """CPU used between two samples: the main thread, and the threads alive at the end."""
     main = after.get(pid, 0.0) - before.get(pid, 0.0)

@@ -42,15 +42,16 @@ or quieter weighs on both alike, all against one receiver:
 Both are timed at the receiver, the same way: from its first request to the
 request that brought the distinct `webhook-id`s to N (events/s). Reported as
 well: the gateway's rate from the daemon's start (its start-up included), the
-CPU per event of the daemon's MQTT process (where the sender runs: its main
-thread and its other threads, aiosqlite's among them) and of its engine process,
+CPU per event of the daemon's MQTT process (where the sender claims and settles:
+its main thread and its other threads, aiosqlite's among them), of its poster
+process (where the POSTs are made) and of its engine process,
 of the baseline process and of the receiver; whether every delivery was settled
 (its row deleted) and every outbox row fanned out by the end; requests beyond N
 (sent twice). Medians over the repetitions; the ratio is of the medians.
 
 `--profile DIR` runs py-spy on the daemon's MQTT process during each gateway run
-(`DIR/webhooks-c<C>-<i>.txt`, raw format, to read with
-`benchmarks/webhooks.py`'s `--summarize` or any flamegraph tool).
+(`DIR/webhooks-c<C>-<i>.txt`) and on its poster process (`...-<i>.poster.txt`), raw
+format, to read with `benchmarks/webhooks.py`'s `--summarize` or any flamegraph tool.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.drain import CONFIG, children, cpu_seconds, machine
+from benchmarks.drain import CONFIG, child_running, cpu_seconds, machine
 from benchmarks.receiver import ReceiverProcess
 from handlers import webhooks
 from tests.support import ROOT, end_process
@@ -342,29 +343,33 @@ def run_gateway(
         stdout=out,
         stderr=subprocess.STDOUT,
     )
-    spy: subprocess.Popen[bytes] | None = None
+    spies: list[subprocess.Popen[bytes]] = []
     try:
         _await_first(receiver, proc, 60)
         at_first = cpu_seconds(proc.pid)
-        engine = next(iter(children(proc.pid)), None)
+        engine = child_running(proc.pid, "gateway.ingest.process")
         engine_first = _cpu(engine) if engine else 0.0
+        poster = child_running(proc.pid, "gateway.outbound.poster_child")
+        poster_first = _cpu(poster) if poster else 0.0
         rx_first = _cpu(receiver.pid)
         if profile is not None:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            cmd = [py_spy, "record", "--pid", str(proc.pid), "-o", str(profile)]
-            cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--threads"]
-            spy = subprocess.Popen(
-                cmd,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            targets = [(proc.pid, profile)]
+            if poster is not None:
+                targets.append((poster, profile.with_suffix(".poster.txt")))
+            for pid, path in targets:
+                cmd = [py_spy, "record", "--pid", str(pid), "-o", str(path)]
+                cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--threads"]
+                spies.append(
+                    subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                )
         counts = receiver.wait(n, args.timeout)
         at_done = cpu_seconds(proc.pid)
         engine_done = _cpu(engine) if engine else 0.0
+        poster_done = _cpu(poster) if poster else 0.0
         rx_done = _cpu(receiver.pid)
-        if spy is not None:
-            end_process(spy, signal.SIGINT)
-            spy = None
+        while spies:
+            end_process(spies.pop(), signal.SIGINT)
         settled_at = None
         left = _unsettled(db)
         deadline = time.monotonic() + 30
@@ -376,7 +381,7 @@ def run_gateway(
         if proc.poll() is not None:
             raise RuntimeError(f"the gateway exited {proc.returncode}")
     finally:
-        if spy is not None:
+        for spy in spies:
             end_process(spy, signal.SIGINT)
         end_process(proc)
         out.close()
@@ -398,6 +403,7 @@ def run_gateway(
             "threads": round(threads_s / n * 1e6, 1),
         },
         "engine_cpu_us_per_event": round((engine_done - engine_first) / n * 1e6, 1),
+        "poster_cpu_us_per_event": round((poster_done - poster_first) / n * 1e6, 1),
         "receiver_cpu_us_per_event": round((rx_done - rx_first) / n * 1e6, 1),
         "settled_after_last_s": (
             round(settled_at - counts["distinct_at"], 2) if settled_at is not None else None
@@ -562,7 +568,8 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(
             f"C={c}: CPU per event (medians): gateway MQTT process {main + threads:.0f} us "
             f"(main thread {main:.0f}, other threads {threads:.0f}), engine process "
-            f"{statistics.median(r['engine_cpu_us_per_event'] for r in g):.0f} us; baseline "
+            f"{statistics.median(r['engine_cpu_us_per_event'] for r in g):.0f} us, poster process "
+            f"{statistics.median(r.get('poster_cpu_us_per_event', 0) for r in g):.0f} us; baseline "
             f"{statistics.median(r['cpu_us_per_event'] for r in bl):.0f} us; receiver "
             f"{statistics.median(r['receiver_cpu_us_per_event'] for r in g):.0f} us (gateway"
             f" runs), {statistics.median(r['receiver_cpu_us_per_event'] for r in bl):.0f} us"

@@ -53,8 +53,8 @@ from gateway.outbound.dead_letters import DeadLetters
 from gateway.outbound.escalation import Escalator
 from gateway.outbound.health_report import HealthReport
 from gateway.outbound.outbox import OutboxPublisher
+from gateway.outbound.poster_process import PosterProcess
 from gateway.outbound.training import Retraining, Trainer
-from gateway.outbound.webhook_http import Poster
 from gateway.outbound.webhook_sender import WebhookSender
 from gateway.retention import Retention
 from gateway.seam import (
@@ -126,7 +126,7 @@ class Daemon:
             self.metrics.reconnects.labels(lane)  # both series from the start, at 0
 
         # Webhooks: events fanned out to the endpoints; the dead ones to Redis.
-        self.poster = Poster()
+        self.poster = PosterProcess(settings.log.level, settings.log.format)
         self.dead_letters = DeadLetters(
             self.database, self.redis, lambda: self.settings, self.metrics
         )

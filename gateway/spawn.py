@@ -1,11 +1,13 @@
-"""Starting the engine process, with nothing but the standard library.
+"""Starting the daemon's child processes (the engine's, the webhook poster's), with
+nothing but the standard library.
 
 `fieldgate run` starts its engine process before its own imports (gateway/__main__.py),
 so that the two processes import side by side: one after the other they took 1.5 s
 of a start measured behind a backlog, before the first crisis could be committed
 (benchmarks/backlog_priority.py). The early process waits on its channel for the
 settings (`Start`); a process whose parent dies before sending them reads the end of
-the channel and exits. The engine started again after a death is started here too.
+the channel and exits. The engine started again after a death is started here too,
+and the poster process (gateway/outbound/poster_process.py) whenever it is needed.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ def engine_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
 
-def start() -> Started:
-    """A new engine process, waiting for its settings on the returned channel."""
+ENGINE = "gateway.ingest.process"
+
+
+def start(module: str = ENGINE, *args: str) -> Started:
+    """A new child process running `module` (the engine's by default), waiting on the
+    returned channel; `args` follow the channel's descriptor on its command line."""
     ours, theirs = socket.socketpair()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.ingest.process", str(theirs.fileno())],
+            [sys.executable, "-m", module, str(theirs.fileno()), *args],
             pass_fds=[theirs.fileno()],
             env=engine_environment(),
         )

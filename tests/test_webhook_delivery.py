@@ -2,27 +2,37 @@
 Redis of the test's own, the broker (PROTOCOL.md, "Webhooks and the dead-letter queue").
 
 Events come from panic alerts (each makes one `alert.crisis` event). Each status
-class, the crash of the daemon mid-delivery, the isolation of endpoints, the
-breaker, Redis down while deliveries die, reloads, and secrets.
+class, the crash of the daemon mid-delivery, the death of its poster process, the
+isolation of endpoints, the breaker, Redis down while deliveries die, reloads, and secrets.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import redis
 
+from gateway.outbound.poster_process import CHILD as POSTER
 from gateway.outbound.webhook_sender import YIELD_TRICKLE_S
 from tests.support.admin import Admin
 from tests.support.alerts import alert
 from tests.support.database import db_rows
 from tests.support.mqtt import Client
-from tests.support.processes import Daemon, Mosquitto, RedisServer, free_port, wait_for
+from tests.support.processes import (
+    Daemon,
+    Mosquitto,
+    RedisServer,
+    children_running,
+    free_port,
+    wait_for,
+)
 from tests.support.sync import counter_ops, queue_for
 from tests.support.webhooks import SECRET, Receiver, Reply, endpoint
 from tests.test_metrics import scrape, value
@@ -358,6 +368,43 @@ def test_after_a_sigkill_mid_delivery_every_event_is_delivered_once_by_webhook_i
     alerts_by_id = {r.event["data"]["alert_id"]: r.msg_id for r in distinct.values()}
     assert sorted(alerts_by_id) == sorted(ids)
     assert all(r.verified for r in distinct.values())
+
+
+def test_a_sigkilled_daemons_poster_process_ends_and_the_restarted_one_delivers_all(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    """The MQTT process dies with attempts in its poster process: the poster ends with
+    it (its channel closes), and the daemon started again delivers every event."""
+    with Receiver(lambda n: Reply(200, delay_s=0.8 if n < 4 else 0)) as receiver:
+        daemon = start(endpoint("ops", receiver.url, timeout_s=1, retry_schedule_s=FAST_RETRIES))
+        panics(client, daemon, 10)
+        receiver.wait(4)
+        assert daemon.proc is not None
+        (poster,) = children_running(daemon.proc.pid, POSTER)
+        daemon.kill()
+        wait_for(lambda: not Path(f"/proc/{poster}").exists(), timeout=10)
+        daemon.start()
+        wait_for(lambda: len(receiver.distinct()) == 10 and not waiting(daemon), timeout=60)
+        settled(daemon)
+
+
+def test_a_killed_poster_process_is_started_again_and_its_attempts_retried(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    with Receiver(lambda n: Reply(200, delay_s=2.0 if n < 3 else 0)) as receiver:
+        daemon = start(endpoint("ops", receiver.url, timeout_s=5, retry_schedule_s=FAST_RETRIES))
+        panics(client, daemon, 6)
+        receiver.wait(3)
+        assert daemon.proc is not None
+        (poster,) = children_running(daemon.proc.pid, POSTER)
+        os.kill(poster, signal.SIGKILL)
+        wait_for(lambda: len(receiver.distinct()) == 6 and not waiting(daemon), timeout=30)
+        settled(daemon)
+        (again,) = children_running(daemon.proc.pid, POSTER)
+    assert again != poster
+    died = [line for line in daemon.log_lines() if line.get("event", "").startswith("poster")]
+    assert [line["event"] for line in died] == ["poster process died: its attempts will be retried"]
+    assert died[0]["attempts"] >= 3  # the three held, and any not answered yet
 
 
 def test_a_slow_endpoint_does_not_delay_a_fast_one(

@@ -2,7 +2,7 @@
 dead-letter queue in Redis (storage/dlq.py), for an operator.
 
 A replay goes around the sender's queue, breaker and retry schedule: it is an
-operator's decision to try now, once, so it posts at once with the Poster the
+operator's decision to try now, once, so it posts at once through the poster the
 sender uses (the same signing, the same judgement of the answer). The endpoint's
 settings are the current ones: an operator who fixed a URL or rotated a secret
 replays to what is configured now, not to what failed.
@@ -32,7 +32,7 @@ from gateway.admin.args import CommandError, Limit, invalid
 from gateway.admin.server import Command
 from gateway.config import Settings, WebhookConfig
 from gateway.mqtt.session import MqttSession
-from gateway.outbound.webhook_http import Poster
+from gateway.outbound.webhook_http import Posting
 from gateway.seam import Outbound
 from handlers import webhooks
 from handlers.admin import Progress
@@ -98,13 +98,13 @@ class _Tally:
 
 
 class DlqCommands:
-    """Reads and changes the dead-letter queue in Redis; a replay posts with the
-    sender's Poster or publishes on the gateway's own MQTT session."""
+    """Reads and changes the dead-letter queue in Redis; a replay posts through
+    the sender's poster or publishes on the gateway's own MQTT session."""
 
     def __init__(
         self,
         redis: Redis,
-        poster: Poster,
+        poster: Posting,
         settings: Callable[[], Settings],
         session: MqttSession,
         root: str,

@@ -13,7 +13,7 @@ import asyncio
 import os
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gateway import __version__
 from handlers import webhooks
@@ -53,6 +53,27 @@ class Attempt:
         return f"HTTP {self.status}"
 
 
+class Posting(Protocol):
+    """What makes attempts: `Poster` here, or `PosterProcess` through a child process
+    (gateway/outbound/poster_process.py)."""
+
+    depth: int
+    """Attempts a lane hands over per place of its `max_in_flight`: more than one when
+    the poster holds the next attempts itself, ready to start as one ends."""
+
+    async def post(
+        self,
+        url: str,
+        key: bytes,
+        msg_id: str,
+        body: bytes,
+        timeout_s: float,
+        *,
+        lane: str = "",
+        limit: int = 0,
+    ) -> Attempt: ...
+
+
 class Poster:
     """An async context manager for the session, made at the first attempt; `post`
     makes one attempt.
@@ -62,9 +83,12 @@ class Poster:
     (benchmarks/backlog_priority.py), and a gateway without webhooks never needs it.
     """
 
+    depth = 1
+
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._open = False
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def __aenter__(self) -> Poster:
         self._open = True
@@ -77,8 +101,11 @@ class Poster:
 
             # No limit on the pool: each endpoint bounds its own concurrency
             # (`max_in_flight`), and a shared bound would let one endpoint starve another.
+            # No cookies: a receiver's cookie is not sent back, to it or to another
+            # endpoint on the same host.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
                 headers={
                     "user-agent": f"fieldgate/{__version__}",
                     "content-type": "application/json",
@@ -99,24 +126,36 @@ class Poster:
             self._session = None
 
     async def post(
-        self, url: str, key: bytes, msg_id: str, body: bytes, timeout_s: float
+        self,
+        url: str,
+        key: bytes,
+        msg_id: str,
+        body: bytes,
+        timeout_s: float,
+        *,
+        lane: str = "",
+        limit: int = 0,
     ) -> Attempt:
-        """POST `body` signed for `msg_id` now; redirects are not followed (a 3xx is a
+        """POST `body` signed for `msg_id` now. `lane` and `limit` are the caller's to
+        keep here: it bounds its own attempts."""
+        return await self.send(url, signed_headers(key, msg_id, body), body, timeout_s)
+
+    async def send(
+        self, url: str, headers: dict[str, str], body: bytes, timeout_s: float
+    ) -> Attempt:
+        """POST `body` with its signed `headers`; redirects are not followed (a 3xx is a
         final answer, PROTOCOL.md)."""
         import aiohttp  # for its exceptions; `_client` imported it
 
         session = self._client()
-        stamp = int(time.time())
-        headers = webhooks.headers(msg_id, stamp, webhooks.sign(key, msg_id, stamp, body))
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         started = time.perf_counter()
         status: int | None = None
         try:
             async with session.post(
-                url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                url, data=body, headers=headers, allow_redirects=False, timeout=timeout
             ) as response:
                 status = response.status
                 retry_after = response.headers.get("retry-after")
@@ -133,6 +172,12 @@ class Poster:
             )
         wait = webhooks.parse_retry_after(retry_after, time.time())
         return Attempt(status, None, wait, _since(started))
+
+
+def signed_headers(key: bytes, msg_id: str, body: bytes) -> dict[str, str]:
+    """A request's headers, signed now (Standard Webhooks' timestamp is the signing's)."""
+    stamp = int(time.time())
+    return webhooks.headers(msg_id, stamp, webhooks.sign(key, msg_id, stamp, body))
 
 
 def _since(started: float) -> float:

@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.config import Settings, WebhookConfig
 from gateway.lifecycle import Part, backoff
 from gateway.metrics import Metrics
-from gateway.outbound.webhook_http import Attempt, Poster
+from gateway.outbound.webhook_http import Attempt, Posting
 from handlers import webhooks
 from handlers.times import now_us, rfc3339
 from storage import webhook_deliveries
@@ -67,7 +67,7 @@ one's queued deliveries are given back as their leases near their end."""
 LEASE_MARGIN_S = 1.0
 """Kept at the end of a lease: the settling of an outcome waits a little (batched)
 and may wait behind a slow transaction."""
-CLAIM_PAGES = 32
+CLAIM_PAGES = 64
 """A lane queues up to this many times its `max_in_flight`, and claims again when
 half of that is left, so that a fast endpoint's slots never wait for a claim: claims
 of eight pages, made when the queue ran dry, cost the sender half its pace
@@ -216,6 +216,15 @@ class Lane:
             pages = max(1, min(CLAIM_PAGES, int(half_lease_s / max(self.pace_s, 1e-3))))
         return pages * self.config.max_in_flight
 
+    def slots(self) -> int:
+        """Attempts handed to the poster at once: `max_in_flight`, times what the
+        poster holds ready beyond those it attempts (`Posting.depth`) while the last
+        attempt succeeded. After a failure, no more than it attempts: what it holds
+        ready would go to an endpoint that may be down, past what the breaker counts
+        (each failure in a row ends one attempt, and the breaker opens on time)."""
+        depth = self.sender.poster.depth if self.breaker.failures == 0 else 1
+        return self.config.max_in_flight * depth
+
     def low_water(self) -> int:
         """Below this many queued, the lane claims more."""
         return max(1, self.queue_bound() // 2)
@@ -234,7 +243,8 @@ class Lane:
         """The queued delivery a free slot sends next, if the breaker and the config let
         it; what waited there so long that its lease could lapse during its attempt is
         given back (`stale`) for a new claim."""
-        latest_us = now_us() + int((self.config.timeout_s + LEASE_MARGIN_S) * 1e6)
+        wait_s = self.config.timeout_s * self.sender.poster.depth  # its turn, then its attempt
+        latest_us = now_us() + int((wait_s + LEASE_MARGIN_S) * 1e6)
         while self.queue:
             if self.breaker.state != "closed" or not self.config.enabled:
                 return None
@@ -248,7 +258,7 @@ class Lane:
 
     def _start_queued(self) -> None:
         """A slot for each free place while the queue has deliveries to send."""
-        while self.in_flight < self.config.max_in_flight:
+        while self.in_flight < self.slots():
             delivery = self._next()
             if delivery is None:
                 return
@@ -290,12 +300,18 @@ class Lane:
             while delivery is not None:
                 config = self.config
                 attempt = await self.sender.poster.post(
-                    config.url, self.key, delivery.event_id, delivery.body, config.timeout_s
+                    config.url,
+                    self.key,
+                    delivery.event_id,
+                    delivery.body,
+                    config.timeout_s,
+                    lane=self.name,
+                    limit=config.max_in_flight,
                 )
                 self.sender.settle(self._outcome(delivery, attempt))
                 if len(self.queue) < self.low_water():
                     self.wake.set()
-                if self.in_flight > self.config.max_in_flight:
+                if self.in_flight > self.slots():
                     return  # a reload lowered `max_in_flight`
                 delivery = self._next()
         finally:
@@ -371,7 +387,7 @@ class Lane:
             "events": list(self.config.events),
             "enabled": self.config.enabled,
             "state": self.state(),
-            "in_flight": self.in_flight,
+            "in_flight": min(self.in_flight, self.config.max_in_flight),
             "pending": pending.pending if pending else 0,
             "retrying": pending.retrying if pending else 0,
             "last_success_at": rfc3339(self.last_success_at),
@@ -395,7 +411,7 @@ class WebhookSender(Part):
         self,
         database: AsyncEngine,
         settings: Callable[[], Settings],
-        poster: Poster,
+        poster: Posting,
         metrics: Metrics,
         *,
         on_dead: Callable[[], None],

@@ -103,6 +103,22 @@ def memory_mib(pid: int, field: str = "VmRSS") -> float | None:
     return None
 
 
+def children_running(parent: int, module: str) -> list[int]:
+    """The processes whose parent is `parent` and that run `python -m module`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and module.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def end_process(
     proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0
 ) -> None:
