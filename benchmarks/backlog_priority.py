@@ -78,7 +78,7 @@ from benchmarks.drain import (
     _rows,
     _start_profiler,
     backlog,
-    children,
+    child_running,
     cpu_seconds,
     machine,
     publish_backlog,
@@ -282,7 +282,7 @@ def behind_backlog(
                 tail = (workdir / "gateway.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"gateway exited {proc.returncode}: {tail}")
             if engine_pid is None:
-                engine_pid = next(iter(children(proc.pid)), None)
+                engine_pid = child_running(proc.pid, "gateway.ingest.process")
                 if engine_pid is not None and profile is not None:
                     spies.append(_start_profiler(engine_pid, _named(profile, "engine"), "raw"))
             urgent_done = watch.crisis_at is not None and watch.answer_at is not None

@@ -582,7 +582,7 @@ def drain_gateway(
             time.sleep(0.001)
         cpu_at_first = cpu_seconds(proc.pid)
         own_at_first = cpu_seconds(os.getpid())
-        engine_pid = next(iter(children(proc.pid)), None)
+        engine_pid = child_running(proc.pid, "gateway.ingest.process")
         engine_at_first = cpu_seconds(engine_pid) if engine_pid else {}
         engine_at_done: dict[int, float] = {}
         if profile is not None:

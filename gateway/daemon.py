@@ -334,13 +334,26 @@ class Daemon:
             )
         async with self.poster:
             self.parts.start()
+            warming = asyncio.ensure_future(self._warm_poster())
             stop = asyncio.ensure_future(self._stop.wait())
             failed = asyncio.ensure_future(self.parts.failed.wait())
             await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
             failed.cancel()
+            warming.cancel()
             await self._shutdown()
         return 1 if self.parts.failed.is_set() else 0
+
+    async def _warm_poster(self) -> None:
+        """Start the webhook poster process once the engine serves, when an endpoint is
+        enabled: not before, for its start would take the cores from the engine's and
+        from a backlog's crises; not at the first event, which would wait for it."""
+        await self.engine.serving.wait()
+        if any(endpoint.enabled for endpoint in self.settings.webhooks):
+            try:
+                await self.poster.warm()
+            except OSError as exc:  # the first attempt tries again, and says so
+                log.warning("webhook poster process did not start", error=str(exc))
 
     def request_stop(self) -> None:
         if not self._stop.is_set():

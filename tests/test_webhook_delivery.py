@@ -388,6 +388,26 @@ def test_a_sigkilled_daemons_poster_process_ends_and_the_restarted_one_delivers_
         settled(daemon)
 
 
+def test_the_poster_process_starts_with_a_daemon_that_has_an_endpoint_and_not_without(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    """Started once the engine serves, before any event: the first one does not wait
+    for it. A daemon without endpoints never starts one."""
+    with Receiver() as receiver:
+        daemon = start(endpoint("ops", receiver.url))
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        (poster,) = wait_for(lambda: children_running(pid, POSTER))
+        panics(client, daemon, 1)
+        receiver.wait(1)
+        assert children_running(pid, POSTER) == [poster]
+        bare = start()
+        assert bare.proc is not None
+        panics(client, bare, 1)
+        wait_for(lambda: db_rows(bare.db_url, "SELECT alert_id FROM alerts"))
+        assert children_running(bare.proc.pid, POSTER) == []
+
+
 def test_a_killed_poster_process_is_started_again_and_its_attempts_retried(
     start: Callable[..., Daemon], client: Client
 ) -> None:
