@@ -84,6 +84,11 @@ class Metrics:
         self.engine_restarts = Counter(
             "fieldgate_engine_restarts", "Engine processes that died and were restarted", registry=r
         )
+        self.webhook_poster_restarts = Counter(
+            "fieldgate_webhook_poster_restarts",
+            "Webhook poster processes that died or were killed, and were started again",
+            registry=r,
+        )
         self.quarantine_dropped = Counter(
             "fieldgate_quarantine_dropped",
             "Quarantine rows deleted before their retention: past quarantine.max_rows",

@@ -411,8 +411,12 @@ def test_the_poster_process_starts_with_a_daemon_that_has_an_endpoint_and_not_wi
 def test_a_killed_poster_process_is_started_again_and_its_attempts_retried(
     start: Callable[..., Daemon], client: Client
 ) -> None:
+    port = free_port()
     with Receiver(lambda n: Reply(200, delay_s=2.0 if n < 3 else 0)) as receiver:
-        daemon = start(endpoint("ops", receiver.url, timeout_s=5, retry_schedule_s=FAST_RETRIES))
+        daemon = start(
+            endpoint("ops", receiver.url, timeout_s=5, retry_schedule_s=FAST_RETRIES),
+            METRICS__LISTEN=f"127.0.0.1:{port}",
+        )
         panics(client, daemon, 6)
         receiver.wait(3)
         assert daemon.proc is not None
@@ -425,6 +429,8 @@ def test_a_killed_poster_process_is_started_again_and_its_attempts_retried(
     died = [line for line in daemon.log_lines() if line.get("event", "").startswith("poster")]
     assert [line["event"] for line in died] == ["poster process died: its attempts will be retried"]
     assert died[0]["attempts"] >= 3  # the three held, and any not answered yet
+    series = scrape(f"http://127.0.0.1:{port}/metrics")[1]
+    assert value(series, "fieldgate_webhook_poster_restarts_total") == 1
 
 
 def test_a_slow_endpoint_does_not_delay_a_fast_one(

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import subprocess
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import structlog
@@ -60,9 +61,16 @@ class PosterProcess:
 
     depth = 3
 
-    def __init__(self, log_level: str = "info", log_format: str = "auto") -> None:
+    def __init__(
+        self,
+        log_level: str = "info",
+        log_format: str = "auto",
+        on_restart: Callable[[], None] = lambda: None,
+    ) -> None:
         self.log_level = log_level
         self.log_format = log_format
+        self.on_restart = on_restart
+        """Called at each death (the metrics count them)."""
         self._open = False
         self._child: _Child | None = None
         self._starting = asyncio.Lock()
@@ -188,6 +196,7 @@ class PosterProcess:
         lived_s = time.monotonic() - self._started_at
         self._failures = 1 if lived_s > 60 else self._failures + 1
         self.restarts += 1
+        self.on_restart()
         code = child.process.poll()
         log.error(
             "poster process died: its attempts will be retried",
