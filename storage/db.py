@@ -91,7 +91,12 @@ def is_sqlite(url: str | URL) -> bool:
 
 
 def create_engine(
-    url: str, *, echo: bool = False, pool_size: int = 5, inline: bool = False
+    url: str,
+    *,
+    echo: bool = False,
+    pool_size: int = 5,
+    inline: bool = False,
+    autocommit: bool = False,
 ) -> AsyncEngine:
     """An async engine; for SQLite, WAL with `synchronous=FULL`.
 
@@ -99,12 +104,15 @@ def create_engine(
     the disk: FULL fsyncs the WAL on every commit, and group commit makes that one
     fsync per batch. `busy_timeout` lets the CLI read while the daemon writes.
     `inline`: SQLite's statements run on the awaiting thread, for a thread that
-    does nothing else (the writer's: storage/inline_sqlite.py).
+    does nothing else (the writer's: storage/inline_sqlite.py). `autocommit`: each
+    statement commits by itself, set once per connection (see `autocommit_twin`).
     """
     parsed = make_url(url)
     # Bound parameters never appear in exception messages or echo logs: an alert's
     # note is a parameter, and a traceback in the log must not carry it.
     kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
+    if autocommit:
+        kwargs["isolation_level"] = "AUTOCOMMIT"
     if is_sqlite(parsed):
         database = parsed.database
         if database and database != ":memory:":
@@ -116,6 +124,18 @@ def create_engine(
         return engine
     kwargs.update(pool_size=pool_size, pool_pre_ping=True)
     return create_async_engine(parsed, **kwargs)
+
+
+def autocommit_twin(engine: AsyncEngine) -> AsyncEngine:
+    """An engine on `engine`'s database whose connections commit each statement by
+    themselves. `execution_options(isolation_level="AUTOCOMMIT")` on a connection of
+    `engine` switches the level at each checkout and back at each checkin: with
+    aiosqlite, two round trips to its thread, which were a seventh of the webhook
+    sender's work on the MQTT process's loop (docs/benchmarks.md). Its own small
+    pool; dispose of it with `engine`."""
+    return create_engine(
+        engine.url.render_as_string(hide_password=False), pool_size=2, autocommit=True
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -20,8 +20,9 @@ its entry, and a `webhook.dead` notice goes to the outbox in the same transactio
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, cast
 
 import msgspec
@@ -175,6 +176,7 @@ async def claim(
     lease_us: int,
     *,
     only: Collection[str] = (),
+    autocommit: AsyncEngine | None = None,
 ) -> list[Delivery]:
     """Lease up to `limit` of the endpoint's due deliveries, the longest due first;
     with `only`, of those event types alone (each candidate's event looked up by its
@@ -187,19 +189,33 @@ async def claim(
     SKIP LOCKED, so instances claim different ones. Their events are read after, on
     the same connection: the outbox's cleanup keeps them while the deliveries wait.
     Both statements go past SQLAlchemy's compiler, and rows come back as tuples:
-    its work per row was a tenth of the sender's CPU.
+    its work per row was a tenth of the sender's CPU. `autocommit`: `engine`'s
+    `storage.db.autocommit_twin`, when the caller keeps one.
     """
     lock = " FOR UPDATE SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
     types = sorted(only)
     params = (now_us + lease_us, endpoint, now_us, now_us, *types, limit)
     where = _ONLY.format(marks=marks(types)) if types else ""
-    async with engine.connect() as conn:
-        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+    async with _autocommit(engine, autocommit) as auto:
         sql = driver_sql(auto, _CLAIM.format(lock=lock, only=where))
-        claimed = cast(list[tuple[Any, ...]], (await auto.exec_driver_sql(sql, params)).all())
-        rows = sorted(claimed)
+        result = await auto.exec_driver_sql(sql, params)
+        rows = sorted(cast(list[tuple[Any, ...]], [tuple(row) for row in result.all()]))
         events = await _events(auto, {row[2] for row in rows})
     return [_delivery(row[1:], events[row[2]]) for row in rows]
+
+
+@contextlib.asynccontextmanager
+async def _autocommit(
+    engine: AsyncEngine, autocommit: AsyncEngine | None
+) -> AsyncIterator[AsyncConnection]:
+    """A connection on which each statement commits by itself: `autocommit`'s, else
+    one of `engine`'s switched to it for the while."""
+    if autocommit is not None:
+        async with autocommit.connect() as conn:
+            yield conn
+        return
+    async with engine.connect() as conn:
+        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 class _Event(NamedTuple):
@@ -236,14 +252,18 @@ def _delivery(claimed: Sequence[Any], event: _Event) -> Delivery:
     )
 
 
-async def release(engine: AsyncEngine, leases: Mapping[int, Sequence[int]]) -> None:
+async def release(
+    engine: AsyncEngine,
+    leases: Mapping[int, Sequence[int]],
+    *,
+    autocommit: AsyncEngine | None = None,
+) -> None:
     """Give claimed deliveries back unattempted (a paused, disabled or stopping
     endpoint's queue), so that they need not wait for their leases to lapse.
     `leases`: the lease each was claimed with -> their ids; a delivery whose lease
     lapsed and that another instance claimed since keeps that instance's lease."""
     if leases:
-        async with engine.connect() as conn:
-            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with _autocommit(engine, autocommit) as auto:
             for until, ids in leases.items():
                 await auto.execute(
                     update(deliveries)
@@ -252,7 +272,13 @@ async def release(engine: AsyncEngine, leases: Mapping[int, Sequence[int]]) -> N
                 )
 
 
-async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: str) -> None:
+async def settle(
+    engine: AsyncEngine,
+    settled: Sequence[Settled],
+    dead_topic: str,
+    *,
+    autocommit: AsyncEngine | None = None,
+) -> None:
     """Write attempts' outcomes: the delivered ones' rows go in one statement; the
     retries and the dead (with their `webhook.dead` notices, to `dead_topic`) in one
     transaction."""
@@ -262,8 +288,7 @@ async def settle(engine: AsyncEngine, settled: Sequence[Settled], dead_topic: st
     if delivered:
         # The common outcome, one statement: committed by itself (see `claim`), past
         # SQLAlchemy's compiler (an IN of a new length each time is compiled anew).
-        async with engine.connect() as conn:
-            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with _autocommit(engine, autocommit) as auto:
             sql = f"DELETE FROM webhook_deliveries WHERE id IN ({marks(delivered)})"  # noqa: S608 - placeholders only
             await auto.exec_driver_sql(driver_sql(auto, sql), tuple(delivered))
     failed = [s for s in settled if s.outcome != "delivered"]

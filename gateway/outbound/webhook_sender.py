@@ -51,6 +51,7 @@ from gateway.outbound.webhook_http import Attempt, Posting
 from handlers import webhooks
 from handlers.times import now_us, rfc3339
 from storage import webhook_deliveries
+from storage.db import autocommit_twin
 from storage.webhook_deliveries import Delivery, Settled, Target
 
 log = structlog.get_logger("fieldgate.webhooks")
@@ -233,7 +234,13 @@ class Lane:
         lease_us = int((LEASE_TIMEOUTS * self.config.timeout_s + LEASE_MARGIN_S) * 1e6)
         now = now_us()
         claimed = await webhook_deliveries.claim(
-            self.sender.database, self.name, count, now, lease_us, only=only
+            self.sender.database,
+            self.name,
+            count,
+            now,
+            lease_us,
+            only=only,
+            autocommit=self.sender.autocommit,
         )
         for delivery in claimed:
             self.leases[delivery.id] = now + lease_us
@@ -283,7 +290,9 @@ class Lane:
             for delivery in self.stale:
                 leases.setdefault(self.leases.pop(delivery.id), []).append(delivery.id)
             self.stale.clear()
-            await webhook_deliveries.release(self.sender.database, leases)
+            await webhook_deliveries.release(
+                self.sender.database, leases, autocommit=self.sender.autocommit
+            )
 
     def _slot_done(self, task: asyncio.Task[None]) -> None:
         """A slot that raised is a bug: say so (the lease of the delivery it was
@@ -418,6 +427,9 @@ class WebhookSender(Part):
         behind: Callable[[], bool] = lambda: False,
     ) -> None:
         self.database = database
+        self.autocommit = autocommit_twin(database)
+        """Claims, releases and the delivered ones' deletes: one statement each,
+        committed by itself, without switching a connection's level each time."""
         self.settings = settings
         self.poster = poster
         self.metrics = metrics
@@ -501,6 +513,7 @@ class WebhookSender(Part):
         if attempts:
             await asyncio.wait(attempts, timeout=self.stop_timeout_s - 1.5)
         await self._settle_all()
+        await self.autocommit.dispose()
 
     # -- fan-out ----------------------------------------------------------------------
 
@@ -606,7 +619,9 @@ class WebhookSender(Part):
         while self._settled:
             batch, self._settled = self._settled, []
             try:
-                await webhook_deliveries.settle(self.database, batch, self._dead_topic())
+                await webhook_deliveries.settle(
+                    self.database, batch, self._dead_topic(), autocommit=self.autocommit
+                )
             except DBAPIError as exc:
                 self._settled[:0] = batch
                 failures += 1
