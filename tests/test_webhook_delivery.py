@@ -205,10 +205,12 @@ def test_a_slow_endpoint_keeps_only_what_half_a_lease_can_attempt_claimed(
     start: Callable[..., Daemon], client: Client
 ) -> None:
     """0.5 s a request, one slot, leases of 4 x 1 s + 1 s: once the lane knows its
-    pace it keeps four claimed (two seconds of attempts), not 32, so that its queue
+    pace it keeps what two seconds of attempts need claimed (three queued, one
+    waiting in the poster process, one in flight), not 64 pages, so that its queue
     is not given back and claimed again over and over.
 
-    Checked against: the bound fixed at 32 pages (12 still leased then)."""
+    Checked against: the bound fixed at 32 pages (12 still leased then); the poster's
+    waiting one not counted against it (6)."""
     with Receiver(lambda n: Reply(200, delay_s=0.5)) as receiver:
         daemon = start(endpoint("slow", receiver.url, max_in_flight=1, timeout_s=1))
         panics(client, daemon, 24)

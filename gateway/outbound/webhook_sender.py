@@ -210,11 +210,13 @@ class Lane:
     def queue_bound(self) -> int:
         """How many the lane keeps claimed: CLAIM_PAGES of `max_in_flight`, fewer for an
         endpoint so slow that they could not all be attempted within half a lease
-        (they would be given back, and claimed again, over and over)."""
+        (they would be given back, and claimed again, over and over). What the poster
+        holds beyond what it attempts is claimed too, and counts against that."""
         pages = CLAIM_PAGES
         if self.pace_s is not None:
             half_lease_s = LEASE_TIMEOUTS * self.config.timeout_s / 2
-            pages = max(1, min(CLAIM_PAGES, int(half_lease_s / max(self.pace_s, 1e-3))))
+            fits = int(half_lease_s / max(self.pace_s, 1e-3)) - (self.sender.poster.depth - 1)
+            pages = max(1, min(CLAIM_PAGES, fits))
         return pages * self.config.max_in_flight
 
     def slots(self) -> int:
