@@ -538,6 +538,36 @@ def test_a_reload_adds_an_endpoint_and_dead_letters_a_removed_ones_waiting_deliv
         assert entry["attempts"] == 1
 
 
+def test_a_disabled_endpoint_gets_no_attempt_that_had_not_started(
+    start: Callable[..., Daemon], client: Client
+) -> None:
+    """One place, 1.5 s a request: the first attempt is at the receiver and the next
+    waits its turn in the poster process when a reload disables the endpoint. The one
+    in flight finishes; no other request goes; the others wait in the database,
+    unattempted and unleased, for the endpoint to come back."""
+    with Receiver(lambda _n: Reply(200, delay_s=1.5)) as receiver:
+        table = endpoint("ops", receiver.url, max_in_flight=1, timeout_s=5)
+        daemon = start(table)
+        panics(client, daemon, 4)
+        receiver.wait(1)
+        daemon.config_path.write_text(table + "enabled = false\n")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: receiver.answered == 1)
+        time.sleep(2.0)  # what a withdrawal missed would have started by now
+        assert len(receiver.requests) == 1
+        wait_for(
+            lambda: (
+                db_rows(
+                    daemon.db_url,
+                    "SELECT count(*) FROM webhook_deliveries"
+                    " WHERE attempts = 0 AND claimed_until IS NULL",
+                )
+                == [(3,)]
+            )
+        )
+
+
 def test_secrets_appear_nowhere(
     start: Callable[..., Daemon], client: Client, own_redis: RedisServer, broker: Mosquitto
 ) -> None:

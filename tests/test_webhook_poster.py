@@ -21,7 +21,7 @@ import pytest
 
 from gateway.outbound import poster_process
 from gateway.outbound.poster_process import STOPPED, PosterProcess
-from gateway.outbound.webhook_http import Attempt
+from gateway.outbound.webhook_http import WITHDRAWN, Attempt
 from handlers import webhooks
 from tests.support.processes import children_running
 from tests.support.webhooks import SECRET, Receiver, Reply
@@ -167,3 +167,27 @@ async def test_the_child_holds_no_secret_and_ends_with_the_context() -> None:
         assert secret not in cmdline and secret not in environ
     assert child_pids() == []
     assert not alive(child)
+
+
+async def test_withdrawn_posts_are_answered_unattempted_and_the_others_go_on() -> None:
+    """One place for lane a, three posts: the first in flight, two waiting their turn
+    in the child. Withdrawing a ends those two at once, unattempted; the one in
+    flight, and lane b's, go on."""
+
+    async def scenario(url: str) -> tuple[list[Attempt], Attempt]:
+        async with PosterProcess() as poster:
+            lane_a = [
+                asyncio.ensure_future(poster.post(url, KEY, f"a_{i}", BODY, 5.0, lane="a", limit=1))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.4)  # the first is at the receiver
+            poster.withdraw("a")
+            other = await poster.post(url, KEY, "b_0", BODY, 5.0, lane="b", limit=1)
+            return list(await asyncio.gather(*lane_a)), other
+
+    with Receiver(lambda n: Reply(200, delay_s=1.0 if n == 0 else 0)) as receiver:
+        made, other = await scenario(receiver.url)
+        requests = receiver.wait(2)
+    assert [(a.status, a.error) for a in made] == [(200, None), *[(None, WITHDRAWN)] * 2]
+    assert (other.status, other.error) == (200, None)
+    assert sorted(r.msg_id for r in requests) == ["a_0", "b_0"]

@@ -28,8 +28,8 @@ import structlog
 from gateway import logs
 from gateway.channel import Channel, ChannelClosed
 from gateway.lifecycle import GC_YOUNG_MQTT, run_async, tune_gc
-from gateway.outbound.poster_frames import Answers, Post, Posted, Posts
-from gateway.outbound.webhook_http import Poster
+from gateway.outbound.poster_frames import Answers, Post, Posted, ToPoster, Withdraw
+from gateway.outbound.webhook_http import WITHDRAWN, Poster
 
 log = structlog.get_logger("fieldgate.webhooks")
 
@@ -64,6 +64,9 @@ class Server:
         try:
             while True:
                 frame = await self.channel.receive()
+                if isinstance(frame, Withdraw):
+                    self._withdraw(frame.lane)
+                    continue
                 for post in frame.posts:
                     lane = self.lanes.get(post.lane)
                     if lane is None:
@@ -101,6 +104,15 @@ class Server:
         finally:
             lane.busy -= 1
 
+    def _withdraw(self, name: str) -> None:
+        lane = self.lanes.get(name)
+        if lane is None or not lane.waiting:
+            return
+        if not self.answers:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.answers.extend(Posted(post.id, None, WITHDRAWN, None, 0.0) for post in lane.waiting)
+        lane.waiting.clear()
+
     def _flush(self) -> None:
         answers, self.answers = self.answers, []
         with contextlib.suppress(ChannelClosed):  # gone: `serve` ends at its next read
@@ -108,7 +120,7 @@ class Server:
 
 
 async def serve(fd: int) -> int:
-    channel = await Channel.open(socket.socket(fileno=fd), Posts)
+    channel = await Channel.open(socket.socket(fileno=fd), ToPoster)
     tune_gc(GC_YOUNG_MQTT)
     async with Poster() as poster:
         try:

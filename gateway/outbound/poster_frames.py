@@ -37,3 +37,12 @@ class Posted(msgspec.Struct, array_like=True):
 
 class Answers(msgspec.Struct, tag="answers", array_like=True):
     answers: list[Posted]
+
+
+class Withdraw(msgspec.Struct, tag="withdraw", array_like=True):
+    """The lane's posts that wait their turn are answered WITHDRAWN, unattempted."""
+
+    lane: str
+
+
+ToPoster = Posts | Withdraw

@@ -28,8 +28,8 @@ import structlog
 from gateway import spawn
 from gateway.channel import Channel, ChannelClosed
 from gateway.lifecycle import backoff
-from gateway.outbound.poster_frames import Answers, Post, Posts
-from gateway.outbound.webhook_http import Attempt, signed_headers
+from gateway.outbound.poster_frames import Answers, Post, Posts, Withdraw
+from gateway.outbound.webhook_http import WITHDRAWN, Attempt, signed_headers
 
 log = structlog.get_logger("fieldgate.webhooks")
 
@@ -137,6 +137,23 @@ class PosterProcess:
         headers = signed_headers(key, msg_id, body)
         self._unsent.append(Post(post_id, lane, limit, url, headers, body, timeout_s))
         return await future
+
+    def withdraw(self, lane: str) -> None:
+        """The lane's posts not sent yet end WITHDRAWN here, and the child answers so
+        those that wait their turn there."""
+        kept: list[Post] = []
+        for post in self._unsent:
+            if post.lane == lane:
+                future, _deadline = self._pending.pop(post.id)
+                if not future.done():
+                    future.set_result(Attempt(None, WITHDRAWN, None, 0.0))
+            else:
+                kept.append(post)
+        self._unsent = kept
+        child = self._child
+        if child is not None:
+            with contextlib.suppress(ChannelClosed):  # the reader ends them all
+                child.channel.send(Withdraw(lane))
 
     def _flush(self) -> None:
         posts, self._unsent = self._unsent, []

@@ -53,6 +53,10 @@ class Attempt:
         return f"HTTP {self.status}"
 
 
+WITHDRAWN = "withdrawn before its attempt"
+"""The error of an attempt that was never made: its lane took it back (`withdraw`)."""
+
+
 class Posting(Protocol):
     """What makes attempts: `Poster` here, or `PosterProcess` through a child process
     (gateway/outbound/poster_process.py)."""
@@ -73,6 +77,10 @@ class Posting(Protocol):
         limit: int = 0,
     ) -> Attempt: ...
 
+    def withdraw(self, lane: str) -> None:
+        """The lane's posts not yet attempted end as WITHDRAWN (a disabled, paused or
+        removed endpoint gets no more); those under way go on."""
+
 
 class Poster:
     """An async context manager for the session, made at the first attempt; `post`
@@ -84,6 +92,9 @@ class Poster:
     """
 
     depth = 1
+
+    def withdraw(self, lane: str) -> None:
+        """Nothing waits here: each attempt is made as it is asked for."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None

@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.config import Settings, WebhookConfig
 from gateway.lifecycle import Part, backoff
 from gateway.metrics import Metrics
-from gateway.outbound.webhook_http import Attempt, Posting
+from gateway.outbound.webhook_http import WITHDRAWN, Attempt, Posting
 from handlers import webhooks
 from handlers.times import now_us, rfc3339
 from storage import webhook_deliveries
@@ -259,8 +259,7 @@ class Lane:
                 return None
             delivery = self.queue.popleft()
             if self.leases[delivery.id] >= latest_us:
-                del self.leases[delivery.id]
-                return delivery
+                return delivery  # its lease stays known until its outcome: see `_slot`
             self.stale.append(delivery)
             self.wake.set()
         return None
@@ -274,14 +273,15 @@ class Lane:
             self._start(delivery)
 
     def _start(self, delivery: Delivery) -> None:
-        self.leases.pop(delivery.id, None)  # the probe's: `_next` took the others'
         self.in_flight += 1
         task = asyncio.create_task(self._slot(delivery), name=f"webhook:{self.name}")
         self.attempts.add(task)
         task.add_done_callback(self._slot_done)
 
     async def release_queue(self) -> None:
-        """Give the queued deliveries back (their leases would hold them meanwhile)."""
+        """Give the queued deliveries back (their leases would hold them meanwhile), and
+        those the poster holds waiting their turn (they come back as withdrawn)."""
+        self.sender.poster.withdraw(self.name)
         self.stale.extend(self.queue)
         self.queue.clear()
         await self._give_back_stale()
@@ -319,7 +319,12 @@ class Lane:
                     lane=self.name,
                     limit=config.max_in_flight,
                 )
-                self.sender.settle(self._outcome(delivery, attempt))
+                if attempt.error == WITHDRAWN:
+                    self.stale.append(delivery)  # not attempted: given back with its lease
+                    self.wake.set()
+                else:
+                    self.leases.pop(delivery.id, None)
+                    self.sender.settle(self._outcome(delivery, attempt))
                 if len(self.queue) < self.low_water():
                     self.wake.set()
                 if self.in_flight > self.slots():
@@ -468,6 +473,7 @@ class WebhookSender(Part):
             if name not in endpoints:
                 self.lanes.pop(name)
                 self._lane_tasks.pop(name).cancel()
+                self.poster.withdraw(name)
         for name, config in endpoints.items():
             lane = self.lanes.get(name)
             if lane is None:
@@ -514,6 +520,9 @@ class WebhookSender(Part):
         attempts = {task for lane in self.lanes.values() for task in lane.attempts}
         if attempts:
             await asyncio.wait(attempts, timeout=self.stop_timeout_s - 1.5)
+        for lane in self.lanes.values():  # what the poster held, withdrawn
+            with contextlib.suppress(DBAPIError):
+                await lane.release_queue()
         await self._settle_all()
         await self.autocommit.dispose()
 
