@@ -217,7 +217,7 @@ class PosterProcess:
         code = child.process.poll()
         log.error(
             "poster process died: its attempts will be retried",
-            how="running" if code is None else f"exit {code}",
+            how=_how(code),
             attempts=held,
             failures=self._failures,
         )
@@ -258,3 +258,10 @@ class PosterProcess:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await asyncio.to_thread(process.wait)
+
+
+def _how(code: int | None) -> str:
+    """How a child ended, as the engine's death is told (gateway/mqtt/engine_process.py)."""
+    if code is None:
+        return "closed its channel, still running"
+    return f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
