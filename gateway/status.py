@@ -238,6 +238,7 @@ class Status:
                 "pending": _sum(samples, "fieldgate_webhook_pending"),
                 "dlq": _value(samples, "fieldgate_dlq_entries"),
                 "spool": _value(samples, "fieldgate_dlq_spool"),
+                "poster_restarts": _value(samples, "fieldgate_webhook_poster_restarts_total"),
             },
         }
 

@@ -112,7 +112,15 @@ def test_a_200_is_delivered_once_signed_with_the_crisis_message_as_its_data(
     assert event["type"] == "alert.crisis"
     assert event["data"] == crisis.json()
     stats = Admin(client, daemon.root).data("stats")["webhooks"]
-    assert stats == {"delivered": 1, "failed": 0, "dead": 0, "pending": 0, "dlq": 0, "spool": 0}
+    assert stats == {
+        "delivered": 1,
+        "failed": 0,
+        "dead": 0,
+        "pending": 0,
+        "dlq": 0,
+        "spool": 0,
+        "poster_restarts": 0,
+    }
 
 
 def test_a_500_then_a_200_is_delivered_on_the_retry_with_the_same_webhook_id(
@@ -433,6 +441,7 @@ def test_a_killed_poster_process_is_started_again_and_its_attempts_retried(
     assert died[0]["attempts"] >= 3  # the three held, and any not answered yet
     series = scrape(f"http://127.0.0.1:{port}/metrics")[1]
     assert value(series, "fieldgate_webhook_poster_restarts_total") == 1
+    assert Admin(client, daemon.root).data("stats")["webhooks"]["poster_restarts"] == 1
 
 
 def test_a_slow_endpoint_does_not_delay_a_fast_one(
