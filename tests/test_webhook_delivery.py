@@ -550,11 +550,11 @@ def test_a_reload_adds_an_endpoint_and_dead_letters_a_removed_ones_waiting_deliv
 def test_a_disabled_endpoint_gets_no_attempt_that_had_not_started(
     start: Callable[..., Daemon], client: Client
 ) -> None:
-    """One place, 1.5 s a request: the first attempt is at the receiver and the next
+    """One place, 3 s a request: the first attempt is at the receiver and the next
     waits its turn in the poster process when a reload disables the endpoint. The one
     in flight finishes; no other request goes; the others wait in the database,
     unattempted and unleased, for the endpoint to come back."""
-    with Receiver(lambda _n: Reply(200, delay_s=1.5)) as receiver:
+    with Receiver(lambda _n: Reply(200, delay_s=3.0)) as receiver:
         table = endpoint("ops", receiver.url, max_in_flight=1, timeout_s=5)
         daemon = start(table)
         panics(client, daemon, 4)

@@ -174,19 +174,22 @@ async def test_withdrawn_posts_are_answered_unattempted_and_the_others_go_on() -
     in the child. Withdrawing a ends those two at once, unattempted; the one in
     flight, and lane b's, go on."""
 
-    async def scenario(url: str) -> tuple[list[Attempt], Attempt]:
+    async def scenario(receiver: Receiver) -> tuple[list[Attempt], Attempt]:
+        url = receiver.url
         async with PosterProcess() as poster:
             lane_a = [
                 asyncio.ensure_future(poster.post(url, KEY, f"a_{i}", BODY, 5.0, lane="a", limit=1))
                 for i in range(3)
             ]
-            await asyncio.sleep(0.4)  # the first is at the receiver
+            # the first at the receiver (not a sleep: a loaded machine's child may
+            # read the posts and the withdrawal together, before the first started)
+            await asyncio.to_thread(receiver.wait, 1)
             poster.withdraw("a")
             other = await poster.post(url, KEY, "b_0", BODY, 5.0, lane="b", limit=1)
             return list(await asyncio.gather(*lane_a)), other
 
     with Receiver(lambda n: Reply(200, delay_s=1.0 if n == 0 else 0)) as receiver:
-        made, other = await scenario(receiver.url)
+        made, other = await scenario(receiver)
         requests = receiver.wait(2)
     assert [(a.status, a.error) for a in made] == [(200, None), *[(None, WITHDRAWN)] * 2]
     assert (other.status, other.error) == (200, None)
