@@ -109,7 +109,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.drain import machine, scrape
+from benchmarks.drain import children, machine, scrape
 from tests.support import (
     ROOT,
     Client,
@@ -439,15 +439,6 @@ def proc_cpu(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                out.extend(int(c) for c in (task / "children").read_text().split())
-    return out
 
 
 def tree_cpu(pid: int) -> dict[int, float]:

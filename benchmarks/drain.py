@@ -225,12 +225,14 @@ def cpu_seconds(pid: int) -> dict[int, float]:
 
 
 def children(pid: int) -> list[int]:
-    """The child processes of `pid` (the gateway's engine process)."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(child) for child in text.split()]
+    """The child processes of `pid` (the gateway's engine and poster processes), made
+    by any of its threads."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out.extend(int(child) for child in (task / "children").read_text().split())
+    return out
 
 
 def child_running(pid: int, module: str) -> int | None:
