@@ -199,7 +199,7 @@ async def claim(
     async with _autocommit(engine, autocommit) as auto:
         sql = driver_sql(auto, _CLAIM.format(lock=lock, only=where))
         result = await auto.exec_driver_sql(sql, params)
-        rows = sorted(cast(list[tuple[Any, ...]], [tuple(row) for row in result.all()]))
+        rows = sorted(tuple(row) for row in result.all())
         events = await _events(auto, {row[2] for row in rows})
     return [_delivery(row[1:], events[row[2]]) for row in rows]
 

@@ -213,7 +213,7 @@ def test_a_slow_endpoint_keeps_only_what_half_a_lease_can_attempt_claimed(
     start: Callable[..., Daemon], client: Client
 ) -> None:
     """0.5 s a request, one slot, leases of 4 x 1 s + 1 s: once the lane knows its
-    pace it keeps what two seconds of attempts need claimed (three queued, one
+    pace it keeps what two seconds of attempts need claimed (two queued, two
     waiting in the poster process, one in flight), not 64 pages, so that its queue
     is not given back and claimed again over and over.
 
@@ -551,7 +551,7 @@ def test_a_disabled_endpoint_gets_no_attempt_that_had_not_started(
     start: Callable[..., Daemon], client: Client
 ) -> None:
     """One place, 3 s a request: the first attempt is at the receiver and the next
-    waits its turn in the poster process when a reload disables the endpoint. The one
+    ones wait their turn in the poster process when a reload disables the endpoint. The one
     in flight finishes; no other request goes; the others wait in the database,
     unattempted and unleased, for the endpoint to come back."""
     with Receiver(lambda _n: Reply(200, delay_s=3.0)) as receiver:

@@ -88,16 +88,16 @@ class Server:
             while lane.waiting:
                 post = lane.waiting.popleft()
                 attempt = await self.poster.send(post.url, post.headers, post.body, post.timeout_s)
-                if not self.answers:
-                    asyncio.get_running_loop().call_soon(self._flush)
-                self.answers.append(
-                    Posted(
-                        post.id,
-                        attempt.status,
-                        attempt.error,
-                        attempt.retry_after_s,
-                        attempt.seconds,
-                    )
+                self._answer(
+                    [
+                        Posted(
+                            post.id,
+                            attempt.status,
+                            attempt.error,
+                            attempt.retry_after_s,
+                            attempt.seconds,
+                        )
+                    ]
                 )
                 if 0 < post.limit < lane.busy:
                     return
@@ -108,10 +108,14 @@ class Server:
         lane = self.lanes.get(name)
         if lane is None or not lane.waiting:
             return
+        self._answer([Posted(post.id, None, WITHDRAWN, None, 0.0) for post in lane.waiting])
+        lane.waiting.clear()
+
+    def _answer(self, answers: list[Posted]) -> None:
+        """Queue outcomes; the first of a loop turn's schedules their one frame."""
         if not self.answers:
             asyncio.get_running_loop().call_soon(self._flush)
-        self.answers.extend(Posted(post.id, None, WITHDRAWN, None, 0.0) for post in lane.waiting)
-        lane.waiting.clear()
+        self.answers.extend(answers)
 
     def _flush(self) -> None:
         answers, self.answers = self.answers, []

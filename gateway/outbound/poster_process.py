@@ -2,9 +2,10 @@
 
 `PosterProcess` has `Poster`'s shape (an async context manager with `post`), so the
 sender and `dlq/replay` use it as they would the local one. It starts the poster
-process (gateway/outbound/poster_child.py) at the first attempt, as `Poster` imports
-aiohttp then: a gateway without webhooks never has one. Posts made in one turn of
-the loop cross in one frame, and their outcomes come back the same way.
+process (gateway/outbound/poster_child.py) when the daemon warms it (`warm`) or at
+the first attempt, whichever comes first: a gateway without webhooks never has one.
+Posts made in one turn of the loop cross in one frame, and their outcomes come back
+the same way.
 
 When the child dies, or stops answering (no outcome within a post's timeout and
 ANSWER_GRACE_S: it is killed), every attempt it held ends as a failed attempt,
@@ -54,10 +55,10 @@ class _Child:
 class PosterProcess:
     """Posts through a child process it starts, watches and starts again.
 
-    A lane hands it twice its `max_in_flight` (`depth`), and the child attempts at
-    most `max_in_flight` of them at once: the next attempt waits there, ready as one
-    ends, instead of a round trip through both processes behind each end (at eight
-    in flight that round trip halved the pace, docs/benchmarks.md)."""
+    A lane hands it three times its `max_in_flight` (`depth`), and the child attempts
+    at most `max_in_flight` of them at once: the next attempts wait there, ready as
+    one ends, instead of a round trip through both processes behind each end (at
+    eight in flight that round trip halved the pace, docs/benchmarks.md)."""
 
     depth = 3
 

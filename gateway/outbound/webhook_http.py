@@ -93,13 +93,13 @@ class Poster:
 
     depth = 1
 
-    def withdraw(self, lane: str) -> None:
-        """Nothing waits here: each attempt is made as it is asked for."""
-
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._open = False
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    def withdraw(self, lane: str) -> None:
+        """Nothing waits here: each attempt is made as it is asked for."""
 
     async def __aenter__(self) -> Poster:
         self._open = True
