@@ -204,6 +204,18 @@ class ConflictTypeConfig(Section):
 
 class ConflictsConfig(Section):
     enabled: bool = True
+    detect: Literal["after_ack", "in_commit"] = "after_ack"
+    """When operations are judged: after their ack, from the committed log, whenever
+    the engine has no batch to commit (acks and a backlog's drain never wait for
+    detection); or in the transaction that stores them (a device's ack waits for it,
+    and the conflict-derived counters that scoring reads are never behind)."""
+    max_delay_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """After the ack: the longest that stored operations wait behind a backlog before
+    detection takes turns with its batches (one pass between two batches)."""
+    pass_max_ops: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
+    """After the ack: the most operations one pass (one transaction) judges. Larger
+    passes send fewer messages (one per conflict and topic a commit) and cost less an
+    operation; a batch that arrives during a pass waits for it."""
     window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 300.0
     manual_at_or_above: Literal["low", "medium", "high", "critical"] = "critical"
     types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)

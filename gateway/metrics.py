@@ -182,6 +182,12 @@ class EngineMetrics:
             "Conflicts absorbed by another that an operation bridged them to",
             registry=r,
         )
+        self.conflicts_judged = Counter(
+            "fieldgate_conflict_judged_operations",
+            "Stored operations conflict detection has judged (after the ack: behind the"
+            " stored count by what still waits)",
+            registry=r,
+        )
         self.conflicts_resolved = Counter(
             "fieldgate_conflicts_resolved",
             "Conflicts resolved by an operator",

@@ -189,16 +189,20 @@ class Status:
         report at each collection."""
         return [sample for family in self.metrics.registry.collect() for sample in family.samples]
 
-    async def _from_database(self) -> tuple[int | None, dict[str, int] | None, int | None]:
-        """The outbox's depth, and the conflicts and their members now (every instance's):
-        best effort, since `health` says why the database does not answer."""
+    async def _from_database(
+        self,
+    ) -> tuple[int | None, dict[str, int] | None, int | None, int | None]:
+        """The outbox's depth, the conflicts and their members now, and the operations
+        detection has yet to judge (every instance's): best effort, since `health` says
+        why the database does not answer."""
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S), self.database.connect() as conn:
                 depth = await outbox.depth(conn, "mqtt")
                 per_severity, members = await conflict_store.totals(conn)
+                waiting = await conflict_store.waiting(conn)
         except Exception:  # noqa: BLE001
-            return None, None, None
-        return depth, per_severity, members
+            return None, None, None, None
+        return depth, per_severity, members, waiting
 
     async def stats(self) -> dict[str, Any]:
         """Counters since this process started, the conflicts as they stand (all
@@ -207,7 +211,7 @@ class Status:
         samples = self._samples()
         ops = _by_label(samples, "fieldgate_sync_ops_total", "status")
         rejected = _by_label(samples, "fieldgate_rejected_total", "code")
-        depth, conflicts, members = await self._from_database()
+        depth, conflicts, members, waiting = await self._from_database()
         return {
             "since": started_at_text(self.started_at),
             "uptime_s": round(time.time() - self.started_at.timestamp(), 1),
@@ -228,6 +232,7 @@ class Status:
                 "in_flight": self.intake.in_flight,
                 "pending_commit": self.engine.state.pending,
                 "outbox": depth,
+                "detection": waiting,
                 "mqtt_outgoing": sum(session.outgoing_pending() for session in self.sessions),
             },
             "outbox": {"published": self.outbox.published, "failed": self.outbox.failed},

@@ -268,6 +268,18 @@ async def entities_ops(
 # -- counts ---------------------------------------------------------------------------
 
 
+async def waiting(conn: AsyncConnection) -> int:
+    """Stored operations that conflict detection has not judged yet, on every instance
+    (storage/detection.py): after the ack, what it is behind."""
+    rows = await driver_rows(conn, _WAITING_SQL, (), ("n",))
+    return int(rows[0]["n"] or 0)
+
+
+_WAITING_SQL = (
+    "SELECT SUM(version - detected_version) FROM entities WHERE version > detected_version"
+)
+
+
 async def stats(
     conn: AsyncConnection, since_us: int | None, group_by: str, now_us: int
 ) -> dict[str, Any]:

@@ -35,9 +35,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.dml import Insert, Update
 
 from handlers.conflict_versions import Version, Versions, colliding
 from handlers.conflict_windows import FieldWindow, Loose, Mark
@@ -191,6 +191,7 @@ class _Entity:
         "rebuild",
         "stored_from",
         "summary_from",
+        "upto",
         "versions",
         "windows",
     )
@@ -204,6 +205,9 @@ class _Entity:
         version: int,
     ) -> None:
         self.key = key
+        self.upto = version
+        """The last version this batch judges: the log's later operations (stored, not
+        yet judged) are left to the batch that judges them."""
         self.versions = Versions(since=version + 1)
         """Its latest operations; until the summary is read, from this batch's on."""
         self.summary_from = summary_from
@@ -276,11 +280,15 @@ class Detector:
         notices: ConflictNotices,
         *,
         enabled: bool = True,
+        in_commit: bool = False,
         windows: bool = True,
     ) -> None:
         self.rules = rules
         self.notices = notices
         self.enabled = enabled
+        self.in_commit = in_commit
+        """True: the operations are judged in the transaction that stores them; False:
+        after the ack, by passes of `storage.detection.DetectionStep`."""
         self.windows = windows
         """False: every operation takes the slow path (tests hold the two against each
         other: they must agree exactly)."""
@@ -290,32 +298,32 @@ class Detector:
         self.cache = MemberCache()
         self.summaries = SummaryCache()
 
-    async def run(
-        self, conn: AsyncConnection, records: Sequence[OpRecord], now_us: int, prior: Prior
+    async def detect(
+        self, conn: AsyncConnection, ops: Sequence[OpView], now_us: int, prior: Prior
     ) -> Detected:
-        """Detect and store the conflicts of the batch's stored operations."""
+        """Judge `ops` and store their conflicts, under their entities' row locks.
+
+        Each entity's operations are the next ones after `prior`'s version that
+        detection has not judged (`entities.detected_version`), which they then move
+        to. The operations' own counts were bumped when they were stored; here only
+        those of the members that joined.
+        """
         self.failed()
-        stored = [record for record in records if record.status == "stored"]
-        if not stored:
-            return Detected()
-        if not self.enabled:
-            keys = sorted({(r.entity_type, r.entity_id) for r in stored})
-            await _forget_summaries(conn, keys)
-            await bump_counters(conn, stored, {}, now_us)
-            await feature_counters.bump(conn, stored, ())
+        if not ops:
             return Detected()
         batch = _Batch(self, conn, now_us)
         per_entity: dict[EntityKey, list[OpView]] = {}
-        for record in sorted(stored, key=lambda r: (r.entity_type, r.entity_id, r.version or 0)):
-            op = batch.stored[record.op_id] = view(record)
-            per_entity.setdefault((record.entity_type, record.entity_id), []).append(op)
+        for op in sorted(ops, key=lambda o: (o.entity_type, o.entity_id, o.version)):
+            batch.stored[op.op_id] = op
+            per_entity.setdefault((op.entity_type, op.entity_id), []).append(op)
         await batch.load(per_entity, prior)
         await batch.prefetch(per_entity)
-        for key, ops in per_entity.items():
-            await batch.entity(key, ops)
+        for key, entity_ops in per_entity.items():
+            await batch.entity(key, entity_ops)
         await batch.write()
-        await bump_counters(conn, stored, batch.user_members, now_us)
-        await feature_counters.bump(conn, stored, [op for op, _conflict in batch.members])
+        await bump_counters(conn, (), batch.user_members, now_us)
+        await feature_counters.bump(conn, (), [op for op, _conflict in batch.members])
+        await _judged(conn, {key: entity_ops[-1].version for key, entity_ops in per_entity.items()})
         events = batch.events + [
             {"event": event, "count": n} for event, n in sorted(batch.tallies.items())
         ]
@@ -376,7 +384,7 @@ class _Batch:
         names: set[str] = set()
         window_us = self.rules.window_us
         for key, ops in per_entity.items():
-            before = prior.get(key, Before(0, None, None, None))
+            before = prior.get(key, Before(0, None, None, None, 0))
             summary_from = before.summary_from
             if before.version == 0:
                 summary_from = SUMMARY_ALL
@@ -389,6 +397,7 @@ class _Batch:
             state = self.entities[key] = _Entity(
                 key, summary_from, before.delete_max, before.summary_from, before.version
             )
+            state.upto = ops[-1].version
             if before.version and before.summary_from is not None:
                 kept = self.detector.summaries.take(key, before.version)
                 if kept is None:
@@ -641,7 +650,8 @@ class _Batch:
                 ((op_view(row), row["conflict_id"]) for row in rows),
                 key=lambda item: item[0].version,
             )
-            self.entities[key].candidates = views
+            upto = self.entities[key].upto
+            self.entities[key].candidates = [v for v in views if v[0].version <= upto]
             conflict_ids.update(c for _v, c in views if c)
         await self._load_conflicts(conflict_ids)
 
@@ -1090,12 +1100,23 @@ def _conflict_row(conflict: _Conflict, now_us: int) -> dict[str, Any]:
     }
 
 
-async def _forget_summaries(conn: AsyncConnection, keys: Sequence[EntityKey]) -> None:
-    """Operations stored without detection are in no window: the summaries of their
-    entities no longer hold every edit, and are rebuilt when detection is on again."""
+async def skip(conn: AsyncConnection, keys: Sequence[EntityKey]) -> None:
+    """Detection is off: the entities' operations are never judged, and are in no
+    window, so their summaries no longer hold every edit and are rebuilt when
+    detection is on again."""
     e = entities.c
-    for where in by_entity(e.entity_type, e.entity_id, keys):
-        await conn.execute(update(entities).where(where).values(summary_from=None))
+    for where in by_entity(e.entity_type, e.entity_id, sorted(keys)):
+        await conn.execute(
+            update(entities).where(where).values(summary_from=None, detected_version=e.version)
+        )
+
+
+async def _judged(conn: AsyncConnection, upto: dict[EntityKey, int]) -> None:
+    """Each entity's operations are judged up to its version in `upto`."""
+    await conn.execute(
+        _upserts(conn.dialect.name).judged,
+        [{"t": t, "i": i, "v": v} for (t, i), v in sorted(upto.items())],
+    )
 
 
 async def _add_totals(conn: AsyncConnection, deltas: dict[str, int]) -> None:
@@ -1162,6 +1183,7 @@ class _Upserts(NamedTuple):
     totals: Insert
     devices: Insert
     users: Insert
+    judged: Update
 
 
 @functools.cache
@@ -1196,4 +1218,7 @@ def _upserts(dialect: str) -> _Upserts:
                 "conflicts": user_counters.c.conflicts + users.excluded.conflicts,
             },
         ),
+        judged=update(entities)
+        .where(entities.c.entity_type == bindparam("t"), entities.c.entity_id == bindparam("i"))
+        .values(detected_version=bindparam("v")),
     )

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-HEAD = "0012"
+HEAD = "0013"
 """The newest revision of storage/migrations/versions (tests/test_schema_matches_migrations.py
 holds the two together)."""
 

@@ -67,12 +67,23 @@ entities = Table(
     Column("prev_max_edited_at", BigInteger, nullable=True),
     Column("delete_max_edited_at", BigInteger, nullable=True),
     Column("summary_from", BigInteger, nullable=True),
+    Column("detected_version", BigInteger, nullable=False, server_default="0"),
 )
 """`max_edited_at`: the greatest `edited_at` of the entity's ops (null for entities
 older than the column); `delete_max_edited_at`: the greatest `edited_at` of its
 deletes; `summary_from`: the conflict windows (`conflict_windows`) hold every edit
 of the entity made at or after it (`SUMMARY_ALL`: all of them), null when they do
-not exist."""
+not exist; `detected_version`: conflict detection has judged its operations up to
+this version (storage/detection.py), and the partial index below finds the entities
+it has not caught up with."""
+
+Index(
+    "ix_entities_undetected",
+    entities.c.entity_type,
+    entities.c.entity_id,
+    sqlite_where=entities.c.version > entities.c.detected_version,
+    postgresql_where=entities.c.version > entities.c.detected_version,
+)
 
 quarantine = Table(
     "quarantine",

@@ -1,9 +1,11 @@
-"""The sync operations' share of the writer's transaction: store, score, detect.
+"""The sync operations' share of the writer's transaction: store, score, count, and
+detect when detection runs in the commit.
 
-Scoring and conflict detection run after `store_ops` in the same transaction, while
-the version upsert holds every touched entity's row lock (storage/conflicts.py).
-Scoring reads the feature counters before detection bumps them: an operation is
-scored from what was committed before its commit (ml/dataset.py).
+Scoring runs after `store_ops` in the same transaction, while the version upsert
+holds every touched entity's row lock, and reads the feature counters before the
+batch bumps them: an operation is scored from what was committed before its commit
+(ml/dataset.py). Conflict detection runs here only with `conflicts.detect =
+"in_commit"`; by default it judges the operations after the ack (storage/detection.py).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from handlers.records import OpRecord
 from handlers.times import now_us
-from storage import sync_log
-from storage.conflicts import Detector
+from storage import detection, feature_counters, sync_log
+from storage.conflicts import Detector, bump_counters, skip
 from storage.writer import CANARY, Step, Written
 
 
@@ -29,9 +31,10 @@ class Scoring(Protocol):
 
 
 class SyncStep(Step):
-    """Stores operations exactly once with their versions; the detector (when given)
-    finds their conflicts and keeps the per-user and per-device counters. Its events
-    are the detector's (`storage.conflicts.Detected`)."""
+    """Stores operations exactly once with their versions, and counts them (per user,
+    device, entity and field: what scoring reads). With a detector that judges in the
+    commit, finds their conflicts too; its events are then the detector's
+    (`storage.conflicts.Detected`)."""
 
     record_type = OpRecord
     name = "ops"
@@ -42,11 +45,20 @@ class SyncStep(Step):
 
     async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
         prior = await sync_log.store_ops(conn, records, now_us)
+        stored = [record for record in records if record.status == "stored"]
         if self.scoring is not None:
-            await self.scoring.score(conn, [r for r in records if r.status == "stored"])
-        if self.detector is None:
+            await self.scoring.score(conn, stored)
+        await bump_counters(conn, stored, {}, now_us)
+        await feature_counters.bump(conn, stored, ())
+        detector = self.detector
+        if detector is None or not stored:
             return Written()
-        detected = await self.detector.run(conn, records, now_us, prior)
+        if not detector.enabled:
+            await skip(conn, list(prior))
+            return Written()
+        if not detector.in_commit:
+            return Written()
+        detected = await detection.in_commit(conn, detector, stored, now_us, prior)
         return Written(outbox=detected.outbox, events=detected.events)
 
     def committed(self) -> None:

@@ -33,7 +33,11 @@ class Before(NamedTuple):
     delete_max: int | None
     """The greatest `edited_at` of its deletes, this batch's included."""
     edited_max: int | None
-    """The greatest `edited_at` stored before this batch."""
+    """The greatest `edited_at` stored before this batch (or, for a batch of
+    detection after the ack, any greater: it only chooses the slow path more often)."""
+    detected: int
+    """The version up to which detection judged its operations (`version` when it
+    judged them all)."""
 
 
 Prior = dict[tuple[str, str], Before]
@@ -120,12 +124,12 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
             for key in part
         ]
         result = await conn.execute(stmt, rows)
-        for entity_type, entity_id, version, summary_from, delete_max, edited_max in result:
+        for entity_type, entity_id, version, summary_from, delete_max, edited_max, det in result:
             ops = per_entity[(entity_type, entity_id)]
             for offset, record in enumerate(ops):
                 record.version = version - len(ops) + 1 + offset
             prior[(entity_type, entity_id)] = Before(
-                version - len(ops), summary_from, delete_max, edited_max
+                version - len(ops), summary_from, delete_max, edited_max, det
             )
     return prior
 
@@ -160,6 +164,7 @@ def _versions_upsert(dialect: str) -> Insert:
         entities.c.summary_from,
         entities.c.delete_max_edited_at,
         entities.c.prev_max_edited_at,
+        entities.c.detected_version,
     )
     return stmt
 

@@ -22,12 +22,14 @@ from handlers.records import OpRecord
 from handlers.sync import SyncHandler
 from storage import conflict_store, migrate
 from storage.db import create_engine
+from storage.detection import DetectionPass, DetectionStep
 from storage.outbox import topics as outbox_topics
 from storage.schema import conflict_members, conflicts, device_counters, outbox, user_counters
 from storage.sync import SyncStep
 from storage.writer import Committed, Writer, WriteSet
 
 ROOT = "fgtest"
+PASS_MAX_OPS = 5000
 
 
 def settings(url: str, **conflicts_cfg: Any) -> config.Settings:
@@ -49,7 +51,7 @@ class Store:
         self.engine = create_engine(url)
         self.detector = make_detector(self.settings)
         self.detector.windows = windows
-        self.writer = Writer(self.engine, [SyncStep(self.detector)])
+        self.writer = Writer(self.engine, [SyncStep(self.detector), DetectionStep(self.detector)])
 
     async def start(self) -> Store:
         await asyncio.to_thread(migrate.upgrade, self.url)
@@ -64,11 +66,27 @@ class Store:
         return decoded.records
 
     async def commit(self, *sends: tuple[str, list[dict[str, Any]]]) -> Committed:
-        """One transaction holding what several devices sent."""
+        """One transaction holding what several devices sent, then (detection after the
+        ack, the default) the passes that judge it, as an idle engine runs them: what
+        both wrote."""
         batch = WriteSet()
         for device, ops in sends:
             batch.records.extend(self.decode(device, ops))
-        return await self.writer.commit(batch)
+        written = await self.writer.commit(batch)
+        written.add(await self.detect())
+        return written
+
+    async def detect(self) -> Committed:
+        """Passes of detection after the ack until nothing waits (none in the commit's
+        mode): what they wrote."""
+        written = Committed()
+        while not self.detector.in_commit:
+            part = await self.writer.commit(WriteSet([DetectionPass(PASS_MAX_OPS)]))
+            written.add(part)
+            judged = part.events.get("detection", [{"count": 0}])[0]["count"]
+            if judged < PASS_MAX_OPS:
+                break
+        return written
 
     async def conflicts(self, *, merged: bool = False) -> list[dict[str, Any]]:
         """Every conflict's record with all its members' op_ids (`member_ids`), the

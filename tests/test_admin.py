@@ -119,7 +119,13 @@ def test_stats_count_what_the_daemon_stored(
     stats = wait_for(
         lambda: (
             (s := admin.data("stats"))["queues"]
-            == {"in_flight": 0, "pending_commit": 0, "outbox": 0, "mqtt_outgoing": 0}
+            == {
+                "in_flight": 0,
+                "pending_commit": 0,
+                "outbox": 0,
+                "detection": 0,
+                "mqtt_outgoing": 0,
+            }
             and s
         )
     )

@@ -36,6 +36,7 @@ def test_conflict_series_and_stats(
         "fieldgate_conflict_members": "counter",
         "fieldgate_conflict_merges": "counter",
         "fieldgate_conflicts_resolved": "counter",
+        "fieldgate_conflict_judged_operations": "counter",
     }
     assert value(before, "fieldgate_conflict_members_total") == 0
 
@@ -44,6 +45,9 @@ def test_conflict_series_and_stats(
         op = sync_op(f"op-{n}", changes=changes, edited_at=f"2026-11-29T{at}Z")
         assert send_one(client, daemon.root, device, op)["status"] == "stored"
 
+    # detection judges them after the ack
+    judged = "fieldgate_conflict_judged_operations_total"
+    wait_for(lambda: value(scrape(url)[1], judged) == len(EDITS))
     after = scrape(url)[1]
     assert {
         key: v
@@ -54,6 +58,7 @@ def test_conflict_series_and_stats(
         ("fieldgate_conflict_members_total", ()): 5.0,
         ("fieldgate_conflict_merges_total", ()): 1.0,
         ("fieldgate_conflicts_resolved_total", ()): 0.0,
+        (judged, ()): 5.0,
     }
 
     client.subscribe(f"{daemon.root}/admin/response/stats")

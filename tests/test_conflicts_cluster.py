@@ -143,7 +143,15 @@ def test_two_instances_find_every_pair_once(
             row = conn.execute("select count(*) from sync_log").fetchone()
             return int(row[0]) if row else 0
 
+    def waiting() -> int:
+        with psycopg.connect(plain) as conn:
+            row = conn.execute(
+                "select coalesce(sum(version - detected_version), 0) from entities"
+            ).fetchone()
+            return int(row[0]) if row else 0
+
     wait_for(lambda: count() == total, timeout=60)
+    wait_for(lambda: waiting() == 0, timeout=60)
     found = stored_conflicts(pg_url)
     with psycopg.connect(plain) as conn:
         versions = conn.execute(
@@ -186,6 +194,8 @@ def test_broker_restart_loses_no_notice(
                 return list(conn.execute(sql).fetchall())
 
         wait_for(lambda: query("select count(*) from sync_log")[0][0] == total, timeout=60)
+        judged = "select coalesce(sum(version - detected_version), 0) from entities"
+        wait_for(lambda: query(judged) == [(0,)], timeout=60)
         unsent = "select count(*) from outbox where sent_at is null and channel = 'mqtt'"
         wait_for(lambda: query(unsent) == [(0,)], timeout=60)
         rows = query("select topic, also_to, payload from outbox where channel = 'mqtt'")

@@ -13,6 +13,7 @@ import time
 from gateway.config import Settings
 from gateway.ingest import rules
 from gateway.ingest.engine import Engine
+from gateway.ingest.following import Follower
 from gateway.ingest.kinds import Steps, table
 from gateway.ingest.observe import Observers
 from gateway.metrics import EngineMetrics
@@ -25,6 +26,7 @@ from storage.alerts import AlertStep, CrisisAckStep
 from storage.conflict_store import ResolutionStep
 from storage.conflicts import Detector
 from storage.db import create_engine
+from storage.detection import DetectionStep
 from storage.sync import SyncStep
 from storage.writer import Writer
 
@@ -37,6 +39,7 @@ def make_detector(settings: Settings) -> Detector:
         rules.conflict_rules(settings),
         rules.conflict_notices(settings),
         enabled=settings.conflicts.enabled,
+        in_commit=settings.conflicts.detect == "in_commit",
     )
 
 
@@ -63,8 +66,10 @@ class EngineSide:
             crisis_acks=CrisisAckStep(),
             sync=SyncStep(self.detector, self.scorer),
             resolutions=ResolutionStep(rules.conflict_notices(settings)),
+            detection=DetectionStep(self.detector),
         )
-        kinds = table(self.sync, self.alerts, self.steps, Observers(self.metrics))
+        observers = Observers(self.metrics)
+        kinds = table(self.sync, self.alerts, self.steps, observers)
         self.writer = Writer(self.database, self.steps.in_lock_order())
         self.engine = Engine(
             settings.mqtt.topic_root,
@@ -73,6 +78,7 @@ class EngineSide:
             settings.writer,
             self.metrics,
             beat_s=min(1.0, settings.health.wedged_after_s / 4),
+            follower=Follower(self.writer, lambda: self.settings.conflicts, observers.sync),
         )
 
     def apply(self, settings: Settings) -> None:
@@ -87,6 +93,7 @@ class EngineSide:
         self.detector.rules = rules.conflict_rules(settings)
         self.detector.notices = rules.conflict_notices(settings)
         self.detector.enabled = settings.conflicts.enabled
+        self.detector.in_commit = settings.conflicts.detect == "in_commit"
         self.steps.resolutions.notices = self.detector.notices
         self.scorer.configure(**rules.scoring(settings))
 
@@ -97,7 +104,7 @@ class EngineSide:
             last_error=self.writer.last_error,
             stuck_s=round(time.monotonic() - since, 3),
             pending=self.engine.pending,
-            commits=self.writer.commits,
+            commits=self.engine.commits,
             pid=os.getpid(),
             model_id=self.scorer.model_id if self.scorer.model is not None else None,
             model_refused=self.scorer.refused,

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import structlog
 
 from gateway.config import WriterConfig
+from gateway.ingest.following import Follower
 from gateway.ingest.kinds import Decoded, Kind
 from gateway.lifecycle import Part
 from gateway.metrics import EngineMetrics
@@ -60,6 +61,7 @@ class Engine(Part):
         config: WriterConfig,
         metrics: EngineMetrics,
         beat_s: float = 1.0,
+        follower: Follower | None = None,
     ) -> None:
         self.root = root
         self.kinds = {kind.name: kind for kind in kinds}
@@ -68,6 +70,10 @@ class Engine(Part):
         self.config = config
         self.metrics = metrics
         self.beat_s = beat_s
+        self.follower = follower
+        self.commits = 0
+        """Batches committed (detection's passes are not batches)."""
+        """Conflict detection after the ack: its passes take the gaps between batches."""
         """How often the idle loop proves it is alive (the watchdog reads `last_beat`)."""
         self.last_beat = time.monotonic()
         self._pending: list[Pending] = []
@@ -138,6 +144,9 @@ class Engine(Part):
             if not self._pending:
                 if self._closed:
                     return
+                if self._follow_due(idle=True):
+                    await self._follow()
+                    continue
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), timeout=self.beat_s)
@@ -152,6 +161,9 @@ class Engine(Part):
             if not self._ahead and not self.ready.is_set():
                 await self._until_ready_or_urgent()
                 continue
+            if not self._ahead and self._follow_due(idle=False):
+                await self._follow()
+                continue
             self._urgent.clear()
             self.last_beat = time.monotonic()
             # What went ahead (alerts, admin writes) is committed on its own: a crisis
@@ -162,6 +174,18 @@ class Engine(Part):
             del self._pending[: len(batch)]
             self._ahead = max(0, self._ahead - len(batch))
             await self._commit(batch)
+
+    def _follow_due(self, *, idle: bool) -> bool:
+        return self.follower is not None and self.follower.due(idle=idle)
+
+    async def _follow(self) -> None:
+        """A pass of detection after the ack; its messages go out like a batch's."""
+        assert self.follower is not None
+        self.last_beat = time.monotonic()
+        written = await self.follower.run()
+        if written.outbox_rows or written.leased:
+            wake = [WAKE_OUTBOX] if written.outbox_rows else []
+            self._callback(Result(leased=written.leased, wake=wake))
 
     async def _until_ready_or_urgent(self) -> None:
         """Wait for `ready` or for something that goes ahead, a beat at most."""
@@ -195,6 +219,9 @@ class Engine(Part):
                     if p.delivery.reply:
                         result.replies[p.delivery.receive_id] = kind.reply(p.decoded)
         result.wake = sorted(wake)
+        self.commits += 1
+        if self.follower is not None:
+            self.follower.committed()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
         self._callback(result)

@@ -25,6 +25,7 @@ from handlers.records import QuarantineRecord
 from handlers.sync import SyncHandler
 from storage.alerts import AlertStep, CrisisAckStep
 from storage.conflict_store import ResolutionStep
+from storage.detection import DetectionStep
 from storage.sync import SyncStep
 from storage.writer import Step
 
@@ -72,14 +73,17 @@ class Steps:
 
     def in_lock_order(self) -> list[Step]:
         """The order the transaction runs them in, the same on every instance and every
-        version: sync (entities, then counters), alerts, crisis acks, resolutions.
-        Two instances that took the same locks in other orders could deadlock."""
-        return [self.sync, self.alerts, self.crisis_acks, self.resolutions]
+        version: sync (entities, then counters), alerts, crisis acks, resolutions,
+        detection after the ack (a transaction of its own: entities, conflicts, then
+        counters). Two instances that took the same locks in other orders could
+        deadlock."""
+        return [self.sync, self.alerts, self.crisis_acks, self.resolutions, self.detection]
 
     alerts: AlertStep
     crisis_acks: CrisisAckStep
     sync: SyncStep
     resolutions: ResolutionStep
+    detection: DetectionStep
 
 
 def table(

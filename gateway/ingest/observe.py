@@ -15,6 +15,7 @@ from gateway.seam import WAKE_ESCALATION
 from handlers.alerts import CRISIS, AckDecoded, AlertDecoded
 from handlers.conflicts import ResolutionDecoded
 from handlers.sync import Decoded
+from storage.detection import JUDGED
 
 log = structlog.get_logger("fieldgate.ingest")
 
@@ -44,8 +45,10 @@ class Observers:
                 self.metrics.conflicts.labels(event["severity"]).inc()
             elif event["event"] == "joined":
                 self.metrics.conflict_members.inc(event["count"])
-            else:
+            elif event["event"] == "merged":
                 self.metrics.conflict_merges.inc(event["count"])
+            elif event["event"] == JUDGED:
+                self.metrics.conflicts_judged.inc(event["count"])
         return []
 
     def alerts(self, decoded: Sequence[AlertDecoded], _events: Sequence[Any]) -> list[str]:

@@ -38,8 +38,9 @@ def causal_payloads(
 
 class LogWriter:
     """Commits payloads as the daemon would: its sync handler decodes each one as
-    received at the given time, its writer and sync step (detection on, the default
-    rules but `window_s`; `scoring` as the engine's scorer would) commit them."""
+    received at the given time, its writer and sync step (detection on, in the commit,
+    the default rules but `window_s`; `scoring` as the engine's scorer would) commit
+    them."""
 
     def __init__(
         self, url: str, *, window_s: float = 300.0, scoring: Scoring | None = None
@@ -47,7 +48,9 @@ class LogWriter:
         self.url = url
         self.settings = config.Settings(
             database=config.DatabaseConfig(url=url),
-            conflicts=config.ConflictsConfig(window_s=window_s),
+            # in the commit: what an operation is scored from is then exactly what was
+            # committed before it, which the extraction for training counts
+            conflicts=config.ConflictsConfig(window_s=window_s, detect="in_commit"),
         )
         self.handler = SyncHandler(sync_limits(self.settings))
         self.engine = create_engine(url)

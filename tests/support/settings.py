@@ -72,6 +72,9 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     },
     "conflicts": {
         "enabled": True,
+        "detect": "after_ack",
+        "max_delay_s": 10.0,
+        "pass_max_ops": 5000,
         "window_s": 300.0,
         "manual_at_or_above": "critical",
         "types": {},

@@ -1,0 +1,79 @@
+"""When the engine judges the log: conflict detection after the ack.
+
+The engine commits a `DetectionPass` (storage/detection.py) when it has nothing
+else to commit, so that acks and a backlog's drain never wait for detection; and,
+once stored operations have waited `conflicts.max_delay_s` behind a backlog, every
+other commit, so that detection catches up while the backlog drains. Between
+passes it knows whether anything may wait: something was committed since the last
+pass that caught up, the engine just started (leftovers of a crash), or a sweep
+came due (another instance's leftovers, on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gateway.config import ConflictsConfig
+from storage.detection import JUDGED, DetectionPass
+from storage.writer import Committed, Writer, WriteSet
+
+SWEEP_S = 5.0
+"""How often an idle engine looks for operations that wait without its knowing."""
+
+
+class Follower:
+    """Decides when a pass runs, and runs it."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        config: Callable[[], ConflictsConfig],
+        observe: Callable[[Sequence[Any], Sequence[Any]], Any],
+    ) -> None:
+        self.writer = writer
+        self.config = config
+        self.observe = observe
+        self.waiting_since: float | None = time.monotonic()
+        """When operations may have started to wait; None: the last pass caught up."""
+        self.took_turn = False
+        """The last commit was a pass: a backlog's next batch goes first."""
+        self.swept = time.monotonic()
+
+    def on(self) -> bool:
+        config = self.config()
+        return config.enabled and config.detect == "after_ack"
+
+    def committed(self) -> None:
+        """A batch committed: its operations (if any) wait."""
+        self.took_turn = False
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+
+    def due(self, *, idle: bool) -> bool:
+        """Whether a pass runs now: `idle`, the engine has nothing else to commit."""
+        if not self.on():
+            return False
+        now = time.monotonic()
+        if self.waiting_since is None:
+            if not idle or now - self.swept < SWEEP_S:
+                return False
+            self.waiting_since = self.swept = now
+        if idle:
+            return True
+        overdue = now - self.waiting_since >= self.config().max_delay_s
+        return overdue and not self.took_turn
+
+    async def run(self) -> Committed:
+        """One pass, committed; caught up when it judged fewer than it might have."""
+        max_ops = self.config().pass_max_ops
+        written = await self.writer.commit(WriteSet([DetectionPass(max_ops)]))
+        self.took_turn = True
+        events = written.events.get("detection", [])
+        judged = sum(e["count"] for e in events if e["event"] == JUDGED)
+        if judged < max_ops:
+            self.waiting_since = None
+            self.swept = time.monotonic()
+        self.observe([], events)
+        return written

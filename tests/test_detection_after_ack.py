@@ -1,0 +1,162 @@
+"""Conflict detection after the ack (storage/detection.py): what waits survives the
+process, a pass judges at most what it may and the next goes on, the commit's mode
+judges what waited first, and the real daemon judges at its start what a dead one
+left, and says so on MQTT.
+
+Each is held against detection in the commit on a database of its own: the same
+operations must make the same conflicts, member for member.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from storage import conflict_store
+from storage.detection import DetectionPass
+from storage.writer import WriteSet
+from tests.conflict_harness import Store
+from tests.support import Client, Daemon, Mosquitto, sync_op, wait_for
+
+AT = "2026-11-29T12:00:{:02d}Z"
+
+
+def edits(entities: int, per_entity: int) -> list[tuple[str, dict[str, Any]]]:
+    """Edits of `status` by three devices, each entity's within seconds: every one
+    collides with the other devices' edits of its entity."""
+    out = []
+    for n in range(per_entity):
+        for e in range(entities):
+            device = f"d{n % 3}"
+            op = sync_op(
+                f"op-{e}-{n}",
+                entity_id=f"wo-{e}",
+                changes={"status": {"old": "open", "new": f"s{n}"}},
+                edited_at=AT.format(n),
+            )
+            out.append((device, op))
+    return out
+
+
+def shape(records: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
+    return {
+        (r["entity_id"], tuple(r["member_ids"]), r["severity"], r["status"], tuple(r["fields"]))
+        for r in records
+    }
+
+
+async def stored_only(store: Store, sends: list[tuple[str, dict[str, Any]]]) -> None:
+    """Commit without the passes an idle engine would run next: a process that died
+    right after its acks."""
+    batch = WriteSet()
+    for device, op in sends:
+        batch.records.extend(store.decode(device, [op]))
+    await store.writer.commit(batch)
+
+
+async def waiting(store: Store) -> int:
+    async with store.engine.connect() as conn:
+        return await conflict_store.waiting(conn)
+
+
+async def in_commit(url: str, sends: list[tuple[str, dict[str, Any]]]) -> set[tuple[Any, ...]]:
+    store = await Store(url, detect="in_commit").start()
+    try:
+        for device, op in sends:
+            await store.commit((device, [op]))
+        return shape(await store.conflicts())
+    finally:
+        await store.close()
+
+
+async def test_what_waits_when_the_process_dies_is_judged_by_the_next(
+    db_url: str, tmp_path: Path
+) -> None:
+    sends = edits(4, 6)
+    first = await Store(db_url).start()
+    try:
+        for part in range(0, len(sends), 5):
+            await stored_only(first, sends[part : part + 5])
+        assert await waiting(first) == len(sends)
+        assert await first.conflicts() == []
+        assert await first.notices() == []
+    finally:
+        await first.close()
+    second = await Store(db_url).start()
+    try:
+        await second.detect()
+        assert await waiting(second) == 0
+        found = shape(await second.conflicts())
+        messages = [n for n in await second.notices() if n["channel"] == "mqtt"]
+    finally:
+        await second.close()
+    assert found == await in_commit(f"sqlite+aiosqlite:///{tmp_path}/ref.db", sends)
+    assert len(found) == 4
+    # one pass judged it all: one conflict.detected per conflict, to the operators and
+    # the three devices
+    assert len(messages) == 4 * (1 + 3)
+
+
+async def test_a_pass_judges_at_most_its_share_and_the_next_goes_on(
+    db_url: str, tmp_path: Path
+) -> None:
+    sends = edits(3, 10)
+    store = await Store(db_url).start()
+    try:
+        await stored_only(store, sends)
+        judged = []
+        while await waiting(store):
+            written = await store.writer.commit(WriteSet([DetectionPass(7)]))
+            judged.append(written.events["detection"][0]["count"])
+        found = shape(await store.conflicts(merged=False))
+    finally:
+        await store.close()
+    assert judged == [7, 7, 7, 7, 2]
+    assert found == await in_commit(f"sqlite+aiosqlite:///{tmp_path}/ref.db", sends)
+
+
+async def test_the_commits_mode_judges_what_waited_first(db_url: str, tmp_path: Path) -> None:
+    sends = edits(2, 8)
+    store = await Store(db_url).start()
+    try:
+        await stored_only(store, sends[:9])
+        store.detector.in_commit = True
+        for device, op in sends[9:]:
+            await store.commit((device, [op]))
+        assert await waiting(store) == 0
+        found = shape(await store.conflicts())
+    finally:
+        await store.close()
+    assert found == await in_commit(f"sqlite+aiosqlite:///{tmp_path}/ref.db", sends)
+
+
+def test_the_daemon_judges_at_its_start_what_a_dead_one_left(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client, tmp_path: Path
+) -> None:
+    """Operations stored and acknowledged by a process that died before judging them:
+    the daemon started on that database judges them with nothing published to it, and
+    the conflicts' messages reach the operators' topic."""
+    import asyncio
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/left.db"
+    sends = edits(2, 3)
+
+    async def leave() -> None:
+        store = await Store(url).start()
+        try:
+            await stored_only(store, sends)
+        finally:
+            await store.close()
+
+    asyncio.run(leave())
+    daemon = make_daemon(broker.port, db_url=url, start=False)
+    client.subscribe(f"{daemon.root}/conflicts")
+    daemon.start()
+    wait_for(lambda: len([m for m in client.all if m.topic.endswith("/conflicts")]) >= 2)
+    events = sorted(
+        (m.json()["event"], m.json()["conflict"]["entity_id"], m.json()["conflict"]["member_count"])
+        for m in client.all
+        if m.topic.endswith("/conflicts")
+    )
+    assert events == [("conflict.detected", "wo-0", 3), ("conflict.detected", "wo-1", 3)]
