@@ -620,6 +620,7 @@ def drain_gateway(
             )
         if receiver is not None:
             webhooks.update(_catch_up(db, receiver, done_at=acks.done_at, limit_s=timeout_s))
+        detection = _detection_catch_up(db, acks.done_at, deadline)
         series = scrape(metrics_port)
         rss = {
             "mqtt": memory_mib(proc.pid, "VmHWM"),
@@ -648,6 +649,7 @@ def drain_gateway(
         "left_queued_after": len(left),
         "last_commit_after_first_receive_s": round(last_us / 1e6 - first, 3),
         "exit_code": proc.returncode,
+        **detection,
         "commits": series.get("fieldgate_commit_seconds_count"),
         "commit_s_total": round(series.get("fieldgate_commit_seconds_sum", 0.0), 3),
         "commit_batch_mean": round(
@@ -673,6 +675,9 @@ def drain_gateway(
     if notify.ready_at is not None:
         extra["from_ready_s"] = round(done_at - notify.ready_at, 3)
         extra["rate_from_ready"] = round(n / (done_at - notify.ready_at), 1)
+    # Every operation judged too: the rate if the drain waited for detection.
+    judged_s = done_at - first + detection["detection_caught_up_after_s"]
+    extra["rate_judged"] = round(n / judged_s, 1)
     if distinct != n:
         raise RuntimeError(f"gateway: {distinct} distinct op_ids stored, not {n}")
     if left:
@@ -687,6 +692,30 @@ def drain_gateway(
         "first row's received_at -> last op_id answered stored",
         extra,
     )
+
+
+_WAITING = "select coalesce(sum(version - detected_version), 0) from entities"
+
+
+def _detection_catch_up(db: Path, done_at: float, deadline: float) -> dict[str, Any]:
+    """Conflict detection judges after the ack: how many operations it had yet to judge
+    at the last answer, and how long after that answer it had judged them all, with the
+    conflicts and messages it wrote (docs/decisions/0018-detection-after-the-ack.md)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (waiting,) = conn.execute(_WAITING).fetchone()
+        left = waiting
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            (left,) = conn.execute(_WAITING).fetchone()
+        caught_up_at = time.time()  # the ack counter's clock
+        (conflicts,) = conn.execute("select count(*) from conflicts").fetchone()
+        (messages,) = conn.execute("select count(*) from outbox where channel = 'mqtt'").fetchone()
+    return {
+        "detection_waiting_at_done": waiting,
+        "detection_caught_up_after_s": round(max(0.0, caught_up_at - done_at), 2),
+        "conflict_records": conflicts,
+        "conflict_outbox_rows": messages,
+    }
 
 
 def _named(path: Path, process: str) -> Path:
@@ -974,6 +1003,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["gateway_over_naive"] = round(medians["gateway"] / medians["naive"], 2)
         if "gateway-off" in medians:
             report["detection_on_over_off"] = round(medians["gateway"] / medians["gateway-off"], 3)
+            judged = statistics.median(r.extra["rate_judged"] for r in results["gateway"])
+            report["judged_rate"] = round(judged, 1)
+            report["judged_over_off"] = round(judged / medians["gateway-off"], 3)
         if WEBHOOK_VARIANT in medians:
             report["webhooks_over_without"] = round(
                 medians[WEBHOOK_VARIANT] / medians["gateway"], 3
@@ -1038,7 +1070,11 @@ def _text(report: dict[str, Any]) -> str:
                     f"messages, {r.get('commit_s_total', 0):.2f} s in commit; "
                     f"{r.get('left_queued_after', 0)} left unacked; peak RSS MQTT "
                     f"{rss.get('mqtt')} MiB, engine {rss.get('engine')} MiB; channel high "
-                    f"water {held / 2**20:.1f} MiB"
+                    f"water {held / 2**20:.1f} MiB; detection: "
+                    f"{r.get('detection_waiting_at_done', 0)} ops to judge at the last answer, "
+                    f"judged {r.get('detection_caught_up_after_s', 0):.2f} s after it, "
+                    f"{r.get('conflict_records', 0)} conflicts, "
+                    f"{r.get('conflict_outbox_rows', 0)} outbox rows"
                 )
             lines.append(detail)
     cpu_main = {
@@ -1068,6 +1104,10 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(f"gateway / naive baseline:      {report['gateway_over_naive']:.1f}x")
     if "detection_on_over_off" in report:
         lines.append(f"detection on / off:            {report['detection_on_over_off']:.2f}")
+        lines.append(
+            f"  up to the last operation judged (detection after the ack): "
+            f"{report['judged_rate']:,.0f} msg/s, {report['judged_over_off']:.2f} of off"
+        )
     for r in report["runs"].get(WEBHOOK_VARIANT, []):
         hooks = r.get("webhooks", {})
         done, end = hooks.get("at_done", {}), hooks.get("at_end", {})

@@ -212,6 +212,10 @@ class ConflictsConfig(Section):
     max_delay_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     """After the ack: the longest that stored operations wait behind a backlog before
     detection takes turns with its batches (one pass between two batches)."""
+    pass_interval_ms: Annotated[float, Field(ge=0, le=60_000)] = 200.0
+    """After the ack: the least time between two passes. A steady stream of small
+    batches is then judged in fewer, larger passes (fewer transactions, and one message
+    per conflict and topic a pass); conflicts are found this much later at most."""
     pass_max_ops: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
     """After the ack: the most operations one pass (one transaction) judges. Larger
     passes send fewer messages (one per conflict and topic a commit) and cost less an

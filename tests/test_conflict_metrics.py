@@ -41,13 +41,13 @@ def test_conflict_series_and_stats(
     assert value(before, "fieldgate_conflict_members_total") == 0
 
     client.subscribe(f"{daemon.root}/devices/+/sync/ack")
+    judged = "fieldgate_conflict_judged_operations_total"
     for n, (device, at, changes) in enumerate(EDITS, start=1):
         op = sync_op(f"op-{n}", changes=changes, edited_at=f"2026-11-29T{at}Z")
         assert send_one(client, daemon.root, device, op)["status"] == "stored"
+        # judged after the ack: one at a time, so that two conflicts exist to be merged
+        wait_for(lambda n=n: value(scrape(url)[1], judged) == n)
 
-    # detection judges them after the ack
-    judged = "fieldgate_conflict_judged_operations_total"
-    wait_for(lambda: value(scrape(url)[1], judged) == len(EDITS))
     after = scrape(url)[1]
     assert {
         key: v

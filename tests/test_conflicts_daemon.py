@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 
 from tests.conflict_oracle import expected_conflicts
-from tests.support import Client, Daemon, Mosquitto, stored_conflicts, sync_op, wait_for
+from tests.support import (
+    Client,
+    Daemon,
+    Mosquitto,
+    judged,
+    stored_conflicts,
+    sync_op,
+    wait_for,
+)
 
 
 def iso(moment: datetime) -> str:
@@ -80,7 +88,8 @@ def send(client: Client, root: str, device: str, op: dict[str, Any]) -> None:
 
 
 def stored(daemon: Daemon, *op_ids: str) -> None:
-    """Until these ops are committed, and with them every message they caused."""
+    """Until these ops are committed and judged (detection runs after the ack), and with
+    them every message they caused."""
     marks = ", ".join("?" * len(op_ids))
 
     def found() -> bool:
@@ -89,16 +98,19 @@ def stored(daemon: Daemon, *op_ids: str) -> None:
             return bool(conn.execute(query, op_ids).fetchone()[0] == len(op_ids))
 
     wait_for(found, timeout=30)
+    wait_for(lambda: judged(daemon.db_url), timeout=30)
 
 
 def wait_stored(daemon: Daemon, count: int) -> None:
-    """Until the sync log holds `count` operations (acks may be coalesced: count rows)."""
+    """Until the sync log holds `count` operations (acks may be coalesced: count rows),
+    all of them judged."""
 
     def stored() -> bool:
         with sqlite3.connect(sqlite_path(daemon)) as conn:
             return bool(conn.execute("select count(*) from sync_log").fetchone()[0] == count)
 
     wait_for(stored, timeout=30)
+    wait_for(lambda: judged(daemon.db_url), timeout=30)
 
 
 def title(value: str) -> dict[str, Any]:

@@ -279,7 +279,9 @@ def test_while_a_backlog_drains_crises_go_at_once_and_other_events_wait(
         conflicts = [r for r in receiver.requests if r.event["type"].startswith("conflict.")]
     assert at_crisis < len(ops) // 2
     assert shown["state"] == "yielding"
-    assert len(conflicts) > 500
+    # Judged after the ack, in passes of thousands: a conflict's event per pass, not
+    # per commit of the backlog.
+    assert len(conflicts) >= 100
     assert len(during) <= 2 * (drained_s / YIELD_TRICKLE_S + 2)
     assert len({r.msg_id for r in conflicts}) == len(conflicts)
     ((events,),) = db_rows(

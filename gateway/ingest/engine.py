@@ -148,8 +148,11 @@ class Engine(Part):
                     await self._follow()
                     continue
                 self._arrived.clear()
+                timeout = self.beat_s
+                if self.follower is not None:
+                    timeout = min(timeout, self.follower.wait_s() or timeout)
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), timeout=self.beat_s)
+                    await asyncio.wait_for(self._arrived.wait(), timeout=timeout)
                 except TimeoutError:
                     self.last_beat = time.monotonic()
                     continue

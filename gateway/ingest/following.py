@@ -1,12 +1,15 @@
 """When the engine judges the log: conflict detection after the ack.
 
 The engine commits a `DetectionPass` (storage/detection.py) when it has nothing
-else to commit, so that acks and a backlog's drain never wait for detection; and,
-once stored operations have waited `conflicts.max_delay_s` behind a backlog, every
-other commit, so that detection catches up while the backlog drains. Between
-passes it knows whether anything may wait: something was committed since the last
-pass that caught up, the engine just started (leftovers of a crash), or a sweep
-came due (another instance's leftovers, on PostgreSQL).
+else to commit and `conflicts.pass_interval_ms` went by since the last pass, so
+that acks and a backlog's drain never wait for detection and a steady stream of
+small batches is judged in passes of many operations (each pass costs a
+transaction, and one message per conflict and topic); and, once stored
+operations have waited `conflicts.max_delay_s` behind a backlog, every other
+commit, so that detection catches up while the backlog drains. Between passes it
+knows whether anything may wait: something was committed since the last pass that
+caught up, the engine just started (leftovers of a crash), or a sweep came due
+(another instance's leftovers, on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import structlog
+
 from gateway.config import ConflictsConfig
 from storage.detection import JUDGED, DetectionPass
 from storage.writer import Committed, Writer, WriteSet
 
+log = structlog.get_logger("fieldgate.ingest")
+
 SWEEP_S = 5.0
-"""How often an idle engine looks for operations that wait without its knowing."""
+"""How often an idle engine looks for operations that wait without its knowing, and
+how long it waits after a pass the database refused."""
 
 
 class Follower:
@@ -39,7 +47,7 @@ class Follower:
         """When operations may have started to wait; None: the last pass caught up."""
         self.took_turn = False
         """The last commit was a pass: a backlog's next batch goes first."""
-        self.swept = time.monotonic()
+        self.last_pass = self.swept = 0.0
 
     def on(self) -> bool:
         config = self.config()
@@ -51,6 +59,16 @@ class Follower:
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
 
+    def wait_s(self) -> float | None:
+        """How long an idle engine may wait for deliveries before a pass is due (None:
+        none will be, until something is committed or a sweep comes due)."""
+        if not self.on():
+            return None
+        now = time.monotonic()
+        if self.waiting_since is None:
+            return max(0.0, self.swept + SWEEP_S - now)
+        return max(0.0, self.last_pass + self.config().pass_interval_ms / 1000 - now)
+
     def due(self, *, idle: bool) -> bool:
         """Whether a pass runs now: `idle`, the engine has nothing else to commit."""
         if not self.on():
@@ -61,7 +79,7 @@ class Follower:
                 return False
             self.waiting_since = self.swept = now
         if idle:
-            return True
+            return now - self.last_pass >= self.config().pass_interval_ms / 1000
         overdue = now - self.waiting_since >= self.config().max_delay_s
         return overdue and not self.took_turn
 
@@ -70,10 +88,23 @@ class Follower:
         max_ops = self.config().pass_max_ops
         written = await self.writer.commit(WriteSet([DetectionPass(max_ops)]))
         self.took_turn = True
+        self.last_pass = time.monotonic()
+        if written.refused:
+            # What the pass read, the database refuses to take from it: it is not the
+            # operations' fault (they are stored), and retrying at once would refuse
+            # again. Loud, counted as the writer counts it, tried again after a sweep.
+            log.error(
+                "conflict detection refused by the database; trying again later",
+                error=written.refused[0].error,
+                retry_s=SWEEP_S,
+            )
+            self.waiting_since = None
+            self.swept = self.last_pass
+            return written
         events = written.events.get("detection", [])
         judged = sum(e["count"] for e in events if e["event"] == JUDGED)
         if judged < max_ops:
             self.waiting_since = None
-            self.swept = time.monotonic()
+            self.swept = self.last_pass
         self.observe([], events)
         return written

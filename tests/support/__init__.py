@@ -13,6 +13,7 @@ from tests.support.alerts import Watch, alert, stored_reasons
 from tests.support.conflicts import stored_conflicts
 from tests.support.database import (
     db_rows,
+    judged,
     outbox_sent,
     pg_admin_url,
     pg_available,
@@ -100,6 +101,7 @@ __all__ = [
     "in_a_terminal",
     "in_ci",
     "iso",
+    "judged",
     "kill_marks",
     "memory_mib",
     "outbox_sent",

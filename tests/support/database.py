@@ -82,3 +82,10 @@ def outbox_sent(url: str) -> bool:
     """Whether every MQTT message of the outbox has been published and PUBACKed."""
     unsent = "select count(*) from outbox where sent_at is null and channel = 'mqtt'"
     return db_rows(url, unsent) == [(0,)]
+
+
+def judged(url: str) -> bool:
+    """Whether conflict detection, which runs after the ack, has judged every stored
+    operation (storage/detection.py)."""
+    rows = db_rows(url, "select coalesce(sum(version - detected_version), 0) from entities")
+    return bool(rows[0][0] == 0)
