@@ -10,6 +10,7 @@ conflict left standing and its five members.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from tests.support import Client, Daemon, Mosquitto, free_port, send_one, sync_op, wait_for
@@ -22,6 +23,10 @@ EDITS: list[tuple[str, str, dict[str, Any]]] = [
     ("d4", "12:00:30", {"notes": {"old": "n", "new": "o"}}),
     ("d5", "12:00:40", {"title": {"old": "a", "new": "d"}, "notes": {"old": "n", "new": "p"}}),
 ]
+
+
+def judged_up_to(url: str, n: int) -> bool:
+    return bool(value(scrape(url)[1], "fieldgate_conflict_judged_operations_total") == n)
 
 
 def test_conflict_series_and_stats(
@@ -46,7 +51,7 @@ def test_conflict_series_and_stats(
         op = sync_op(f"op-{n}", changes=changes, edited_at=f"2026-11-29T{at}Z")
         assert send_one(client, daemon.root, device, op)["status"] == "stored"
         # judged after the ack: one at a time, so that two conflicts exist to be merged
-        wait_for(lambda n=n: value(scrape(url)[1], judged) == n)
+        wait_for(partial(judged_up_to, url, n))
 
     after = scrape(url)[1]
     assert {
