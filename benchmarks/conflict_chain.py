@@ -33,6 +33,7 @@ from gateway.ingest.assembly import make_detector
 from handlers.records import OpRecord
 from storage import migrate
 from storage.db import create_engine
+from storage.detection import DetectionPass, DetectionStep
 from storage.sync import SyncStep
 from storage.writer import Writer, WriteSet
 
@@ -77,13 +78,15 @@ async def run(url: str, records: list[OpRecord], batch: int, windows: bool) -> l
     detector = make_detector(settings)
     detector.windows = windows
     engine = create_engine(url)
-    writer = Writer(engine, [SyncStep(detector)])
+    writer = Writer(engine, [SyncStep(detector), DetectionStep(detector)])
     per_op: list[float] = []
     try:
         for start in range(0, len(records), batch):
             part = records[start : start + batch]
             began = time.perf_counter()
             await writer.commit(WriteSet(list(part)))
+            # judged after the ack, as the engine does: a pass of the batch's edits
+            await writer.commit(WriteSet([DetectionPass(len(part))]))
             per_op.append((time.perf_counter() - began) / len(part))
     finally:
         await writer.close()

@@ -136,14 +136,22 @@ def generate(size: int) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[Any,
             )
             serial += 1
         last_edit = start + OPS_PER_ENTITY * step
-        # entities: type, id, version, updated_at, max_edited_at, delete_max_edited_at,
-        # summary_from (null: no window summaries yet)
-        ent_rows.append((entity_type, entity_id, OPS_PER_ENTITY, base, last_edit, None, None))
+        # entities (ENTITY_COLUMNS): summary_from null (no window summaries yet), and
+        # judged up to their version, as a log stored through the daemon would be
+        ent_rows.append(
+            (entity_type, entity_id, OPS_PER_ENTITY, base, last_edit, None, None, OPS_PER_ENTITY)
+        )
         if len(rows) >= 200_000:
             yield rows, ent_rows
             rows, ent_rows = [], []
     if rows:
         yield rows, ent_rows
+
+
+ENTITY_COLUMNS = (
+    "entity_type, entity_id, version, updated_at, max_edited_at, delete_max_edited_at,"
+    " summary_from, detected_version"
+)
 
 
 class Store:
@@ -192,7 +200,9 @@ class SqliteStore(Store):
         sql = f"insert into sync_log ({SYNC_COLUMNS}) values ({','.join('?' * 15)})"
         for rows, ent_rows in generate(size):
             conn.executemany(sql, rows)
-            conn.executemany("insert into entities values (?,?,?,?,?,?,?)", ent_rows)
+            conn.executemany(
+                f"insert into entities ({ENTITY_COLUMNS}) values ({','.join('?' * 8)})", ent_rows
+            )
             conn.commit()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
@@ -234,7 +244,7 @@ class PostgresStore(Store):
                     with cur.copy(f"COPY sync_log ({SYNC_COLUMNS}) FROM STDIN") as copy:
                         for row in rows:
                             copy.write_row(row)
-                    with cur.copy("COPY entities FROM STDIN") as copy:
+                    with cur.copy(f"COPY entities ({ENTITY_COLUMNS}) FROM STDIN") as copy:
                         for row in ent_rows:
                             copy.write_row(row)
                 conn.commit()
@@ -330,6 +340,8 @@ class Result:
     start_s: float
     conflicts: int
     cpu_us_per_op: float
+    rate_judged: float
+    """Up to the last operation judged: detection runs after the ack."""
 
 
 def run_once(
@@ -388,7 +400,14 @@ def _measure(
         (n,) = store.one("select count(*) from sync_log where id > ?", last_id)
         return bool(n >= messages)
 
-    wait_for(drained, timeout=600, interval=0.5)
+    wait_for(drained, timeout=600, interval=0.1)
+    # Detection judges after the ack (docs/decisions/0018-detection-after-the-ack.md):
+    # when did it judge the last operation (None: it had, when they were all stored)?
+    judged = "select coalesce(sum(version - detected_version), 0) from entities"
+    judged_at_us: float | None = None
+    if store.one(judged)[0]:
+        wait_for(lambda: store.one(judged)[0] == 0, timeout=600, interval=0.05)
+        judged_at_us = time.time() * 1e6
     hwm = vm_hwm_kib(pid) / 1024
     cpu = cpu_s(pid) - baseline_cpu
     daemon.terminate(120)
@@ -398,12 +417,14 @@ def _measure(
     conflicts = store.one(live)[0] - conflicts_before
     assert n == messages, (n, messages)
     rate = messages / ((last - first) / 1e6)
+    rate_judged = messages / (((judged_at_us or last) - first) / 1e6)
     cpu_us = cpu / messages * 1e6
     log(
-        f"N={size:>10,} {variant:>5}: {rate:8,.0f} ops/s, {cpu_us:5.0f} us CPU/op, "
+        f"N={size:>10,} {variant:>5}: {rate:8,.0f} ops/s ({rate_judged:,.0f} judged), "
+        f"{cpu_us:5.0f} us CPU/op, "
         f"peak RSS {hwm:6.1f} MiB, {conflicts} conflicts, start {start_s:.1f} s"
     )
-    return Result(size, variant, rate, hwm, start_s, conflicts, cpu_us)
+    return Result(size, variant, rate, hwm, start_s, conflicts, cpu_us, rate_judged)
 
 
 def make_store(postgres: str | None, workdir: Path, size: int) -> Store:
@@ -469,6 +490,7 @@ def main() -> None:
                     "variant": variant,
                     "rate": round(statistics.median(r.rate for r in mine)),
                     "rates": [round(r.rate) for r in mine],
+                    "rate_judged": round(statistics.median(r.rate_judged for r in mine)),
                     "peak_rss_mib": round(statistics.median(r.hwm_mib for r in mine), 1),
                     "start_s": round(statistics.median(r.start_s for r in mine), 1),
                     "cpu_us_per_op": round(statistics.median(r.cpu_us_per_op for r in mine)),

@@ -1,15 +1,16 @@
 """When the engine judges the log: conflict detection after the ack.
 
 The engine commits a `DetectionPass` (storage/detection.py) when it has nothing
-else to commit and `conflicts.pass_interval_ms` went by since the last pass, so
-that acks and a backlog's drain never wait for detection and a steady stream of
-small batches is judged in passes of many operations (each pass costs a
-transaction, and one message per conflict and topic); and, once stored
-operations have waited `conflicts.max_delay_s` behind a backlog, every other
-commit, so that detection catches up while the backlog drains. Between passes it
-knows whether anything may wait: something was committed since the last pass that
-caught up, the engine just started (leftovers of a crash), or a sweep came due
-(another instance's leftovers, on PostgreSQL).
+else to commit and `conflicts.pass_interval_ms` went by since the last pass (at
+once after a pass that judged all it might have: more waits), so that acks and a
+backlog's drain never wait for detection and a steady stream of small batches is
+judged in passes of many operations (each pass costs a transaction, and one
+message per conflict and topic); and, once stored operations have waited
+`conflicts.max_delay_s` behind a backlog, every other commit, so that detection
+catches up while the backlog drains. Between passes it knows whether anything may
+wait: something was committed since the last pass that caught up, the engine just
+started (leftovers of a crash), or a sweep came due (another instance's leftovers,
+on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Follower:
         self.took_turn = False
         """The last commit was a pass: a backlog's next batch goes first."""
         self.last_pass = self.swept = 0.0
+        self.behind = False
+        """The last pass judged all it might have: more waits, and the next pass need not
+        wait for the interval."""
 
     def on(self) -> bool:
         config = self.config()
@@ -67,7 +71,10 @@ class Follower:
         now = time.monotonic()
         if self.waiting_since is None:
             return max(0.0, self.swept + SWEEP_S - now)
-        return max(0.0, self.last_pass + self.config().pass_interval_ms / 1000 - now)
+        return max(0.0, self.last_pass + self._interval_s() - now)
+
+    def _interval_s(self) -> float:
+        return 0.0 if self.behind else self.config().pass_interval_ms / 1000
 
     def due(self, *, idle: bool) -> bool:
         """Whether a pass runs now: `idle`, the engine has nothing else to commit."""
@@ -79,7 +86,7 @@ class Follower:
                 return False
             self.waiting_since = self.swept = now
         if idle:
-            return now - self.last_pass >= self.config().pass_interval_ms / 1000
+            return now - self.last_pass >= self._interval_s()
         overdue = now - self.waiting_since >= self.config().max_delay_s
         return overdue and not self.took_turn
 
@@ -100,10 +107,12 @@ class Follower:
             )
             self.waiting_since = None
             self.swept = self.last_pass
+            self.behind = False
             return written
         events = written.events.get("detection", [])
         judged = sum(e["count"] for e in events if e["event"] == JUDGED)
-        if judged < max_ops:
+        self.behind = judged >= max_ops
+        if not self.behind:
             self.waiting_since = None
             self.swept = self.last_pass
         self.observe([], events)
