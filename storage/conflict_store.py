@@ -35,7 +35,7 @@ from storage.schema import (
     sync_log,
     user_counters,
 )
-from storage.sync_log import op_view
+from storage.sync_log import VIEW_COLUMNS, op_view
 from storage.writer import Step, Written
 
 _decode = msgspec.json.decode
@@ -212,19 +212,7 @@ async def page(
     return [dict(row) for row in (await conn.execute(query)).mappings()]
 
 
-_OPS_COLUMNS = (
-    "op_id",
-    "device_id",
-    "user_id",
-    "entity_type",
-    "entity_id",
-    "operation",
-    "changes",
-    "edited_at",
-    "version",
-    "base_version",
-    "conflict_id",
-)
+_OPS_COLUMNS = (*VIEW_COLUMNS, "conflict_id")
 _OPS_PART = (
     "SELECT s.op_id, s.device_id, s.user_id, s.entity_type, s.entity_id, s.operation,"
     " s.changes, s.edited_at, s.version, s.base_version, m.conflict_id FROM sync_log s"

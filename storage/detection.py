@@ -30,7 +30,7 @@ from handlers.records import OpRecord
 from storage.conflict_store import COMPOUND_CHUNK
 from storage.conflicts import Detected, Detector, EntityKey, view
 from storage.db import chunks, driver_rows
-from storage.sync_log import Before, Prior, op_view
+from storage.sync_log import VIEW_COLUMNS, Before, Prior, op_view
 from storage.writer import Step, Written
 
 JUDGED = "judged"
@@ -68,7 +68,7 @@ class DetectionStep(Step):
             budget = max_ops - sum(end - start for start, end in ranges.values())
             if budget > 0:
                 await _waiting(conn, side, budget, ranges, prior)
-        self.after = max(ranges) if ranges else None
+        self.after = next(reversed(ranges), None)
         ops = await _log_ops(conn, ranges)
         detected = await self.detector.detect(conn, ops, now_us, prior)
         judged = {"event": JUDGED, "count": len(ops)}
@@ -157,21 +157,8 @@ async def _waiting(
         )
 
 
-_LOG_COLUMNS = (
-    "op_id",
-    "device_id",
-    "user_id",
-    "entity_type",
-    "entity_id",
-    "operation",
-    "changes",
-    "edited_at",
-    "version",
-    "base_version",
-)
 _LOG_PART = (
-    "SELECT op_id, device_id, user_id, entity_type, entity_id, operation, changes,"
-    " edited_at, version, base_version FROM sync_log"
+    f"SELECT {', '.join(VIEW_COLUMNS)} FROM sync_log"  # noqa: S608 - constant names
     " WHERE entity_type = ? AND entity_id = ? AND version > ? AND version <= ?"
 )
 
@@ -182,5 +169,5 @@ async def _log_ops(conn: AsyncConnection, ranges: dict[EntityKey, tuple[int, int
     for part in chunks(sorted(ranges), COMPOUND_CHUNK):
         sql = " UNION ALL ".join([_LOG_PART] * len(part))
         params = [v for key in part for v in (key[0], key[1], *ranges[key])]
-        ops.extend(op_view(row) for row in await driver_rows(conn, sql, params, _LOG_COLUMNS))
+        ops.extend(op_view(row) for row in await driver_rows(conn, sql, params, VIEW_COLUMNS))
     return ops

@@ -252,6 +252,21 @@ async def history(
 _decode_changes = msgspec.json.Decoder(dict[str, Any]).decode
 
 
+VIEW_COLUMNS = (
+    "op_id",
+    "device_id",
+    "user_id",
+    "entity_type",
+    "entity_id",
+    "operation",
+    "changes",
+    "edited_at",
+    "version",
+    "base_version",
+)
+"""The `sync_log` columns `op_view` reads."""
+
+
 def op_view(row: Mapping[str, Any]) -> OpView:
     """A stored operation (a `sync_log` row, or a row that selects its columns) as the
     conflict rules read it."""
