@@ -9,6 +9,7 @@ operations must make the same conflicts, member for member.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,15 @@ from storage import conflict_store
 from storage.detection import DetectionPass
 from storage.writer import WriteSet
 from tests.conflict_harness import Store
-from tests.support import Client, Daemon, Mosquitto, sync_op, wait_for
+from tests.support import (
+    Client,
+    Daemon,
+    Mosquitto,
+    judged,
+    stored_conflicts,
+    sync_op,
+    wait_for,
+)
 
 AT = "2026-11-29T12:00:{:02d}Z"
 
@@ -135,10 +144,9 @@ def test_the_daemon_judges_at_its_start_what_a_dead_one_left(
     broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client, tmp_path: Path
 ) -> None:
     """Operations stored and acknowledged by a process that died before judging them:
-    the daemon started on that database judges them with nothing published to it, and
+    the daemon started on that database judges them with nothing published to it, in
+    passes of two here, says in its log when it was behind and when it caught up, and
     the conflicts' messages reach the operators' topic."""
-    import asyncio
-
     url = f"sqlite+aiosqlite:///{tmp_path}/left.db"
     sends = edits(2, 3)
 
@@ -150,13 +158,28 @@ def test_the_daemon_judges_at_its_start_what_a_dead_one_left(
             await store.close()
 
     asyncio.run(leave())
-    daemon = make_daemon(broker.port, db_url=url, start=False)
+    daemon = make_daemon(broker.port, db_url=url, start=False, CONFLICTS__PASS_MAX_OPS="2")
     client.subscribe(f"{daemon.root}/conflicts")
     daemon.start()
-    wait_for(lambda: len([m for m in client.all if m.topic.endswith("/conflicts")]) >= 2)
+    wait_for(lambda: judged(url))
+    assert sorted((e.members, e.severity) for e in stored_conflicts(url)) == [
+        ((f"op-{e}-0", f"op-{e}-1", f"op-{e}-2"), "high") for e in range(2)
+    ]
+    wait_for(lambda: "conflict detection caught up" in daemon.log())
+    log = daemon.log()
+    assert log.index("conflict detection behind the stored operations") < log.index(
+        "conflict detection caught up"
+    )
+    # each conflict was detected, then (its third member judged in a later pass) updated
+    wait_for(lambda: len([m for m in client.all if m.topic.endswith("/conflicts")]) >= 4)
     events = sorted(
-        (m.json()["event"], m.json()["conflict"]["entity_id"], m.json()["conflict"]["member_count"])
+        (m.json()["conflict"]["entity_id"], m.json()["event"], m.json()["conflict"]["member_count"])
         for m in client.all
         if m.topic.endswith("/conflicts")
     )
-    assert events == [("conflict.detected", "wo-0", 3), ("conflict.detected", "wo-1", 3)]
+    assert events == [
+        ("wo-0", "conflict.detected", 2),
+        ("wo-0", "conflict.updated", 3),
+        ("wo-1", "conflict.detected", 2),
+        ("wo-1", "conflict.updated", 3),
+    ]

@@ -111,8 +111,14 @@ class Follower:
             return written
         events = written.events.get("detection", [])
         judged = sum(e["count"] for e in events if e["event"] == JUDGED)
-        self.behind = judged >= max_ops
-        if not self.behind:
+        behind = judged >= max_ops
+        if behind != self.behind:
+            # Once each way: an operator reading the log after a backlog or a crash sees
+            # when conflicts lagged and when they were current again.
+            event = "behind the stored operations" if behind else "caught up"
+            log.info(f"conflict detection {event}", judged_in_pass=judged)
+        self.behind = behind
+        if not behind:
             self.waiting_since = None
             self.swept = self.last_pass
         self.observe([], events)
