@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from storage.conflict_store import COMPOUND_CHUNK
-from storage.conflicts import Detected, Detector, EntityKey, view
+from storage.conflicts import Detected, Detector, EntityKey, skip, view
 from storage.db import chunks, driver_rows
 from storage.sync_log import VIEW_COLUMNS, Before, Prior, op_view
 from storage.writer import Step, Written
@@ -37,10 +37,22 @@ JUDGED = "judged"
 """The event that counts the operations a pass judged (`{"event", "count"}`)."""
 
 
+SKIPPED = "skipped"
+"""The event that counts the entities a pass left unjudged (`{"event", "count"}`)."""
+
+
 class DetectionPass(msgspec.Struct, frozen=True):
-    """The writer's record of one pass: judge at most `max_ops` waiting operations."""
+    """The writer's record of one pass: judge at most `max_ops` waiting operations.
+
+    A pass the database refuses is isolated as a batch is (the writer's bisection,
+    storage/writer.py): the follower commits one record per waiting `entity`, and for
+    an entity refused alone a record that `skip`s it: its waiting operations are
+    marked judged without joining any conflict, so that one entity cannot stop
+    detection for all."""
 
     max_ops: int
+    entity: tuple[str, str] | None = None
+    skip: bool = False
 
 
 class DetectionStep(Step):
@@ -60,15 +72,24 @@ class DetectionStep(Step):
         entities cannot keep the others waiting."""
 
     async def write(self, conn: AsyncConnection, records: list[Any], now_us: int) -> Written:
-        max_ops = sum(record.max_ops for record in records)
+        skipped = sorted(r.entity for r in records if r.skip and r.entity is not None)
+        if skipped:
+            await skip(conn, skipped)
+            return Written(events=[{"event": SKIPPED, "count": len(skipped)}])
         ranges: dict[EntityKey, tuple[int, int]] = {}
         prior: Prior = {}
-        # Past where the last pass stopped, then from the start up to there.
-        for side in ((">", self.after), ("<=", self.after)) if self.after else (("", None),):
-            budget = max_ops - sum(end - start for start, end in ranges.values())
-            if budget > 0:
-                await _waiting(conn, side, budget, ranges, prior)
-        self.after = next(reversed(ranges), None)
+        chosen = sorted((r.entity, r.max_ops) for r in records if r.entity is not None)
+        for entity, budget in chosen:
+            await _waiting(conn, ("=", entity), budget, ranges, prior)
+        if not chosen:
+            max_ops = sum(record.max_ops for record in records)
+            # Past where the last pass stopped, then from the start up to there.
+            sides = ((">", self.after), ("<=", self.after)) if self.after else (("", None),)
+            for side in sides:
+                budget = max_ops - sum(end - start for start, end in ranges.values())
+                if budget > 0:
+                    await _waiting(conn, side, budget, ranges, prior)
+            self.after = next(reversed(ranges), None)
         ops = await _log_ops(conn, ranges)
         detected = await self.detector.detect(conn, ops, now_us, prior)
         judged = {"event": JUDGED, "count": len(ops)}
@@ -117,6 +138,17 @@ _WAITING = (
 )
 
 
+def _side(operator: str, key: EntityKey | None) -> tuple[str, list[Any]]:
+    """The condition (and its parameters) on entities by key: `=` that one, `>` past
+    it, `<=` up to it; none without a key."""
+    if key is None:
+        return "", []
+    if operator == "=":
+        return " AND entity_type = ? AND entity_id = ?", [key[0], key[1]]
+    where = f" AND (entity_type {operator[0]} ? OR (entity_type = ? AND entity_id {operator} ?))"
+    return where, [key[0], key[0], key[1]]
+
+
 async def _waiting(
     conn: AsyncConnection,
     side: tuple[str, EntityKey | None],
@@ -125,19 +157,12 @@ async def _waiting(
     prior: Prior,
 ) -> None:
     """Add the entities whose operations wait (on the `side` of a key: `(">", key)`,
-    `("<=", key)`, or `("", None)` for all), locked (PostgreSQL: skipping those another
-    transaction holds), to `ranges` with the versions this pass judges, at most
-    `budget` in all, and to `prior` with what detection needs of each
-    (`storage.sync_log.Before`, as of the range's start)."""
+    `("<=", key)`, `("=", key)` that one, or `("", None)` for all), locked
+    (PostgreSQL: skipping those another transaction holds), to `ranges` with the
+    versions this pass judges, at most `budget` in all, and to `prior` with what
+    detection needs of each (`storage.sync_log.Before`, as of the range's start)."""
     postgres = conn.dialect.name == "postgresql"
-    params: list[Any] = []
-    where = ""
-    operator, key = side
-    if key is not None:
-        where = (
-            f" AND (entity_type {operator[0]} ? OR (entity_type = ? AND entity_id {operator} ?))"
-        )
-        params += [key[0], key[0], key[1]]
+    where, params = _side(*side)
     sql = _WAITING.format(after=where, lock=" FOR UPDATE SKIP LOCKED" if postgres else "")
     rows = await driver_rows(conn, sql, [*params, budget], _WAITING_COLUMNS)
     for row in rows:
@@ -171,3 +196,20 @@ async def _log_ops(conn: AsyncConnection, ranges: dict[EntityKey, tuple[int, int
         params = [v for key in part for v in (key[0], key[1], *ranges[key])]
         ops.extend(op_view(row) for row in await driver_rows(conn, sql, params, VIEW_COLUMNS))
     return ops
+
+
+_WAITING_KEYS = (
+    "SELECT entity_type, entity_id FROM entities WHERE version > detected_version{after}"
+    " ORDER BY entity_type, entity_id LIMIT ?"
+)
+
+
+async def waiting_entities(
+    conn: AsyncConnection, limit: int, after: EntityKey | None = None
+) -> list[EntityKey]:
+    """The first `limit` entities past `after` whose operations wait, in key order (a
+    read: what a refused pass is isolated among)."""
+    where, params = _side(">", after)
+    sql = _WAITING_KEYS.format(after=where)
+    rows = await driver_rows(conn, sql, [*params, limit], ("entity_type", "entity_id"))
+    return [(row["entity_type"], row["entity_id"]) for row in rows]

@@ -10,11 +10,13 @@ operations must make the same conflicts, member for member.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage import conflict_store
+from storage import conflict_store, migrate
 from storage.detection import DetectionPass
 from storage.writer import WriteSet
 from tests.conflict_harness import Store
@@ -23,6 +25,7 @@ from tests.support import (
     Daemon,
     Mosquitto,
     judged,
+    send_one,
     stored_conflicts,
     sync_op,
     wait_for,
@@ -183,3 +186,39 @@ def test_the_daemon_judges_at_its_start_what_a_dead_one_left(
         ("wo-1", "conflict.detected", 2),
         ("wo-1", "conflict.updated", 3),
     ]
+
+
+def test_an_entity_the_database_refuses_to_judge_is_left_unjudged_and_the_rest_goes_on(
+    broker: Mosquitto, make_daemon: Callable[..., Daemon], client: Client, tmp_path: Path
+) -> None:
+    """A trigger refuses any conflict member named `poison...`: the pass that judges the
+    entity holding one is refused, the waiting entities are judged one by one, the one
+    refused alone is left unjudged with an error that names it, and the other's
+    conflict is recorded. (Checked against: without the isolation, the whole pass is
+    refused again at every turn and the clean entity's conflict is never recorded.)"""
+    path = tmp_path / "poison.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    asyncio.run(migrate.upgrade_async(url))
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON conflict_members"
+            " WHEN NEW.op_id LIKE 'poison%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    daemon = make_daemon(broker.port, db_url=url)
+    client.subscribe(f"{daemon.root}/devices/+/sync/ack")
+    for device, op_id, entity_id in (
+        ("d1", "poison-1", "wo-bad"),
+        ("d1", "g-1", "wo-good"),
+        ("d2", "b-2", "wo-bad"),
+        ("d2", "g-2", "wo-good"),
+    ):
+        op = sync_op(op_id, entity_id=entity_id, changes={"title": {"old": "", "new": op_id}})
+        assert send_one(client, daemon.root, device, op)["status"] == "stored"
+    wait_for(lambda: judged(url))
+    assert [e.members for e in stored_conflicts(url)] == [("g-1", "g-2")]
+    lines = [
+        json.loads(line)
+        for line in daemon.log().splitlines()
+        if "this entity's waiting operations stay unjudged" in line
+    ]
+    assert [(line["entity_id"], line["error"]) for line in lines] == [("wo-bad", "IntegrityError")]

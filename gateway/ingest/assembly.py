@@ -78,7 +78,9 @@ class EngineSide:
             settings.writer,
             self.metrics,
             beat_s=min(1.0, settings.health.wedged_after_s / 4),
-            follower=Follower(self.writer, lambda: self.settings.conflicts, observers.sync),
+            follower=Follower(
+                self.writer, lambda: self.settings.conflicts, observers.sync, self.database
+            ),
         )
 
     def apply(self, settings: Settings) -> None:

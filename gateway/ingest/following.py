@@ -20,16 +20,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.config import ConflictsConfig
-from storage.detection import JUDGED, DetectionPass
+from storage.detection import JUDGED, DetectionPass, waiting_entities
 from storage.writer import Committed, Writer, WriteSet
 
 log = structlog.get_logger("fieldgate.ingest")
 
 SWEEP_S = 5.0
-"""How often an idle engine looks for operations that wait without its knowing, and
-how long it waits after a pass the database refused."""
+"""How often an idle engine looks for operations that wait without its knowing."""
+ISOLATE_ENTITIES = 256
+"""Waiting entities a refused pass is isolated among at a time."""
 
 
 class Follower:
@@ -40,8 +42,12 @@ class Follower:
         writer: Writer,
         config: Callable[[], ConflictsConfig],
         observe: Callable[[Sequence[Any], Sequence[Any]], Any],
+        database: AsyncEngine,
     ) -> None:
         self.writer = writer
+        self.database = database
+        self.isolated: tuple[str, str] | None = None
+        """The last entity a refused pass was isolated up to."""
         self.config = config
         self.observe = observe
         self.waiting_since: float | None = time.monotonic()
@@ -52,6 +58,33 @@ class Follower:
         self.behind = False
         """The last pass judged all it might have: more waits, and the next pass need not
         wait for the interval."""
+
+    async def _isolate(self, max_ops: int) -> Committed:
+        """A pass the database refused: judge the waiting entities one record each, so
+        that the writer's bisection finds those it refuses alone; leave those
+        unjudged (their operations join no conflict), loudly, and go on with the rest."""
+        async with self.database.connect() as conn:
+            keys = await waiting_entities(conn, ISOLATE_ENTITIES, self.isolated)
+        # The next refusal goes on past these: what the pass took may lie further on.
+        self.isolated = keys[-1] if len(keys) == ISOLATE_ENTITIES else None
+        passes = [DetectionPass(max_ops, entity=key) for key in keys]
+        written = await self.writer.commit(WriteSet(list(passes)))
+        refused = [r for r in written.refused if isinstance(r.record, DetectionPass)]
+        for refusal in refused:
+            assert refusal.record.entity is not None
+            entity_type, entity_id = refusal.record.entity
+            log.error(
+                "conflict detection refused by the database: this entity's waiting"
+                " operations stay unjudged",
+                entity_type=entity_type,
+                entity_id=entity_id,
+                error=refusal.error,
+            )
+        if refused:
+            skips = [DetectionPass(0, entity=r.record.entity, skip=True) for r in refused]
+            written.add(await self.writer.commit(WriteSet(list(skips))))
+        self.observe([], written.events.get("detection", []))
+        return written
 
     def on(self) -> bool:
         config = self.config()
@@ -97,16 +130,8 @@ class Follower:
         self.took_turn = True
         self.last_pass = time.monotonic()
         if written.refused:
-            # What the pass read, the database refuses to take from it: it is not the
-            # operations' fault (they are stored), and retrying at once would refuse
-            # again. Loud, counted as the writer counts it, tried again after a sweep.
-            log.error(
-                "conflict detection refused by the database; trying again later",
-                error=written.refused[0].error,
-                retry_s=SWEEP_S,
-            )
-            self.waiting_since = None
-            self.swept = self.last_pass
+            written.add(await self._isolate(max_ops))
+            self.waiting_since = self.last_pass
             self.behind = False
             return written
         events = written.events.get("detection", [])
