@@ -70,11 +70,11 @@ class Engine(Part):
         self.config = config
         self.metrics = metrics
         self.beat_s = beat_s
+        """How often the idle loop proves it is alive (the watchdog reads `last_beat`)."""
         self.follower = follower
+        """Conflict detection after the ack: its passes take the gaps between batches."""
         self.commits = 0
         """Batches committed (detection's passes are not batches)."""
-        """Conflict detection after the ack: its passes take the gaps between batches."""
-        """How often the idle loop proves it is alive (the watchdog reads `last_beat`)."""
         self.last_beat = time.monotonic()
         self._pending: list[Pending] = []
         self._ahead = 0
