@@ -36,6 +36,7 @@ from typing import Any
 
 from benchmarks.conflicts import SqliteStore, cpu_s, publish
 from benchmarks.drain import _start_profiler, children
+from storage.conflict_store import WAITING_SQL
 from tests.support import Daemon, Mosquitto, daemon_env, end_process, wait_for
 
 
@@ -97,7 +98,7 @@ def run_once(
         cpu = sum(cpu_s(pid) for pid in pids) - cpu_before
 
         def judged() -> bool:
-            return bool(store.one(WAITING)[0] == 0)
+            return bool(store.one(WAITING_SQL)[0] == 0)
 
         # Detection judges after the ack (docs/decisions/0018-detection-after-the-ack.md):
         # the records and messages are counted once it has judged everything.
@@ -137,9 +138,6 @@ def run_once(
     log(json.dumps(result))
     store.discard()
     return result
-
-
-WAITING = "select coalesce(sum(version - detected_version), 0) from entities"
 
 
 def main() -> None:

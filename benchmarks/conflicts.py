@@ -61,6 +61,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from storage import migrate
+from storage.conflict_store import WAITING_SQL
 from tests.support import Daemon, Mosquitto, PostgresServer, daemon_env, wait_for
 
 TYPES = ("asset", "attendance", "task", "work_order")
@@ -403,10 +404,9 @@ def _measure(
     wait_for(drained, timeout=600, interval=0.1)
     # Detection judges after the ack (docs/decisions/0018-detection-after-the-ack.md):
     # when did it judge the last operation (None: it had, when they were all stored)?
-    judged = "select coalesce(sum(version - detected_version), 0) from entities"
     judged_at_us: float | None = None
-    if store.one(judged)[0]:
-        wait_for(lambda: store.one(judged)[0] == 0, timeout=600, interval=0.05)
+    if store.one(WAITING_SQL)[0]:
+        wait_for(lambda: store.one(WAITING_SQL)[0] == 0, timeout=600, interval=0.05)
         judged_at_us = time.time() * 1e6
     hwm = vm_hwm_kib(pid) / 1024
     cpu = cpu_s(pid) - baseline_cpu

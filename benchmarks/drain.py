@@ -94,6 +94,7 @@ from benchmarks import scoring_model
 from benchmarks.receiver import ReceiverProcess
 from gateway.config import load as load_config
 from loadgen.generator import GeneratorOptions, generate
+from storage.conflict_store import WAITING_SQL
 from tests.support import ROOT, Mosquitto, NotifySocket, end_process, free_port, memory_mib
 
 VARIANTS = ("bare", "naive", "gateway", "gateway-off")
@@ -694,19 +695,16 @@ def drain_gateway(
     )
 
 
-_WAITING = "select coalesce(sum(version - detected_version), 0) from entities"
-
-
 def _detection_catch_up(db: Path, done_at: float, deadline: float) -> dict[str, Any]:
     """Conflict detection judges after the ack: how many operations it had yet to judge
     at the last answer, and how long after that answer it had judged them all, with the
     conflicts and messages it wrote (docs/decisions/0018-detection-after-the-ack.md)."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        (waiting,) = conn.execute(_WAITING).fetchone()
+        (waiting,) = conn.execute(WAITING_SQL).fetchone()
         left = waiting
         while left and time.monotonic() < deadline:
             time.sleep(0.05)
-            (left,) = conn.execute(_WAITING).fetchone()
+            (left,) = conn.execute(WAITING_SQL).fetchone()
         caught_up_at = time.time()  # the ack counter's clock
         (conflicts,) = conn.execute("select count(*) from conflicts").fetchone()
         (messages,) = conn.execute("select count(*) from outbox where channel = 'mqtt'").fetchone()

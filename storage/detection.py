@@ -198,18 +198,18 @@ async def _log_ops(conn: AsyncConnection, ranges: dict[EntityKey, tuple[int, int
     return ops
 
 
-_WAITING_KEYS = (
-    "SELECT entity_type, entity_id FROM entities WHERE version > detected_version{after}"
-    " ORDER BY entity_type, entity_id LIMIT ?"
-)
-
-
 async def waiting_entities(
     conn: AsyncConnection, limit: int, after: EntityKey | None = None
 ) -> list[EntityKey]:
     """The first `limit` entities past `after` whose operations wait, in key order (a
-    read: what a refused pass is isolated among)."""
+    read, without locks: what a refused pass is isolated among)."""
     where, params = _side(">", after)
-    sql = _WAITING_KEYS.format(after=where)
-    rows = await driver_rows(conn, sql, [*params, limit], ("entity_type", "entity_id"))
+    sql = _WAITING.format(after=where, lock="")
+    rows = await driver_rows(conn, sql, [*params, limit], _WAITING_COLUMNS)
     return [(row["entity_type"], row["entity_id"]) for row in rows]
+
+
+def judged_in(events: Sequence[Any]) -> int:
+    """How many operations the passes whose events these are judged: fewer than they
+    might have means that detection caught up."""
+    return sum(event["count"] for event in events if event["event"] == JUDGED)

@@ -22,7 +22,7 @@ from handlers.records import OpRecord
 from handlers.sync import SyncHandler
 from storage import conflict_store, migrate
 from storage.db import create_engine
-from storage.detection import DetectionPass, DetectionStep
+from storage.detection import DetectionPass, DetectionStep, judged_in
 from storage.outbox import topics as outbox_topics
 from storage.schema import conflict_members, conflicts, device_counters, outbox, user_counters
 from storage.sync import SyncStep
@@ -83,8 +83,7 @@ class Store:
         while not self.detector.in_commit:
             part = await self.writer.commit(WriteSet([DetectionPass(PASS_MAX_OPS)]))
             written.add(part)
-            judged = part.events.get("detection", [{"count": 0}])[0]["count"]
-            if judged < PASS_MAX_OPS:
+            if judged_in(part.events.get("detection", [])) < PASS_MAX_OPS:
                 break
         return written
 

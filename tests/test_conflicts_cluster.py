@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from storage.conflict_store import WAITING_SQL
 from storage.outbox import topics as outbox_topics
 from tests.conflict_oracle import Expected, expected_conflicts
 from tests.support import (
@@ -145,9 +146,7 @@ def test_two_instances_find_every_pair_once(
 
     def waiting() -> int:
         with psycopg.connect(plain) as conn:
-            row = conn.execute(
-                "select coalesce(sum(version - detected_version), 0) from entities"
-            ).fetchone()
+            row = conn.execute(WAITING_SQL).fetchone()
             return int(row[0]) if row else 0
 
     wait_for(lambda: count() == total, timeout=60)
@@ -194,8 +193,7 @@ def test_broker_restart_loses_no_notice(
                 return list(conn.execute(sql).fetchall())
 
         wait_for(lambda: query("select count(*) from sync_log")[0][0] == total, timeout=60)
-        judged = "select coalesce(sum(version - detected_version), 0) from entities"
-        wait_for(lambda: query(judged) == [(0,)], timeout=60)
+        wait_for(lambda: query(WAITING_SQL) == [(0,)], timeout=60)
         unsent = "select count(*) from outbox where sent_at is null and channel = 'mqtt'"
         wait_for(lambda: query(unsent) == [(0,)], timeout=60)
         rows = query("select topic, also_to, payload from outbox where channel = 'mqtt'")

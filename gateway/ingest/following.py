@@ -23,7 +23,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.config import ConflictsConfig
-from storage.detection import JUDGED, DetectionPass, waiting_entities
+from storage.detection import DetectionPass, judged_in, waiting_entities
 from storage.writer import Committed, Writer, WriteSet
 
 log = structlog.get_logger("fieldgate.ingest")
@@ -68,7 +68,7 @@ class Follower:
         # The next refusal goes on past these: what the pass took may lie further on.
         self.isolated = keys[-1] if len(keys) == ISOLATE_ENTITIES else None
         passes = [DetectionPass(max_ops, entity=key) for key in keys]
-        written = await self.writer.commit(WriteSet(list(passes)))
+        written = await self.writer.commit(WriteSet(passes))
         refused = [r for r in written.refused if isinstance(r.record, DetectionPass)]
         for refusal in refused:
             assert refusal.record.entity is not None
@@ -82,7 +82,7 @@ class Follower:
             )
         if refused:
             skips = [DetectionPass(0, entity=r.record.entity, skip=True) for r in refused]
-            written.add(await self.writer.commit(WriteSet(list(skips))))
+            written.add(await self.writer.commit(WriteSet(skips)))
         self.observe([], written.events.get("detection", []))
         return written
 
@@ -135,7 +135,7 @@ class Follower:
             self.behind = False
             return written
         events = written.events.get("detection", [])
-        judged = sum(e["count"] for e in events if e["event"] == JUDGED)
+        judged = judged_in(events)
         behind = judged >= max_ops
         if behind != self.behind:
             # Once each way: an operator reading the log after a backlog or a crash sees

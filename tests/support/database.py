@@ -17,6 +17,7 @@ import psycopg
 
 from handlers.alerts import AlertNotices
 from storage.alerts import AlertPolicy, AlertStep, CrisisAckStep
+from storage.conflict_store import WAITING_SQL
 from storage.sync import SyncStep
 from storage.writer import Writer
 
@@ -87,5 +88,5 @@ def outbox_sent(url: str) -> bool:
 def judged(url: str) -> bool:
     """Whether conflict detection, which runs after the ack, has judged every stored
     operation (storage/detection.py)."""
-    rows = db_rows(url, "select coalesce(sum(version - detected_version), 0) from entities")
+    rows = db_rows(url, WAITING_SQL)
     return bool(rows[0][0] == 0)
