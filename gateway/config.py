@@ -220,6 +220,10 @@ class ConflictsConfig(Section):
     """After the ack: the most operations one pass (one transaction) judges. Larger
     passes send fewer messages (one per conflict and topic a commit) and cost less an
     operation; a batch that arrives during a pass waits for it."""
+    pass_budget_ms: Annotated[float, Field(ge=0, le=60_000)] = 5.0
+    """After the ack, while devices are sending: about how long one pass may take (as
+    many operations as passes judge in that time, 50 at least), since their batches
+    wait for it; 0: every pass takes up to `pass_max_ops`."""
     window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 300.0
     manual_at_or_above: Literal["low", "medium", "high", "critical"] = "critical"
     types: dict[str, ConflictTypeConfig] = Field(default_factory=dict)

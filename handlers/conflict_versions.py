@@ -20,7 +20,10 @@ KEPT = 16
 """Operations kept per entity: a `base_version` further back reads the log."""
 
 
-class Version(msgspec.Struct, array_like=True):
+# gc=False: a plain record (no reference back to what holds it), kept by the thousand in
+# the engine's caches, which the collector would otherwise walk at every collection
+# (docs/decisions/0019-small-batches.md).
+class Version(msgspec.Struct, array_like=True, gc=False):
     """A stored operation, as a later operation's `base_version` judges it."""
 
     version: int
@@ -36,7 +39,7 @@ class Version(msgspec.Struct, array_like=True):
     """The conflict it is a member of (kept current through merges); None: none yet."""
 
 
-class Versions(msgspec.Struct, array_like=True):
+class Versions(msgspec.Struct, array_like=True, gc=False):
     """Every operation of the entity from version `since` on, the latest `KEPT` of them."""
 
     since: int

@@ -27,14 +27,17 @@ from __future__ import annotations
 import msgspec
 
 
-class Mark(msgspec.Struct, frozen=True, array_like=True):
+# gc=False: a plain record (no reference back to what holds it), kept by the thousand in
+# the engine's caches, which the collector would otherwise walk at every collection
+# (docs/decisions/0019-small-batches.md).
+class Mark(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One edit of the field: when it was made, and its new value's key (`value_key`)."""
 
     at_us: int
     value: str
 
 
-class Marks(msgspec.Struct, frozen=True, array_like=True):
+class Marks(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A device's edits of the field within one group: the latest, and the latest whose
     value differs from the latest one's."""
 
@@ -68,7 +71,7 @@ class Marks(msgspec.Struct, frozen=True, array_like=True):
         return Marks(ours.last, diff)
 
 
-class Loose(msgspec.Struct, frozen=True, array_like=True):
+class Loose(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """An edit of the field by an operation that is in no conflict (yet)."""
 
     at_us: int
@@ -79,7 +82,7 @@ class Loose(msgspec.Struct, frozen=True, array_like=True):
     version: int
 
 
-class FieldWindow(msgspec.Struct):
+class FieldWindow(msgspec.Struct, gc=False):
     """The summary of one field of one entity (see the module's docstring)."""
 
     high: int | None = None

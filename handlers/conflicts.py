@@ -36,7 +36,10 @@ MEMBERS_SHOWN = 50
 """A message or an answer carries at most this many members, the latest stored."""
 
 
-class OpView(msgspec.Struct, frozen=True, kw_only=True):
+# gc=False: a plain record (no reference back to what holds it), kept by the thousand in
+# the engine's caches, which the collector would otherwise walk at every collection
+# (docs/decisions/0019-small-batches.md).
+class OpView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What the rule needs of a stored operation (a sync_log row or a fresh record)."""
 
     op_id: str

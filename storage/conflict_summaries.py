@@ -15,7 +15,10 @@ from handlers.conflict_versions import Versions
 from handlers.conflict_windows import FieldWindow, windows_decoder
 
 
-class Summary(msgspec.Struct, array_like=True):
+# gc=False: a plain record (no reference back to what holds it), kept by the thousand in
+# the engine's caches, which the collector would otherwise walk at every collection
+# (docs/decisions/0019-small-batches.md).
+class Summary(msgspec.Struct, array_like=True, gc=False):
     windows: dict[str, FieldWindow]
     versions: Versions | None = None
 

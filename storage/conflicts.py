@@ -30,14 +30,11 @@ messages (one per conflict and topic) go to the outbox.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
-from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import Insert, Update
 
 from handlers.conflict_versions import Version, Versions, colliding
 from handlers.conflict_windows import FieldWindow, Loose, Mark
@@ -59,17 +56,12 @@ from handlers.conflicts import (
 )
 from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
-from storage import conflict_store, conflict_summaries, feature_counters
-from storage.db import by_entity, chunks, driver_sql, greatest, upsert_into
+from storage import conflict_store, conflict_summaries, driver, feature_counters
+from storage.db import chunks, driver_rows, marks, per_type
 from storage.member_cache import Latest, MemberCache, Rendered
 from storage.schema import (
     SUMMARY_ALL,
-    conflict_totals,
-    conflict_windows,
     conflicts,
-    device_counters,
-    entities,
-    user_counters,
 )
 from storage.summary_cache import SummaryCache
 from storage.sync_log import Before, Prior, op_view
@@ -404,12 +396,14 @@ class _Batch:
                     summarized.append(key)
                 else:
                     self._summarize(state, kept, names)
-        w = conflict_windows.c
-        for where in by_entity(w.entity_type, w.entity_id, summarized):
-            result = await self.conn.execute(select(conflict_windows).where(where))
-            for row in result.mappings():
-                state = self.entities[(row["entity_type"], row["entity_id"])]
-                self._summarize(state, conflict_summaries.decode(row["body"]), names)
+        for kind, names_of_kind in per_type(summarized):
+            for part in chunks(names_of_kind):
+                sql = _WINDOWS.format(keys=marks(part))
+                for entity_type, entity_id, body in await driver.fetch(
+                    self.conn, sql, (kind, *part)
+                ):
+                    state = self.entities[(entity_type, entity_id)]
+                    self._summarize(state, conflict_summaries.decode(body), names)
         await self._load_conflicts(names)
 
     @staticmethod
@@ -426,10 +420,8 @@ class _Batch:
     async def _load_conflicts(self, names: Iterable[str]) -> None:
         missing = sorted(set(names) - self.conflicts.keys())
         for part in chunks(missing):
-            result = await self.conn.execute(
-                select(conflicts).where(conflicts.c.conflict_id.in_(part))
-            )
-            for row in result.mappings():
+            sql = _CONFLICTS.format(keys=marks(part))
+            for row in await driver_rows(self.conn, sql, part, _CONFLICT_COLUMNS):
                 self.conflicts[row["conflict_id"]] = _Conflict(row)
 
     def root(self, conflict_id: str) -> str:
@@ -848,23 +840,26 @@ class _Batch:
                 self._count(f"severity:{before}", -1)
                 self._count(f"severity:{conflict.group.severity}", 1)
         if fresh:
-            await conn.execute(conflicts.insert(), [_conflict_row(c, self.now_us) for c in fresh])
+            rows = [_conflict_row(c, self.now_us) for c in fresh]
+            await driver.execute_many(
+                conn, _INSERT_CONFLICT, [[row[c] for c in _CONFLICT_COLUMNS] for row in rows]
+            )
         if changed:
-            await conn.exec_driver_sql(
-                driver_sql(conn, _UPDATE_CONFLICT),
-                [_conflict_update(c, self.now_us) for c in changed],
+            await driver.execute_many(
+                conn, _UPDATE_CONFLICT, [_conflict_update(c, self.now_us) for c in changed]
             )
         moves = [
             (self.root(target), absorbed) for absorbed, target in sorted(self.absorbed.items())
         ]
         if moves:
-            await conn.exec_driver_sql(driver_sql(conn, _MOVE_MERGED_INTO), moves)
-            await conn.exec_driver_sql(driver_sql(conn, _MOVE_MEMBERS), moves)
+            await driver.execute_many(conn, _MOVE_MERGED_INTO, moves)
+            await driver.execute_many(conn, _MOVE_MEMBERS, moves)
         if self.members:
             # Plain SQL, one executemany: a row per joining op, and SQLAlchemy's work
             # per row would cost more than the database's (measured).
-            await conn.exec_driver_sql(
-                driver_sql(conn, _INSERT_MEMBERS),
+            await driver.execute_many(
+                conn,
+                _INSERT_MEMBERS,
                 [
                     (
                         op.op_id,
@@ -906,12 +901,12 @@ class _Batch:
             kept.append((key, state.versions.ops[-1].version, summary))
         self.detector.summaries.stage(kept)
         if bounds:
-            await conn.exec_driver_sql(driver_sql(conn, _UPDATE_SUMMARY_FROM), bounds)
-        w = conflict_windows.c
-        for where in by_entity(w.entity_type, w.entity_id, dropped):
-            await conn.execute(conflict_windows.delete().where(where))
+            await driver.execute_many(conn, _UPDATE_SUMMARY_FROM, bounds)
+        for kind, names in per_type(dropped):
+            for part in chunks(names):
+                await driver.fetch(conn, _DROP_WINDOWS.format(keys=marks(part)), (kind, *part))
         if rows:
-            await conn.exec_driver_sql(driver_sql(conn, _UPSERT_WINDOWS), rows)
+            await driver.execute_many(conn, _UPSERT_WINDOWS, rows)
 
     # -- messages -----------------------------------------------------------------------
 
@@ -1100,33 +1095,55 @@ def _conflict_row(conflict: _Conflict, now_us: int) -> dict[str, Any]:
     }
 
 
+_CONFLICT_COLUMNS = tuple(c.name for c in conflicts.c if c.name != "id")
+_INSERT_CONFLICT = (
+    f"INSERT INTO conflicts ({', '.join(_CONFLICT_COLUMNS)})"  # noqa: S608 - constant names
+    f" VALUES ({', '.join('?' * len(_CONFLICT_COLUMNS))})"
+)
+_CONFLICTS = (
+    f"SELECT {', '.join(_CONFLICT_COLUMNS)} FROM conflicts"  # noqa: S608 - constant names
+    " WHERE conflict_id IN ({keys})"
+)
+_WINDOWS = (
+    "SELECT entity_type, entity_id, body FROM conflict_windows"
+    " WHERE entity_type = ? AND entity_id IN ({keys})"
+)
+_DROP_WINDOWS = "DELETE FROM conflict_windows WHERE entity_type = ? AND entity_id IN ({keys})"
+
+
 async def skip(conn: AsyncConnection, keys: Sequence[EntityKey]) -> None:
     """Detection is off: the entities' operations are never judged, and are in no
     window, so their summaries no longer hold every edit and are rebuilt when
     detection is on again."""
-    e = entities.c
-    for where in by_entity(e.entity_type, e.entity_id, sorted(keys)):
-        await conn.execute(
-            update(entities).where(where).values(summary_from=None, detected_version=e.version)
-        )
+    for kind, names in per_type(sorted(keys)):
+        for part in chunks(names):
+            sql = _SKIP.format(keys=marks(part))
+            await driver.fetch(conn, sql, (kind, *part))
+
+
+_SKIP = (
+    "UPDATE entities SET summary_from = NULL, detected_version = version"
+    " WHERE entity_type = ? AND entity_id IN ({keys})"
+)
 
 
 async def _judged(conn: AsyncConnection, upto: dict[EntityKey, int]) -> None:
     """Each entity's operations are judged up to its version in `upto`."""
-    await conn.execute(
-        _upserts(conn.dialect.name).judged,
-        [{"t": t, "i": i, "v": v} for (t, i), v in sorted(upto.items())],
-    )
+    await driver.execute_many(conn, _JUDGED, [(v, t, i) for (t, i), v in sorted(upto.items())])
+
+
+_JUDGED = "UPDATE entities SET detected_version = ? WHERE entity_type = ? AND entity_id = ?"
 
 
 async def _add_totals(conn: AsyncConnection, deltas: dict[str, int]) -> None:
-    changes = {key: n for key, n in sorted(deltas.items()) if n}
-    if not changes:
-        return
-    await conn.execute(
-        _upserts(conn.dialect.name).totals,
-        [{"key": key, "n": n} for key, n in changes.items()],
-    )
+    changes = [(key, n) for key, n in sorted(deltas.items()) if n]
+    await driver.execute_many(conn, _TOTALS, changes)
+
+
+_TOTALS = (
+    "INSERT INTO conflict_totals (key, n) VALUES (?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET n = conflict_totals.n + excluded.n"
+)
 
 
 async def bump_counters(
@@ -1151,74 +1168,22 @@ async def bump_counters(
     for user, joined in user_members.items():
         ops, before = users.get(user, (0, 0))
         users[user] = (ops, before + joined)
-    await _bump_users(conn, users)
-    stmt = _upserts(conn.dialect.name).devices
-    for part in chunks(sorted(devices)):
-        await conn.execute(
-            stmt,
-            [
-                {
-                    "device_id": d,
-                    "ops": devices[d][0],
-                    "last_sync_at": now_us,
-                    "last_received_at": devices[d][1],
-                }
-                for d in part
-            ],
-        )
+    await driver.execute_many(conn, _USERS, [(u, *users[u]) for u in sorted(users)])
+    rows = [(d, devices[d][0], now_us, devices[d][1]) for d in sorted(devices)]
+    await driver.execute_many(conn, _DEVICES.format(greatest=driver.greatest(conn)), rows)
 
 
-async def _bump_users(conn: AsyncConnection, deltas: dict[str, tuple[int, int]]) -> None:
-    if not deltas:
-        return
-    stmt = _upserts(conn.dialect.name).users
-    for part in chunks(sorted(deltas)):
-        await conn.execute(
-            stmt,
-            [{"user_id": u, "ops": deltas[u][0], "conflicts": deltas[u][1]} for u in part],
-        )
-
-
-class _Upserts(NamedTuple):
-    totals: Insert
-    devices: Insert
-    users: Insert
-    judged: Update
-
-
-@functools.cache
-def _upserts(dialect: str) -> _Upserts:
-    """The counters' statements, built once per dialect (as storage/sync_log.py's
-    `_versions_upsert`, for the same reason)."""
-    totals = upsert_into(dialect, conflict_totals)
-    devices = upsert_into(dialect, device_counters)
-    users = upsert_into(dialect, user_counters)
-    c = device_counters.c
-    return _Upserts(
-        totals=totals.on_conflict_do_update(
-            index_elements=[conflict_totals.c.key],
-            set_={"n": conflict_totals.c.n + totals.excluded.n},
-        ),
-        devices=devices.on_conflict_do_update(
-            index_elements=[c.device_id],
-            set_={
-                "ops": c.ops + devices.excluded.ops,
-                "last_sync_at": greatest(dialect, c.last_sync_at, devices.excluded.last_sync_at),
-                "last_received_at": greatest(
-                    dialect,
-                    func.coalesce(c.last_received_at, devices.excluded.last_received_at),
-                    devices.excluded.last_received_at,
-                ),
-            },
-        ),
-        users=users.on_conflict_do_update(
-            index_elements=[user_counters.c.user_id],
-            set_={
-                "ops": user_counters.c.ops + users.excluded.ops,
-                "conflicts": user_counters.c.conflicts + users.excluded.conflicts,
-            },
-        ),
-        judged=update(entities)
-        .where(entities.c.entity_type == bindparam("t"), entities.c.entity_id == bindparam("i"))
-        .values(detected_version=bindparam("v")),
-    )
+_USERS = (
+    "INSERT INTO user_counters (user_id, ops, conflicts) VALUES (?, ?, ?)"
+    " ON CONFLICT (user_id) DO UPDATE SET ops = user_counters.ops + excluded.ops,"
+    " conflicts = user_counters.conflicts + excluded.conflicts"
+)
+_DEVICES = (
+    "INSERT INTO device_counters (device_id, ops, last_sync_at, last_received_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+    " ops = device_counters.ops + excluded.ops,"
+    " last_sync_at = {greatest}(device_counters.last_sync_at, excluded.last_sync_at),"
+    " last_received_at = {greatest}("
+    "coalesce(device_counters.last_received_at, excluded.last_received_at),"
+    " excluded.last_received_at)"
+)

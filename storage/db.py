@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.functions import Function
 
+from storage import driver
 from storage.inline_sqlite import inline_connector
 
 CHUNK = 900
@@ -82,8 +83,7 @@ async def driver_rows(
     of one part per entity): compiling such a statement costs more than running it,
     and no compiled form is ever reused.
     """
-    result = await conn.exec_driver_sql(driver_sql(conn, sql), tuple(params))
-    return [dict(zip(columns, row, strict=True)) for row in result]
+    return [dict(zip(columns, row, strict=True)) for row in await driver.fetch(conn, sql, params)]
 
 
 def is_sqlite(url: str | URL) -> bool:

@@ -16,25 +16,19 @@ minute of `edited_at`.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import Insert
 
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
-from storage.db import chunks, driver_sql, marks, per_type, upsert_into
-from storage.schema import (
-    entity_editors,
-    entity_hours,
-    field_counters,
-)
+from storage import driver
+from storage.db import chunks, marks, per_type
 
 SLOT_US = 60_000_000
 """The minute: `entity_editors` keeps who edited an entity per minute of `edited_at`."""
@@ -144,8 +138,7 @@ async def _rows(
     key in one IN list, after the `fixed` parameters)."""
     rows: list[tuple[Any, ...]] = []
     for part in chunks(keys):
-        statement = driver_sql(conn, sql.format(keys=marks(part)))
-        rows.extend((await conn.exec_driver_sql(statement, (*fixed, *part))).all())
+        rows.extend(await driver.fetch(conn, sql.format(keys=marks(part)), (*fixed, *part)))
     return rows
 
 
@@ -167,38 +160,6 @@ def _clustered(
     for start, end in itertools.pairwise(bounds):
         for kind, ids in per_type(sorted(set(keys[start:end]))):
             yield kind, int(first[start]), int(last[end - 1]), ids
-
-
-class _Upserts(NamedTuple):
-    hours: Insert
-    editors: Insert
-    fields: Insert
-
-
-@functools.cache
-def _upserts(dialect: str) -> _Upserts:
-    """`bump`'s statements, built once per dialect (as storage/sync_log.py's
-    `_versions_upsert`, for the same reason)."""
-    hours = upsert_into(dialect, entity_hours)
-    fields = upsert_into(dialect, field_counters)
-    return _Upserts(
-        hours=hours.on_conflict_do_update(
-            index_elements=[
-                entity_hours.c.entity_type,
-                entity_hours.c.entity_id,
-                entity_hours.c.hour,
-            ],
-            set_={"ops": entity_hours.c.ops + hours.excluded.ops},
-        ),
-        editors=upsert_into(dialect, entity_editors).on_conflict_do_nothing(),
-        fields=fields.on_conflict_do_update(
-            index_elements=[field_counters.c.entity_type, field_counters.c.field],
-            set_={
-                "ops": field_counters.c.ops + fields.excluded.ops,
-                "conflicts": field_counters.c.conflicts + fields.excluded.conflicts,
-            },
-        ),
-    )
 
 
 async def bump(
@@ -223,30 +184,23 @@ async def bump(
         for name in map(counted_field, op.changes):
             ops, joined = fields.get((op.entity_type, name), (0, 0))
             fields[(op.entity_type, name)] = (ops, joined + 1)
-    if not stored and not members:
-        return
-    dialect = conn.dialect.name
-    if hours:
-        await conn.execute(
-            _upserts(dialect).hours,
-            [
-                {"entity_type": t, "entity_id": i, "hour": h, "ops": n}
-                for (t, i, h), n in sorted(hours.items())
-            ],
-        )
-    if editors:
-        await conn.execute(
-            _upserts(dialect).editors,
-            [
-                {"entity_type": t, "entity_id": i, "slot": s, "user_id": u}
-                for t, i, s, u in sorted(editors)
-            ],
-        )
-    if fields:
-        await conn.execute(
-            _upserts(dialect).fields,
-            [
-                {"entity_type": t, "field": name, "ops": n, "conflicts": c}
-                for (t, name), (n, c) in sorted(fields.items())
-            ],
-        )
+    await driver.execute_many(conn, _HOURS_UPSERT, [(*k, n) for k, n in sorted(hours.items())])
+    await driver.execute_many(conn, _EDITORS_INSERT, sorted(editors))
+    rows = [(t, name, n, c) for (t, name), (n, c) in sorted(fields.items())]
+    await driver.execute_many(conn, _FIELDS_UPSERT, rows)
+
+
+_HOURS_UPSERT = (
+    "INSERT INTO entity_hours (entity_type, entity_id, hour, ops) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (entity_type, entity_id, hour) DO UPDATE SET"
+    " ops = entity_hours.ops + excluded.ops"
+)
+_EDITORS_INSERT = (
+    "INSERT INTO entity_editors (entity_type, entity_id, slot, user_id) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+_FIELDS_UPSERT = (
+    "INSERT INTO field_counters (entity_type, field, ops, conflicts) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (entity_type, field) DO UPDATE SET ops = field_counters.ops + excluded.ops,"
+    " conflicts = field_counters.conflicts + excluded.conflicts"
+)

@@ -26,6 +26,14 @@ class InlineConnection(aiosqlite.Connection):
             raise ValueError("Connection closed")
         return fn(*args, **kwargs)
 
+    @property
+    def sqlite(self) -> sqlite3.Connection:
+        """The sqlite3 connection itself, for statements run with no adapter between
+        (storage/driver.py)."""
+        if self._connection is None:
+            raise ValueError("Connection closed")
+        return self._connection
+
 
 def inline_connector(database: str) -> Callable[[], Any]:
     """SQLAlchemy's `async_creator` for a file database: an inline connection."""

@@ -16,6 +16,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.records import OutboxRecord
+from storage import driver
 from storage.schema import outbox, webhook_deliveries
 
 
@@ -43,8 +44,16 @@ def _row(record: OutboxRecord, now_us: int, claimed_until: int | None) -> dict[s
 
 
 async def add(conn: AsyncConnection, records: Sequence[OutboxRecord], now_us: int) -> None:
-    if records:
-        await conn.execute(outbox.insert(), [_row(r, now_us, None) for r in records])
+    """Rows for the publisher's next claim (each writer's batch and detection pass)."""
+    rows = [_row(r, now_us, None) for r in records]
+    await driver.execute_many(conn, _INSERT, [[row[c] for c in _COLUMNS] for row in rows])
+
+
+_COLUMNS = tuple(c.name for c in outbox.c if c.name != "id")
+_INSERT = (
+    f"INSERT INTO outbox ({', '.join(_COLUMNS)})"  # noqa: S608 - constant names
+    f" VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
 
 
 async def add_leased(

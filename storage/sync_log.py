@@ -1,26 +1,26 @@
 """Storing sync operations: exactly once, each with its entity's next version.
 
-Every step is one statement per batch, not per row (the `await` per statement is
-what costs in async SQLAlchemy): look up known op_ids, bump every touched entity's
-version in one upsert, insert the new rows in one executemany.
+Every step is one statement per batch, not per row: look up known op_ids, bump
+every touched entity's version in one upsert, insert the new rows in one
+executemany. They run for every batch, so they go straight to the driver
+(storage/driver.py).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import Insert
 
 from handlers.conflicts import OpView
 from handlers.records import OpRecord
 from handlers.times import HOUR_US
-from storage.db import chunks, driver_sql, greatest, upsert_into
-from storage.schema import entities, op_counts, sync_log
+from storage import driver
+from storage.db import chunks, marks
+from storage.schema import sync_log
 
 
 class Before(NamedTuple):
@@ -69,9 +69,7 @@ async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: 
             new.append(record)
     if new:
         prior = await _assign_versions(conn, new, now_us)
-        await conn.exec_driver_sql(
-            driver_sql(conn, _INSERT), [_row(record, now_us) for record in new]
-        )
+        await driver.execute_many(conn, _INSERT, [_row(record, now_us) for record in new])
         await _count(conn, new)
         for record in new:
             record.status = "stored"
@@ -84,10 +82,8 @@ async def store_ops(conn: AsyncConnection, records: Sequence[OpRecord], now_us: 
 async def _stored_versions(conn: AsyncConnection, op_ids: Iterable[str]) -> dict[str, int]:
     found: dict[str, int] = {}
     for part in chunks(sorted(op_ids)):
-        result = await conn.execute(
-            select(sync_log.c.op_id, sync_log.c.version).where(sync_log.c.op_id.in_(part))
-        )
-        found.update({op_id: version for op_id, version in result})
+        sql = f"SELECT op_id, version FROM sync_log WHERE op_id IN ({marks(part)})"  # noqa: S608 - placeholders only
+        found.update(await driver.fetch(conn, sql, part))
     return found
 
 
@@ -105,26 +101,18 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
     for record in new:
         per_entity.setdefault((record.entity_type, record.entity_id), []).append(record)
     keys = sorted(per_entity)
-    stmt = _versions_upsert(conn.dialect.name)
-    for part in chunks(keys):
-        rows = [
-            {
-                "entity_type": key[0],
-                "entity_id": key[1],
-                "version": len(per_entity[key]),
-                "updated_at": now_us,
-                "max_edited_at": max(record.edited_at_us for record in per_entity[key]),
-                "delete_max_edited_at": max(
-                    (r.edited_at_us for r in per_entity[key] if r.operation == "delete"),
-                    default=None,
-                ),
-                "summary_from": None,
-                "prev_max_edited_at": None,
-            }
-            for key in part
-        ]
-        result = await conn.execute(stmt, rows)
-        for entity_type, entity_id, version, summary_from, delete_max, edited_max, det in result:
+    for part in chunks(keys, _UPSERT_CHUNK):
+        params: list[Any] = []
+        for key in part:
+            ops = per_entity[key]
+            deletes = [r.edited_at_us for r in ops if r.operation == "delete"]
+            edited = max(record.edited_at_us for record in ops)
+            params += [*key, len(ops), now_us, edited, max(deletes, default=None)]
+        sql = _VERSIONS_UPSERT.format(
+            values=driver.values(len(part), 6), greatest=driver.greatest(conn)
+        )
+        for row in await driver.fetch(conn, sql, params):
+            entity_type, entity_id, version, summary_from, delete_max, edited_max, det = row
             ops = per_entity[(entity_type, entity_id)]
             for offset, record in enumerate(ops):
                 record.version = version - len(ops) + 1 + offset
@@ -134,39 +122,28 @@ async def _assign_versions(conn: AsyncConnection, new: list[OpRecord], now_us: i
     return prior
 
 
-@functools.cache
-def _versions_upsert(dialect: str) -> Insert:
-    """`_assign_versions`' statement, built once per dialect: built anew for each batch,
-    its `excluded` alias, column collections and cache key cost more than running it
-    does at a steady rate, where batches are small (measured in the engine)."""
-    base = upsert_into(dialect, entities)
-    stmt: Insert = base.on_conflict_do_update(
-        index_elements=[entities.c.entity_type, entities.c.entity_id],
-        set_={
-            "version": entities.c.version + base.excluded.version,
-            "updated_at": base.excluded.updated_at,
-            "max_edited_at": greatest(
-                dialect,
-                func.coalesce(entities.c.max_edited_at, base.excluded.max_edited_at),
-                base.excluded.max_edited_at,
-            ),
-            "prev_max_edited_at": entities.c.max_edited_at,
-            "delete_max_edited_at": greatest(
-                dialect,
-                func.coalesce(entities.c.delete_max_edited_at, base.excluded.delete_max_edited_at),
-                func.coalesce(base.excluded.delete_max_edited_at, entities.c.delete_max_edited_at),
-            ),
-        },
-    ).returning(
-        entities.c.entity_type,
-        entities.c.entity_id,
-        entities.c.version,
-        entities.c.summary_from,
-        entities.c.delete_max_edited_at,
-        entities.c.prev_max_edited_at,
-        entities.c.detected_version,
-    )
-    return stmt
+_UPSERT_CHUNK = 500
+"""Entities per versions upsert: 6 parameters each, under SQLite's limit of 32,766."""
+
+_VERSIONS_UPSERT = (
+    "INSERT INTO entities (entity_type, entity_id, version, updated_at, max_edited_at,"
+    " delete_max_edited_at) VALUES {values}"
+    " ON CONFLICT (entity_type, entity_id) DO UPDATE SET"
+    " version = entities.version + excluded.version,"
+    " updated_at = excluded.updated_at,"
+    " max_edited_at = {greatest}(coalesce(entities.max_edited_at, excluded.max_edited_at),"
+    " excluded.max_edited_at),"
+    " prev_max_edited_at = entities.max_edited_at,"
+    " delete_max_edited_at = {greatest}("
+    "coalesce(entities.delete_max_edited_at, excluded.delete_max_edited_at),"
+    " coalesce(excluded.delete_max_edited_at, entities.delete_max_edited_at))"
+    " RETURNING entity_type, entity_id, version, summary_from, delete_max_edited_at,"
+    " prev_max_edited_at, detected_version"
+)
+"""A new entity starts at its operations' count, with no windows (`summary_from` null)
+and nothing judged (`detected_version` 0); a known one adds to its version and keeps
+its greatest `edited_at`s. RETURNING hands back `prev_max_edited_at` as the greatest
+`edited_at` before this batch."""
 
 
 async def _count(conn: AsyncConnection, new: Sequence[OpRecord]) -> None:
@@ -175,21 +152,13 @@ async def _count(conn: AsyncConnection, new: Sequence[OpRecord]) -> None:
     for record in new:
         key = (record.received_at_us // HOUR_US * HOUR_US, record.entity_type)
         counts[key] = counts.get(key, 0) + 1
-    await conn.execute(
-        _counts_upsert(conn.dialect.name),
-        [{"hour": h, "entity_type": t, "ops": n} for (h, t), n in sorted(counts.items())],
-    )
+    await driver.execute_many(conn, _COUNTS_UPSERT, [(*k, n) for k, n in sorted(counts.items())])
 
 
-@functools.cache
-def _counts_upsert(dialect: str) -> Insert:
-    """Built once per dialect, as `_versions_upsert`."""
-    base = upsert_into(dialect, op_counts)
-    stmt: Insert = base.on_conflict_do_update(
-        index_elements=[op_counts.c.hour, op_counts.c.entity_type],
-        set_={"ops": op_counts.c.ops + base.excluded.ops},
-    )
-    return stmt
+_COUNTS_UPSERT = (
+    "INSERT INTO op_counts (hour, entity_type, ops) VALUES (?, ?, ?)"
+    " ON CONFLICT (hour, entity_type) DO UPDATE SET ops = op_counts.ops + excluded.ops"
+)
 
 
 _COLUMNS = (

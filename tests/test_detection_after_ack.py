@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.config import ConflictsConfig
+from gateway.ingest.following import QUIET_S, Follower
 from storage import conflict_store, migrate
-from storage.detection import DetectionPass
+from storage.detection import DetectionPass, judged_in
 from storage.writer import WriteSet
 from tests.conflict_harness import Store
 from tests.support import (
@@ -125,6 +128,31 @@ async def test_a_pass_judges_at_most_its_share_and_the_next_goes_on(
     finally:
         await store.close()
     assert judged == [7, 7, 7, 7, 2]
+    assert found == await in_commit(f"sqlite+aiosqlite:///{tmp_path}/ref.db", sends)
+
+
+async def test_while_devices_send_a_pass_keeps_to_its_budget_and_once_quiet_takes_all(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A batch that arrives during a pass waits for it: while batches come, a pass
+    judges what fits in `pass_budget_ms` (at the rate passes were seen to judge; 20,000
+    a second before any was timed), and after a second without a batch, up to
+    `pass_max_ops`. Checked against: `_size` without the budget (one pass of 300)."""
+    sends = edits(30, 10)
+    store = await Store(db_url).start()
+    config = ConflictsConfig(pass_max_ops=5000, pass_budget_ms=5)
+    follower = Follower(store.writer, lambda: config, lambda *_: None, store.engine)
+    try:
+        await stored_only(store, sends)
+        follower.committed()
+        first = judged_in((await follower.run()).events["detection"])
+        more = follower.more
+        follower.last_commit = time.monotonic() - QUIET_S
+        second = judged_in((await follower.run()).events["detection"])
+        found = shape(await store.conflicts(merged=False))
+    finally:
+        await store.close()
+    assert (first, more, second, follower.more) == (100, True, 200, False)
     assert found == await in_commit(f"sqlite+aiosqlite:///{tmp_path}/ref.db", sends)
 
 

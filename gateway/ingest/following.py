@@ -11,6 +11,12 @@ catches up while the backlog drains. Between passes it knows whether anything ma
 wait: something was committed since the last pass that caught up, the engine just
 started (leftovers of a crash), or a sweep came due (another instance's leftovers,
 on PostgreSQL).
+
+A batch that arrives during a pass waits for it. So while devices are sending (a
+batch committed within the last second), a pass judges only what it can in
+`conflicts.pass_budget_ms`, from the rate passes have judged at so far; then the
+next one follows at the next idle moment. Behind a backlog, and once the devices
+are quiet, a pass takes up to `conflicts.pass_max_ops`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ SWEEP_S = 5.0
 """How often an idle engine looks for operations that wait without its knowing."""
 ISOLATE_ENTITIES = 256
 """Waiting entities a refused pass is isolated among at a time."""
+BUDGET_MIN_OPS = 50
+"""The least a pass within the budget judges: below, its transaction's own cost (the
+commit's fsync, a dozen statements) would outweigh what it judges."""
+QUIET_S = 1.0
+"""Devices count as quiet after this long without a batch: passes take their full size."""
+FIRST_RATE = 20_000.0
+"""Operations a second a pass is taken to judge until one has been timed."""
 
 
 class Follower:
@@ -54,10 +67,17 @@ class Follower:
         """When operations may have started to wait; None: the last pass caught up."""
         self.took_turn = False
         """The last commit was a pass: a backlog's next batch goes first."""
-        self.last_pass = self.swept = 0.0
-        self.behind = False
+        self.last_pass = self.swept = self.last_commit = 0.0
+        self.more = False
         """The last pass judged all it might have: more waits, and the next pass need not
         wait for the interval."""
+        self.behind = False
+        """A pass of `pass_max_ops` was full and none has caught up since (what the log
+        says)."""
+        self.overdue = False
+        """The pass that is due takes its turn behind a backlog."""
+        self.rate = FIRST_RATE
+        """Operations a second that passes judge (a moving average)."""
 
     async def _isolate(self, max_ops: int) -> Committed:
         """A pass the database refused: judge the waiting entities one record each, so
@@ -93,6 +113,7 @@ class Follower:
     def committed(self) -> None:
         """A batch committed: its operations (if any) wait."""
         self.took_turn = False
+        self.last_commit = time.monotonic()
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
 
@@ -107,7 +128,7 @@ class Follower:
         return max(0.0, self.last_pass + self._interval_s() - now)
 
     def _interval_s(self) -> float:
-        return 0.0 if self.behind else self.config().pass_interval_ms / 1000
+        return 0.0 if self.more else self.config().pass_interval_ms / 1000
 
     def due(self, *, idle: bool) -> bool:
         """Whether a pass runs now: `idle`, the engine has nothing else to commit."""
@@ -118,32 +139,46 @@ class Follower:
             if not idle or now - self.swept < SWEEP_S:
                 return False
             self.waiting_since = self.swept = now
+        self.overdue = False
         if idle:
             return now - self.last_pass >= self._interval_s()
-        overdue = now - self.waiting_since >= self.config().max_delay_s
-        return overdue and not self.took_turn
+        self.overdue = now - self.waiting_since >= self.config().max_delay_s
+        return self.overdue and not self.took_turn
+
+    def _size(self) -> int:
+        """The most operations the next pass judges."""
+        config = self.config()
+        quiet = time.monotonic() - self.last_commit >= QUIET_S
+        if quiet or self.overdue or not config.pass_budget_ms:
+            return config.pass_max_ops
+        fits = int(self.rate * config.pass_budget_ms / 1000)
+        return min(config.pass_max_ops, max(BUDGET_MIN_OPS, fits))
 
     async def run(self) -> Committed:
         """One pass, committed; caught up when it judged fewer than it might have."""
-        max_ops = self.config().pass_max_ops
+        max_ops = self._size()
+        started = time.monotonic()
         written = await self.writer.commit(WriteSet([DetectionPass(max_ops)]))
         self.took_turn = True
         self.last_pass = time.monotonic()
         if written.refused:
             written.add(await self._isolate(max_ops))
             self.waiting_since = self.last_pass
-            self.behind = False
+            self.more = False
             return written
         events = written.events.get("detection", [])
         judged = judged_in(events)
-        behind = judged >= max_ops
-        if behind != self.behind:
+        if judged >= BUDGET_MIN_OPS:
+            self.rate = 0.8 * self.rate + 0.2 * judged / max(self.last_pass - started, 1e-6)
+        self.more = judged >= max_ops
+        full = judged >= self.config().pass_max_ops
+        if full != self.behind and (full or not self.more):
             # Once each way: an operator reading the log after a backlog or a crash sees
             # when conflicts lagged and when they were current again.
-            event = "behind the stored operations" if behind else "caught up"
+            event = "behind the stored operations" if full else "caught up"
             log.info(f"conflict detection {event}", judged_in_pass=judged)
-        self.behind = behind
-        if not behind:
+            self.behind = full
+        if not self.more:
             self.waiting_since = None
             self.swept = self.last_pass
         self.observe([], events)

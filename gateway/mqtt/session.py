@@ -28,12 +28,13 @@ import contextlib
 import math
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -124,6 +125,16 @@ class Inbound:
 
 MessageCallback = Callable[[Inbound], None]
 ConnectedCallback = Callable[["aiomqtt.Client"], Any]
+
+
+class _NoFilters(MQTTMatcher):
+    """paho's table of per-topic callbacks, always empty."""
+
+    def iter_match(self, topic: str) -> Iterator[Any]:
+        return iter(())
+
+
+_NO_FILTERS = _NoFilters()  # type: ignore[no-untyped-call]  # paho: untyped __init__
 
 
 def _ignore(_message: Inbound) -> None:
@@ -471,6 +482,11 @@ class MqttSession(Part):
         inner: paho.Client = client._client
         inner.manual_ack_set(True)
         inner.on_message = self._receive
+        # No per-topic callbacks are ever added (`message_callback_add`): routing is the
+        # intake's. paho still matches each message against them, in a recursive closure
+        # that refers to itself: a reference cycle a message, which only the collector
+        # frees (45,000 objects a young collection, 10-20 ms pauses at 2,000 ops/s).
+        inner._on_message_filtered = _NO_FILTERS
         aiomqtt_on_connect = inner.on_connect
         inner.on_socket_open = self._wrap_socket_open(inner.on_socket_open)
 
