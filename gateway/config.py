@@ -220,7 +220,7 @@ class ConflictsConfig(Section):
     """After the ack: the most operations one pass (one transaction) judges. Larger
     passes send fewer messages (one per conflict and topic a commit) and cost less an
     operation; a batch that arrives during a pass waits for it."""
-    pass_budget_ms: Annotated[float, Field(ge=0, le=60_000)] = 5.0
+    pass_budget_ms: Annotated[float, Field(ge=0, le=60_000)] = 3.0
     """After the ack, while devices are sending: about how long one pass may take (as
     many operations as passes judge in that time, 50 at least), since their batches
     wait for it; 0: every pass takes up to `pass_max_ops`."""

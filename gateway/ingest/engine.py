@@ -38,6 +38,9 @@ from storage.writer import Committed, Writer, WriteSet
 
 log = structlog.get_logger("fieldgate.ingest")
 
+ARRIVALS_S = 0.001
+"""How long an engine that just ran a pass waits for deliveries before the next one."""
+
 
 class Pending(NamedTuple):
     delivery: Delivery
@@ -146,6 +149,7 @@ class Engine(Part):
                     return
                 if self._follow_due(idle=True):
                     await self._follow()
+                    await self._let_arrivals_in()
                     continue
                 self._arrived.clear()
                 timeout = self.beat_s
@@ -177,6 +181,15 @@ class Engine(Part):
             del self._pending[: len(batch)]
             self._ahead = max(0, self._ahead - len(batch))
             await self._commit(batch)
+
+    async def _let_arrivals_in(self) -> None:
+        """After a pass: what arrived during it is still in the channel's socket, and the
+        reader runs only once this loop yields; without a pause the next pass would start
+        first, and batches waited through passes back to back (measured at 2,000 ops/s:
+        clusters of three to five passes, 20-30 ms)."""
+        self._arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), timeout=ARRIVALS_S)
 
     def _follow_due(self, *, idle: bool) -> bool:
         return self.follower is not None and self.follower.due(idle=idle)

@@ -15,6 +15,7 @@ from gateway.mqtt.session import MqttSession
 from gateway.seam import Outbound
 from handlers.times import now_us
 from storage import outbox
+from storage.db import autocommit_twin
 
 log = structlog.get_logger("fieldgate.outbox")
 
@@ -51,6 +52,9 @@ class OutboxPublisher(Loop):
     ) -> None:
         super().__init__()
         self.engine = engine
+        self.autocommit = autocommit_twin(engine)
+        """Claims and marks are single statements that commit themselves
+        (`storage.outbox.claim`)."""
         self.session = session
         self.page = page
         self.lease_us = int(lease_s * 1_000_000)
@@ -87,6 +91,7 @@ class OutboxPublisher(Loop):
         them), so that what the broker acknowledged is marked sent."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_timeout_s - 1)
+        await self.autocommit.dispose()
 
     async def _publish_row(self, row: dict[str, Any]) -> list[str]:
         """Publish a row to each of its topics; the topics that did not confirm."""
@@ -104,7 +109,7 @@ class OutboxPublisher(Loop):
 
     async def round(self) -> float:
         """Publish one page; at once again while there is more, else wait for a poke."""
-        rows = await outbox.claim(self.engine, "mqtt", self.page, now_us(), self.lease_us)
+        rows = await outbox.claim(self.autocommit, "mqtt", self.page, now_us(), self.lease_us)
         if not rows:
             return self.poll_s
         # In a flood the broker's PUBACKs come later than a commit's lease
@@ -139,7 +144,7 @@ class OutboxPublisher(Loop):
         if self.on_sent is not None and sent:
             self.on_sent(sent, acked_us)
         try:
-            await outbox.mark_sent(self.engine, [row["id"] for row in sent], now_us())
+            await outbox.mark_sent(self.autocommit, [row["id"] for row in sent], now_us())
             await outbox.release(self.engine, failed, partly)
         except DBAPIError as exc:
             # The leases lapse: the rows are published again (at least once).

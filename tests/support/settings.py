@@ -76,7 +76,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
         "max_delay_s": 10.0,
         "pass_interval_ms": 200.0,
         "pass_max_ops": 5000,
-        "pass_budget_ms": 5.0,
+        "pass_budget_ms": 3.0,
         "window_s": 300.0,
         "manual_at_or_above": "critical",
         "types": {},
