@@ -52,7 +52,8 @@ of a default run, some 700 conflicts, rare but present), `status` set to one of
 three values, `edited_at` now in RFC 3339 UTC, user `u-<device>`.
 
 The latency of an operation: the time its answer arrives at a subscriber on
-`<root>/devices/+/sync/ack` (QoS 1, in the benchmark's own process; results
+`<root>/devices/+/sync/ack` (QoS 1, in the benchmark's own process, whose garbage
+collector is off while the load runs, so that its pauses are not counted; results
 taken from each message by `tests.support.results_of`, so one ack message may
 answer several ops) minus the time its publisher handed it to paho. Both are
 `time.monotonic()`, which on Linux is one system-wide clock (CLOCK_MONOTONIC):
@@ -84,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -578,6 +580,10 @@ def run_once(
         assert gateway.proc is not None
         pid = gateway.proc.pid
         acks = Acks(broker.port, gateway.root).start()
+        # The subscriber's own collections would count as the gateway's latency: with
+        # the answers piling up in this process, they paused its paho thread for up to
+        # 150 ms (a max of 133-153 ms in runs whose gateway never stalled that long).
+        gc.disable()
         publishers = Publishers(broker.port, gateway.root, tag, load)
         t0 = publishers.start()
         measured_from = t0 + load.warmup_s
@@ -597,6 +603,7 @@ def run_once(
         engine_pids = children(pid)
         stall = None if len(answers) >= load.total else dump_stacks(pid, workdir / "stall.txt")
     finally:
+        gc.enable()
         if publishers is not None:
             publishers.stop()
         if acks is not None:

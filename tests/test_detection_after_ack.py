@@ -144,7 +144,7 @@ async def test_while_devices_send_a_pass_keeps_to_its_budget_and_once_quiet_take
     follower = Follower(store.writer, lambda: config, lambda *_: None, store.engine)
     try:
         await stored_only(store, sends)
-        follower.committed()
+        follower.committed(3)
         first = judged_in((await follower.run()).events["detection"])
         more = follower.more
         follower.last_commit = time.monotonic() - QUIET_S

@@ -237,7 +237,7 @@ class Engine(Part):
         result.wake = sorted(wake)
         self.commits += 1
         if self.follower is not None:
-            self.follower.committed()
+            self.follower.committed(len(batch))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
         self._callback(result)

@@ -15,8 +15,9 @@ on PostgreSQL).
 A batch that arrives during a pass waits for it. So while devices are sending (a
 batch committed within the last second), a pass judges only what it can in
 `conflicts.pass_budget_ms`, from the rate passes have judged at so far; then the
-next one follows at the next idle moment. Behind a backlog, and once the devices
-are quiet, a pass takes up to `conflicts.pass_max_ops`.
+next one follows at the next idle moment. A pass that takes its turn behind a
+backlog is as large as the batch before it (within `pass_max_ops`), and once the
+devices are quiet a pass takes up to `pass_max_ops`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Follower:
         """The pass that is due takes its turn behind a backlog."""
         self.rate = FIRST_RATE
         """Operations a second that passes judge (a moving average)."""
+        self.last_batch = 0
+        """Messages in the last batch committed."""
 
     async def _isolate(self, max_ops: int) -> Committed:
         """A pass the database refused: judge the waiting entities one record each, so
@@ -110,10 +113,11 @@ class Follower:
         config = self.config()
         return config.enabled and config.detect == "after_ack"
 
-    def committed(self) -> None:
-        """A batch committed: its operations (if any) wait."""
+    def committed(self, messages: int) -> None:
+        """A batch of `messages` committed: its operations (if any) wait."""
         self.took_turn = False
         self.last_commit = time.monotonic()
+        self.last_batch = messages
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
 
@@ -149,10 +153,15 @@ class Follower:
         """The most operations the next pass judges."""
         config = self.config()
         quiet = time.monotonic() - self.last_commit >= QUIET_S
-        if quiet or self.overdue or not config.pass_budget_ms:
+        if quiet or not config.pass_budget_ms:
             return config.pass_max_ops
-        fits = int(self.rate * config.pass_budget_ms / 1000)
-        return min(config.pass_max_ops, max(BUDGET_MIN_OPS, fits))
+        fits = max(BUDGET_MIN_OPS, int(self.rate * config.pass_budget_ms / 1000))
+        if self.overdue:
+            # Its turn between two batches, as large as the batch before it: behind a
+            # backlog of large batches a large pass (cheaper an operation); at a steady
+            # load of small ones, a pass within the budget after each.
+            fits = max(fits, self.last_batch)
+        return min(config.pass_max_ops, fits)
 
     async def run(self) -> Committed:
         """One pass, committed; caught up when it judged fewer than it might have."""
