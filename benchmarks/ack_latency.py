@@ -14,7 +14,7 @@ What runs: one test-owned Mosquitto (`tests.support.Mosquitto`: free port,
 persistence off) for the whole run; for each variant and repetition, a fresh
 gateway daemon on a fresh SQLite database in a temp dir, with the checkout's
 shipped config (`config/fieldgate.toml`: conflict detection on, writer max_wait
-2 ms) and the environment of `tests.support.daemon_env` (own topic root and
+1 ms) and the environment of `tests.support.daemon_env` (own topic root and
 client id, log format json, level warning) plus a metrics port. Variants
 alternate, before, after, before, after, ..., so that a machine that gets busier
 or quieter during the run weighs on both alike.

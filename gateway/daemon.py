@@ -76,6 +76,8 @@ log = structlog.get_logger("fieldgate.daemon")
 
 WARM_POLL_S = 1.0
 """How often the poster's warm start looks whether a backlog still drains."""
+OUTBOX_WAKE_S = 0.05
+"""The least time between two wakes of the outbox and the webhooks' fan-out."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -253,13 +255,32 @@ class Daemon:
         )
         self._stop = asyncio.Event()
         self._reloads: set[asyncio.Future[None]] = set()
+        self._outbox_wake: asyncio.TimerHandle | None = None
+        self._outbox_woken = 0.0
 
     def _trouble(self) -> dict[str, dict[str, object]]:
         """(Parts are made after Status, which is one of theirs.)"""
         return self.parts.trouble()
 
     def _outbox_written(self) -> None:
-        """A commit wrote outbox rows: messages for the broker, events for webhooks."""
+        """A commit wrote outbox rows: messages for the broker, events for webhooks.
+
+        At most one wake every `OUTBOX_WAKE_S`, the first at once: at a steady load
+        every detection pass writes a few rows, and a round of each loop per pass (a
+        claim, a mark, a fan-out) was a sixth of the MQTT process's CPU at 2,000 ops/s.
+        Crisis alerts do not wait for it: their rows come leased with the commit."""
+        if self._outbox_wake is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._outbox_woken + OUTBOX_WAKE_S - loop.time()
+        if delay <= 0:
+            self._wake_outbox()
+        else:
+            self._outbox_wake = loop.call_later(delay, self._wake_outbox)
+
+    def _wake_outbox(self) -> None:
+        self._outbox_wake = None
+        self._outbox_woken = asyncio.get_running_loop().time()
         self.outbox.poke()
         self.webhooks.poke()
 
