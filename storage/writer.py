@@ -438,16 +438,16 @@ class Writer:
 
     async def _connection(self) -> AsyncConnection:
         """The writer's connection, kept between transactions: taking one from the pool
-        and handing it back (with the pool's reset) for every batch cost a fifth of
-        a small batch's commit (measured at 2,000 ops/s, docs/benchmarks.md)."""
+        and handing it back (the pool's reset, a task to close) for every batch is
+        work a small batch's commit need not do (docs/decisions/0019-small-batches.md)."""
         if self._conn is None:
             assert self.engine is not None
             self._conn = await self.engine.connect()
         return self._conn
 
     async def _let_go(self) -> None:
-        """Hand the connection back after a failed transaction (it may be the
-        connection that failed): the next attempt takes a fresh one."""
+        """Hand the connection back: after a failed transaction (it may be the
+        connection that failed, and the next attempt takes a fresh one) and at the end."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):

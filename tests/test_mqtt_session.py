@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,7 +24,7 @@ import pytest
 
 from gateway.config import MqttConfig
 from gateway.mqtt import session as session_module
-from gateway.mqtt.session import AHEAD_ROOM, MqttSession
+from gateway.mqtt.session import AHEAD_ROOM, Inbound, MqttSession
 from gateway.seam import Outbound
 from tests.support import Client, Mosquitto, wait_for
 
@@ -193,3 +195,43 @@ async def test_a_session_given_after_connects_once_they_are_set_or_after_the_hea
     finally:
         await never.stop()
         await asyncio.wait_for(running, 10)
+
+
+async def test_receiving_makes_no_reference_cycle_a_message(broker: Mosquitto) -> None:
+    """paho matches each message against its table of per-topic callbacks in a recursive
+    closure that refers to itself: a reference cycle a message, which only the collector
+    frees (10-22 ms pauses of the MQTT process at 2,000 ops/s). The session gives paho an
+    empty table. Checked against: paho's own table (200 such closures held)."""
+    root = f"t-{uuid.uuid4().hex[:8]}"
+    mqtt = MqttSession(MqttConfig(port=broker.port, topic_root=root, client_id=f"{root}-gw"))
+    mqtt.subscriptions = [f"{root}/in/#"]
+    received: list[Inbound] = []
+    all_in = asyncio.Event()
+
+    def receive(message: Inbound) -> None:
+        received.append(message)
+        if len(received) == 200:
+            all_in.set()
+
+    mqtt.on_message = receive
+    running = asyncio.create_task(mqtt.run())
+    sender = Client(broker.port).connect()
+    gc.collect()
+    gc.disable()
+    try:
+        await asyncio.wait_for(mqtt.connected.wait(), 10)
+        for index in range(200):
+            sender.publish(f"{root}/in/{index}", b"x")
+        await asyncio.wait_for(all_in.wait(), 10)
+        closures = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, types.FunctionType)
+            and o.__qualname__ == "MQTTMatcher.iter_match.<locals>.rec"
+        ]
+    finally:
+        gc.enable()
+        sender.close()
+        await mqtt.stop()
+        await asyncio.wait_for(running, 10)
+    assert (len(received), len(closures)) == (200, 0)
