@@ -77,7 +77,7 @@ async def driver_rows(
     conn: AsyncConnection, sql: str, params: Sequence[Any], columns: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Rows of `sql` (written with `?` placeholders, for SQLite and PostgreSQL alike) as
-    dicts keyed by `columns`, past SQLAlchemy's compiler.
+    dicts keyed by `columns`, run on the driver itself (storage/driver.py).
 
     For the detector's statements whose shape changes with every batch (a UNION ALL
     of one part per entity): compiling such a statement costs more than running it,
