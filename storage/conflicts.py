@@ -57,7 +57,7 @@ from handlers.conflicts import (
 from handlers.records import OpRecord, OutboxRecord
 from handlers.times import rfc3339
 from storage import conflict_store, conflict_summaries, driver, feature_counters
-from storage.db import chunks, driver_rows, marks, per_type
+from storage.db import by_entity, chunks, driver_rows, marks
 from storage.member_cache import Latest, MemberCache, Rendered
 from storage.schema import (
     SUMMARY_ALL,
@@ -396,14 +396,11 @@ class _Batch:
                     summarized.append(key)
                 else:
                     self._summarize(state, kept, names)
-        for kind, names_of_kind in per_type(summarized):
-            for part in chunks(names_of_kind):
-                sql = _WINDOWS.format(keys=marks(part))
-                for entity_type, entity_id, body in await driver.fetch(
-                    self.conn, sql, (kind, *part)
-                ):
-                    state = self.entities[(entity_type, entity_id)]
-                    self._summarize(state, conflict_summaries.decode(body), names)
+        for keys, params in by_entity(summarized):
+            sql = _WINDOWS.format(keys=keys)
+            for entity_type, entity_id, body in await driver.fetch(self.conn, sql, params):
+                state = self.entities[(entity_type, entity_id)]
+                self._summarize(state, conflict_summaries.decode(body), names)
         await self._load_conflicts(names)
 
     @staticmethod
@@ -902,9 +899,8 @@ class _Batch:
         self.detector.summaries.stage(kept)
         if bounds:
             await driver.execute_many(conn, _UPDATE_SUMMARY_FROM, bounds)
-        for kind, names in per_type(dropped):
-            for part in chunks(names):
-                await driver.fetch(conn, _DROP_WINDOWS.format(keys=marks(part)), (kind, *part))
+        for keys, params in by_entity(dropped):
+            await driver.fetch(conn, _DROP_WINDOWS.format(keys=keys), params)
         if rows:
             await driver.execute_many(conn, _UPSERT_WINDOWS, rows)
 
@@ -1115,10 +1111,8 @@ async def skip(conn: AsyncConnection, keys: Sequence[EntityKey]) -> None:
     """Detection is off: the entities' operations are never judged, and are in no
     window, so their summaries no longer hold every edit and are rebuilt when
     detection is on again."""
-    for kind, names in per_type(sorted(keys)):
-        for part in chunks(names):
-            sql = _SKIP.format(keys=marks(part))
-            await driver.fetch(conn, sql, (kind, *part))
+    for marked, params in by_entity(sorted(keys)):
+        await driver.fetch(conn, _SKIP.format(keys=marked), params)
 
 
 _SKIP = (

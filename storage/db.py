@@ -6,11 +6,10 @@ from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, event, func, text
+from sqlalchemy import Table, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.sql.functions import Function
 
 from storage import driver
 from storage.inline_sqlite import inline_connector
@@ -24,17 +23,16 @@ def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def by_entity(
-    entity_type: ColumnElement[str], entity_id: ColumnElement[str], keys: Iterable[tuple[str, str]]
-) -> Iterator[ColumnElement[bool]]:
-    """WHERE clauses that select `keys` ((entity_type, entity_id) pairs): one per entity
-    type and chunk, `entity_type = ? AND entity_id IN (...)`, which both databases answer
-    from the (entity_type, entity_id) index. (SQLite answers a row-value IN, what
-    `tuple_(...).in_()` renders, by scanning the whole table: measured, at 10 million
-    rows of log, the cost of a batch.)"""
+def by_entity(keys: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """How to select `keys` ((entity_type, entity_id) pairs) with driver SQL that ends
+    `entity_type = ? AND entity_id IN ({keys})`: per entity type and chunk, the IN
+    list's placeholders and the parameters (the type, then the ids). Both databases
+    answer that from the (entity_type, entity_id) index. (SQLite answers a row-value
+    IN, what `tuple_(...).in_()` renders, by scanning the whole table: measured, at 10
+    million rows of log, the cost of a batch.)"""
     for kind, names in per_type(keys):
         for part in chunks(names):
-            yield and_(entity_type == kind, entity_id.in_(part))
+            yield marks(part), [kind, *part]
 
 
 def per_type(keys: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
@@ -56,21 +54,6 @@ def upsert_into(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert
     """An INSERT into `table` that takes ON CONFLICT: SQLite and PostgreSQL spell the
     clause alike, but each dialect has its own construct for it."""
     return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-
-
-def greatest(dialect: str, *values: Any) -> Function[Any]:
-    """The largest of `values`: PostgreSQL's `greatest`, SQLite's many-argument `max`."""
-    return func.greatest(*values) if dialect == "postgresql" else func.max(*values)
-
-
-def driver_sql(conn: AsyncConnection, sql: str) -> str:
-    """`sql`, written with `?` placeholders, in the driver's style (psycopg's `%s`).
-
-    For `exec_driver_sql` where a batch's rows go past SQLAlchemy's compiler: its
-    work per row of an executemany (parameters built and processed per column)
-    costs more than the database's (measured on the writer's inserts).
-    """
-    return sql.replace("?", "%s") if conn.dialect.name == "postgresql" else sql
 
 
 async def driver_rows(

@@ -43,7 +43,7 @@ async def fetch(conn: AsyncConnection, sql: str, params: Sequence[Any] = ()) -> 
                 return await cursor.fetchall() if cursor.description else []
     except conn.dialect.loaded_dbapi.Error as exc:
         raise _wrapped(conn, sql, exc) from exc
-    result = await conn.exec_driver_sql(_portable(conn, sql), tuple(params))
+    result = await conn.exec_driver_sql(portable(conn, sql), tuple(params))
     return [tuple(row) for row in result] if result.returns_rows else []
 
 
@@ -62,7 +62,7 @@ async def execute_many(conn: AsyncConnection, sql: str, rows: Sequence[Sequence[
             return
     except conn.dialect.loaded_dbapi.Error as exc:
         raise _wrapped(conn, sql, exc) from exc
-    await conn.exec_driver_sql(_portable(conn, sql), [tuple(row) for row in rows])
+    await conn.exec_driver_sql(portable(conn, sql), [tuple(row) for row in rows])
 
 
 def values(rows: int, columns: int) -> str:
@@ -99,7 +99,9 @@ def _psycopg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-def _portable(conn: AsyncConnection, sql: str) -> str:
+def portable(conn: AsyncConnection, sql: str) -> str:
+    """`sql`, written with `?` placeholders, in the driver's style (psycopg's `%s`), for
+    `exec_driver_sql`."""
     return _psycopg(sql) if conn.dialect.name == "postgresql" else sql
 
 

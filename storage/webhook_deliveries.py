@@ -32,8 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from handlers import webhooks
 from handlers.records import OutboxRecord
 from handlers.times import rfc3339
-from storage import outbox
-from storage.db import driver_sql, marks
+from storage import driver, outbox
+from storage.db import marks
 from storage.dlq import DlqEntry
 from storage.schema import webhook_deliveries as deliveries
 
@@ -103,7 +103,7 @@ async def fan_out(
         lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
         types = sorted(only)
         where = f" AND event_type IN ({marks(types)})" if types else ""
-        sql = driver_sql(conn, _DUE.format(lock=lock, only=where))
+        sql = driver.portable(conn, _DUE.format(lock=lock, only=where))
         found = await conn.exec_driver_sql(sql, (*types, limit))
         events = cast(list[tuple[Any, ...]], found.all())
         if not events:
@@ -122,11 +122,11 @@ async def fan_out(
                 added.setdefault(name, set()).add(event_type)
         if rows:
             # Past SQLAlchemy's compiler: its work per row was a delivery's largest cost
-            # on the sender's side after aiohttp's (storage.db.driver_sql).
-            await conn.exec_driver_sql(driver_sql(conn, _INSERT), rows)
+            # on the sender's side after aiohttp's (storage.driver.portable).
+            await conn.exec_driver_sql(driver.portable(conn, _INSERT), rows)
         ids = tuple(row_id for row_id, _ in events)
         sql = f"UPDATE outbox SET sent_at = ? WHERE id IN ({marks(ids)})"  # noqa: S608 - placeholders only
-        await conn.exec_driver_sql(driver_sql(conn, sql), (now_us, *ids))
+        await conn.exec_driver_sql(driver.portable(conn, sql), (now_us, *ids))
     return len(events), added
 
 
@@ -197,7 +197,7 @@ async def claim(
     params = (now_us + lease_us, endpoint, now_us, now_us, *types, limit)
     where = _ONLY.format(marks=marks(types)) if types else ""
     async with _autocommit(engine, autocommit) as auto:
-        sql = driver_sql(auto, _CLAIM.format(lock=lock, only=where))
+        sql = driver.portable(auto, _CLAIM.format(lock=lock, only=where))
         result = await auto.exec_driver_sql(sql, params)
         rows = sorted(tuple(row) for row in result.all())
         events = await _events(auto, {row[2] for row in rows})
@@ -229,7 +229,7 @@ async def _events(conn: AsyncConnection, ids: set[int]) -> dict[int, _Event]:
     if not ids:
         return {}
     sql = f"SELECT id, event_type, payload, created_at FROM outbox WHERE id IN ({marks(ids)})"  # noqa: S608 - placeholders only
-    result = await conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids))
+    result = await conn.exec_driver_sql(driver.portable(conn, sql), tuple(ids))
     rows = cast(list[tuple[Any, ...]], result.all())
     return {
         row_id: _Event(event_type, webhooks.body(event_type, created_at, payload), created_at)
@@ -290,7 +290,7 @@ async def settle(
         # SQLAlchemy's compiler (an IN of a new length each time is compiled anew).
         async with _autocommit(engine, autocommit) as auto:
             sql = f"DELETE FROM webhook_deliveries WHERE id IN ({marks(delivered)})"  # noqa: S608 - placeholders only
-            await auto.exec_driver_sql(driver_sql(auto, sql), tuple(delivered))
+            await auto.exec_driver_sql(driver.portable(auto, sql), tuple(delivered))
     failed = [s for s in settled if s.outcome != "delivered"]
     if not failed:
         return
