@@ -159,7 +159,7 @@ class Daemon:
             max_in_process=settings.writer.max_in_process,
             metrics=self.metrics,
             wake={WAKE_OUTBOX: self._outbox_written, WAKE_ESCALATION: self.escalator.poke},
-            publish_leased=self.outbox.publish_leased,
+            publish_leased=self._leased_written,
         )
         self.webhooks = WebhookSender(
             self.database,
@@ -268,7 +268,8 @@ class Daemon:
         At most one wake every `OUTBOX_WAKE_S`, the first at once: at a steady load
         every detection pass writes a few rows, and a round of each loop per pass (a
         claim, a mark, a fan-out) was a sixth of the MQTT process's CPU at 2,000 ops/s.
-        Crisis alerts do not wait for it: their rows come leased with the commit."""
+        Crisis alerts do not wait for it: their rows come leased with the commit
+        (`_leased_written`)."""
         if self._outbox_wake is not None:
             return
         loop = asyncio.get_running_loop()
@@ -277,6 +278,12 @@ class Daemon:
             self._wake_outbox()
         else:
             self._outbox_wake = loop.call_later(delay, self._wake_outbox)
+
+    def _leased_written(self, rows: list[dict[str, Any]]) -> None:
+        """A commit wrote rows that cannot wait (crisis alerts): published at once, and
+        the webhooks' fan-out woken at once for their events, past `OUTBOX_WAKE_S`."""
+        self.outbox.publish_leased(rows)
+        self.webhooks.poke()
 
     def _wake_outbox(self) -> None:
         self._outbox_wake = None
